@@ -1,0 +1,404 @@
+//! Unlocks that could not be delivered, kept and retried in the background.
+//!
+//! A member that did not answer a lock may still grant it later (it was slow or
+//! paused), and a member that missed an update must learn the versions given out so it
+//! knows it is behind (it then rebuilds the block instead of serving stale bytes). So
+//! every unlock or update-and-unlock a member did not acknowledge is queued here, per
+//! (node, stripe, lock owner), merged (highest version per block), and sent again whenever the
+//! node is not in its reconnect backoff, until it is acknowledged or has waited
+//! `GIVE_UP`. The queue is bounded; beyond `MAX_ENTRIES` the oldest are dropped
+//! (with a warning): the node's periodic comparison with its stripes still finds
+//! missed updates, only later.
+//!
+//! An unlock names the lock owner, and an owner may lock the same blocks again: a
+//! write retries its lock attempts under one owner, and a cache uses one owner for
+//! all its locks. So an unlock still queued for (node, stripe, owner) must reach the
+//! node *before* that owner's next lock there, or it would release the new lock.
+//! [`Client::deliver_unlocks`] does that before every lock request: it waits for a
+//! delivery already on its way, and sends what is queued; the lock is sent (on the
+//! same connection, so the node takes them in that order) only once the node has
+//! answered it.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use drs_proto::{ClientId, NodeId, Request, StripeId, UnlockReq, Version};
+
+use crate::error::CallError;
+use crate::Client;
+
+const MAX_ENTRIES: usize = 100_000;
+const GIVE_UP: Duration = Duration::from_secs(600);
+const ROUND: Duration = Duration::from_millis(250);
+
+/// (node, stripe, lock owner).
+type Key = (NodeId, StripeId, ClientId);
+
+struct Entry {
+    blocks: Vec<(u8, Version)>,
+    since: Instant,
+}
+
+#[derive(Default)]
+struct Queue {
+    entries: BTreeMap<Key, Entry>,
+    /// Entries whose delivery is on its way (sent, not answered).
+    sending: BTreeSet<Key>,
+}
+
+#[derive(Default)]
+pub(crate) struct Backlog {
+    queue: Mutex<Queue>,
+    running: AtomicBool,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Backlog {
+    pub(crate) fn len(&self) -> usize {
+        lock(&self.queue).entries.len()
+    }
+}
+
+impl Client {
+    /// Queues an unlock of `blocks` at `node` for background delivery.
+    pub(crate) fn defer_unlock(
+        &self,
+        node: NodeId,
+        stripe: StripeId,
+        owner: ClientId,
+        blocks: Vec<(u8, Version)>,
+    ) {
+        let backlog = &self.inner.backlog;
+        {
+            let mut q = lock(&backlog.queue);
+            let e = &mut q.entries;
+            let entry = e.entry((node, stripe, owner)).or_insert_with(|| Entry {
+                blocks: Vec::new(),
+                since: Instant::now(),
+            });
+            for (i, v) in blocks {
+                match entry.blocks.iter_mut().find(|(j, _)| *j == i) {
+                    Some(b) => b.1 = b.1.max(v),
+                    None => entry.blocks.push((i, v)),
+                }
+            }
+            while e.len() > MAX_ENTRIES {
+                let oldest = e.iter().min_by_key(|(_, v)| v.since).map(|(k, _)| *k);
+                if let Some(k) = oldest {
+                    tracing::warn!(
+                        node = k.0,
+                        stripe = k.1,
+                        "unlock backlog full; dropping the oldest entry"
+                    );
+                    e.remove(&k);
+                }
+            }
+        }
+        if !backlog.running.swap(true, Ordering::AcqRel) {
+            let me = self.clone();
+            tokio::spawn(async move { me.drain_backlog().await });
+        }
+    }
+
+    /// Nodes with unlocks still to deliver (the client keeps its lease there alive).
+    pub(crate) fn backlog_nodes(&self) -> BTreeSet<NodeId> {
+        lock(&self.inner.backlog.queue)
+            .entries
+            .keys()
+            .map(|k| k.0)
+            .collect()
+    }
+
+    /// Delivers the unlocks still queued for `owner`'s locks on `stripe` at `node`,
+    /// and waits for one already on its way; called before that owner locks there
+    /// again. An error: they could not be delivered now (they stay queued), and the
+    /// lock must not be sent to that node.
+    pub(crate) async fn deliver_unlocks(
+        &self,
+        node: NodeId,
+        stripe: StripeId,
+        owner: ClientId,
+    ) -> Result<(), CallError> {
+        let backlog = &self.inner.backlog;
+        let key = (node, stripe, owner);
+        // A delivery on its way ends within a request's time.
+        let patience = Instant::now() + self.inner.cfg.request_timeout + ROUND;
+        loop {
+            let blocks = {
+                let mut q = lock(&backlog.queue);
+                if q.sending.contains(&key) {
+                    None
+                } else {
+                    match q.entries.get(&key) {
+                        None => return Ok(()),
+                        Some(e) => {
+                            let blocks = e.blocks.clone();
+                            q.sending.insert(key);
+                            Some(blocks)
+                        }
+                    }
+                }
+            };
+            let Some(blocks) = blocks else {
+                if Instant::now() >= patience {
+                    return Err(CallError::Unreachable(
+                        "an earlier unlock of this lock owner is still on its way".into(),
+                    ));
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                continue;
+            };
+            let r = self.send_unlock(key, blocks).await;
+            r?;
+        }
+    }
+
+    /// Sends one queued unlock (marked as on its way by the caller); removes it once
+    /// answered, unless something newer was merged in meanwhile.
+    async fn send_unlock(&self, key: Key, blocks: Vec<(u8, Version)>) -> Result<(), CallError> {
+        let (node, stripe, owner) = key;
+        let req = Request::Unlock(UnlockReq {
+            volume: self.inner.volume.id,
+            stripe,
+            owner,
+            blocks: blocks.clone(),
+        });
+        let r = self.call(node, &req, Bytes::new()).await.map(|_| ());
+        if r.is_ok() {
+            self.note_unlocked(node, stripe, owner);
+        }
+        let mut q = lock(&self.inner.backlog.queue);
+        q.sending.remove(&key);
+        if r.is_ok() && q.entries.get(&key).is_some_and(|x| x.blocks == blocks) {
+            q.entries.remove(&key);
+        }
+        r
+    }
+
+    /// Undelivered unlocks waiting in the background.
+    pub fn pending_unlocks(&self) -> usize {
+        self.inner.backlog.len()
+    }
+
+    /// Waits up to `max` for the background unlocks to be delivered; a program about
+    /// to exit calls this so it leaves no lock behind at a node that was slow to
+    /// answer. Returns how many are still undelivered.
+    pub async fn settle_unlocks(&self, max: Duration) -> usize {
+        let until = Instant::now() + max;
+        loop {
+            let left = self.pending_unlocks();
+            if left == 0 || Instant::now() >= until {
+                return left;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn drain_backlog(&self) {
+        let backlog = &self.inner.backlog;
+        loop {
+            tokio::time::sleep(ROUND).await;
+            let now = Instant::now();
+            let due: Vec<Key> = {
+                let mut q = lock(&backlog.queue);
+                let Queue { entries, sending } = &mut *q;
+                entries.retain(|k, v| {
+                    // Not one on its way: its sender removes it when answered.
+                    let keep = now.duration_since(v.since) < GIVE_UP || sending.contains(k);
+                    if !keep {
+                        tracing::warn!(node = k.0, stripe = k.1, "giving up delivering an unlock");
+                    }
+                    keep
+                });
+                entries
+                    .keys()
+                    .filter(|k| !self.is_down(k.0) && !sending.contains(k))
+                    .copied()
+                    .collect()
+            };
+            for key in due {
+                let blocks = {
+                    let mut q = lock(&backlog.queue);
+                    // A lock of the same owner may have delivered it meanwhile.
+                    let Some(e) = q.entries.get(&key) else {
+                        continue;
+                    };
+                    if q.sending.contains(&key) {
+                        continue;
+                    }
+                    let blocks = e.blocks.clone();
+                    q.sending.insert(key);
+                    blocks
+                };
+                let _ = self.send_unlock(key, blocks).await;
+            }
+            let q = lock(&backlog.queue);
+            if q.entries.is_empty() {
+                backlog.running.store(false, Ordering::Release);
+                return;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Against fake nodes that keep a lock table and answer locks, unlocks and
+    //! heartbeats (nothing else is needed to lock a stripe).
+
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use std::collections::HashMap;
+    use std::sync::Arc;
+
+    use drs_proto::{
+        ClusterMap, Frame, FrameCodec, FrameHeader, FrameKind, LockReply, MemberState, NodeEntry,
+        Response, VolumeConfig, WireError,
+    };
+    use futures::{SinkExt, StreamExt};
+    use tokio::net::TcpListener;
+    use tokio_util::codec::Framed;
+
+    use super::*;
+    use crate::ClientConfig;
+
+    const CLUSTER: u64 = 0xC3;
+
+    /// (stripe, index) -> owner.
+    type Table = Arc<Mutex<HashMap<(StripeId, u8), ClientId>>>;
+
+    fn answer(table: &Table, req: Request) -> Response {
+        let mut t = lock(table);
+        match req {
+            Request::Lock(r) => {
+                if let Some((&(_, index), &holder)) = t
+                    .iter()
+                    .find(|((s, i), o)| *s == r.stripe && r.indices.contains(i) && **o != r.owner)
+                {
+                    return Response::Error(WireError::Locked {
+                        stripe: r.stripe,
+                        index,
+                        holder,
+                        client: holder,
+                        contact: None,
+                    });
+                }
+                for i in &r.indices {
+                    t.insert((r.stripe, *i), r.owner);
+                }
+                Response::Lock(LockReply {
+                    known: r.indices.iter().map(|i| (*i, 0)).collect(),
+                    fenced: vec![],
+                    read: None,
+                })
+            }
+            Request::Unlock(r) => {
+                for (i, _) in &r.blocks {
+                    if t.get(&(r.stripe, *i)) == Some(&r.owner) {
+                        t.remove(&(r.stripe, *i));
+                    }
+                }
+                Response::Unlocked
+            }
+            Request::Heartbeat(h) => Response::Alive {
+                lease_ms: h.lease_ms,
+            },
+            _ => Response::Error(WireError::Busy),
+        }
+    }
+
+    async fn fake_node() -> (std::net::SocketAddr, Table) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let table: Table = Default::default();
+        let t = table.clone();
+        tokio::spawn(async move {
+            while let Ok((sock, _)) = listener.accept().await {
+                let t = t.clone();
+                tokio::spawn(async move {
+                    let mut conn = Framed::new(sock, FrameCodec);
+                    while let Some(Ok(f)) = conn.next().await {
+                        let req: Request = f.decode_ctrl().unwrap();
+                        let resp = answer(&t, req);
+                        let h = FrameHeader {
+                            kind: FrameKind::Response,
+                            cluster_id: CLUSTER,
+                            epoch: 1,
+                            request_id: f.header.request_id,
+                            deadline_ms: 0,
+                        };
+                        if conn
+                            .send(Frame::new(h, &resp, Bytes::new()).unwrap())
+                            .await
+                            .is_err()
+                        {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (addr, table)
+    }
+
+    #[tokio::test]
+    async fn a_queued_unlock_reaches_the_node_before_the_same_owners_next_lock() {
+        // A release unlock of owner O at node 2 got no answer and is queued. O locks
+        // the stripe again (a retry, or a cache locking another block of it). The
+        // queued unlock must not release the new lock when the backlog delivers it.
+        let mut nodes = Vec::new();
+        let mut tables = Vec::new();
+        for id in 0..3 {
+            let (addr, table) = fake_node().await;
+            nodes.push(NodeEntry {
+                id,
+                addr,
+                data_dir: None,
+                state: MemberState::Up,
+                incarnation: 0,
+            });
+            tables.push(table);
+        }
+        let coef = drs_codec::Coefficients::default_for(2, 1).unwrap();
+        let map = ClusterMap {
+            cluster_id: CLUSTER,
+            epoch: 1,
+            nodes,
+            volumes: vec![VolumeConfig {
+                id: 1,
+                k: 2,
+                m: 1,
+                block_size: 4096,
+                blocks: 16,
+                min_write: 3,
+                coefficients: coef.rows().to_vec(),
+                nodes: vec![0, 1, 2],
+            }],
+            meta: Vec::new(),
+        };
+        let client = Client::new(map, 1, ClientConfig::default()).unwrap();
+        let owner = 0x0E;
+        let node = client.geometry().member(0, 2);
+        client.defer_unlock(node, 0, owner, vec![(0, 0)]);
+        let locked = client.lock_stripe(0, &[(0, 0, 0)], owner).await.unwrap();
+        assert_eq!(locked.live(), 3);
+        // Past several rounds of the backlog.
+        tokio::time::sleep(ROUND * 3).await;
+        assert_eq!(client.pending_unlocks(), 0);
+        for (p, t) in tables.iter().enumerate() {
+            assert_eq!(
+                lock(t).get(&(0, 0)),
+                Some(&owner),
+                "the lock at position {p} was released by the queued unlock"
+            );
+        }
+        client.unlock_stripe(&locked).await;
+        assert!(tables.iter().all(|t| lock(t).is_empty()));
+    }
+}

@@ -1,0 +1,660 @@
+//! The write-back cache (report 5.3.1), with its cache group (5.3.3) and the
+//! client-client interface (5.5).
+//!
+//! A client may change a cached block any number of times and send the sum of the
+//! changes (the running-total delta) once. A block enters the cache locked
+//! (lock-and-read), so no other client changes it while it is cached; every write
+//! changes the cached bytes and XORs old XOR new into the block's running total;
+//! [`WriteBackCache::flush`] sends each dirty stripe's totals with update-and-unlock
+//! and empties the cache. When more than `max_dirty` blocks are dirty, the cache
+//! flushes itself.
+//!
+//! **Cache group** (`group` = N > 0): before a write returns, the block's running
+//! total, with the lock it is held under and the update id it will be written back
+//! with, is stored at N nodes. If this process dies, its lease runs out and those
+//! nodes write the cache back in its place, under its locks, which the stripes' nodes
+//! keep for them; so a write that returned survives a crash of the client even if it
+//! was never flushed. Without a group, unflushed changes die with the process.
+//!
+//! **Client-client interface** (`serve`): the cache listens on a loopback address
+//! given with every lock it takes. Another client that finds one of these blocks
+//! locked reads and writes it through this cache, or asks it to write the block back
+//! and let it go; a cache that finds a block locked by such a cache does the same
+//! (writes are forwarded; `flush` then asks the holders to write them back).
+//!
+//! A flush that fails leaves its stripes' changes applied or not (the volume is
+//! consistent either way) and drops them from the cache; the caller gets the error.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use drs_codec::Codec;
+use drs_proto::{
+    BlockUpdate, CacheDropReq, CachePutReq, ClientId, NodeId, Request, Response, StripeId,
+    UpdateId, WireError,
+};
+use futures::future::join_all;
+use tokio::sync::{watch, Mutex};
+
+use crate::error::{CallError, ClientError};
+use crate::write::{LockOpts, LockedStripe};
+use crate::Client;
+
+/// How a cache works.
+#[derive(Debug, Clone)]
+pub struct CacheConfig {
+    /// Dirty blocks before the cache flushes itself.
+    pub max_dirty: usize,
+    /// Nodes keeping copies of the cache (a cache group); 0: none.
+    pub group: usize,
+    /// Serve other clients through this cache (client-client interface).
+    pub serve: bool,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            max_dirty: 1024,
+            group: 0,
+            serve: false,
+        }
+    }
+}
+
+struct CachedBlock {
+    /// Current bytes of the block.
+    data: Vec<u8>,
+    /// old XOR current, since the block entered the cache.
+    total: Vec<u8>,
+    /// Range of `total` that may be nonzero.
+    dirty: Option<(usize, usize)>,
+    lock: LockedStripe,
+}
+
+/// A write-back cache over a [`Client`]. Cheap to clone; operations are serialized.
+#[derive(Clone)]
+pub struct WriteBackCache {
+    inner: Arc<CacheInner>,
+}
+
+pub(crate) struct CacheInner {
+    client: Client,
+    cfg: CacheConfig,
+    /// The owner of every lock this cache holds (one operation at a time runs on a
+    /// cache, so its own locks never need to exclude each other).
+    owner: ClientId,
+    group: Vec<NodeId>,
+    contact: Option<SocketAddr>,
+    // Held across awaits on purpose: one operation at a time keeps lock, cache and
+    // flush order simple.
+    entries: Mutex<BTreeMap<u64, CachedBlock>>,
+    /// Blocks written through another client's cache, not yet known to be written
+    /// back: (contact, block).
+    forwarded: std::sync::Mutex<BTreeSet<(SocketAddr, u64)>>,
+    put_seq: AtomicU64,
+    /// Dropping it stops the peer endpoint.
+    _stop: watch::Sender<()>,
+}
+
+fn slock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl WriteBackCache {
+    /// A cache with no group and no peer endpoint.
+    pub fn new(client: Client, max_dirty: usize) -> WriteBackCache {
+        let (stop, _) = watch::channel(());
+        WriteBackCache {
+            inner: Arc::new(CacheInner {
+                client,
+                cfg: CacheConfig {
+                    max_dirty: max_dirty.max(1),
+                    ..CacheConfig::default()
+                },
+                owner: rand::random(),
+                group: Vec::new(),
+                contact: None,
+                entries: Mutex::new(BTreeMap::new()),
+                forwarded: Default::default(),
+                put_seq: AtomicU64::new(1),
+                _stop: stop,
+            }),
+        }
+    }
+
+    /// A cache as `cfg` says: with a cache group of that many nodes (the first that
+    /// answer, in id order), and serving other clients on a loopback port.
+    pub async fn with_config(
+        client: Client,
+        cfg: CacheConfig,
+    ) -> Result<WriteBackCache, ClientError> {
+        let mut group = Vec::new();
+        if cfg.group > 0 {
+            for n in client.map().nodes.iter().map(|n| n.id) {
+                if group.len() == cfg.group {
+                    break;
+                }
+                if client.call(n, &Request::Ping, Bytes::new()).await.is_ok() {
+                    group.push(n);
+                }
+            }
+            if group.len() < cfg.group {
+                return Err(ClientError::NotEnoughNodes {
+                    stripe: 0,
+                    live: group.len(),
+                    need: cfg.group,
+                    detail: " (for the cache group)".into(),
+                });
+            }
+        }
+        let (stop, stop_rx) = watch::channel(());
+        let listener = if cfg.serve {
+            Some(
+                tokio::net::TcpListener::bind("127.0.0.1:0")
+                    .await
+                    .map_err(|e| ClientError::Call {
+                        node: u32::MAX,
+                        error: CallError::Unreachable(format!("cannot listen for peers: {e}")),
+                    })?,
+            )
+        } else {
+            None
+        };
+        let contact = listener.as_ref().and_then(|l| l.local_addr().ok());
+        let inner = Arc::new(CacheInner {
+            client,
+            cfg: CacheConfig {
+                max_dirty: cfg.max_dirty.max(1),
+                ..cfg
+            },
+            owner: rand::random(),
+            group,
+            contact,
+            entries: Mutex::new(BTreeMap::new()),
+            forwarded: Default::default(),
+            put_seq: AtomicU64::new(1),
+            _stop: stop,
+        });
+        if let Some(l) = listener {
+            tokio::spawn(crate::peer::serve(l, Arc::downgrade(&inner), stop_rx));
+        }
+        Ok(WriteBackCache { inner })
+    }
+
+    /// Where other clients reach this cache, if it serves them.
+    pub fn contact(&self) -> Option<SocketAddr> {
+        self.inner.contact
+    }
+
+    /// The nodes of its cache group.
+    pub fn group(&self) -> &[NodeId] {
+        &self.inner.group
+    }
+
+    /// Writes `data` at `offset` of block `lba` into the cache (or, if another
+    /// client's cache holds the block, into that cache).
+    pub async fn write(&self, lba: u64, offset: usize, data: &[u8]) -> Result<(), ClientError> {
+        self.inner.write(lba, offset, data).await
+    }
+
+    /// Writes `data` at `offset` of block `lba` and returns once the change reached
+    /// the storage nodes: a block cached here is written back at once; one held in
+    /// another client's cache is written through that cache, which writes it back
+    /// before it answers (report 5.5); otherwise it is written directly.
+    pub async fn write_durable(
+        &self,
+        lba: u64,
+        offset: usize,
+        data: &[u8],
+    ) -> Result<(), ClientError> {
+        let inner = &self.inner;
+        let c = &inner.client;
+        c.check_lba(lba)?;
+        c.check_range(offset, data.len())?;
+        {
+            let mut entries = inner.entries.lock().await;
+            if entries.contains_key(&lba) {
+                inner.apply(&mut entries, lba, offset, data).await?;
+                return inner.flush_lbas(&mut entries, &[lba]).await;
+            }
+        }
+        let (stripe, index) = c.geometry().locate(lba);
+        let opts = LockOpts {
+            owner: rand::random(),
+            wait: false,
+            ..LockOpts::default()
+        };
+        let probe = c
+            .lock_stripe_with(stripe, &[(index as u8, offset, 0)], &opts)
+            .await;
+        match probe {
+            Ok(lock) => c.unlock_stripe(&lock).await,
+            Err(ClientError::Locked {
+                contact: Some(contact),
+                ..
+            }) => {
+                if let Ok(Some(true)) =
+                    crate::peer::write(c, contact, lba, offset, data, true).await
+                {
+                    return Ok(());
+                }
+            }
+            Err(_) => {}
+        }
+        c.write(lba, offset, data).await
+    }
+
+    /// Reads from the cache, or from the volume when the block is not cached here.
+    pub async fn read(&self, lba: u64, offset: usize, len: usize) -> Result<Bytes, ClientError> {
+        match self.cached(lba, offset, len).await? {
+            Some(b) => Ok(b),
+            None => self.inner.client.read(lba, offset, len).await,
+        }
+    }
+
+    /// The bytes of a block cached here, after checking the range.
+    async fn cached(
+        &self,
+        lba: u64,
+        offset: usize,
+        len: usize,
+    ) -> Result<Option<Bytes>, ClientError> {
+        let c = &self.inner.client;
+        c.check_lba(lba)?;
+        c.check_range(offset, len)?;
+        let entries = self.inner.entries.lock().await;
+        Ok(entries
+            .get(&lba)
+            .map(|e| Bytes::copy_from_slice(&e.data[offset..offset + len])))
+    }
+
+    /// Reads the newest bytes of a block: from this cache, or through the cache of
+    /// the client that holds it (report 5.5), or from the volume.
+    pub async fn read_latest(
+        &self,
+        lba: u64,
+        offset: usize,
+        len: usize,
+    ) -> Result<Bytes, ClientError> {
+        if let Some(b) = self.cached(lba, offset, len).await? {
+            return Ok(b);
+        }
+        let c = &self.inner.client;
+        let (stripe, index) = c.geometry().locate(lba);
+        let opts = LockOpts {
+            owner: rand::random(),
+            wait: false,
+            ..LockOpts::default()
+        };
+        match c
+            .lock_stripe_with(stripe, &[(index as u8, offset, len)], &opts)
+            .await
+        {
+            Ok(lock) => {
+                let r = c.old_bytes(&lock, index, offset, len).await;
+                c.unlock_stripe(&lock).await;
+                r
+            }
+            Err(ClientError::Locked {
+                contact: Some(contact),
+                ..
+            }) => match crate::peer::read(c, contact, lba, offset, len).await {
+                Ok(Some(b)) => Ok(b),
+                _ => c.read(lba, offset, len).await,
+            },
+            Err(_) => c.read(lba, offset, len).await,
+        }
+    }
+
+    /// Sends every dirty block's running total and releases every lock; asks the
+    /// holders of blocks written through their caches to write them back.
+    pub async fn flush(&self) -> Result<(), ClientError> {
+        let mut entries = self.inner.entries.lock().await;
+        let all: Vec<u64> = entries.keys().copied().collect();
+        let res = self.inner.flush_lbas(&mut entries, &all).await;
+        drop(entries);
+        let forwarded: Vec<(SocketAddr, u64)> = std::mem::take(&mut *slock(&self.inner.forwarded))
+            .into_iter()
+            .collect();
+        for (contact, lba) in forwarded {
+            // The holder writes the block back before it answers.
+            if let Err(e) = crate::peer::ask_release(&self.inner.client, contact, lba).await {
+                tracing::warn!(lba, %contact, error = %e, "a cache holding a forwarded write did not answer");
+            }
+        }
+        res
+    }
+
+    /// Blocks held in the cache.
+    pub async fn len(&self) -> usize {
+        self.inner.entries.lock().await.len()
+    }
+
+    pub async fn is_empty(&self) -> bool {
+        self.inner.entries.lock().await.is_empty()
+    }
+}
+
+impl CacheInner {
+    pub(crate) fn cluster_id(&self) -> u64 {
+        self.client.map().cluster_id
+    }
+
+    fn lock_opts(&self, wait: bool) -> LockOpts {
+        LockOpts {
+            owner: self.owner,
+            contact: self.contact,
+            cache_group: self.group.clone(),
+            wait,
+        }
+    }
+
+    /// Locks block `lba` for the cache and reads it.
+    async fn acquire(&self, lba: u64, wait: bool) -> Result<CachedBlock, ClientError> {
+        let c = &self.client;
+        let (stripe, index) = c.geometry().locate(lba);
+        let bs = c.block_size();
+        let lock = c
+            .lock_stripe_with(stripe, &[(index as u8, 0, bs)], &self.lock_opts(wait))
+            .await?;
+        match c.old_block(&lock, index).await {
+            Ok(old) => Ok(CachedBlock {
+                data: old.to_vec(),
+                total: vec![0; bs],
+                dirty: None,
+                lock,
+            }),
+            Err(e) => {
+                c.unlock_stripe(&lock).await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn write(&self, lba: u64, offset: usize, data: &[u8]) -> Result<(), ClientError> {
+        self.client.check_lba(lba)?;
+        self.client.check_range(offset, data.len())?;
+        let mut entries = self.entries.lock().await;
+        // (Not `entry()`: the map is let go of while waiting for another client.)
+        let cached = entries.contains_key(&lba);
+        if !cached {
+            match self.acquire(lba, false).await {
+                Ok(b) => {
+                    entries.insert(lba, b);
+                }
+                Err(ClientError::Locked { contact, .. }) => {
+                    // Not while waiting: other clients may need this cache meanwhile.
+                    drop(entries);
+                    if let Some(contact) = contact {
+                        // Held by another client's cache: write through it (report 5.5).
+                        let r = crate::peer::write(&self.client, contact, lba, offset, data, false);
+                        if let Ok(Some(_)) = r.await {
+                            slock(&self.forwarded).insert((contact, lba));
+                            return Ok(());
+                        }
+                        // It let go meanwhile, or cannot be reached: lock it ourselves.
+                    }
+                    let b = self.acquire(lba, true).await?;
+                    entries = self.entries.lock().await;
+                    // Another operation of this cache may have taken it meanwhile (under
+                    // the same owner, so the lock is the same one).
+                    entries.entry(lba).or_insert(b);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        self.apply(&mut entries, lba, offset, data).await?;
+        let dirty = entries.values().filter(|e| e.dirty.is_some()).count();
+        if dirty > self.cfg.max_dirty {
+            let all: Vec<u64> = entries.keys().copied().collect();
+            self.flush_lbas(&mut entries, &all).await?;
+        }
+        Ok(())
+    }
+
+    /// Changes a cached block; with a cache group, its copies first.
+    async fn apply(
+        &self,
+        entries: &mut BTreeMap<u64, CachedBlock>,
+        lba: u64,
+        offset: usize,
+        data: &[u8],
+    ) -> Result<(), ClientError> {
+        let Some(e) = entries.get_mut(&lba) else {
+            return Ok(());
+        };
+        let end = offset + data.len();
+        // total ^= old ^ new, then old := new.
+        let mut total = e.total.clone();
+        let _ = Codec::xor_into(&e.data[offset..end], &mut total[offset..end]);
+        let _ = Codec::xor_into(data, &mut total[offset..end]);
+        let dirty = match e.dirty {
+            None => (offset, end),
+            Some((a, b)) => (a.min(offset), b.max(end)),
+        };
+        if !self.group.is_empty() {
+            let index = self.client.geometry().locate(lba).1;
+            let id = UpdateId {
+                client: e.lock.client,
+                seq: self.client.next_update_seq(),
+            };
+            self.put_copies(lba, &e.lock, index, id, dirty, &total)
+                .await?;
+            e.lock.ids.insert(index as u8, id);
+        }
+        e.total = total;
+        e.data[offset..end].copy_from_slice(data);
+        e.dirty = Some(dirty);
+        Ok(())
+    }
+
+    /// Stores a block's pending change at every member of the cache group.
+    async fn put_copies(
+        &self,
+        lba: u64,
+        lock: &LockedStripe,
+        index: usize,
+        id: UpdateId,
+        (a, b): (usize, usize),
+        total: &[u8],
+    ) -> Result<(), ClientError> {
+        let version = lock.next_version(index).unwrap_or(1);
+        let base = lock.base_version(index).unwrap_or(0);
+        let req = Request::CachePut(CachePutReq {
+            volume: self.client.volume().id,
+            client: lock.client,
+            lba,
+            stripe: lock.stripe,
+            update: BlockUpdate {
+                id,
+                index: index as u8,
+                version,
+                base,
+                offset: a as u32,
+                len: (b - a) as u32,
+            },
+            owner: lock.owner,
+            granted: lock
+                .granted
+                .iter()
+                .enumerate()
+                .filter(|(_, g)| **g)
+                .map(|(p, _)| p as u8)
+                .collect(),
+            unlock: lock.next.clone(),
+            seq: self.put_seq.fetch_add(1, Ordering::Relaxed),
+            group: self.group.clone(),
+            lease_ms: self.client.lease_ms(),
+        });
+        let payload = Bytes::copy_from_slice(&total[a..b]);
+        let results = join_all(self.group.iter().map(|n| {
+            let (req, payload) = (req.clone(), payload.clone());
+            async move { (*n, self.client.call(*n, &req, payload).await) }
+        }))
+        .await;
+        for (node, r) in results {
+            match r {
+                Ok((Response::CacheStored, _)) => self.client.note_copies(node, lba, true),
+                Err(CallError::Remote(WireError::Fenced { .. })) => {
+                    self.client.fenced(node);
+                    return Err(ClientError::Fenced { node });
+                }
+                Ok((other, _)) => {
+                    return Err(ClientError::Call {
+                        node,
+                        error: CallError::Protocol(format!("cache put answered with {other:?}")),
+                    })
+                }
+                Err(error) => return Err(ClientError::Call { node, error }),
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes back (and unlocks) the given cached blocks, grouped by stripe.
+    async fn flush_lbas(
+        &self,
+        entries: &mut BTreeMap<u64, CachedBlock>,
+        lbas: &[u64],
+    ) -> Result<(), ClientError> {
+        let client = &self.client;
+        let mut by_stripe: BTreeMap<StripeId, Vec<u64>> = BTreeMap::new();
+        for lba in lbas.iter().filter(|l| entries.contains_key(l)) {
+            by_stripe
+                .entry(client.geometry().locate(*lba).0)
+                .or_default()
+                .push(*lba);
+        }
+        let mut first_err = None;
+        for (stripe, lbas) in by_stripe {
+            let group: Vec<(u64, CachedBlock)> = lbas
+                .iter()
+                .filter_map(|l| entries.remove(l).map(|e| (*l, e)))
+                .collect();
+            let lock = LockedStripe::merge(stripe, self.owner, group.iter().map(|(_, e)| &e.lock));
+            let deltas: Vec<(usize, usize, Bytes)> = group
+                .iter()
+                .filter_map(|(lba, e)| {
+                    let (a, b) = e.dirty?;
+                    Some((
+                        client.geometry().locate(*lba).1,
+                        a,
+                        Bytes::copy_from_slice(&e.total[a..b]),
+                    ))
+                })
+                .collect();
+            let res = if deltas.is_empty() {
+                client.unlock_stripe(&lock).await;
+                Ok(())
+            } else {
+                client.commit_stripe(&lock, deltas).await
+            };
+            if !self.group.is_empty() {
+                let ids: BTreeSet<ClientId> = group.iter().map(|(_, e)| e.lock.client).collect();
+                for id in ids {
+                    self.drop_copies(id, &lbas).await;
+                }
+            }
+            if let Err(e) = res {
+                // The update may have reached some members and not others, and the
+                // locks were released with it: the cached copies are no longer the
+                // ones the volume is built on, so they are dropped, not retried.
+                tracing::warn!(stripe, ?lbas, error = %e, "write-back failed; cached changes dropped");
+                first_err.get_or_insert(e);
+            }
+        }
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Tells the cache group the copies of `lbas`, kept under client identity
+    /// `client`, are no longer needed.
+    async fn drop_copies(&self, client: ClientId, lbas: &[u64]) {
+        let req = Request::CacheDrop(CacheDropReq {
+            volume: self.client.volume().id,
+            client,
+            lbas: lbas.to_vec(),
+        });
+        for n in &self.group {
+            if self.client.call(*n, &req, Bytes::new()).await.is_ok() {
+                for lba in lbas {
+                    self.client.note_copies(*n, *lba, false);
+                }
+            }
+        }
+    }
+
+    /// Answers another client (report 5.5).
+    pub(crate) async fn serve_peer(
+        &self,
+        req: Request,
+        payload: Bytes,
+    ) -> Result<(Response, Bytes), WireError> {
+        match req {
+            Request::PeerRead(r) => {
+                let entries = self.entries.lock().await;
+                let (o, n) = (r.offset as usize, r.len as usize);
+                match entries.get(&r.lba) {
+                    Some(e) if o + n <= e.data.len() => Ok((
+                        Response::PeerData { held: true },
+                        Bytes::copy_from_slice(&e.data[o..o + n]),
+                    )),
+                    _ => Ok((Response::PeerData { held: false }, Bytes::new())),
+                }
+            }
+            Request::PeerWrite(r) => {
+                let mut entries = self.entries.lock().await;
+                if !entries.contains_key(&r.lba) {
+                    return Ok((
+                        Response::PeerWritten {
+                            held: false,
+                            durable: false,
+                        },
+                        Bytes::new(),
+                    ));
+                }
+                let bs = self.client.block_size();
+                if r.offset as usize + payload.len() > bs {
+                    return Err(WireError::BadRange {
+                        offset: r.offset,
+                        len: payload.len() as u32,
+                        block_size: bs as u32,
+                    });
+                }
+                self.apply(&mut entries, r.lba, r.offset as usize, &payload)
+                    .await
+                    .map_err(|_| WireError::Busy)?;
+                if r.durable {
+                    self.flush_lbas(&mut entries, &[r.lba])
+                        .await
+                        .map_err(|_| WireError::Busy)?;
+                }
+                Ok((
+                    Response::PeerWritten {
+                        held: true,
+                        durable: r.durable,
+                    },
+                    Bytes::new(),
+                ))
+            }
+            Request::PeerRelease(r) => {
+                let mut entries = self.entries.lock().await;
+                let held = entries.contains_key(&r.lba);
+                if held {
+                    self.flush_lbas(&mut entries, &[r.lba])
+                        .await
+                        .map_err(|_| WireError::Busy)?;
+                }
+                Ok((Response::PeerReleased { held }, Bytes::new()))
+            }
+            _ => Err(WireError::Invalid {
+                what: drs_proto::error::InvalidReason::Unexpected,
+            }),
+        }
+    }
+}

@@ -1,0 +1,460 @@
+//! Connections to nodes: one multiplexed TCP connection per node, many requests in
+//! flight on it, each with a deadline.
+//!
+//! A connection that fails marks its node down for a backoff (doubling from 50 ms up
+//! to `reconnect_max`); requests in that window fail at once with `Unreachable`, so
+//! reads go straight to the rest of the stripe instead of waiting on a dead node. A
+//! node the cluster map says is down is not called at all.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use drs_proto::{
+    CancelReq, ClusterMap, Frame, FrameCodec, FrameHeader, FrameKind, MemberState, NodeId, Request,
+    Response,
+};
+use futures::{SinkExt, StreamExt};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio_util::codec::{FramedRead, FramedWrite};
+
+use crate::error::CallError;
+
+/// Requests in flight per connection before callers wait.
+const MAX_IN_FLIGHT: usize = 512;
+/// Frames queued for a connection's writer.
+const SEND_QUEUE: usize = 256;
+const BACKOFF_MIN: Duration = Duration::from_millis(50);
+/// A node that let a request time out is *suspect* this long: its requests then wait
+/// at most `SUSPECT_WAIT`, so a hung node costs each operation a short wait instead
+/// of a whole request deadline. Any answer clears the suspicion.
+const SUSPECT_FOR: Duration = Duration::from_secs(10);
+const SUSPECT_WAIT: Duration = Duration::from_millis(500);
+
+/// Connection settings.
+#[derive(Debug, Clone)]
+pub struct ConnConfig {
+    pub cluster_id: u64,
+    /// The sender's cluster map epoch, stamped on every frame; shared by a client's
+    /// connections and raised when it learns a newer map.
+    pub epoch: Arc<AtomicU64>,
+    pub connect_timeout: Duration,
+    pub reconnect_max: Duration,
+}
+
+type Waiter = oneshot::Sender<Result<Frame, CallError>>;
+
+/// A live connection.
+struct Live {
+    tx: mpsc::Sender<Frame>,
+    waiters: Arc<Mutex<HashMap<u64, Waiter>>>,
+    slots: Arc<Semaphore>,
+}
+
+impl Live {
+    /// The reader closes `slots` when the connection ends.
+    fn is_closed(&self) -> bool {
+        self.slots.is_closed() || self.tx.is_closed()
+    }
+}
+
+enum State {
+    Idle,
+    Up(Arc<Live>),
+    Down {
+        until: Instant,
+        failures: u32,
+        reason: String,
+    },
+}
+
+/// The connection to one node.
+pub struct NodeConn {
+    pub node: NodeId,
+    pub addr: SocketAddr,
+    cfg: ConnConfig,
+    state: Mutex<State>,
+    connecting: tokio::sync::Mutex<()>,
+    next_id: AtomicU64,
+    suspect_until: Mutex<Option<Instant>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // No code panics while holding these locks; if one did, the data is still usable.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl NodeConn {
+    pub fn new(node: NodeId, addr: SocketAddr, cfg: ConnConfig) -> NodeConn {
+        NodeConn {
+            node,
+            addr,
+            cfg,
+            state: Mutex::new(State::Idle),
+            connecting: tokio::sync::Mutex::new(()),
+            next_id: AtomicU64::new(1),
+            suspect_until: Mutex::new(None),
+        }
+    }
+
+    /// True while the node is in its backoff after a failure.
+    pub fn is_down(&self) -> bool {
+        matches!(&*lock(&self.state), State::Down { until, .. } if Instant::now() < *until)
+    }
+
+    fn mark_down(&self, reason: String) {
+        let mut st = lock(&self.state);
+        let failures = match &*st {
+            State::Down { failures, .. } => failures.saturating_add(1),
+            _ => 0,
+        };
+        let backoff = BACKOFF_MIN
+            .saturating_mul(1u32 << failures.min(10))
+            .min(self.cfg.reconnect_max.max(BACKOFF_MIN));
+        *st = State::Down {
+            until: Instant::now() + backoff,
+            failures,
+            reason,
+        };
+    }
+
+    /// The open connection, or the reason not to try one now; `None`: connect.
+    fn current(&self) -> Option<Result<Arc<Live>, CallError>> {
+        match &*lock(&self.state) {
+            State::Up(l) if !l.is_closed() => Some(Ok(l.clone())),
+            State::Down { until, reason, .. } if Instant::now() < *until => {
+                Some(Err(CallError::Unreachable(reason.clone())))
+            }
+            _ => None,
+        }
+    }
+
+    async fn live(&self) -> Result<Arc<Live>, CallError> {
+        if let Some(r) = self.current() {
+            return r;
+        }
+        let _guard = self.connecting.lock().await;
+        // Someone else may have connected (or failed) while we waited.
+        if let Some(r) = self.current() {
+            return r;
+        }
+        match tokio::time::timeout(self.cfg.connect_timeout, TcpStream::connect(self.addr)).await {
+            Ok(Ok(stream)) => {
+                let _ = stream.set_nodelay(true);
+                let live = Arc::new(spawn_connection(stream, self.node));
+                *lock(&self.state) = State::Up(live.clone());
+                Ok(live)
+            }
+            Ok(Err(e)) => {
+                let reason = format!("connect to {}: {e}", self.addr);
+                self.mark_down(reason.clone());
+                Err(CallError::Unreachable(reason))
+            }
+            Err(_) => {
+                let reason = format!("connect to {}: timed out", self.addr);
+                self.mark_down(reason.clone());
+                Err(CallError::Unreachable(reason))
+            }
+        }
+    }
+
+    /// True while the node is suspect (it recently let a request time out).
+    pub fn is_suspect(&self) -> bool {
+        lock(&self.suspect_until).is_some_and(|t| Instant::now() < t)
+    }
+
+    /// Sends `req` with `payload` and waits up to `timeout` (less for a suspect node)
+    /// for the answer.
+    pub async fn call(
+        &self,
+        req: &Request,
+        payload: Bytes,
+        timeout: Duration,
+    ) -> Result<(Response, Bytes), CallError> {
+        let timeout = if self.is_suspect() {
+            timeout.min(SUSPECT_WAIT)
+        } else {
+            timeout
+        };
+        let r = self.call_once(req, payload, timeout).await;
+        match &r {
+            Err(CallError::Timeout(_)) => {
+                *lock(&self.suspect_until) = Some(Instant::now() + SUSPECT_FOR)
+            }
+            Ok(_) | Err(CallError::Remote(_)) => *lock(&self.suspect_until) = None,
+            Err(_) => {}
+        }
+        r
+    }
+
+    async fn call_once(
+        &self,
+        req: &Request,
+        payload: Bytes,
+        timeout: Duration,
+    ) -> Result<(Response, Bytes), CallError> {
+        let deadline = Instant::now() + timeout;
+        let live = self.live().await?;
+        let permit = tokio::time::timeout_at(deadline.into(), live.slots.clone().acquire_owned())
+            .await
+            .map_err(|_| CallError::Timeout(timeout.as_millis() as u64))?;
+        let Ok(permit) = permit else {
+            self.mark_down("connection closed".into());
+            return Err(CallError::Unreachable("connection closed".into()));
+        };
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let header = FrameHeader {
+            kind: FrameKind::Request,
+            cluster_id: self.cfg.cluster_id,
+            epoch: self.cfg.epoch.load(Ordering::Acquire),
+            request_id: id,
+            deadline_ms: timeout.as_millis().min(u32::MAX as u128) as u32,
+        };
+        let frame =
+            Frame::new(header, req, payload).map_err(|e| CallError::Protocol(e.to_string()))?;
+        let (tx, rx) = oneshot::channel();
+        lock(&live.waiters).insert(id, tx);
+        // If the caller stops waiting (a hedged read that got its answer elsewhere),
+        // the guard withdraws the request and tells the node.
+        let mut guard = CancelOnDrop {
+            conn: self,
+            live: Some(live.clone()),
+            id,
+        };
+        let sent = tokio::time::timeout_at(deadline.into(), live.tx.send(frame)).await;
+        if !matches!(sent, Ok(Ok(()))) {
+            guard.disarm();
+            lock(&live.waiters).remove(&id);
+            self.mark_down("connection closed".into());
+            return Err(match sent {
+                Err(_) => CallError::Timeout(timeout.as_millis() as u64),
+                _ => CallError::Unreachable("connection closed".into()),
+            });
+        }
+        let answer = tokio::time::timeout_at(deadline.into(), rx).await;
+        drop(permit);
+        if answer.is_ok() {
+            guard.disarm();
+        }
+        let frame = match answer {
+            Ok(Ok(Ok(frame))) => frame,
+            Ok(Ok(Err(e))) => {
+                if let CallError::Unreachable(reason) = &e {
+                    self.mark_down(reason.clone());
+                }
+                return Err(e);
+            }
+            Ok(Err(_)) => {
+                self.mark_down("connection closed".into());
+                return Err(CallError::Unreachable("connection closed".into()));
+            }
+            Err(_) => return Err(CallError::Timeout(timeout.as_millis() as u64)),
+        };
+        let resp: Response = frame
+            .decode_ctrl()
+            .map_err(|e| CallError::Protocol(e.to_string()))?;
+        match resp {
+            Response::Error(e) => Err(CallError::Remote(e)),
+            r => Ok((r, frame.payload)),
+        }
+    }
+
+    /// Tells the node we no longer want request `id` (report 5.6); best effort.
+    fn cancel(&self, live: &Live, id: u64) {
+        let header = FrameHeader {
+            kind: FrameKind::Request,
+            cluster_id: self.cfg.cluster_id,
+            epoch: self.cfg.epoch.load(Ordering::Acquire),
+            request_id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            deadline_ms: 1000,
+        };
+        if let Ok(frame) = Frame::new(
+            header,
+            &Request::Cancel(CancelReq { request_id: id }),
+            Bytes::new(),
+        ) {
+            let _ = live.tx.try_send(frame);
+        }
+    }
+}
+
+/// Withdraws an in-flight request when dropped before its answer arrived.
+struct CancelOnDrop<'a> {
+    conn: &'a NodeConn,
+    live: Option<Arc<Live>>,
+    id: u64,
+}
+
+impl CancelOnDrop<'_> {
+    fn disarm(&mut self) {
+        self.live = None;
+    }
+}
+
+impl Drop for CancelOnDrop<'_> {
+    fn drop(&mut self) {
+        if let Some(live) = self.live.take() {
+            if lock(&live.waiters).remove(&self.id).is_some() {
+                self.conn.cancel(&live, self.id);
+            }
+        }
+    }
+}
+
+fn spawn_connection(stream: TcpStream, node: NodeId) -> Live {
+    let (rd, wr) = stream.into_split();
+    let (tx, mut rx) = mpsc::channel::<Frame>(SEND_QUEUE);
+    let waiters: Arc<Mutex<HashMap<u64, Waiter>>> = Arc::default();
+    let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+
+    let mut sink = FramedWrite::new(wr, FrameCodec);
+    tokio::spawn(async move {
+        while let Some(frame) = rx.recv().await {
+            if sink.feed(frame).await.is_err() {
+                return;
+            }
+            while let Ok(frame) = rx.try_recv() {
+                if sink.feed(frame).await.is_err() {
+                    return;
+                }
+            }
+            if sink.flush().await.is_err() {
+                return;
+            }
+        }
+    });
+
+    let w = waiters.clone();
+    let s = slots.clone();
+    let tx_reader = tx.clone();
+    tokio::spawn(async move {
+        let mut frames = FramedRead::new(rd, FrameCodec);
+        let reason = loop {
+            match frames.next().await {
+                Some(Ok(frame)) => {
+                    if frame.header.kind != FrameKind::Response {
+                        break "node sent a request frame".to_string();
+                    }
+                    let waiter = lock(&w).remove(&frame.header.request_id);
+                    if let Some(waiter) = waiter {
+                        let _ = waiter.send(Ok(frame));
+                    }
+                }
+                Some(Err(drs_proto::FrameError::Io(e))) => {
+                    break format!("connection to node {node} lost: {e}")
+                }
+                Some(Err(e)) => break format!("bad frame from node {node}: {e}"),
+                None => break "connection closed by node".to_string(),
+            }
+        };
+        tracing::debug!(node, %reason, "connection ended");
+        s.close();
+        drop(tx_reader);
+        let all: Vec<Waiter> = lock(&w).drain().map(|(_, v)| v).collect();
+        for waiter in all {
+            let _ = waiter.send(Err(CallError::Unreachable(reason.clone())));
+        }
+    });
+    Live { tx, waiters, slots }
+}
+
+/// Connections to every node of a cluster map.
+pub struct Pool {
+    members: RwLock<Members>,
+    cfg: ConnConfig,
+}
+
+#[derive(Default)]
+struct Members {
+    conns: HashMap<NodeId, Arc<NodeConn>>,
+    /// Nodes the cluster map says are down: not called at all, so a dead node costs
+    /// nothing once the metadata service noticed it.
+    down: HashSet<NodeId>,
+}
+
+fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Pool {
+    pub fn new(nodes: impl IntoIterator<Item = (NodeId, SocketAddr)>, cfg: ConnConfig) -> Pool {
+        let conns = nodes
+            .into_iter()
+            .map(|(id, a)| (id, Arc::new(NodeConn::new(id, a, cfg.clone()))))
+            .collect();
+        Pool {
+            members: RwLock::new(Members {
+                conns,
+                down: HashSet::new(),
+            }),
+            cfg,
+        }
+    }
+
+    /// The epoch stamped on this pool's frames.
+    pub fn epoch(&self) -> Arc<AtomicU64> {
+        self.cfg.epoch.clone()
+    }
+
+    /// Follows a new cluster map: its epoch, new addresses (a replaced node) and which
+    /// nodes are down.
+    pub fn update(&self, map: &ClusterMap) {
+        let mut m = self.members.write().unwrap_or_else(|e| e.into_inner());
+        for n in &map.nodes {
+            let moved = m.conns.get(&n.id).is_none_or(|c| c.addr != n.addr);
+            if moved {
+                m.conns.insert(
+                    n.id,
+                    Arc::new(NodeConn::new(n.id, n.addr, self.cfg.clone())),
+                );
+            }
+        }
+        m.conns.retain(|id, _| map.node(*id).is_some());
+        m.down = map
+            .nodes
+            .iter()
+            .filter(|n| n.state == MemberState::Down)
+            .map(|n| n.id)
+            .collect();
+        self.cfg.epoch.fetch_max(map.epoch, Ordering::AcqRel);
+    }
+
+    pub fn get(&self, node: NodeId) -> Option<Arc<NodeConn>> {
+        read(&self.members).conns.get(&node).cloned()
+    }
+
+    /// Calls `node`, failing with `Unreachable` for a node not in the map or down in it.
+    pub async fn call(
+        &self,
+        node: NodeId,
+        req: &Request,
+        payload: Bytes,
+        timeout: Duration,
+    ) -> Result<(Response, Bytes), CallError> {
+        let conn = {
+            let m = read(&self.members);
+            if m.down.contains(&node) {
+                return Err(CallError::Unreachable(format!(
+                    "node {node} is down in the cluster map"
+                )));
+            }
+            m.conns.get(&node).cloned()
+        };
+        match conn {
+            Some(c) => c.call(req, payload, timeout).await,
+            None => Err(CallError::Unreachable(format!(
+                "node {node} is not in the cluster map"
+            ))),
+        }
+    }
+
+    /// True while `node` is down in the map or in its reconnect backoff.
+    pub fn is_down(&self, node: NodeId) -> bool {
+        let m = read(&self.members);
+        m.down.contains(&node) || m.conns.get(&node).is_none_or(|c| c.is_down())
+    }
+}

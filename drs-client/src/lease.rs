@@ -1,0 +1,260 @@
+//! The client's side of lock groups (report 5.3.3): leases and heartbeats, and the
+//! completion notices that let nodes forget updates every member holds.
+//!
+//! - A lock request renews the client's lease at the node; while the client holds a
+//!   lock at a node (or has an unlock or notice still to deliver there) it sends it a
+//!   heartbeat every third of the lease. If it stops (it crashed, or is paused longer
+//!   than the lease), the node fences it and, once its updates in flight are settled,
+//!   releases its locks.
+//! - The client knows when its lease was last confirmed at each node (the send time
+//!   of the last request the node renewed it with). Before it sends updates it checks
+//!   every member still has a lease well within its length; otherwise it stops with
+//!   `LeaseExpired` instead of sending updates the nodes would refuse.
+//! - When every member that must hold an update (its data node and every parity
+//!   node) acknowledged it, its id is *complete*: the client tells those members
+//!   (piggybacked on its next lock or update to the node, or with the next
+//!   heartbeat), and they drop the copy they keep for relaying. Until then the
+//!   members holding it pass it on to the others themselves.
+//! - A node that answers `Fenced` ends this client identity: the client takes a new
+//!   id (a new lease), and the operation that met it fails with `Fenced`.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use drs_proto::{ClientId, HeartbeatReq, NodeId, Request, Response, StripeId, UpdateId, WireError};
+
+use crate::error::CallError;
+use crate::Client;
+
+/// Completion notices kept per node before the oldest are dropped (a dropped notice
+/// only makes the node relay an update every member already has).
+const NOTICES_MAX: usize = 65_536;
+/// How often the heartbeat task looks at what is due.
+const TICK: Duration = Duration::from_millis(50);
+
+#[derive(Default)]
+struct NodeLease {
+    /// (stripe, owner) of the locks held at the node.
+    held: BTreeSet<(StripeId, ClientId)>,
+    /// Send time of the last request the node renewed the lease with.
+    confirmed_at: Option<Instant>,
+    last_heartbeat: Option<Instant>,
+    /// A heartbeat is on its way (a hung node must not hold up the others').
+    heartbeat_out: bool,
+    completed: Vec<UpdateId>,
+    /// Dirty cache entries this client keeps a copy of at the node (its cache group,
+    /// report 5.5): the node must keep hearing from the client while it holds them.
+    copies: BTreeSet<u64>,
+}
+
+impl NodeLease {
+    fn keep_alive(&self) -> bool {
+        !self.held.is_empty() || !self.copies.is_empty()
+    }
+}
+
+#[derive(Default)]
+pub(crate) struct Leases {
+    nodes: Mutex<HashMap<NodeId, NodeLease>>,
+    running: AtomicBool,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Client {
+    pub(crate) fn lease_ms(&self) -> u32 {
+        self.inner.cfg.lease.as_millis().clamp(1, u32::MAX as u128) as u32
+    }
+
+    /// Completion notices for `node`, taken to be sent with a request to it.
+    pub(crate) fn take_completed(&self, node: NodeId) -> Vec<UpdateId> {
+        lock(&self.inner.leases.nodes)
+            .get_mut(&node)
+            .map(|n| std::mem::take(&mut n.completed))
+            .unwrap_or_default()
+    }
+
+    /// Puts back notices that could not be delivered.
+    pub(crate) fn return_completed(&self, node: NodeId, ids: Vec<UpdateId>) {
+        if ids.is_empty() {
+            return;
+        }
+        self.note_complete(node, ids);
+    }
+
+    /// A lock at `node` was granted; the request was sent at `sent_at`.
+    pub(crate) fn note_locked(
+        &self,
+        node: NodeId,
+        stripe: StripeId,
+        owner: ClientId,
+        sent_at: Instant,
+    ) {
+        {
+            let mut nodes = lock(&self.inner.leases.nodes);
+            let n = nodes.entry(node).or_default();
+            n.held.insert((stripe, owner));
+            n.confirmed_at = Some(n.confirmed_at.map_or(sent_at, |t| t.max(sent_at)));
+        }
+        self.ensure_heartbeats();
+    }
+
+    /// The locks of `owner` on `stripe` at `node` are released.
+    pub(crate) fn note_unlocked(&self, node: NodeId, stripe: StripeId, owner: ClientId) {
+        if let Some(n) = lock(&self.inner.leases.nodes).get_mut(&node) {
+            n.held.remove(&(stripe, owner));
+        }
+    }
+
+    /// Every member holds these updates: tell `node` to forget them.
+    pub(crate) fn note_complete(&self, node: NodeId, ids: Vec<UpdateId>) {
+        {
+            let mut nodes = lock(&self.inner.leases.nodes);
+            let n = nodes.entry(node).or_default();
+            n.completed.extend(ids);
+            let over = n.completed.len().saturating_sub(NOTICES_MAX);
+            n.completed.drain(..over);
+        }
+        self.ensure_heartbeats();
+    }
+
+    /// Block `lba`'s pending change was copied to `node` (`true`), or its copy
+    /// there dropped.
+    pub(crate) fn note_copies(&self, node: NodeId, lba: u64, added: bool) {
+        {
+            let mut nodes = lock(&self.inner.leases.nodes);
+            let n = nodes.entry(node).or_default();
+            if added {
+                n.copies.insert(lba);
+            } else {
+                n.copies.remove(&lba);
+            }
+        }
+        if added {
+            self.ensure_heartbeats();
+        }
+    }
+
+    /// True when the lease at `node` was confirmed recently enough that it has at
+    /// least a third of its length left.
+    pub(crate) fn lease_ok(&self, node: NodeId) -> bool {
+        let limit = self.inner.cfg.lease.mul_f64(2.0 / 3.0);
+        lock(&self.inner.leases.nodes)
+            .get(&node)
+            .and_then(|n| n.confirmed_at)
+            .is_some_and(|t| t.elapsed() < limit)
+    }
+
+    /// Locks this client holds, per node (for tools).
+    pub fn held_locks(&self) -> usize {
+        lock(&self.inner.leases.nodes)
+            .values()
+            .map(|n| n.held.len())
+            .sum()
+    }
+
+    /// A node said this client is fenced: start again under a new identity.
+    pub(crate) fn fenced(&self, by: NodeId) {
+        let old = self.id();
+        let new = rand::random::<u64>() | 1;
+        if self
+            .inner
+            .id
+            .compare_exchange(old, new, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            tracing::warn!(
+                client = old,
+                node = by,
+                new_client = new,
+                "fenced by a node (lease expired); continuing as a new client"
+            );
+            lock(&self.inner.leases.nodes).clear();
+        }
+    }
+
+    fn ensure_heartbeats(&self) {
+        if !self.inner.leases.running.swap(true, Ordering::AcqRel) {
+            let me = self.clone();
+            tokio::spawn(async move { me.heartbeats().await });
+        }
+    }
+
+    /// One heartbeat to `node`, carrying its completion notices.
+    async fn heartbeat(&self, node: NodeId, completed: Vec<UpdateId>) {
+        let req = Request::Heartbeat(HeartbeatReq {
+            client: self.id(),
+            lease_ms: self.lease_ms(),
+            completed: completed.clone(),
+        });
+        let sent = Instant::now();
+        let r = self.call(node, &req, Bytes::new()).await;
+        if let Some(n) = lock(&self.inner.leases.nodes).get_mut(&node) {
+            n.heartbeat_out = false;
+            if matches!(r, Ok((Response::Alive { .. }, _))) {
+                n.confirmed_at = Some(n.confirmed_at.map_or(sent, |t| t.max(sent)));
+            }
+        }
+        match r {
+            Ok((Response::Alive { .. }, _)) => {}
+            Err(CallError::Remote(WireError::Fenced { .. })) => self.fenced(node),
+            _ => self.return_completed(node, completed),
+        }
+    }
+
+    /// Sends what is due: a heartbeat to every node where the client holds locks (or
+    /// has unlocks to deliver) every third of the lease, and completion notices
+    /// within a tick. Stops when nothing is held and nothing is to deliver.
+    async fn heartbeats(&self) {
+        let third = self.inner.cfg.lease / 3;
+        loop {
+            tokio::time::sleep(TICK).await;
+            let now = Instant::now();
+            let due: Vec<(NodeId, Vec<UpdateId>)> = {
+                let mut nodes = lock(&self.inner.leases.nodes);
+                let backlog = self.backlog_nodes();
+                nodes
+                    .iter_mut()
+                    .filter(|(id, n)| {
+                        let keep_alive = n.keep_alive() || backlog.contains(id);
+                        let stale = n
+                            .last_heartbeat
+                            .is_none_or(|t| now.duration_since(t) >= third);
+                        !n.heartbeat_out && ((keep_alive && stale) || !n.completed.is_empty())
+                    })
+                    .map(|(id, n)| {
+                        n.last_heartbeat = Some(now);
+                        n.heartbeat_out = true;
+                        (*id, std::mem::take(&mut n.completed))
+                    })
+                    .collect()
+            };
+            for (node, completed) in due {
+                let me = self.clone();
+                tokio::spawn(async move { me.heartbeat(node, completed).await });
+            }
+            let idle = {
+                let nodes = lock(&self.inner.leases.nodes);
+                let backlog = self.backlog_nodes();
+                nodes.iter().all(|(id, n)| {
+                    !n.keep_alive() && n.completed.is_empty() && !backlog.contains(id)
+                })
+            };
+            if idle {
+                self.inner.leases.running.store(false, Ordering::Release);
+                // Something may have arrived between the check and the store.
+                let again = lock(&self.inner.leases.nodes)
+                    .values()
+                    .any(|n| n.keep_alive() || !n.completed.is_empty());
+                if !again || self.inner.leases.running.swap(true, Ordering::AcqRel) {
+                    return;
+                }
+            }
+        }
+    }
+}

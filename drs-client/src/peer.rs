@@ -1,0 +1,177 @@
+//! The client-client interface (report 5.5; DESIGN-NOTES R10).
+//!
+//! A client that caches blocks (a [`crate::WriteBackCache`] started with `serve`)
+//! listens on a loopback address and gives it, as its *contact*, with every lock it
+//! takes. A node that refuses another client the lock names the holder's contact, and
+//! that client can then:
+//! - read the block through the holder's cache (`PeerRead`),
+//! - write it through the holder's cache (`PeerWrite`; with `durable`, the holder
+//!   writes the block back to the nodes before it answers, so the answer says the
+//!   change reached the storage nodes),
+//! - ask the holder to write the block back and let it go (`PeerRelease`), so that
+//!   waiting for a cached block never starves.
+//!
+//! Peer calls are rare: each is one short connection.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use bytes::Bytes;
+use drs_proto::{
+    Frame, FrameCodec, FrameHeader, FrameKind, PeerReadReq, PeerReleaseReq, PeerWriteReq, Request,
+    Response, WireError,
+};
+use futures::{SinkExt, StreamExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio_util::codec::Framed;
+
+use crate::cache::CacheInner;
+use crate::conn::{ConnConfig, NodeConn};
+use crate::error::CallError;
+use crate::Client;
+
+/// Requests served at once per peer connection is one; connections at once are few.
+const PEER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// One call to another client's cache.
+pub(crate) async fn call(
+    client: &Client,
+    contact: SocketAddr,
+    req: &Request,
+    payload: Bytes,
+) -> Result<(Response, Bytes), CallError> {
+    let cfg = ConnConfig {
+        cluster_id: client.map().cluster_id,
+        epoch: client.epoch_handle(),
+        connect_timeout: client.config().connect_timeout,
+        reconnect_max: client.config().reconnect_max,
+    };
+    let conn = NodeConn::new(u32::MAX, contact, cfg);
+    conn.call(req, payload, PEER_TIMEOUT).await
+}
+
+/// Asks the holder at `contact` to write block `lba` back and release it. True if it
+/// held the block.
+pub(crate) async fn ask_release(
+    client: &Client,
+    contact: SocketAddr,
+    lba: u64,
+) -> Result<bool, CallError> {
+    let req = Request::PeerRelease(PeerReleaseReq {
+        volume: client.volume().id,
+        lba,
+    });
+    match call(client, contact, &req, Bytes::new()).await? {
+        (Response::PeerReleased { held }, _) => Ok(held),
+        (other, _) => Err(CallError::Protocol(format!(
+            "peer release answered with {other:?}"
+        ))),
+    }
+}
+
+/// Reads through the holder's cache; `None` if it no longer holds the block.
+pub(crate) async fn read(
+    client: &Client,
+    contact: SocketAddr,
+    lba: u64,
+    offset: usize,
+    len: usize,
+) -> Result<Option<Bytes>, CallError> {
+    let req = Request::PeerRead(PeerReadReq {
+        volume: client.volume().id,
+        lba,
+        offset: offset as u32,
+        len: len as u32,
+    });
+    match call(client, contact, &req, Bytes::new()).await? {
+        (Response::PeerData { held: true }, data) if data.len() == len => Ok(Some(data)),
+        (Response::PeerData { held: false }, _) => Ok(None),
+        (other, _) => Err(CallError::Protocol(format!(
+            "peer read answered with {other:?}"
+        ))),
+    }
+}
+
+/// Writes through the holder's cache; `None` if it no longer holds the block,
+/// otherwise whether the change already reached the nodes.
+pub(crate) async fn write(
+    client: &Client,
+    contact: SocketAddr,
+    lba: u64,
+    offset: usize,
+    data: &[u8],
+    durable: bool,
+) -> Result<Option<bool>, CallError> {
+    let req = Request::PeerWrite(PeerWriteReq {
+        volume: client.volume().id,
+        lba,
+        offset: offset as u32,
+        durable,
+    });
+    match call(client, contact, &req, Bytes::copy_from_slice(data)).await? {
+        (
+            Response::PeerWritten {
+                held: true,
+                durable,
+            },
+            _,
+        ) => Ok(Some(durable)),
+        (Response::PeerWritten { held: false, .. }, _) => Ok(None),
+        (other, _) => Err(CallError::Protocol(format!(
+            "peer write answered with {other:?}"
+        ))),
+    }
+}
+
+/// Serves `cache` to other clients on `listener` until the cache is gone or
+/// `stop` changes.
+pub(crate) async fn serve(
+    listener: TcpListener,
+    cache: Weak<CacheInner>,
+    mut stop: watch::Receiver<()>,
+) {
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = stop.changed() => return,
+        };
+        let Ok((stream, _)) = accepted else { continue };
+        let Some(c) = cache.upgrade() else { return };
+        tokio::spawn(connection(stream, c));
+    }
+}
+
+async fn connection(stream: TcpStream, cache: Arc<CacheInner>) {
+    let _ = stream.set_nodelay(true);
+    let mut framed = Framed::new(stream, FrameCodec);
+    while let Some(Ok(frame)) = framed.next().await {
+        let header = frame.header;
+        let (resp, data) = match frame.decode_ctrl::<Request>() {
+            _ if header.kind != FrameKind::Request => return,
+            _ if header.cluster_id != cache.cluster_id() => (
+                Response::Error(WireError::WrongCluster {
+                    expected: cache.cluster_id(),
+                }),
+                Bytes::new(),
+            ),
+            Ok(req) => match cache.serve_peer(req, frame.payload).await {
+                Ok(x) => x,
+                Err(e) => (Response::Error(e), Bytes::new()),
+            },
+            Err(_) => (Response::Error(WireError::Malformed), Bytes::new()),
+        };
+        let h = FrameHeader {
+            kind: FrameKind::Response,
+            deadline_ms: 0,
+            ..header
+        };
+        let Ok(f) = Frame::new(h, &resp, data) else {
+            return;
+        };
+        if framed.send(f).await.is_err() {
+            return;
+        }
+    }
+}

@@ -1,0 +1,124 @@
+//! The node's command line, shared by the `drs-server` binary and `drs-cli node-serve`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::Parser;
+
+use crate::NodeConfig;
+use drs_proto::ClusterMap;
+use tokio::sync::watch;
+
+/// Options of a node process.
+#[derive(Parser, Debug, Clone)]
+#[command(name = "drs-server", version, about = "A DRS storage node")]
+pub struct ServeArgs {
+    /// The cluster file (written by `drs-cli cluster up`).
+    #[arg(long)]
+    pub cluster: PathBuf,
+    /// This node's id in the cluster file.
+    #[arg(long)]
+    pub node: u32,
+    /// Data directory (default: the node's `data_dir` in the cluster file).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Address to listen on (default: the node's `addr` in the cluster file).
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+    /// Milliseconds to wait after start before verifying blocks against their stripes
+    /// (must exceed the clients' reconnect backoff, 1 s by default).
+    #[arg(long, default_value_t = 1500)]
+    pub settle_ms: u64,
+    /// Milliseconds a block may know of an update it has not applied before it is
+    /// rebuilt from its stripe.
+    #[arg(long, default_value_t = 5000)]
+    pub stuck_ms: u64,
+    /// Milliseconds between comparisons of every block with its stripe (0: never).
+    #[arg(long, default_value_t = 30000)]
+    pub verify_interval_ms: u64,
+    /// With a metadata service: milliseconds of silence after which a storage node
+    /// is marked down (by the replica this node may host).
+    #[arg(long, default_value_t = 3000)]
+    pub down_after_ms: u64,
+    /// MiB per second this node rebuilds blocks at most when it rejoins or replaces
+    /// another (0: no limit).
+    #[arg(long, default_value_t = 0.0)]
+    pub rebuild_rate_mib: f64,
+    /// Checkpoint the block store when its log exceeds this many MiB.
+    #[arg(long, default_value_t = 64)]
+    pub checkpoint_mib: u64,
+}
+
+/// Runs a node until SIGTERM or SIGINT.
+pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let map = ClusterMap::load(&args.cluster)?;
+    let Some(entry) = map.node(args.node).cloned() else {
+        bail!(
+            "node {} is not in cluster file {}",
+            args.node,
+            args.cluster.display()
+        );
+    };
+    let data_dir = match (args.data_dir, entry.data_dir) {
+        (Some(d), _) | (None, Some(d)) => d,
+        (None, None) => bail!(
+            "no data directory: pass --data-dir or set data_dir for node {} in the cluster file",
+            args.node
+        ),
+    };
+    let listen = args.listen.unwrap_or(entry.addr);
+    let mut cfg = NodeConfig::new(args.node, data_dir);
+    cfg.settle = Duration::from_millis(args.settle_ms);
+    cfg.stuck_after = Duration::from_millis(args.stuck_ms);
+    cfg.verify_interval = Duration::from_millis(args.verify_interval_ms);
+    cfg.checkpoint_bytes = args.checkpoint_mib << 20;
+    cfg.meta_down_after = Duration::from_millis(args.down_after_ms.max(100));
+    if !(args.rebuild_rate_mib.is_finite() && args.rebuild_rate_mib >= 0.0) {
+        bail!("--rebuild-rate-mib must be a number of MiB per second, 0 or more");
+    }
+    cfg.rebuild_rate = (args.rebuild_rate_mib * 1048576.0) as u64;
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("start runtime")?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("listen on {listen}"))?;
+        let (tx, rx) = watch::channel(false);
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            tracing::info!("shutting down");
+            let _ = tx.send(true);
+        });
+        crate::run(cfg, map, listener, rx).await
+    })
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

@@ -1,0 +1,335 @@
+//! Rejoining after a restart, and catching up on missed updates (DESIGN-NOTES R13;
+//! Circus sections 13-15).
+//!
+//! A node that starts does not know what it missed while it was down, so every block
+//! starts *unverified*: client reads of it are refused (`Recovering`), and clients
+//! decode it from the rest of the stripe instead. Updates, locks and unlocks are
+//! served meanwhile, so nothing new is missed.
+//!
+//! 1. **Settle.** Wait `settle` (1.5 s): longer than a client's reconnect backoff
+//!    (1 s), so every client that saw this node down has tried it again, and no new
+//!    write skips it.
+//! 2. **Compare.** List the blocks of the other members. A write that skipped this
+//!    node while it was down holds its locks at the other members until its
+//!    update-and-unlock reaches them; after that its versions are visible there. So a
+//!    block is up to date when no other member holds a lock on a data block it
+//!    tracks, and its versions are at least the newest versions the others report.
+//!    That needs answers from at least m other members of the stripe: an
+//!    acknowledged write reached at least `min_write` >= k members, so any m others
+//!    include one that has it. A block whose stripe is locked is compared again later.
+//! 3. **Rebuild** a block that is behind or corrupt: scrub the stripe, which decodes
+//!    the block from k members agreeing on the newest state and installs it here.
+//!    Updates logged meanwhile wait and apply on top.
+//! 4. Mark it verified. The node is `Up` once all its blocks are.
+//!
+//! Afterwards [`lifecycle`] keeps the node honest:
+//! - a block that has known of an update for longer than `stuck_after` without applying
+//!   it (the node missed the update: an unlock told it the version) is rebuilt;
+//! - if the node finds it was paused (SIGSTOP, a frozen VM: a 100 ms sleep of its own
+//!   ends more than `pause_threshold` late), clients may have written around it, so
+//!   it goes through steps 1-4 again;
+//! - every `verify_interval` it compares all its blocks with their stripes again and
+//!   rebuilds any that fell behind without it noticing (a dropped connection).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use drs_client::select::{self, Seen};
+use drs_client::Client;
+use drs_proto::{SlotInfo, SlotState, StripeId, VolumeId};
+use futures::future::join_all;
+use futures::stream::{self, StreamExt};
+use tokio::sync::watch;
+
+use crate::node::Node;
+use crate::store::VolumeStore;
+
+/// Stripes compared or rebuilt at once.
+const CONCURRENCY: usize = 8;
+
+/// Paces rebuilds to a rate in bytes per second (0: as fast as they go), so a node
+/// rebuilding its blocks leaves room for the foreground traffic.
+pub struct Pace {
+    rate: u64,
+    next: tokio::sync::Mutex<Instant>,
+}
+
+impl Pace {
+    pub fn new(rate: u64) -> Pace {
+        Pace {
+            rate,
+            next: tokio::sync::Mutex::new(Instant::now()),
+        }
+    }
+
+    /// Waits for the turn of `bytes` more.
+    pub async fn take(&self, bytes: u64) {
+        if self.rate == 0 {
+            return;
+        }
+        let turn = {
+            let mut next = self.next.lock().await;
+            let now = Instant::now();
+            // No credit for idle time beyond one block: a burst stays one block.
+            let turn = (*next).max(now);
+            *next = turn + Duration::from_secs_f64(bytes as f64 / self.rate as f64);
+            turn
+        };
+        tokio::time::sleep_until(turn.into()).await;
+    }
+}
+
+/// Recovery at start, then the upkeep described in the module docs, until shutdown.
+pub async fn lifecycle(
+    node: Arc<Node>,
+    peers: HashMap<VolumeId, Client>,
+    mut reverify: watch::Receiver<u64>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let pace = Pace::new(node.cfg.rebuild_rate);
+    if !recover(&node, &peers, &pace, node.cfg.settle, &mut shutdown).await {
+        return;
+    }
+    tokio::spawn(watch_for_pauses(node.clone(), shutdown.clone()));
+    let mut seen_pauses = 0;
+    let mut last_stuck = Instant::now();
+    let mut last_compare = Instant::now();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+            _ = shutdown.changed() => return,
+        }
+        let now = Instant::now();
+        let p = node.pauses.load(Ordering::Acquire);
+        // Declared down by the metadata service (the member loop already marked
+        // every block unverified).
+        let declared_down = reverify.has_changed().unwrap_or(false);
+        if p != seen_pauses || declared_down {
+            seen_pauses = p;
+            reverify.borrow_and_update();
+            tracing::warn!(
+                "the node was paused or declared down; clients may have written around it: re-verifying every block"
+            );
+            for v in node.volumes.values() {
+                v.store.all_unverified();
+            }
+            if !recover(&node, &peers, &pace, node.cfg.settle, &mut shutdown).await {
+                return;
+            }
+            continue;
+        }
+        if now.duration_since(last_stuck) >= Duration::from_secs(1) {
+            last_stuck = now;
+            rebuild_stuck(&node, &peers).await;
+        }
+        let interval = node.cfg.verify_interval;
+        if !interval.is_zero() && now.duration_since(last_compare) >= interval {
+            last_compare = now;
+            for (vid, client) in &peers {
+                if let Some(vol) = node.volumes.get(vid) {
+                    let left = verify_round(&node, &vol.store, client, &pace, true).await;
+                    if left > 0 {
+                        tracing::warn!(
+                            volume = vid,
+                            left,
+                            "blocks behind their stripes not rebuilt yet"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Counts the times this process was paused (SIGSTOP, a frozen VM) in `node.pauses`:
+/// a 100 ms sleep that ended more than `pause_threshold` late.
+async fn watch_for_pauses(node: Arc<Node>, mut shutdown: watch::Receiver<bool>) {
+    let tick = Duration::from_millis(100);
+    loop {
+        let t = Instant::now();
+        tokio::select! {
+            _ = tokio::time::sleep(tick) => {}
+            _ = shutdown.changed() => return,
+        }
+        let late = t.elapsed().saturating_sub(tick);
+        if late > node.cfg.pause_threshold {
+            tracing::warn!(paused_ms = late.as_millis() as u64, "process was paused");
+            node.pauses.fetch_add(1, Ordering::Release);
+        }
+    }
+}
+
+/// Runs steps 1-4 for every volume of the node until all blocks are verified; false
+/// if shutdown came first.
+async fn recover(
+    node: &Node,
+    peers: &HashMap<VolumeId, Client>,
+    pace: &Pace,
+    settle: Duration,
+    shutdown: &mut watch::Receiver<bool>,
+) -> bool {
+    if !settle.is_zero() {
+        tracing::info!(
+            settle_ms = settle.as_millis() as u64,
+            "waiting for writes that skipped this node to settle"
+        );
+        tokio::select! {
+            _ = tokio::time::sleep(settle) => {}
+            _ = shutdown.changed() => return false,
+        }
+    }
+    for (vid, client) in peers {
+        let Some(vol) = node.volumes.get(vid) else {
+            continue;
+        };
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let left = verify_round(node, &vol.store, client, pace, false).await;
+            if left == 0 {
+                break;
+            }
+            tracing::info!(volume = vid, left, "blocks not yet verified; retrying");
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = shutdown.changed() => return false,
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    }
+    let (v, t) = node.verified();
+    tracing::info!(verified = v, total = t, "all blocks verified; node is up");
+    true
+}
+
+/// One pass of compare-and-rebuild over the unverified blocks (with `all`: over every
+/// block); returns how many blocks are still unverified.
+async fn verify_round(
+    node: &Node,
+    store: &Arc<VolumeStore>,
+    client: &Client,
+    pace: &Pace,
+    all: bool,
+) -> usize {
+    let geo = store.geometry().clone();
+    let (own, _) = store.list(0, usize::MAX, |_| Vec::new());
+    let todo: Vec<SlotInfo> = own
+        .into_iter()
+        .filter(|s| all || s.state != SlotState::Ok)
+        .collect();
+    if todo.is_empty() {
+        return 0;
+    }
+    let others: Vec<_> = geo
+        .nodes
+        .iter()
+        .copied()
+        .filter(|n| *n != node.cfg.node)
+        .collect();
+    let listings = join_all(others.iter().map(|n| client.list_node(*n))).await;
+    let mut peers: BTreeMap<StripeId, Vec<SlotInfo>> = BTreeMap::new();
+    for (_, slots) in listings.into_iter().flatten() {
+        for s in slots {
+            peers.entry(s.stripe).or_default().push(s);
+        }
+    }
+    let results: Vec<bool> = stream::iter(todo)
+        .map(|mine| {
+            let theirs = peers.get(&mine.stripe).cloned().unwrap_or_default();
+            async move { verify_slot(store, client, pace, &mine, &theirs).await }
+        })
+        .buffer_unordered(CONCURRENCY)
+        .collect()
+        .await;
+    results.iter().filter(|ok| !**ok).count()
+}
+
+/// Verifies (rebuilding if needed) one block; true when verified.
+async fn verify_slot(
+    store: &Arc<VolumeStore>,
+    client: &Client,
+    pace: &Pace,
+    mine: &SlotInfo,
+    theirs: &[SlotInfo],
+) -> bool {
+    let geo = store.geometry();
+    if theirs.len() < geo.m {
+        return mine.state == SlotState::Ok;
+    }
+    let seen: Vec<Seen> = theirs
+        .iter()
+        .map(|s| Seen {
+            position: s.position as usize,
+            versions: s.versions.clone(),
+        })
+        .collect();
+    let target = select::newest(geo.k, &seen);
+    // A lock held at a peer on a block this one tracks may be a write in flight that
+    // skipped this node: wait until it is released (its versions are then visible).
+    let tracked = geo.tracked(mine.position as usize);
+    let in_flight = theirs.iter().any(|t| {
+        t.locks
+            .iter()
+            .any(|l| tracked.contains(&(l.index as usize)))
+    });
+    if mine.state != SlotState::Ok && in_flight {
+        return false;
+    }
+    let up_to_date = |s: &SlotInfo| {
+        s.state != SlotState::Corrupt
+            && geo
+                .tracked(s.position as usize)
+                .all(|i| s.versions[i] >= target[i])
+    };
+    // Ahead of the others on a block: this node holds an update they lack (taken
+    // just before a crash): a scrub rolls it forward from the blocks' contents.
+    let ahead = geo
+        .tracked(mine.position as usize)
+        .any(|i| mine.versions[i] > target[i]);
+    if ahead && !in_flight {
+        let findings = client.scrub_one(mine.stripe, true).await;
+        tracing::info!(
+            stripe = mine.stripe,
+            ?findings,
+            "rolled an update forward that other members lacked"
+        );
+    }
+    if !up_to_date(mine) {
+        // Stop serving it until it is rebuilt.
+        store.set_verified(mine.stripe, false);
+        pace.take(geo.block_size as u64).await;
+        let findings = client.scrub_one(mine.stripe, true).await;
+        tracing::info!(
+            stripe = mine.stripe,
+            position = mine.position,
+            ?findings,
+            "rebuilt a block that was behind or corrupt"
+        );
+        let (now, _) = store.list(mine.stripe, 1, |_| Vec::new());
+        if !now.first().is_some_and(up_to_date) {
+            return false;
+        }
+    }
+    store.set_verified(mine.stripe, true);
+    true
+}
+
+/// Rebuilds blocks stuck behind a missed update.
+async fn rebuild_stuck(node: &Node, peers: &HashMap<VolumeId, Client>) {
+    for (vid, client) in peers {
+        let Some(vol) = node.volumes.get(vid) else {
+            continue;
+        };
+        for stripe in vol.store.stuck(node.cfg.stuck_after) {
+            tracing::warn!(
+                volume = vid,
+                stripe,
+                "block missed an update; rebuilding it from the stripe"
+            );
+            let findings = client.scrub_one(stripe, true).await;
+            tracing::info!(stripe, ?findings, "rebuild after a missed update");
+            vol.store.forget_unseen(stripe);
+        }
+    }
+}

@@ -1,0 +1,826 @@
+//! One metadata replica: [`MetaNode`] owns the Raft instance, the listener that serves
+//! Raft traffic and client requests, and the failure detector.
+//!
+//! Leader-only requests (Propose, Read, Heartbeat, Watch, AddReplica, RemoveReplica) are
+//! answered with `ForwardToLeader` elsewhere; [`MetaClient`] follows
+//! the hint. Every wait is bounded: a request by the deadline its caller sent (capped),
+//! a connection by an idle timeout, the number of connections by a semaphore.
+//!
+//! Failure detector (run by whichever replica leads): heartbeat arrival times are kept in
+//! memory per node and incarnation. Every [`DETECTOR_TICK`], a node that is `Up` or
+//! `Recovering` and has not been heard from for `down_after_ms` is proposed `MarkDown`
+//! at its current incarnation. "Heard from" counts from the latest of: its last heartbeat
+//! at its current incarnation, the moment this leader first saw that incarnation, and
+//! the moment this replica became leader (so a new leader gives every node a full grace
+//! period).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use drs_proto::map::ClusterMap;
+use drs_proto::NodeId;
+use futures::{SinkExt, StreamExt};
+use openraft::error::{
+    CheckIsLeaderError, ClientWriteError, ForwardToLeader, InitializeError, RaftError,
+};
+use openraft::{BasicNode, ChangeMembers, Membership, ServerState, SnapshotPolicy};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinHandle;
+use tokio_util::codec::Framed;
+use tokio_util::sync::CancellationToken;
+
+use crate::client::{ClientConfig, MetaClient};
+use crate::error::MetaError;
+use crate::net::{
+    self, decode_message, encode_message, HeartbeatAck, MetaCodec, MetaStatus, NetworkFactory,
+    Request, RequestEnvelope, Response, WireError,
+};
+use crate::state::{MetaCommand, MetaResponse, MetaState, NodeState, Refusal, ReplicaId};
+use crate::store;
+use crate::Raft;
+
+/// How often the leader's failure detector looks at the nodes.
+pub const DETECTOR_TICK: Duration = Duration::from_millis(250);
+/// Longest a request may ask a replica to wait.
+const MAX_REQUEST_WAIT: Duration = Duration::from_secs(60);
+/// Longest a watch waits before answering with the current state.
+const MAX_WATCH_WAIT: Duration = Duration::from_secs(30);
+/// A connection with no request for this long is closed.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
+/// Time to write one response.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Concurrent connections served by one replica.
+const MAX_CONNECTIONS: usize = 512;
+/// How long `shutdown` waits for tasks and for the database to be released.
+const SHUTDOWN_WAIT: Duration = Duration::from_secs(10);
+
+/// A replica's configuration.
+#[derive(Debug, Clone)]
+pub struct MetaConfig {
+    /// This replica's Raft id (unique among the metadata replicas).
+    pub id: ReplicaId,
+    /// Where to listen (port 0: any; see [`MetaNode::local_addr`]).
+    pub addr: SocketAddr,
+    /// Where the database lives (created if missing).
+    pub dir: PathBuf,
+    /// Requests carrying another cluster id are refused.
+    pub cluster_id: u64,
+    /// Leader heartbeat (and AppendEntries timeout), ms.
+    pub heartbeat_ms: u64,
+    pub election_timeout_min_ms: u64,
+    pub election_timeout_max_ms: u64,
+    /// A node silent for this long is marked down by the leader.
+    pub down_after_ms: u64,
+    /// Build a snapshot (and purge the log) after this many applied entries.
+    pub snapshot_after_logs: u64,
+    /// Entries kept in the log behind the snapshot, for slow followers.
+    pub logs_kept_after_snapshot: u64,
+    /// Longest a proposal waits to be applied.
+    pub propose_timeout_ms: u64,
+}
+
+impl MetaConfig {
+    /// A configuration with the default timings.
+    pub fn new(id: ReplicaId, addr: SocketAddr, dir: PathBuf, cluster_id: u64) -> MetaConfig {
+        MetaConfig {
+            id,
+            addr,
+            dir,
+            cluster_id,
+            heartbeat_ms: 150,
+            election_timeout_min_ms: 750,
+            election_timeout_max_ms: 1500,
+            down_after_ms: 3000,
+            snapshot_after_logs: 1000,
+            logs_kept_after_snapshot: 200,
+            propose_timeout_ms: 5000,
+        }
+    }
+
+    fn raft_config(&self) -> Result<openraft::Config, MetaError> {
+        let config = openraft::Config {
+            cluster_name: format!("drs-{:016x}", self.cluster_id),
+            heartbeat_interval: self.heartbeat_ms,
+            election_timeout_min: self.election_timeout_min_ms,
+            election_timeout_max: self.election_timeout_max_ms,
+            install_snapshot_timeout: 10_000,
+            max_payload_entries: 256,
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(self.snapshot_after_logs.max(1)),
+            max_in_snapshot_log_to_keep: self.logs_kept_after_snapshot,
+            ..Default::default()
+        };
+        config
+            .validate()
+            .map_err(|e| MetaError::Config(e.to_string()))
+    }
+}
+
+/// One metadata replica. Cheap to clone. Call [`MetaNode::shutdown`] to stop it: dropping
+/// the handles does not stop its tasks.
+#[derive(Clone)]
+pub struct MetaNode {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    cfg: MetaConfig,
+    local_addr: SocketAddr,
+    raft: Raft,
+    state_rx: watch::Receiver<Arc<MetaState>>,
+    isolated: Arc<AtomicBool>,
+    /// node -> (incarnation, arrival) of its latest heartbeat.
+    heartbeats: Mutex<HashMap<NodeId, (u64, Instant)>>,
+    cancel: CancellationToken,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+    db: Weak<redb::Database>,
+    connections: Arc<Semaphore>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn parse_addr(node: &BasicNode) -> Option<SocketAddr> {
+    node.addr.parse().ok()
+}
+
+fn voters(m: &Membership<u64, BasicNode>) -> BTreeMap<ReplicaId, SocketAddr> {
+    m.voter_ids()
+        .filter_map(|id| Some((id, m.get_node(&id).and_then(parse_addr)?)))
+        .collect()
+}
+
+impl MetaNode {
+    /// Opens the database under `cfg.dir`, starts Raft and listens on `cfg.addr`.
+    pub async fn start(cfg: MetaConfig) -> Result<MetaNode, MetaError> {
+        let raft_config = cfg.raft_config()?;
+        std::fs::create_dir_all(&cfg.dir).map_err(|source| MetaError::Dir {
+            path: cfg.dir.clone(),
+            source,
+        })?;
+        let dir = cfg.dir.clone();
+        let (log, sm) = tokio::task::spawn_blocking(move || store::open(&dir))
+            .await
+            .map_err(|e| MetaError::Start(e.to_string()))??;
+        let state_rx = sm.subscribe();
+        let db = log.db_weak();
+        let listener = TcpListener::bind(cfg.addr)
+            .await
+            .map_err(|source| MetaError::Bind {
+                addr: cfg.addr,
+                source,
+            })?;
+        let local_addr = listener.local_addr().map_err(|source| MetaError::Bind {
+            addr: cfg.addr,
+            source,
+        })?;
+        let isolated = Arc::new(AtomicBool::new(false));
+        let network = NetworkFactory::new(cfg.cluster_id, isolated.clone());
+        let raft = Raft::new(cfg.id, Arc::new(raft_config), network, log, sm)
+            .await
+            .map_err(|e| MetaError::Start(e.to_string()))?;
+        tracing::info!(replica = cfg.id, addr = %local_addr, dir = %cfg.dir.display(), "metadata replica started");
+        let inner = Arc::new(Inner {
+            cfg,
+            local_addr,
+            raft,
+            state_rx,
+            isolated,
+            heartbeats: Mutex::new(HashMap::new()),
+            cancel: CancellationToken::new(),
+            tasks: Mutex::new(Vec::new()),
+            db,
+            connections: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
+        });
+        let serve = tokio::spawn(serve(inner.clone(), listener));
+        let detector = tokio::spawn(failure_detector(inner.clone()));
+        lock(&inner.tasks).extend([serve, detector]);
+        Ok(MetaNode { inner })
+    }
+
+    pub fn id(&self) -> ReplicaId {
+        self.inner.cfg.id
+    }
+
+    /// The address this replica listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.inner.local_addr
+    }
+
+    /// The Raft handle (for diagnostics and tests).
+    pub fn raft(&self) -> &Raft {
+        &self.inner.raft
+    }
+
+    /// First bootstrap of the group, idempotent: initializes Raft with `replicas` (unless
+    /// this replica already belongs to a group), then has the leader apply
+    /// `Bootstrap { map }` (unless the state is already bootstrapped). May be called on
+    /// one replica or on all of them with the same arguments; the others must be
+    /// started. Waits up to about 15 s for a leader.
+    pub async fn initialize(
+        &self,
+        replicas: BTreeMap<ReplicaId, SocketAddr>,
+        map: ClusterMap,
+    ) -> Result<(), MetaError> {
+        let cfg = &self.inner.cfg;
+        if !replicas.contains_key(&cfg.id) {
+            return Err(MetaError::Config(format!(
+                "replica {} is not in the replica set {:?}",
+                cfg.id,
+                replicas.keys().collect::<Vec<_>>()
+            )));
+        }
+        if map.cluster_id != cfg.cluster_id {
+            return Err(MetaError::WrongCluster {
+                ours: cfg.cluster_id,
+                theirs: map.cluster_id,
+            });
+        }
+        map.validate()
+            .map_err(|e| MetaError::Bootstrap(e.to_string()))?;
+        let members: BTreeMap<u64, BasicNode> = replicas
+            .iter()
+            .map(|(id, addr)| (*id, BasicNode::new(addr)))
+            .collect();
+        match self.inner.raft.initialize(members).await {
+            Ok(()) => tracing::info!(replica = cfg.id, ?replicas, "raft group initialized"),
+            Err(RaftError::APIError(InitializeError::NotAllowed(_))) => {
+                tracing::debug!(replica = cfg.id, "raft group already initialized")
+            }
+            Err(e) => return Err(MetaError::Raft(e.to_string())),
+        }
+        if self.inner.state_rx.borrow().is_bootstrapped() {
+            return Ok(());
+        }
+        let client = MetaClient::with_config(
+            replicas.values().copied().collect(),
+            cfg.cluster_id,
+            ClientConfig {
+                deadline: Duration::from_secs(15),
+                ..ClientConfig::default()
+            },
+        );
+        match client.propose(MetaCommand::Bootstrap { map }).await? {
+            MetaResponse::Refused(Refusal::AlreadyBootstrapped { cluster_id })
+                if cluster_id == cfg.cluster_id =>
+            {
+                Ok(())
+            }
+            MetaResponse::Refused(r) => Err(MetaError::Bootstrap(r.to_string())),
+            _ => Ok(()),
+        }
+    }
+
+    /// This replica's own view (no consensus).
+    pub fn status(&self) -> MetaStatus {
+        self.inner.status()
+    }
+
+    /// The applied state, updated after every applied batch.
+    pub fn state(&self) -> watch::Receiver<Arc<MetaState>> {
+        self.inner.state_rx.clone()
+    }
+
+    /// Whether this replica currently believes it leads.
+    pub fn is_leader(&self) -> bool {
+        self.inner.is_leader()
+    }
+
+    /// Proposes a command here; only the leader accepts (others answer
+    /// [`MetaError::ForwardToLeader`]). Waits up to `propose_timeout_ms`.
+    pub async fn propose(&self, cmd: MetaCommand) -> Result<MetaResponse, MetaError> {
+        let wait = Duration::from_millis(self.inner.cfg.propose_timeout_ms);
+        self.inner.propose(cmd, wait).await
+    }
+
+    /// Fault injection for tests: while set, this replica sends no Raft RPC and drops
+    /// every Raft request it receives unanswered. Client requests are still served.
+    pub fn set_isolated(&self, isolated: bool) {
+        tracing::info!(replica = self.inner.cfg.id, isolated, "isolation switch");
+        self.inner.isolated.store(isolated, Ordering::Relaxed);
+    }
+
+    /// Stops serving, shuts Raft down and waits (bounded) until the database file is
+    /// released, so the same directory can be opened again.
+    pub async fn shutdown(&self) -> Result<(), MetaError> {
+        let inner = &self.inner;
+        inner.cancel.cancel();
+        let raft_res = tokio::time::timeout(SHUTDOWN_WAIT, inner.raft.shutdown()).await;
+        let tasks: Vec<JoinHandle<()>> = lock(&inner.tasks).drain(..).collect();
+        for t in tasks {
+            let _ = tokio::time::timeout(SHUTDOWN_WAIT, t).await;
+        }
+        let started = Instant::now();
+        while inner.db.strong_count() > 0 && started.elapsed() < SHUTDOWN_WAIT {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tracing::info!(replica = inner.cfg.id, "metadata replica stopped");
+        match raft_res {
+            Err(_) => Err(MetaError::Timeout("raft shutdown".into())),
+            Ok(Err(e)) => Err(MetaError::Raft(e.to_string())),
+            Ok(Ok(())) if inner.db.strong_count() > 0 => Err(MetaError::Timeout(
+                "database still in use after shutdown".into(),
+            )),
+            Ok(Ok(())) => Ok(()),
+        }
+    }
+}
+
+impl Inner {
+    fn is_leader(&self) -> bool {
+        let m = self.raft.metrics();
+        let m = m.borrow();
+        m.state == ServerState::Leader && m.current_leader == Some(self.cfg.id)
+    }
+
+    fn addr_of(&self, id: ReplicaId) -> Option<SocketAddr> {
+        let m = self.raft.metrics();
+        let m = m.borrow();
+        m.membership_config
+            .membership()
+            .get_node(&id)
+            .and_then(parse_addr)
+    }
+
+    fn forward(&self, f: Option<ForwardToLeader<u64, BasicNode>>) -> MetaError {
+        let (id, node) = match f {
+            Some(f) => (f.leader_id, f.leader_node),
+            None => (self.raft.metrics().borrow().current_leader, None),
+        };
+        // A replica that believes it leads but cannot act has no useful hint.
+        let id = id.filter(|id| *id != self.cfg.id);
+        MetaError::ForwardToLeader {
+            leader: id.map(|id| {
+                let addr = node
+                    .as_ref()
+                    .and_then(parse_addr)
+                    .or_else(|| self.addr_of(id));
+                (id, addr)
+            }),
+        }
+    }
+
+    fn status(&self) -> MetaStatus {
+        let m = self.raft.metrics();
+        let m = m.borrow();
+        let membership = m.membership_config.membership();
+        let members = voters(membership);
+        let learners = membership
+            .learner_ids()
+            .filter_map(|id| Some((id, membership.get_node(&id).and_then(parse_addr)?)))
+            .collect();
+        MetaStatus {
+            id: self.cfg.id,
+            role: m.state.into(),
+            leader: m.current_leader,
+            term: m.current_term,
+            last_applied: m.last_applied.map_or(0, |l| l.index),
+            epoch: self.state_rx.borrow().epoch,
+            members,
+            learners,
+        }
+    }
+
+    async fn propose(&self, cmd: MetaCommand, wait: Duration) -> Result<MetaResponse, MetaError> {
+        match tokio::time::timeout(wait, self.raft.client_write(cmd)).await {
+            Err(_) => Err(MetaError::Timeout(format!(
+                "proposal not applied within {} ms",
+                wait.as_millis()
+            ))),
+            Ok(Ok(resp)) => Ok(resp.data),
+            Ok(Err(e)) => Err(self.write_error(e)),
+        }
+    }
+
+    fn write_error(&self, e: RaftError<u64, ClientWriteError<u64, BasicNode>>) -> MetaError {
+        match e {
+            RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => self.forward(Some(f)),
+            RaftError::APIError(ClientWriteError::ChangeMembershipError(e)) => {
+                MetaError::Membership(e.to_string())
+            }
+            RaftError::Fatal(openraft::error::Fatal::Stopped) => MetaError::ShuttingDown,
+            RaftError::Fatal(f) => MetaError::Raft(f.to_string()),
+        }
+    }
+
+    /// A linearizable read: confirms leadership with a quorum and waits until the state
+    /// machine has applied everything committed before the read.
+    async fn read(&self, wait: Duration) -> Result<Arc<MetaState>, MetaError> {
+        match tokio::time::timeout(wait, self.raft.ensure_linearizable()).await {
+            Err(_) => Err(MetaError::Timeout(format!(
+                "leadership not confirmed within {} ms",
+                wait.as_millis()
+            ))),
+            Ok(Ok(_)) => Ok(self.state_rx.borrow().clone()),
+            Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f)))) => {
+                Err(self.forward(Some(f)))
+            }
+            Ok(Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(q)))) => {
+                Err(MetaError::NoQuorum(q.to_string()))
+            }
+            Ok(Err(RaftError::Fatal(openraft::error::Fatal::Stopped))) => {
+                Err(MetaError::ShuttingDown)
+            }
+            Ok(Err(RaftError::Fatal(f))) => Err(MetaError::Raft(f.to_string())),
+        }
+    }
+
+    async fn watch(
+        &self,
+        after_epoch: u64,
+        wait: Duration,
+        deadline: Duration,
+    ) -> Result<Arc<MetaState>, MetaError> {
+        if !self.is_leader() {
+            return Err(self.forward(None));
+        }
+        let started = Instant::now();
+        // Keep time for the linearizable read that follows.
+        let wait = wait
+            .min(MAX_WATCH_WAIT)
+            .min(deadline.saturating_sub(Duration::from_millis(500)));
+        let mut rx = self.state_rx.clone();
+        let _ = tokio::time::timeout(wait, rx.wait_for(|s| s.epoch > after_epoch)).await;
+        let left = deadline
+            .saturating_sub(started.elapsed())
+            .max(Duration::from_millis(100));
+        self.read(left).await
+    }
+
+    fn heartbeat(&self, node: NodeId, incarnation: u64) -> Result<HeartbeatAck, MetaError> {
+        if !self.is_leader() {
+            return Err(self.forward(None));
+        }
+        let state = self.state_rx.borrow().clone();
+        let record = state.nodes.get(&node).cloned();
+        if record.is_some() {
+            let mut hb = lock(&self.heartbeats);
+            let newer = hb.get(&node).is_none_or(|(inc, _)| *inc <= incarnation);
+            if newer {
+                hb.insert(node, (incarnation, Instant::now()));
+            }
+        }
+        Ok(HeartbeatAck {
+            epoch: state.epoch,
+            record,
+        })
+    }
+
+    /// Runs a membership change, retrying while another one is in progress.
+    async fn change_membership(
+        &self,
+        change: ChangeMembers<u64, BasicNode>,
+        until: Instant,
+    ) -> Result<BTreeMap<ReplicaId, SocketAddr>, MetaError> {
+        loop {
+            let left = until.saturating_duration_since(Instant::now());
+            let res =
+                tokio::time::timeout(left, self.raft.change_membership(change.clone(), false))
+                    .await
+                    .map_err(|_| MetaError::Timeout("membership change".into()))?;
+            match res {
+                Ok(resp) => {
+                    return Ok(match resp.membership {
+                        Some(m) => voters(&m),
+                        None => self.status().members,
+                    })
+                }
+                Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(
+                    openraft::error::ChangeMembershipError::InProgress(_),
+                ))) if Instant::now() + Duration::from_millis(100) < until => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => return Err(self.write_error(e)),
+            }
+        }
+    }
+
+    /// Whether replica `id` is a voter, and whether it is in the membership at all.
+    fn membership_of(&self, id: ReplicaId) -> (bool, bool) {
+        let m = self.raft.metrics();
+        let m = m.borrow();
+        let membership = m.membership_config.membership();
+        (
+            membership.voter_ids().any(|v| v == id),
+            membership.get_node(&id).is_some(),
+        )
+    }
+
+    async fn add_replica(
+        &self,
+        id: ReplicaId,
+        addr: SocketAddr,
+        deadline: Duration,
+    ) -> Result<BTreeMap<ReplicaId, SocketAddr>, MetaError> {
+        if !self.is_leader() {
+            return Err(self.forward(None));
+        }
+        let until = Instant::now() + deadline;
+        let (is_voter, is_node) = self.membership_of(id);
+        if is_voter {
+            return Ok(self.status().members);
+        }
+        if !is_node {
+            // Blocks until the learner has caught up (bounded by the deadline).
+            let res = tokio::time::timeout(
+                until.saturating_duration_since(Instant::now()),
+                self.raft.add_learner(id, BasicNode::new(addr), true),
+            )
+            .await
+            .map_err(|_| MetaError::Timeout(format!("replica {id} did not catch up")))?;
+            res.map_err(|e| self.write_error(e))?;
+            tracing::info!(replica = id, %addr, "learner added");
+        }
+        let ids: BTreeSet<u64> = [id].into_iter().collect();
+        let members = self
+            .change_membership(ChangeMembers::AddVoterIds(ids), until)
+            .await?;
+        tracing::info!(replica = id, ?members, "replica added");
+        Ok(members)
+    }
+
+    async fn remove_replica(
+        &self,
+        id: ReplicaId,
+        deadline: Duration,
+    ) -> Result<BTreeMap<ReplicaId, SocketAddr>, MetaError> {
+        if !self.is_leader() {
+            return Err(self.forward(None));
+        }
+        let until = Instant::now() + deadline;
+        let (is_voter, is_node) = self.membership_of(id);
+        let ids: BTreeSet<u64> = [id].into_iter().collect();
+        let members = if is_voter {
+            self.change_membership(ChangeMembers::RemoveVoters(ids), until)
+                .await?
+        } else if is_node {
+            self.change_membership(ChangeMembers::RemoveNodes(ids), until)
+                .await?
+        } else {
+            self.status().members
+        };
+        tracing::info!(replica = id, ?members, "replica removed");
+        Ok(members)
+    }
+
+    /// Answers one request; `None` drops the connection unanswered (isolation).
+    async fn handle(&self, env: RequestEnvelope) -> Option<Response> {
+        if env.cluster_id != self.cfg.cluster_id {
+            return Some(Response::Error(WireError::WrongCluster {
+                expected: self.cfg.cluster_id,
+                got: env.cluster_id,
+            }));
+        }
+        let is_raft = env.body.is_raft();
+        if is_raft && self.isolated.load(Ordering::Relaxed) {
+            return None;
+        }
+        let deadline = Duration::from_millis(u64::from(env.deadline_ms))
+            .clamp(Duration::from_millis(50), MAX_REQUEST_WAIT);
+        // Each handler bounds its own waits by `deadline`; this is the backstop.
+        let resp = tokio::time::timeout(
+            deadline + Duration::from_secs(1),
+            self.dispatch(env.body, deadline),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            Response::Error(WireError::Timeout(format!(
+                "no answer within {} ms",
+                deadline.as_millis()
+            )))
+        });
+        if is_raft && self.isolated.load(Ordering::Relaxed) {
+            return None;
+        }
+        Some(resp)
+    }
+
+    async fn dispatch(&self, body: Request, deadline: Duration) -> Response {
+        let fatal = |e: RaftError<u64>| Response::Error(WireError::Raft(e.to_string()));
+        match body {
+            Request::AppendEntries(rpc) => match self.raft.append_entries(*rpc).await {
+                Ok(r) => Response::AppendEntries(r),
+                Err(e) => fatal(e),
+            },
+            Request::Vote(rpc) => match self.raft.vote(rpc).await {
+                Ok(r) => Response::Vote(r),
+                Err(e) => fatal(e),
+            },
+            Request::InstallSnapshot(rpc) => match self.raft.install_snapshot(*rpc).await {
+                Ok(r) => Response::InstallSnapshot(r),
+                Err(e) => Response::Error(WireError::Raft(e.to_string())),
+            },
+            Request::FullSnapshot(fs) => {
+                let (vote, snapshot) = net::into_snapshot(*fs);
+                match self.raft.install_full_snapshot(vote, snapshot).await {
+                    Ok(r) => Response::Snapshot(r),
+                    Err(e) => Response::Error(WireError::Raft(e.to_string())),
+                }
+            }
+            Request::Propose(cmd) => {
+                let wait = deadline.min(Duration::from_millis(self.cfg.propose_timeout_ms));
+                match self.propose(cmd, wait).await {
+                    Ok(r) => Response::Proposed(r),
+                    Err(e) => Response::Error(e.to_wire()),
+                }
+            }
+            Request::Read => match self.read(deadline).await {
+                Ok(s) => Response::State(Box::new((*s).clone())),
+                Err(e) => Response::Error(e.to_wire()),
+            },
+            Request::Status => Response::Status(Box::new(self.status())),
+            Request::Heartbeat { node, incarnation } => match self.heartbeat(node, incarnation) {
+                Ok(ack) => Response::HeartbeatAck(ack),
+                Err(e) => Response::Error(e.to_wire()),
+            },
+            Request::Watch {
+                after_epoch,
+                wait_ms,
+            } => {
+                let wait = Duration::from_millis(u64::from(wait_ms));
+                match self.watch(after_epoch, wait, deadline).await {
+                    Ok(s) => Response::State(Box::new((*s).clone())),
+                    Err(e) => Response::Error(e.to_wire()),
+                }
+            }
+            Request::AddReplica { id, addr } => match self.add_replica(id, addr, deadline).await {
+                Ok(m) => Response::Members(m),
+                Err(e) => Response::Error(e.to_wire()),
+            },
+            Request::RemoveReplica { id } => match self.remove_replica(id, deadline).await {
+                Ok(m) => Response::Members(m),
+                Err(e) => Response::Error(e.to_wire()),
+            },
+        }
+    }
+}
+
+async fn serve(inner: Arc<Inner>, listener: TcpListener) {
+    loop {
+        let accepted = tokio::select! {
+            _ = inner.cancel.cancelled() => break,
+            r = listener.accept() => r,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                let Ok(permit) = inner.connections.clone().try_acquire_owned() else {
+                    tracing::warn!(%peer, "too many connections, refusing one");
+                    continue;
+                };
+                let _ = stream.set_nodelay(true);
+                let inner = inner.clone();
+                tokio::spawn(async move {
+                    serve_conn(&inner, stream, peer).await;
+                    drop(permit);
+                });
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn serve_conn(inner: &Inner, stream: TcpStream, peer: SocketAddr) {
+    let mut framed = Framed::new(stream, MetaCodec);
+    loop {
+        let next = tokio::select! {
+            _ = inner.cancel.cancelled() => return,
+            r = tokio::time::timeout(IDLE_TIMEOUT, framed.next()) => r,
+        };
+        let payload = match next {
+            Err(_) | Ok(None) => return,
+            Ok(Some(Err(e))) => {
+                tracing::debug!(%peer, error = %e, "bad frame, closing connection");
+                return;
+            }
+            Ok(Some(Ok(p))) => p,
+        };
+        let resp = match decode_message::<RequestEnvelope>(&payload) {
+            Ok(env) => {
+                let handled = tokio::select! {
+                    _ = inner.cancel.cancelled() => return,
+                    r = inner.handle(env) => r,
+                };
+                match handled {
+                    Some(r) => r,
+                    None => return,
+                }
+            }
+            Err(e) => Response::Error(WireError::BadRequest(e.to_string())),
+        };
+        let bytes = match encode_message(&resp) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::warn!(%peer, error = %e, "cannot encode response");
+                match encode_message(&Response::Error(WireError::Internal(e.to_string()))) {
+                    Ok(b) => b,
+                    Err(_) => return,
+                }
+            }
+        };
+        match tokio::time::timeout(WRITE_TIMEOUT, framed.send(bytes)).await {
+            Ok(Ok(())) => {}
+            _ => return,
+        }
+    }
+}
+
+async fn failure_detector(inner: Arc<Inner>) {
+    let down_after = Duration::from_millis(inner.cfg.down_after_ms);
+    let mut tick = tokio::time::interval(DETECTOR_TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // (term, when this replica was first seen leading in it)
+    let mut leading: Option<(u64, Instant)> = None;
+    // node -> (incarnation, when first seen) while leading
+    let mut seen: HashMap<NodeId, (u64, Instant)> = HashMap::new();
+    // node -> (incarnation, when proposed): not proposed again for a second
+    let mut proposed: HashMap<NodeId, (u64, Instant)> = HashMap::new();
+    let repropose_after = Duration::from_secs(1);
+    loop {
+        tokio::select! {
+            _ = inner.cancel.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let term = {
+            let m = inner.raft.metrics();
+            let m = m.borrow();
+            (m.state == ServerState::Leader && m.current_leader == Some(inner.cfg.id))
+                .then_some(m.current_term)
+        };
+        let Some(term) = term else {
+            leading = None;
+            continue;
+        };
+        let now = Instant::now();
+        let since = match leading {
+            Some((t, since)) if t == term => since,
+            _ => {
+                tracing::info!(
+                    replica = inner.cfg.id,
+                    term,
+                    "leading: failure detector armed"
+                );
+                leading = Some((term, now));
+                now
+            }
+        };
+        let state = inner.state_rx.borrow().clone();
+        seen.retain(|n, _| state.nodes.contains_key(n));
+        proposed.retain(|_, (_, at)| now.duration_since(*at) < repropose_after);
+        lock(&inner.heartbeats).retain(|n, _| state.nodes.contains_key(n));
+        let mut suspects = Vec::new();
+        for (node, rec) in &state.nodes {
+            if rec.state == NodeState::Down {
+                continue;
+            }
+            let first = seen.entry(*node).or_insert((rec.incarnation, now));
+            if first.0 != rec.incarnation {
+                *first = (rec.incarnation, now);
+            }
+            let heard = lock(&inner.heartbeats)
+                .get(node)
+                .filter(|(inc, _)| *inc == rec.incarnation)
+                .map(|(_, at)| *at);
+            let last = [Some(since), Some(first.1), heard]
+                .into_iter()
+                .flatten()
+                .max()
+                .unwrap_or(since);
+            let silent = now.saturating_duration_since(last);
+            let already = proposed
+                .get(node)
+                .is_some_and(|(inc, _)| *inc == rec.incarnation);
+            if silent >= down_after && !already {
+                suspects.push((*node, rec.incarnation, silent));
+            }
+        }
+        for (node, incarnation, silent) in suspects {
+            proposed.insert(node, (incarnation, now));
+            tracing::warn!(
+                node,
+                incarnation,
+                silent_ms = silent.as_millis() as u64,
+                "node silent, marking it down"
+            );
+            let cmd = MetaCommand::MarkDown { node, incarnation };
+            let res = tokio::select! {
+                _ = inner.cancel.cancelled() => return,
+                r = inner.propose(cmd, Duration::from_secs(2)) => r,
+            };
+            match res {
+                Ok(MetaResponse::Applied { epoch }) => {
+                    tracing::info!(node, incarnation, epoch, "node marked down")
+                }
+                Ok(other) => tracing::debug!(node, ?other, "mark down not applied"),
+                Err(e) => tracing::warn!(node, error = %e, "cannot mark node down"),
+            }
+        }
+    }
+}

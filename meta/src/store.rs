@@ -1,0 +1,660 @@
+//! openraft storage on one redb database: the log, the vote, the committed log id, the
+//! purge marker, the state machine and the current snapshot.
+//!
+//! Tables (file `meta.redb` in the replica's directory):
+//! - `raft_log`: log index -> postcard of the openraft entry.
+//! - `raft_meta`: `vote`, `committed`, `purged` (last purged log id), `state_machine`
+//!   (the [`MetaState`] with the last applied log id and last membership, rewritten in
+//!   the same transaction as each applied batch) and `snapshot` (the current snapshot's
+//!   metadata and bytes).
+//!
+//! A snapshot is the postcard encoding of the state machine record; installing one
+//! replaces the state machine and the current snapshot in one transaction. Writes are
+//! committed durably (fsync) before they are reported done, except the committed log id,
+//! which openraft only needs as a hint and which becomes durable with the next write.
+//!
+//! Everything read back from disk is size-checked and decoded into typed errors
+//! ([`StoreError`]); nothing on this path panics on bad data. redb checks the integrity
+//! of the file when it is opened. All database work runs on the blocking thread pool.
+
+use std::fmt::Debug;
+use std::io::Cursor;
+use std::ops::{Bound, RangeBounds};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use openraft::storage::{LogFlushed, RaftLogStorage, RaftStateMachine};
+use openraft::{
+    AnyError, BasicNode, Entry, EntryPayload, ErrorSubject, ErrorVerb, LogId, LogState,
+    OptionalSend, RaftLogReader, RaftSnapshotBuilder, Snapshot, SnapshotMeta, StorageError,
+    StorageIOError, StoredMembership, Vote,
+};
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use crate::state::{MetaResponse, MetaState, ReplicaId};
+use crate::TypeConfig;
+
+/// The database file inside a replica's directory.
+pub const DB_FILE: &str = "meta.redb";
+/// Largest record read back from or written to the database (a log entry, the state
+/// machine, a snapshot). It matches the transport's frame limit, so anything stored can
+/// also be sent.
+pub const MAX_RECORD_LEN: usize = crate::net::MAX_FRAME_LEN - 64 * 1024;
+/// Budget of one replication batch read by [`RaftLogReader::limited_get_log_entries`].
+const REPLICATION_BATCH_BYTES: usize = 4 << 20;
+/// redb page cache: the metadata is small.
+const CACHE_BYTES: usize = 16 << 20;
+/// How long `open` waits for a previous instance in this process to release the file.
+const OPEN_RETRY: Duration = Duration::from_secs(5);
+
+const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("raft_log");
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("raft_meta");
+const KEY_VOTE: &str = "vote";
+const KEY_COMMITTED: &str = "committed";
+const KEY_PURGED: &str = "purged";
+const KEY_SM: &str = "state_machine";
+const KEY_SNAPSHOT: &str = "snapshot";
+
+type NodeId = u64;
+type StorageResult<T> = Result<T, StorageError<NodeId>>;
+
+/// Why the store failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    #[error("cannot open {path}: {source}")]
+    Open {
+        path: PathBuf,
+        source: redb::DatabaseError,
+    },
+    #[error("database: {0}")]
+    Db(#[from] redb::Error),
+    #[error("stored record {what} is corrupt: {source}")]
+    Decode {
+        what: String,
+        source: postcard::Error,
+    },
+    #[error("cannot encode {what}: {source}")]
+    Encode {
+        what: &'static str,
+        source: postcard::Error,
+    },
+    #[error("record {what} is {len} bytes, more than the limit of {MAX_RECORD_LEN}")]
+    TooLarge { what: String, len: usize },
+    #[error("log entry stored at index {key} says it is index {index}")]
+    Misplaced { key: u64, index: u64 },
+    #[error("snapshot: {0}")]
+    Snapshot(String),
+    #[error("storage task failed: {0}")]
+    Task(String),
+}
+
+macro_rules! from_redb {
+    ($($t:ty),*) => {$(
+        impl From<$t> for StoreError {
+            fn from(e: $t) -> Self {
+                StoreError::Db(e.into())
+            }
+        }
+    )*};
+}
+from_redb!(
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError,
+    redb::SetDurabilityError
+);
+
+impl StoreError {
+    fn into_raft(self, subject: ErrorSubject<NodeId>, verb: ErrorVerb) -> StorageError<NodeId> {
+        StorageError::IO {
+            source: StorageIOError::new(subject, verb, AnyError::new(&self)),
+        }
+    }
+}
+
+/// The state machine record: the state with the position it was applied up to.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SmData {
+    pub last_applied: Option<LogId<NodeId>>,
+    pub last_membership: StoredMembership<NodeId, BasicNode>,
+    pub state: MetaState,
+}
+
+/// The current snapshot as stored.
+#[derive(Serialize, Deserialize)]
+struct StoredSnapshot {
+    meta: SnapshotMeta<NodeId, BasicNode>,
+    data: Vec<u8>,
+}
+
+/// Opens (or creates) the database in `dir` and loads the state machine.
+///
+/// Returns the log store, the state machine, and a receiver that sees the state after
+/// every applied batch or installed snapshot.
+pub fn open(dir: &Path) -> Result<(LogStore, StateMachine), StoreError> {
+    let path = dir.join(DB_FILE);
+    let started = Instant::now();
+    let db = loop {
+        let res = Database::builder()
+            .set_cache_size(CACHE_BYTES)
+            .set_check_integrity_on_open(true)
+            .create(&path);
+        match res {
+            Ok(db) => break db,
+            // A previous instance in this process may still be releasing the file.
+            Err(redb::DatabaseError::DatabaseAlreadyOpen) if started.elapsed() < OPEN_RETRY => {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(source) => return Err(StoreError::Open { path, source }),
+        }
+    };
+    let txn = db.begin_write()?;
+    {
+        txn.open_table(LOG)?;
+        txn.open_table(META)?;
+    }
+    txn.commit()?;
+    let sm: SmData = get_meta(&db, KEY_SM)?.unwrap_or_default();
+    let db = Arc::new(db);
+    let (state_tx, _) = watch::channel(Arc::new(sm.state.clone()));
+    Ok((
+        LogStore { db: db.clone() },
+        StateMachine { db, sm, state_tx },
+    ))
+}
+
+fn decode<T: DeserializeOwned>(what: &str, bytes: &[u8]) -> Result<T, StoreError> {
+    if bytes.len() > MAX_RECORD_LEN {
+        return Err(StoreError::TooLarge {
+            what: what.to_owned(),
+            len: bytes.len(),
+        });
+    }
+    postcard::from_bytes(bytes).map_err(|source| StoreError::Decode {
+        what: what.to_owned(),
+        source,
+    })
+}
+
+fn encode<T: Serialize>(what: &'static str, value: &T) -> Result<Vec<u8>, StoreError> {
+    let bytes = postcard::to_stdvec(value).map_err(|source| StoreError::Encode { what, source })?;
+    if bytes.len() > MAX_RECORD_LEN {
+        return Err(StoreError::TooLarge {
+            what: what.to_owned(),
+            len: bytes.len(),
+        });
+    }
+    Ok(bytes)
+}
+
+fn get_meta<T: DeserializeOwned>(db: &Database, key: &str) -> Result<Option<T>, StoreError> {
+    let txn = db.begin_read()?;
+    let table = txn.open_table(META)?;
+    let value = table.get(key)?;
+    match value {
+        None => Ok(None),
+        Some(v) => decode(key, v.value()).map(Some),
+    }
+}
+
+fn put_meta(
+    db: &Database,
+    items: &[(&str, &[u8])],
+    durability: Durability,
+) -> Result<(), StoreError> {
+    let mut txn = db.begin_write()?;
+    txn.set_durability(durability)?;
+    {
+        let mut table = txn.open_table(META)?;
+        for (k, v) in items {
+            table.insert(*k, *v)?;
+        }
+    }
+    txn.commit()?;
+    Ok(())
+}
+
+/// Runs database work on the blocking pool.
+async fn blocking<T, F>(f: F) -> Result<T, StoreError>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Result<T, StoreError> + Send + 'static,
+{
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| StoreError::Task(e.to_string()))?
+}
+
+/// `[start, end)` of a range of log indexes, or `None` if it is empty.
+fn index_range<RB: RangeBounds<u64>>(range: &RB) -> Option<(u64, u64)> {
+    let start = match range.start_bound() {
+        Bound::Included(s) => *s,
+        Bound::Excluded(s) => s.checked_add(1)?,
+        Bound::Unbounded => 0,
+    };
+    let end = match range.end_bound() {
+        Bound::Included(e) => e.saturating_add(1),
+        Bound::Excluded(e) => *e,
+        Bound::Unbounded => u64::MAX,
+    };
+    (start < end).then_some((start, end))
+}
+
+/// Reads entries in `[start, end)`, stopping after `budget` bytes (at least one entry).
+fn read_entries(
+    db: &Database,
+    start: u64,
+    end: u64,
+    budget: Option<usize>,
+) -> Result<Vec<Entry<TypeConfig>>, StoreError> {
+    let txn = db.begin_read()?;
+    let table = txn.open_table(LOG)?;
+    let mut out = Vec::new();
+    let mut bytes = 0usize;
+    for item in table.range(start..end)? {
+        let (k, v) = item?;
+        let key = k.value();
+        let raw = v.value();
+        let entry: Entry<TypeConfig> = decode(&format!("log entry {key}"), raw)?;
+        if entry.log_id.index != key {
+            return Err(StoreError::Misplaced {
+                key,
+                index: entry.log_id.index,
+            });
+        }
+        bytes = bytes.saturating_add(raw.len());
+        out.push(entry);
+        if budget.is_some_and(|b| bytes >= b) {
+            break;
+        }
+    }
+    Ok(out)
+}
+
+/// The Raft log, vote and committed/purged markers. Clones share the database and serve
+/// as log readers.
+#[derive(Clone)]
+pub struct LogStore {
+    db: Arc<Database>,
+}
+
+impl LogStore {
+    /// A handle that tells when every user of the database has let it go (after the
+    /// Raft instance using it has shut down).
+    pub fn db_weak(&self) -> Weak<Database> {
+        Arc::downgrade(&self.db)
+    }
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> StorageResult<Vec<Entry<TypeConfig>>> {
+        let Some((start, end)) = index_range(&range) else {
+            return Ok(Vec::new());
+        };
+        let db = self.db.clone();
+        blocking(move || read_entries(&db, start, end, None))
+            .await
+            .map_err(|e| e.into_raft(ErrorSubject::Logs, ErrorVerb::Read))
+    }
+
+    async fn limited_get_log_entries(
+        &mut self,
+        start: u64,
+        end: u64,
+    ) -> StorageResult<Vec<Entry<TypeConfig>>> {
+        if start >= end {
+            return Ok(Vec::new());
+        }
+        let db = self.db.clone();
+        blocking(move || read_entries(&db, start, end, Some(REPLICATION_BATCH_BYTES)))
+            .await
+            .map_err(|e| e.into_raft(ErrorSubject::Logs, ErrorVerb::Read))
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = LogStore;
+
+    async fn get_log_state(&mut self) -> StorageResult<LogState<TypeConfig>> {
+        let db = self.db.clone();
+        blocking(move || {
+            let purged: Option<LogId<NodeId>> = get_meta(&db, KEY_PURGED)?;
+            let txn = db.begin_read()?;
+            let table = txn.open_table(LOG)?;
+            let last = match table.last()? {
+                None => None,
+                Some((k, v)) => {
+                    let key = k.value();
+                    let entry: Entry<TypeConfig> = decode(&format!("log entry {key}"), v.value())?;
+                    Some(entry.log_id)
+                }
+            };
+            Ok(LogState {
+                last_purged_log_id: purged,
+                last_log_id: last.or(purged),
+            })
+        })
+        .await
+        .map_err(|e| e.into_raft(ErrorSubject::Logs, ErrorVerb::Read))
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote<NodeId>) -> StorageResult<()> {
+        let db = self.db.clone();
+        let bytes =
+            encode("vote", vote).map_err(|e| e.into_raft(ErrorSubject::Vote, ErrorVerb::Write))?;
+        blocking(move || put_meta(&db, &[(KEY_VOTE, &bytes)], Durability::Immediate))
+            .await
+            .map_err(|e| e.into_raft(ErrorSubject::Vote, ErrorVerb::Write))
+    }
+
+    async fn read_vote(&mut self) -> StorageResult<Option<Vote<NodeId>>> {
+        let db = self.db.clone();
+        blocking(move || get_meta(&db, KEY_VOTE))
+            .await
+            .map_err(|e| e.into_raft(ErrorSubject::Vote, ErrorVerb::Read))
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> StorageResult<()> {
+        let db = self.db.clone();
+        let bytes = encode("committed", &committed)
+            .map_err(|e| e.into_raft(ErrorSubject::Store, ErrorVerb::Write))?;
+        // A hint: the state machine is persisted on apply, so losing the latest value in
+        // a crash only means re-applying from an older committed id.
+        blocking(move || put_meta(&db, &[(KEY_COMMITTED, &bytes)], Durability::None))
+            .await
+            .map_err(|e| e.into_raft(ErrorSubject::Store, ErrorVerb::Write))
+    }
+
+    async fn read_committed(&mut self) -> StorageResult<Option<LogId<NodeId>>> {
+        let db = self.db.clone();
+        blocking(move || Ok(get_meta::<Option<LogId<NodeId>>>(&db, KEY_COMMITTED)?.flatten()))
+            .await
+            .map_err(|e| e.into_raft(ErrorSubject::Store, ErrorVerb::Read))
+    }
+
+    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> StorageResult<()>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut encoded = Vec::new();
+        for entry in entries {
+            let bytes = encode("log entry", &entry)
+                .map_err(|e| e.into_raft(ErrorSubject::Log(entry.log_id), ErrorVerb::Write))?;
+            encoded.push((entry.log_id.index, bytes));
+        }
+        let db = self.db.clone();
+        blocking(move || {
+            let txn = db.begin_write()?;
+            {
+                let mut table = txn.open_table(LOG)?;
+                for (index, bytes) in &encoded {
+                    table.insert(*index, bytes.as_slice())?;
+                }
+            }
+            txn.commit()?;
+            Ok(())
+        })
+        .await
+        .map_err(|e| e.into_raft(ErrorSubject::Logs, ErrorVerb::Write))?;
+        callback.log_io_completed(Ok(()));
+        Ok(())
+    }
+
+    async fn truncate(&mut self, log_id: LogId<NodeId>) -> StorageResult<()> {
+        let db = self.db.clone();
+        blocking(move || {
+            let txn = db.begin_write()?;
+            {
+                let mut table = txn.open_table(LOG)?;
+                table.retain_in(log_id.index.., |_, _| false)?;
+            }
+            txn.commit()?;
+            Ok(())
+        })
+        .await
+        .map_err(|e| e.into_raft(ErrorSubject::Logs, ErrorVerb::Delete))
+    }
+
+    async fn purge(&mut self, log_id: LogId<NodeId>) -> StorageResult<()> {
+        let db = self.db.clone();
+        let marker = encode("purged", &log_id)
+            .map_err(|e| e.into_raft(ErrorSubject::Logs, ErrorVerb::Delete))?;
+        blocking(move || {
+            let txn = db.begin_write()?;
+            {
+                let mut meta = txn.open_table(META)?;
+                meta.insert(KEY_PURGED, marker.as_slice())?;
+                let mut table = txn.open_table(LOG)?;
+                table.retain_in(..=log_id.index, |_, _| false)?;
+            }
+            txn.commit()?;
+            Ok(())
+        })
+        .await
+        .map_err(|e| e.into_raft(ErrorSubject::Logs, ErrorVerb::Delete))
+    }
+}
+
+/// The state machine: the applied [`MetaState`], persisted with each applied batch.
+pub struct StateMachine {
+    db: Arc<Database>,
+    sm: SmData,
+    state_tx: watch::Sender<Arc<MetaState>>,
+}
+
+impl StateMachine {
+    /// Sees the state after each applied batch or installed snapshot.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<MetaState>> {
+        self.state_tx.subscribe()
+    }
+
+    /// The state machine as loaded or last applied.
+    pub fn data(&self) -> &SmData {
+        &self.sm
+    }
+
+    fn publish(&self) {
+        let state = &self.sm.state;
+        self.state_tx.send_if_modified(|cur| {
+            if **cur == *state {
+                false
+            } else {
+                *cur = Arc::new(state.clone());
+                true
+            }
+        });
+    }
+
+    async fn persist(&self) -> Result<(), StoreError> {
+        let bytes = encode("state machine", &self.sm)?;
+        let db = self.db.clone();
+        blocking(move || put_meta(&db, &[(KEY_SM, &bytes)], Durability::Immediate)).await
+    }
+}
+
+/// The voters of a membership with their addresses (unparsable addresses are skipped).
+fn replicas_of(
+    membership: &openraft::Membership<NodeId, BasicNode>,
+) -> std::collections::BTreeMap<ReplicaId, std::net::SocketAddr> {
+    membership
+        .voter_ids()
+        .filter_map(|id| {
+            let node = membership.get_node(&id)?;
+            match node.addr.parse() {
+                Ok(addr) => Some((id, addr)),
+                Err(_) => {
+                    tracing::warn!(replica = id, addr = %node.addr, "unparsable replica address");
+                    None
+                }
+            }
+        })
+        .collect()
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotBuilder = SnapshotBuilder;
+
+    async fn applied_state(
+        &mut self,
+    ) -> StorageResult<(Option<LogId<NodeId>>, StoredMembership<NodeId, BasicNode>)> {
+        Ok((self.sm.last_applied, self.sm.last_membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> StorageResult<Vec<MetaResponse>>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut responses = Vec::new();
+        for entry in entries {
+            self.sm.last_applied = Some(entry.log_id);
+            let unchanged = MetaResponse::Unchanged {
+                epoch: self.sm.state.epoch,
+            };
+            match entry.payload {
+                EntryPayload::Blank => responses.push(unchanged),
+                EntryPayload::Normal(cmd) => {
+                    let resp = self.sm.state.apply(&cmd);
+                    tracing::debug!(index = entry.log_id.index, ?cmd, ?resp, "applied");
+                    responses.push(resp);
+                }
+                EntryPayload::Membership(m) => {
+                    self.sm.state.set_replicas(replicas_of(&m));
+                    self.sm.last_membership = StoredMembership::new(Some(entry.log_id), m);
+                    responses.push(unchanged);
+                }
+            }
+        }
+        if responses.is_empty() {
+            return Ok(responses);
+        }
+        self.persist()
+            .await
+            .map_err(|e| e.into_raft(ErrorSubject::StateMachine, ErrorVerb::Write))?;
+        self.publish();
+        Ok(responses)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        SnapshotBuilder {
+            db: self.db.clone(),
+            data: self.sm.clone(),
+        }
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> StorageResult<Box<Cursor<Vec<u8>>>> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<NodeId, BasicNode>,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> StorageResult<()> {
+        let subject = ErrorSubject::Snapshot(Some(meta.signature()));
+        let data = snapshot.into_inner();
+        let mut sm: SmData = decode("received snapshot", &data)
+            .map_err(|e| e.into_raft(subject.clone(), ErrorVerb::Read))?;
+        if sm.last_applied != meta.last_log_id {
+            let e = StoreError::Snapshot(format!(
+                "snapshot {} holds state up to {:?}, its metadata says {:?}",
+                meta.snapshot_id, sm.last_applied, meta.last_log_id
+            ));
+            return Err(e.into_raft(subject, ErrorVerb::Read));
+        }
+        sm.last_membership = meta.last_membership.clone();
+        let stored = StoredSnapshot {
+            meta: meta.clone(),
+            data,
+        };
+        let sm_bytes = encode("state machine", &sm)
+            .map_err(|e| e.into_raft(subject.clone(), ErrorVerb::Write))?;
+        let snap_bytes = encode("snapshot", &stored)
+            .map_err(|e| e.into_raft(subject.clone(), ErrorVerb::Write))?;
+        let db = self.db.clone();
+        blocking(move || {
+            put_meta(
+                &db,
+                &[(KEY_SM, &sm_bytes), (KEY_SNAPSHOT, &snap_bytes)],
+                Durability::Immediate,
+            )
+        })
+        .await
+        .map_err(|e| e.into_raft(subject, ErrorVerb::Write))?;
+        tracing::info!(snapshot = %meta, epoch = sm.state.epoch, "installed snapshot");
+        self.sm = sm;
+        self.publish();
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> StorageResult<Option<Snapshot<TypeConfig>>> {
+        let db = self.db.clone();
+        let stored: Option<StoredSnapshot> = blocking(move || get_meta(&db, KEY_SNAPSHOT))
+            .await
+            .map_err(|e| e.into_raft(ErrorSubject::Snapshot(None), ErrorVerb::Read))?;
+        Ok(stored.map(|s| Snapshot {
+            meta: s.meta,
+            snapshot: Box::new(Cursor::new(s.data)),
+        }))
+    }
+}
+
+/// Builds a snapshot from a copy of the state machine taken when it was requested.
+pub struct SnapshotBuilder {
+    db: Arc<Database>,
+    data: SmData,
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
+    async fn build_snapshot(&mut self) -> StorageResult<Snapshot<TypeConfig>> {
+        let data = encode("snapshot data", &self.data)
+            .map_err(|e| e.into_raft(ErrorSubject::Snapshot(None), ErrorVerb::Write))?;
+        let snapshot_id = match &self.data.last_applied {
+            Some(l) => format!("{}-{}-{:08x}", l.leader_id, l.index, rand::random::<u32>()),
+            None => format!("empty-{:08x}", rand::random::<u32>()),
+        };
+        let meta = SnapshotMeta {
+            last_log_id: self.data.last_applied,
+            last_membership: self.data.last_membership.clone(),
+            snapshot_id,
+        };
+        let subject = ErrorSubject::Snapshot(Some(meta.signature()));
+        let stored = StoredSnapshot {
+            meta: meta.clone(),
+            data: data.clone(),
+        };
+        let bytes = encode("snapshot", &stored)
+            .map_err(|e| e.into_raft(subject.clone(), ErrorVerb::Write))?;
+        let db = self.db.clone();
+        let last = meta.last_log_id;
+        blocking(move || {
+            // Never replace a newer snapshot (one installed meanwhile) with this one.
+            let current: Option<StoredSnapshot> = get_meta(&db, KEY_SNAPSHOT)?;
+            if current.is_some_and(|c| c.meta.last_log_id > last) {
+                return Ok(());
+            }
+            put_meta(&db, &[(KEY_SNAPSHOT, &bytes)], Durability::Immediate)
+        })
+        .await
+        .map_err(|e| e.into_raft(subject, ErrorVerb::Write))?;
+        tracing::debug!(snapshot = %meta, "built snapshot");
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(data)),
+        })
+    }
+}

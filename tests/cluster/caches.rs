@@ -1,0 +1,121 @@
+//! Write-back caches and the client-client interface (report 5.3.1, 5.5): a block
+//! held in one client's cache is read and written by others through that cache, and
+//! a writer waiting for it gets it by asking the holder to let go. (Cache groups,
+//! which need the client process to die, are tested with SIGKILL in the drs-cli
+//! tests.)
+
+use std::time::Duration;
+
+use drs_client::cache::CacheConfig;
+use drs_client::{ClientConfig, WriteBackCache};
+
+use crate::common::{bytes, client_config, read_ok, TestCluster, BS};
+
+/// A cache serving other clients, over a client of its own.
+async fn serving_cache(tc: &TestCluster) -> WriteBackCache {
+    let cfg = CacheConfig {
+        serve: true,
+        ..CacheConfig::default()
+    };
+    WriteBackCache::with_config(tc.new_client(client_config()), cfg)
+        .await
+        .unwrap()
+}
+
+async fn locks_held(tc: &TestCluster) -> usize {
+    tc.client.status().await.locks.len()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cached_block_is_read_and_written_through_its_holder() {
+    let tc = TestCluster::start("peer-rw").await;
+    let a = serving_cache(&tc).await;
+    let b = serving_cache(&tc).await;
+    assert!(a.contact().is_some() && b.contact().is_some());
+    let (first, second) = (bytes(1, BS), bytes(2, BS));
+
+    a.write(5, 0, &first).await.unwrap();
+    assert!(
+        read_ok(&tc.client, 5, "before any flush")
+            .await
+            .iter()
+            .all(|x| *x == 0),
+        "the cached write is not on the volume yet"
+    );
+    assert_eq!(
+        &b.read_latest(5, 0, BS).await.unwrap()[..],
+        &first[..],
+        "B reads A's cached bytes through A"
+    );
+
+    // B writes the block A holds: the write goes into A's cache.
+    b.write(5, 100, &second[..200]).await.unwrap();
+    let mut want = first.clone();
+    want[100..300].copy_from_slice(&second[..200]);
+    assert_eq!(b.len().await, 0, "B did not take the block");
+    assert_eq!(
+        &a.read(5, 0, BS).await.unwrap()[..],
+        &want[..],
+        "A's cache holds B's write"
+    );
+    assert_eq!(&b.read_latest(5, 0, BS).await.unwrap()[..], &want[..]);
+
+    // B's flush asks A to write the block back and let it go.
+    b.flush().await.unwrap();
+    assert_eq!(a.len().await, 0, "A let the block go");
+    assert_eq!(
+        &read_ok(&tc.client, 5, "after B's flush").await[..],
+        &want[..]
+    );
+    assert_eq!(locks_held(&tc).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_writer_gets_a_cached_block_from_its_holder() {
+    let tc = TestCluster::start("peer-release").await;
+    let a = serving_cache(&tc).await;
+    let cached = bytes(3, BS);
+    a.write(9, 0, &cached).await.unwrap();
+    // A plain writer that would give up long before A flushed by itself (it never
+    // does here): it succeeds only because A writes the block back when asked.
+    let plain = tc.new_client(ClientConfig {
+        lock_timeout: Duration::from_secs(3),
+        ..client_config()
+    });
+    let theirs = bytes(4, BS);
+    plain.write(9, 0, &theirs[..BS / 2]).await.unwrap();
+    assert_eq!(a.len().await, 0, "A let the block go");
+    let mut want = cached.clone();
+    want[..BS / 2].copy_from_slice(&theirs[..BS / 2]);
+    assert_eq!(
+        &read_ok(&tc.client, 9, "after the plain write").await[..],
+        &want[..],
+        "A's cached write went to the volume before the plain one"
+    );
+    plain.settle_unlocks(Duration::from_secs(5)).await;
+    assert_eq!(locks_held(&tc).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_durable_write_through_the_holder_is_on_the_nodes_when_it_returns() {
+    let tc = TestCluster::start("peer-durable").await;
+    let a = serving_cache(&tc).await;
+    let b = serving_cache(&tc).await;
+    let cached = bytes(6, BS);
+    a.write(6, 0, &cached).await.unwrap();
+    let patch = bytes(7, 300);
+    b.write_durable(6, 1000, &patch).await.unwrap();
+    let mut want = cached.clone();
+    want[1000..1300].copy_from_slice(&patch);
+    // On the nodes, with A's own cached change, as soon as the call returned.
+    assert_eq!(
+        &read_ok(&tc.client, 6, "after the durable write").await[..],
+        &want[..]
+    );
+    assert_eq!(a.len().await, 0, "A wrote the block back to answer");
+    assert_eq!(b.len().await, 0);
+    assert_eq!(locks_held(&tc).await, 0);
+    // A block nobody caches: written directly.
+    b.write_durable(8, 0, &patch).await.unwrap();
+    assert_eq!(&read_ok(&tc.client, 8, "direct").await[..300], &patch[..]);
+}

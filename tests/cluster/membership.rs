@@ -1,0 +1,328 @@
+//! The metadata service with real node processes: failure detection, clients routing
+//! around a down node, rejoin with a new incarnation, and a Raft leader killed while
+//! metadata changes stream in.
+
+use std::time::{Duration, Instant};
+
+use drs_meta::{MetaClient, MetaCommand, MetaResponse, MetaState, NodeState, Role};
+use drs_proto::{NodeId, Request};
+
+use crate::common::*;
+
+const DOWN_AFTER_MS: u64 = 1500;
+
+fn setup() -> Setup {
+    Setup {
+        down_after_ms: DOWN_AFTER_MS,
+        meta_replicas: 3,
+        ..Setup::default()
+    }
+}
+
+fn meta(tc: &TestCluster) -> MetaClient {
+    drs_meta::MetaClient::for_map(&tc.local.map).expect("the cluster has a metadata service")
+}
+
+/// Polls the metadata service until `pred` holds; the state that satisfied it.
+async fn wait_state(
+    meta: &MetaClient,
+    what: &str,
+    within: Duration,
+    pred: impl Fn(&MetaState) -> bool,
+) -> MetaState {
+    let start = Instant::now();
+    let mut last = None;
+    while start.elapsed() < within {
+        match meta.read().await {
+            Ok(s) if pred(&s) => return s,
+            Ok(s) => last = Some(format!("epoch {} nodes {:?}", s.epoch, s.nodes)),
+            Err(e) => last = Some(e.to_string()),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{what}: not within {within:?}; last seen: {last:?}");
+}
+
+fn state_of(s: &MetaState, id: NodeId) -> (NodeState, u64) {
+    let r = s.nodes.get(&id).expect("node in the map");
+    (r.state, r.incarnation)
+}
+
+/// A hung node (SIGSTOP) is marked down within the timeout; from then on clients do
+/// not call it at all (reads and writes go around it at once); when it resumes it
+/// learns it was declared down, re-verifies, registers again with a new incarnation
+/// and comes back up, and the data verifies with scrub clean.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_hung_node_is_marked_down_and_routed_around() {
+    let tc = TestCluster::with("member-hung", setup()).await;
+    let meta = meta(&tc);
+    let victim: NodeId = 4;
+    let before = wait_state(&meta, "every node up", Duration::from_secs(30), |s| {
+        s.nodes.values().all(|r| r.state == NodeState::Up)
+    })
+    .await;
+    let (_, inc_before) = state_of(&before, victim);
+    let mut blocks = random_blocks(1, tc.client.blocks());
+    write_all(&tc.client, &blocks).await;
+
+    tc.stop(victim).await;
+    let stopped_at = Instant::now();
+    let down = wait_state(
+        &meta,
+        "hung node marked down",
+        Duration::from_secs(20),
+        |s| state_of(s, victim).0 == NodeState::Down,
+    )
+    .await;
+    let detected = stopped_at.elapsed();
+    assert!(down.epoch > before.epoch, "marking down raises the epoch");
+    eprintln!("node {victim} marked down {detected:?} after SIGSTOP (timeout {DOWN_AFTER_MS} ms)");
+
+    // The client learns the new map (watch) and stops calling the node.
+    let until = Instant::now() + Duration::from_secs(10);
+    while tc.client.map().node_state(victim) != drs_proto::MemberState::Down {
+        assert!(
+            Instant::now() < until,
+            "client never learned the node is down"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    match tc
+        .client
+        .call(victim, &Request::Ping, Default::default())
+        .await
+    {
+        Err(e) => assert!(
+            e.to_string().contains("down in the cluster map"),
+            "expected a refusal without a call, got {e}"
+        ),
+        Ok(r) => panic!("a stopped node answered: {r:?}"),
+    }
+    // Writes and reads go on around it.
+    let degraded_before = degraded_reads(&tc.client);
+    for lba in (0..tc.client.blocks()).step_by(3) {
+        blocks[lba as usize] = bytes(1000 + lba, BS);
+        tc.client
+            .write(lba, 0, &blocks[lba as usize])
+            .await
+            .unwrap_or_else(|e| panic!("write {lba} with node {victim} down: {e}"));
+    }
+    verify(&tc.client, &blocks, "with a node down in the map").await;
+    assert!(
+        degraded_reads(&tc.client) > degraded_before,
+        "reads of the down node's blocks were reconstructed"
+    );
+
+    // Resume: declared down, it registers again and rejoins.
+    tc.local.cont(victim).expect("SIGCONT");
+    let back = wait_state(&meta, "node back up", Duration::from_secs(60), |s| {
+        let (st, inc) = state_of(s, victim);
+        st == NodeState::Up && inc > inc_before
+    })
+    .await;
+    assert!(back.epoch > down.epoch);
+    tc.wait_all_up().await;
+    verify(&tc.client, &blocks, "after the node rejoined").await;
+    assert_scrub_clean(&tc.client, "after the node rejoined").await;
+}
+
+/// SIGKILL a node: marked down; writes go on; restarted, it registers with a new
+/// incarnation as recovering, catches up on what it missed, and only then is up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_restarted_node_recovers_before_it_is_up() {
+    let tc = TestCluster::with("member-restart", setup()).await;
+    let meta = meta(&tc);
+    let victim: NodeId = 1;
+    let mut blocks = random_blocks(2, tc.client.blocks());
+    write_all(&tc.client, &blocks).await;
+    let inc_before = state_of(&meta.read().await.expect("read"), victim).1;
+
+    tc.kill(victim);
+    wait_state(
+        &meta,
+        "killed node marked down",
+        Duration::from_secs(20),
+        |s| state_of(s, victim).0 == NodeState::Down,
+    )
+    .await;
+    for lba in (1..tc.client.blocks()).step_by(2) {
+        blocks[lba as usize] = bytes(2000 + lba, BS);
+        tc.client
+            .write(lba, 0, &blocks[lba as usize])
+            .await
+            .unwrap_or_else(|e| panic!("write {lba} with node {victim} dead: {e}"));
+    }
+
+    tc.restart(victim);
+    let back = wait_state(&meta, "restarted node up", Duration::from_secs(60), |s| {
+        let (st, inc) = state_of(s, victim);
+        st == NodeState::Up && inc > inc_before
+    })
+    .await;
+    eprintln!("node {victim} up again at epoch {}", back.epoch);
+    // Up means every block verified: the node now serves its blocks directly.
+    let info = tc.info(victim).await;
+    assert_eq!(info.state, drs_proto::NodeState::Up, "{info:?}");
+    verify(&tc.client, &blocks, "after the restart").await;
+    assert_scrub_clean(&tc.client, "after the restart").await;
+}
+
+/// SIGKILL the node hosting the Raft leader while metadata changes stream in: a new
+/// leader takes over within seconds, every acknowledged change is in the final state,
+/// and the killed node is marked down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn killing_the_metadata_leader_loses_no_acknowledged_change() {
+    let tc = TestCluster::with("member-leader", setup()).await;
+    let meta = meta(&tc);
+    wait_state(&meta, "bootstrapped", Duration::from_secs(30), |s| {
+        !s.nodes.is_empty()
+    })
+    .await;
+    let leader_host = async {
+        for r in &tc.local.map.meta {
+            if let Ok(st) = meta.status_of(r.addr).await {
+                if st.role == Role::Leader {
+                    return r.host.expect("local replicas have hosts");
+                }
+            }
+        }
+        panic!("no leader");
+    }
+    .await;
+
+    // A stream of changes: nodes added (ids 100..), each acknowledged or not.
+    let streamer = {
+        let meta = meta.clone();
+        tokio::spawn(async move {
+            let mut acked = Vec::new();
+            let mut failed = 0;
+            for i in 0..60u32 {
+                let addr = format!("127.0.0.2:{}", 20000 + i).parse().expect("addr");
+                match meta
+                    .propose(MetaCommand::AddNode {
+                        node: 100 + i,
+                        addr,
+                    })
+                    .await
+                {
+                    Ok(MetaResponse::Applied { .. }) => acked.push(100 + i),
+                    Ok(other) => panic!("add node {}: {other:?}", 100 + i),
+                    Err(_) => failed += 1,
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            (acked, failed)
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let killed_at = Instant::now();
+    tc.kill(leader_host);
+
+    // A new leader, elsewhere.
+    let start = Instant::now();
+    let new_leader = loop {
+        let mut found = None;
+        for r in tc
+            .local
+            .map
+            .meta
+            .iter()
+            .filter(|r| r.host != Some(leader_host))
+        {
+            if let Ok(st) = meta.status_of(r.addr).await {
+                if st.role == Role::Leader {
+                    found = Some(r.id);
+                }
+            }
+        }
+        if let Some(id) = found {
+            break id;
+        }
+        assert!(start.elapsed() < Duration::from_secs(15), "no new leader");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    eprintln!(
+        "new leader {new_leader} {:?} after the kill",
+        killed_at.elapsed()
+    );
+
+    let (acked, failed) = streamer.await.expect("streamer");
+    let end = meta.read().await.expect("read after the kill");
+    for id in &acked {
+        assert!(end.nodes.contains_key(id), "acknowledged AddNode {id} lost");
+    }
+    assert!(
+        acked.len() > 10,
+        "too few changes acknowledged: {acked:?}, {failed} failed"
+    );
+    eprintln!(
+        "{} changes acknowledged, {failed} failed during the leader change",
+        acked.len()
+    );
+    wait_state(
+        &meta,
+        "leader host marked down",
+        Duration::from_secs(20),
+        |s| state_of(s, leader_host).0 == NodeState::Down,
+    )
+    .await;
+}
+
+/// Replace a dead node with a new, empty one while a writer keeps writing: the new
+/// node rebuilds every block from the stripes and is marked up; then, with m other
+/// nodes SIGKILLed, every block (old and newly written) verifies, so the rebuilt
+/// blocks are right.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replaced_node_rebuilds_everything_under_load() {
+    let mut tc = TestCluster::with("member-replace", setup()).await;
+    let meta = meta(&tc);
+    let victim: NodeId = 5;
+    let mut blocks = random_blocks(3, tc.client.blocks());
+    write_all(&tc.client, &blocks).await;
+    tc.kill(victim);
+
+    // Foreground writes while the new node rebuilds.
+    let writer = {
+        let client = tc.new_client(client_config());
+        let n = client.blocks();
+        tokio::spawn(async move {
+            let mut written = Vec::new();
+            for lba in (0..n).step_by(5) {
+                let data = bytes(5000 + lba, BS);
+                client
+                    .write(lba, 0, &data)
+                    .await
+                    .unwrap_or_else(|e| panic!("foreground write {lba} during the rebuild: {e}"));
+                written.push((lba, data));
+            }
+            written
+        })
+    };
+    let addr = tc.local.replace(victim, None).await.expect("replace");
+    let up = wait_state(&meta, "replaced node up", Duration::from_secs(90), |s| {
+        s.nodes
+            .get(&victim)
+            .is_some_and(|r| r.state == NodeState::Up && r.addr == addr)
+    })
+    .await;
+    eprintln!(
+        "replacement of node {victim} at {addr} up at epoch {}",
+        up.epoch
+    );
+    for (lba, data) in writer.await.expect("writer") {
+        blocks[lba as usize] = data;
+    }
+    assert!(
+        tc.local
+            .dir
+            .join(format!("node-{victim}"))
+            .join("data.replaced-1")
+            .exists(),
+        "the old data was moved aside"
+    );
+    // The replacement's own blocks must be right: kill m = 2 others, then read all.
+    for other in [0, 1] {
+        tc.kill(other);
+    }
+    verify(&tc.client, &blocks, "replaced node, m others dead").await;
+}
