@@ -8,6 +8,13 @@ use drs_proto::{ClientId, NodeId, StripeId, WireError};
 pub enum ClientError {
     #[error("block {lba} is out of range (the volume has {blocks} blocks)")]
     OutOfRange { lba: u64, blocks: u64 },
+    #[error("block {position} of stripe {stripe} is out of range (the volume has {stripes} stripes of {width} blocks)")]
+    NoSuchBlock {
+        stripe: StripeId,
+        position: usize,
+        stripes: u64,
+        width: usize,
+    },
     #[error("byte range {offset}+{len} does not fit a block of {block_size} bytes")]
     BadRange {
         offset: usize,

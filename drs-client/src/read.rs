@@ -105,10 +105,45 @@ impl Client {
         len: usize,
         mode: ReadMode,
     ) -> Result<Versioned, ClientError> {
+        self.read_range_from(stripe, index, offset, len, mode, true)
+            .await
+    }
+
+    /// Decodes the whole block at `position` of `stripe` (data or parity) from k other
+    /// members that reflect one state of the stripe, without asking the block's own
+    /// node: how a node rebuilds a block it lost. Returns the state the bytes reflect.
+    pub async fn reconstruct(
+        &self,
+        stripe: StripeId,
+        position: usize,
+    ) -> Result<Versioned, ClientError> {
+        let geo = &self.inner.geo;
+        if stripe >= geo.stripes() || position >= geo.width() {
+            return Err(ClientError::NoSuchBlock {
+                stripe,
+                position,
+                stripes: geo.stripes(),
+                width: geo.width(),
+            });
+        }
+        let bs = geo.block_size;
+        self.read_range_from(stripe, position, 0, bs, ReadMode::Applied, false)
+            .await
+    }
+
+    async fn read_range_from(
+        &self,
+        stripe: StripeId,
+        index: usize,
+        offset: usize,
+        len: usize,
+        mode: ReadMode,
+        ask_own: bool,
+    ) -> Result<Versioned, ClientError> {
         let until = Instant::now() + self.inner.cfg.request_timeout;
         loop {
             match self
-                .read_range_once(stripe, index, offset, len, mode.clone())
+                .read_range_once(stripe, index, offset, len, mode.clone(), ask_own)
                 .await
             {
                 Err(ClientError::Unavailable {
@@ -128,6 +163,7 @@ impl Client {
         offset: usize,
         len: usize,
         mode: ReadMode,
+        ask_own: bool,
     ) -> Result<Versioned, ClientError> {
         let geo = &self.inner.geo;
         let mut transient = false;
@@ -135,7 +171,9 @@ impl Client {
         let mut primary = pin!(self.read_member(stripe, index, offset, len, mode.clone()));
         let mut primary_done = false;
         let mut primary_err: Option<CallError> = None;
-        if !self.is_down(primary_node) {
+        if !ask_own {
+            primary_done = true;
+        } else if !self.is_down(primary_node) {
             tokio::select! {
                 r = &mut primary => {
                     primary_done = true;
@@ -152,10 +190,12 @@ impl Client {
                 "node {primary_node} is down"
             )));
         }
-        self.inner
-            .stats
-            .degraded_reads
-            .fetch_add(1, Ordering::Relaxed);
+        if ask_own {
+            self.inner
+                .stats
+                .degraded_reads
+                .fetch_add(1, Ordering::Relaxed);
+        }
 
         let mut last_detail = String::new();
         let mut best = 0usize;

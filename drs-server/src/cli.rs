@@ -49,6 +49,11 @@ pub struct ServeArgs {
     /// Checkpoint the block store when its log exceeds this many MiB.
     #[arg(long, default_value_t = 64)]
     pub checkpoint_mib: u64,
+    /// Fault injection, for tests of network partitions: SIGUSR1 cuts this node's
+    /// metadata replica off from the other replicas, SIGUSR2 heals it. Never in
+    /// production.
+    #[arg(long)]
+    pub fault_signals: bool,
 }
 
 /// Runs a node until SIGTERM or SIGINT.
@@ -86,6 +91,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
         bail!("--rebuild-rate-mib must be a number of MiB per second, 0 or more");
     }
     cfg.rebuild_rate = (args.rebuild_rate_mib * 1048576.0) as u64;
+    cfg.fault_signals = args.fault_signals;
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -69,6 +69,9 @@ pub async fn run(
         "serving"
     );
     let replica = member::start_replica(&node, &map, node.cfg.meta_down_after).await?;
+    if let (Some(meta), true) = (&replica, node.cfg.fault_signals) {
+        member::isolate_on_signals(meta.clone(), shutdown.clone())?;
+    }
     let (reverify, reverify_rx) = watch::channel(0u64);
     if let Some(meta) = drs_meta::MetaClient::for_map(&map) {
         let addr = match map.node(node.cfg.node) {

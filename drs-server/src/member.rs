@@ -68,6 +68,29 @@ pub async fn start_replica(
     Ok(Some(meta))
 }
 
+/// Fault injection for partition tests (`--fault-signals`): SIGUSR1 isolates the
+/// hosted replica from the other replicas, SIGUSR2 heals it. Client requests (reads,
+/// heartbeats, proposals) still reach it, as in a partition that cuts only the
+/// replicas' links to each other.
+pub fn isolate_on_signals(
+    meta: MetaNode,
+    mut shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut cut = signal(SignalKind::user_defined1()).context("install SIGUSR1 handler")?;
+    let mut heal = signal(SignalKind::user_defined2()).context("install SIGUSR2 handler")?;
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = cut.recv() => meta.set_isolated(true),
+                _ = heal.recv() => meta.set_isolated(false),
+                _ = shutdown.changed() => return,
+            }
+        }
+    });
+    Ok(())
+}
+
 /// The node's membership loop: register, heartbeat, follow the map, report up, and
 /// register again after being declared down. Ends at shutdown.
 pub async fn run(

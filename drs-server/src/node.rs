@@ -60,6 +60,9 @@ pub struct NodeConfig {
     pub meta_down_after: Duration,
     /// Bytes per second a rejoining or replacing node rebuilds at most (0: no limit).
     pub rebuild_rate: u64,
+    /// Fault injection for tests: SIGUSR1 cuts the metadata replica this node hosts
+    /// off from the other replicas (Raft traffic both ways), SIGUSR2 heals it.
+    pub fault_signals: bool,
 }
 
 impl NodeConfig {
@@ -79,6 +82,7 @@ impl NodeConfig {
             unsettled_bytes: 256 << 20,
             meta_down_after: Duration::from_secs(3),
             rebuild_rate: 0,
+            fault_signals: false,
         }
     }
 }

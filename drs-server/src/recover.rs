@@ -46,8 +46,9 @@ use tokio::sync::watch;
 use crate::node::Node;
 use crate::store::VolumeStore;
 
-/// Stripes compared or rebuilt at once.
-const CONCURRENCY: usize = 8;
+/// Stripes compared or rebuilt at once (each holds at most a stripe's blocks in
+/// memory while it is decoded).
+const CONCURRENCY: usize = 16;
 
 /// Paces rebuilds to a rate in bytes per second (0: as fast as they go), so a node
 /// rebuilding its blocks leaves room for the foreground traffic.
@@ -234,6 +235,9 @@ async fn verify_round(
             peers.entry(s.stripe).or_default().push(s);
         }
     }
+    let installed = || store.stats.repairs_installed.load(Ordering::Relaxed);
+    let before = installed();
+    let started = Instant::now();
     let results: Vec<bool> = stream::iter(todo)
         .map(|mine| {
             let theirs = peers.get(&mine.stripe).cloned().unwrap_or_default();
@@ -242,7 +246,18 @@ async fn verify_round(
         .buffer_unordered(CONCURRENCY)
         .collect()
         .await;
-    results.iter().filter(|ok| !**ok).count()
+    let rebuilt = installed().saturating_sub(before);
+    let left = results.iter().filter(|ok| !**ok).count();
+    if rebuilt > 0 {
+        let secs = started.elapsed().as_secs_f64().max(1e-3);
+        tracing::info!(
+            rebuilt,
+            left,
+            mib_per_s = (rebuilt * geo.block_size as u64) as f64 / secs / (1 << 20) as f64,
+            "rebuilt blocks that were missing, behind or corrupt"
+        );
+    }
+    left
 }
 
 /// Verifies (rebuilding if needed) one block; true when verified.
@@ -299,20 +314,50 @@ async fn verify_slot(
         // Stop serving it until it is rebuilt.
         store.set_verified(mine.stripe, false);
         pace.take(geo.block_size as u64).await;
-        let findings = client.scrub_one(mine.stripe, true).await;
-        tracing::info!(
-            stripe = mine.stripe,
-            position = mine.position,
-            ?findings,
-            "rebuilt a block that was behind or corrupt"
-        );
-        let (now, _) = store.list(mine.stripe, 1, |_| Vec::new());
-        if !now.first().is_some_and(up_to_date) {
-            return false;
+        let now_up_to_date = || {
+            let (now, _) = store.list(mine.stripe, 1, |_| Vec::new());
+            now.first().is_some_and(up_to_date)
+        };
+        // Decode it from k other members that agree on one state and install it
+        // here; if that fails (members disagree, too few answer), a scrub of the
+        // whole stripe decides.
+        if !rebuild_here(store, client, mine).await || !now_up_to_date() {
+            let findings = client.scrub_one(mine.stripe, true).await;
+            tracing::info!(
+                stripe = mine.stripe,
+                position = mine.position,
+                ?findings,
+                "rebuilt a block by scrubbing its stripe"
+            );
+            if !now_up_to_date() {
+                return false;
+            }
         }
     }
     store.set_verified(mine.stripe, true);
     true
+}
+
+/// Decodes this node's block of `mine.stripe` from the other members and installs it
+/// in the local store (updates logged meanwhile apply on top); true if installed.
+async fn rebuild_here(store: &VolumeStore, client: &Client, mine: &SlotInfo) -> bool {
+    let position = mine.position as usize;
+    match client.reconstruct(mine.stripe, position).await {
+        Ok((versions, data)) => match store
+            .install(mine.stripe, mine.position, versions, data, false)
+            .await
+        {
+            Ok(installed) => installed,
+            Err(e) => {
+                tracing::warn!(stripe = mine.stripe, error = %e, "installing a rebuilt block failed");
+                false
+            }
+        },
+        Err(e) => {
+            tracing::debug!(stripe = mine.stripe, error = %e, "decoding a block to rebuild failed");
+            false
+        }
+    }
 }
 
 /// Rebuilds blocks stuck behind a missed update.

@@ -169,6 +169,9 @@ pub struct NodeOptions {
     /// `--rebuild-rate-mib`: MiB/s a rejoining or replacing node rebuilds at most
     /// (0: no limit).
     pub rebuild_rate_mib: f64,
+    /// `--fault-signals`: SIGUSR1 / SIGUSR2 cut off / heal a node's metadata replica
+    /// (partition tests only).
+    pub fault_signals: bool,
 }
 
 impl Default for NodeOptions {
@@ -179,6 +182,7 @@ impl Default for NodeOptions {
             log: "info".into(),
             down_after_ms: 3000,
             rebuild_rate_mib: 0.0,
+            fault_signals: false,
         }
     }
 }
@@ -448,6 +452,7 @@ impl LocalCluster {
             .arg(self.options.down_after_ms.to_string())
             .arg("--rebuild-rate-mib")
             .arg(self.options.rebuild_rate_mib.to_string())
+            .args(self.options.fault_signals.then_some("--fault-signals"))
             .env("RUST_LOG", &self.options.log)
             .stdin(Stdio::null())
             .stdout(log)

@@ -338,6 +338,20 @@ impl Inner {
         m.state == ServerState::Leader && m.current_leader == Some(self.cfg.id)
     }
 
+    /// Leader, and a quorum acknowledged it within the shortest election timeout: a
+    /// leader cut off from the others (which may have elected another) stops taking
+    /// heartbeats, so nodes move on to the leader whose failure detector counts.
+    fn leads_with_quorum(&self) -> bool {
+        let m = self.raft.metrics();
+        let m = m.borrow();
+        let alone = m.membership_config.membership().voter_ids().count() <= 1;
+        m.state == ServerState::Leader
+            && m.current_leader == Some(self.cfg.id)
+            && (alone
+                || m.millis_since_quorum_ack
+                    .is_some_and(|ms| ms <= self.cfg.election_timeout_min_ms))
+    }
+
     fn addr_of(&self, id: ReplicaId) -> Option<SocketAddr> {
         let m = self.raft.metrics();
         let m = m.borrow();
@@ -453,7 +467,7 @@ impl Inner {
     }
 
     fn heartbeat(&self, node: NodeId, incarnation: u64) -> Result<HeartbeatAck, MetaError> {
-        if !self.is_leader() {
+        if !self.leads_with_quorum() {
             return Err(self.forward(None));
         }
         let state = self.state_rx.borrow().clone();

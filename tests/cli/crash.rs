@@ -103,14 +103,23 @@ fn scrub_until_clean(c: &Cluster, stripes: u64, max: Duration) -> Option<String>
 }
 
 /// Sum of a per-node counter of `status --json` (nodes that answer).
+/// The sum of a node counter over every node. A node too busy to answer `status` in
+/// time would make the sum short, so this asks again until every node answered.
 fn counter(c: &Cluster, name: &str) -> u64 {
-    let (_, v) = c.status_json();
-    v["nodes"]
-        .as_array()
-        .expect("nodes")
-        .iter()
-        .filter_map(|n| n["stats"][name].as_u64())
-        .sum()
+    let until = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, v) = c.status_json();
+        let nodes = v["nodes"].as_array().expect("nodes");
+        let counts: Vec<Option<u64>> = nodes.iter().map(|n| n["stats"][name].as_u64()).collect();
+        if counts.iter().all(Option::is_some) {
+            return counts.into_iter().flatten().sum();
+        }
+        assert!(
+            Instant::now() < until,
+            "counter {name}: some node never answered status: {v:#}"
+        );
+        thread::sleep(Duration::from_millis(200));
+    }
 }
 
 /// Waits (up to `max`) until a node process is gone.

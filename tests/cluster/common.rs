@@ -33,6 +33,9 @@ pub struct Setup {
     /// data path alone; `membership.rs` runs with the service).
     pub meta_replicas: usize,
     pub down_after_ms: u64,
+    /// Start nodes with `--fault-signals` (SIGUSR1 / SIGUSR2 cut off / heal their
+    /// metadata replicas).
+    pub fault_signals: bool,
 }
 
 impl Default for Setup {
@@ -46,6 +49,7 @@ impl Default for Setup {
             client: client_config(),
             meta_replicas: 0,
             down_after_ms: 3000,
+            fault_signals: false,
         }
     }
 }
@@ -106,6 +110,7 @@ impl TestCluster {
             log: "info".into(),
             down_after_ms: setup.down_after_ms,
             rebuild_rate_mib: 0.0,
+            fault_signals: setup.fault_signals,
         };
         let local = LocalCluster::create(dir.path(), &spec, server(), options)
             .expect("create the local cluster");

@@ -326,3 +326,202 @@ async fn a_replaced_node_rebuilds_everything_under_load() {
     }
     verify(&tc.client, &blocks, "replaced node, m others dead").await;
 }
+
+/// Cut the Raft leader and one more metadata replica (a minority of 2 of 5) off from
+/// the other replicas (`--fault-signals`: the replicas drop each other's Raft traffic
+/// both ways, as in a network partition): the majority elects a leader and commits;
+/// the minority commits nothing (a change proposed to the old leader is never
+/// applied anywhere) and falls behind; the data path carries on; once healed, the
+/// minority catches up with the majority.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cut_off_minority_of_replicas_commits_nothing_and_catches_up() {
+    use nix::sys::signal::Signal;
+    let tc = TestCluster::with(
+        "member-partition",
+        Setup {
+            meta_replicas: 5,
+            fault_signals: true,
+            ..setup()
+        },
+    )
+    .await;
+    let meta = meta(&tc);
+    let replicas = tc.local.map.meta.clone();
+    assert_eq!(replicas.len(), 5, "five metadata replicas");
+    let status = |addr| {
+        let meta = meta.clone();
+        async move { meta.status_of(addr).await }
+    };
+    let old = {
+        let start = Instant::now();
+        loop {
+            let mut found = None;
+            for r in &replicas {
+                if let Ok(st) = status(r.addr).await {
+                    if st.role == Role::Leader {
+                        found = Some((r.clone(), st.term));
+                    }
+                }
+            }
+            if let Some(f) = found {
+                break f;
+            }
+            assert!(start.elapsed() < Duration::from_secs(15), "no leader");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    let (old_leader, old_term) = old;
+    let other = replicas
+        .iter()
+        .find(|r| r.id != old_leader.id)
+        .expect("a second replica")
+        .clone();
+    let minority = [old_leader.clone(), other.clone()];
+    let majority: Vec<_> = replicas
+        .iter()
+        .filter(|r| !minority.iter().any(|m| m.id == r.id))
+        .cloned()
+        .collect();
+    for r in &minority {
+        let host = r.host.expect("local replicas have hosts");
+        tc.local
+            .signal(host, Signal::SIGUSR1)
+            .expect("cut the replica off");
+    }
+    eprintln!(
+        "cut off replicas {} (leader, term {old_term}) and {}",
+        old_leader.id, other.id
+    );
+
+    // The majority elects a leader of a later term.
+    let start = Instant::now();
+    loop {
+        let mut led = false;
+        for r in &majority {
+            if let Ok(st) = status(r.addr).await {
+                led |= st.role == Role::Leader && st.term > old_term;
+            }
+        }
+        if led {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the majority elected no leader"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!("majority leader after {:?}", start.elapsed());
+
+    // The minority cannot commit: a change proposed to the old leader fails.
+    let cut = MetaClient::new(vec![old_leader.addr], tc.local.map.cluster_id)
+        .with_deadline(Duration::from_secs(4));
+    let lost_id: NodeId = 300;
+    let r = cut
+        .propose(MetaCommand::AddNode {
+            node: lost_id,
+            addr: "127.0.0.2:30000".parse().expect("addr"),
+        })
+        .await;
+    assert!(
+        !matches!(r, Ok(MetaResponse::Applied { .. })),
+        "a cut-off minority committed a change: {r:?}"
+    );
+
+    // The majority commits.
+    let majority_client = MetaClient::new(
+        majority.iter().map(|r| r.addr).collect(),
+        tc.local.map.cluster_id,
+    );
+    for i in 0..5u32 {
+        let node = 200 + i;
+        let addr = format!("127.0.0.2:{}", 21000 + i).parse().expect("addr");
+        let start = Instant::now();
+        loop {
+            match majority_client
+                .propose(MetaCommand::AddNode { node, addr })
+                .await
+            {
+                Ok(MetaResponse::Applied { .. }) => break,
+                other => {
+                    assert!(
+                        start.elapsed() < Duration::from_secs(20),
+                        "the majority did not commit AddNode {node}: {other:?}"
+                    );
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        }
+    }
+    let ahead = majority_client.read().await.expect("read at the majority");
+    // Every storage node kept heartbeating the leader that counts (a deposed leader
+    // cut off from the quorum refuses heartbeats), so none was marked down.
+    for id in tc.ids() {
+        assert_eq!(
+            state_of(&ahead, id).0,
+            NodeState::Up,
+            "node {id} marked down during the partition: {:?}",
+            ahead.nodes.get(&id)
+        );
+    }
+    for r in &minority {
+        let st = status(r.addr)
+            .await
+            .expect("a cut-off replica still answers");
+        assert!(
+            st.epoch < ahead.epoch,
+            "replica {} applied epoch {} while cut off (majority at {})",
+            r.id,
+            st.epoch,
+            ahead.epoch
+        );
+    }
+
+    // The data path does not need the metadata service to write and read.
+    let data = bytes(4242, BS);
+    tc.client
+        .write(7, 0, &data)
+        .await
+        .expect("write during the partition");
+    assert_eq!(
+        tc.client.read_block(7).await.expect("read back"),
+        data,
+        "read during the partition"
+    );
+
+    // Healed: the minority catches up, and the change proposed to it never applies.
+    for r in &minority {
+        let host = r.host.expect("local replicas have hosts");
+        tc.local.signal(host, Signal::SIGUSR2).expect("heal");
+    }
+    let start = Instant::now();
+    for r in &minority {
+        loop {
+            match status(r.addr).await {
+                Ok(st) if st.epoch >= ahead.epoch && st.term > old_term => break,
+                other => {
+                    assert!(
+                        start.elapsed() < Duration::from_secs(20),
+                        "replica {} did not catch up: {other:?} (majority at epoch {})",
+                        r.id,
+                        ahead.epoch
+                    );
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+    eprintln!("minority caught up {:?} after the heal", start.elapsed());
+    let end = meta.read().await.expect("read after the heal");
+    for i in 0..5u32 {
+        assert!(
+            end.nodes.contains_key(&(200 + i)),
+            "AddNode {} lost",
+            200 + i
+        );
+    }
+    assert!(
+        !end.nodes.contains_key(&lost_id),
+        "a change proposed to the cut-off minority was applied"
+    );
+}
