@@ -199,14 +199,23 @@ impl Client {
 
         let mut last_detail = String::new();
         let mut best = 0usize;
+        let ask = |p: usize| {
+            let mode = mode.clone();
+            async move { (p, self.read_member(stripe, p, offset, len, mode).await) }
+        };
+        // The other members, those down in the map last.
+        let mut order: Vec<usize> = (0..geo.width()).filter(|p| *p != index).collect();
+        order.sort_by_key(|p| self.is_down(geo.member(stripe, *p)));
+        // A read asks every other member at once (the first k consistent answers
+        // win); a rebuild, which is not waited on, asks k first and the rest only if
+        // those do not decode, so it reads k blocks, not k + m - 1.
+        let first = if ask_own { order.len() } else { geo.k };
         for round in 0..CONSISTENCY_ROUNDS {
-            let mut others: FuturesUnordered<_> = (0..geo.width())
-                .filter(|p| *p != index)
-                .map(|p| {
-                    let mode = mode.clone();
-                    async move { (p, self.read_member(stripe, p, offset, len, mode).await) }
-                })
-                .collect();
+            let mut others = FuturesUnordered::new();
+            let mut rest: Vec<usize> = order.clone();
+            for p in rest.drain(..first.min(order.len())) {
+                others.push(ask(p));
+            }
             let mut seen: Vec<Seen> = Vec::new();
             let mut bytes: Vec<Bytes> = Vec::new();
             let mut failures: Vec<(usize, CallError)> = Vec::new();
@@ -230,6 +239,11 @@ impl Client {
                                 }
                             }
                             Err(e) => failures.push((p, e)),
+                        }
+                        if others.is_empty() {
+                            for p in rest.drain(..) {
+                                others.push(ask(p));
+                            }
                         }
                     }
                     // Every member answered, the block's own node included.

@@ -47,8 +47,9 @@ use crate::node::Node;
 use crate::store::VolumeStore;
 
 /// Stripes compared or rebuilt at once (each holds at most a stripe's blocks in
-/// memory while it is decoded).
-const CONCURRENCY: usize = 16;
+/// memory while it is decoded). More does not rebuild faster on a small machine; it
+/// takes more from the foreground traffic.
+const CONCURRENCY: usize = 8;
 
 /// Paces rebuilds to a rate in bytes per second (0: as fast as they go), so a node
 /// rebuilding its blocks leaves room for the foreground traffic.

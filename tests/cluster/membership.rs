@@ -525,3 +525,65 @@ async fn a_cut_off_minority_of_replicas_commits_nothing_and_catches_up() {
         "a change proposed to the cut-off minority was applied"
     );
 }
+
+/// `Client::reconstruct`, which a rebuilding node uses: every block of a stripe, data
+/// or parity, decoded from the other members without asking its own node, equals what
+/// was written (data) and the parity of what was written (parity), also with the
+/// block's own node and one more SIGKILLed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_block_decodes_from_the_rest_of_its_stripe() {
+    let tc = TestCluster::start("reconstruct").await;
+    let blocks = random_blocks(11, tc.client.blocks());
+    write_all(&tc.client, &blocks).await;
+    let geo = tc.client.geometry().clone();
+    let vol = tc.client.volume().clone();
+    let codec = drs_codec::Codec::new(
+        drs_codec::Coefficients::from_rows(geo.k, geo.m, vol.coefficients.clone())
+            .expect("coefficients"),
+    );
+    let expected = |stripe: u64| -> Vec<Vec<u8>> {
+        let data: Vec<&[u8]> = (0..geo.k)
+            .map(|i| &blocks[(stripe * geo.k as u64 + i as u64) as usize][..])
+            .collect();
+        let mut parity = vec![vec![0u8; BS]; geo.m];
+        let mut refs: Vec<&mut [u8]> = parity.iter_mut().map(|p| &mut p[..]).collect();
+        codec.encode(&data, &mut refs).expect("encode");
+        data.iter().map(|d| d.to_vec()).chain(parity).collect()
+    };
+    let check = |stripe: u64, position: usize, got: &[u8], what: &str| {
+        assert!(
+            got == &expected(stripe)[position][..],
+            "{what}: block {position} of stripe {stripe} decoded wrong"
+        );
+    };
+    for stripe in 0..geo.stripes() {
+        for position in 0..geo.width() {
+            let (_, got) = tc
+                .client
+                .reconstruct(stripe, position)
+                .await
+                .unwrap_or_else(|e| panic!("reconstruct {position} of {stripe}: {e}"));
+            check(stripe, position, &got, "all up");
+        }
+    }
+    // Node 0 and node 1 dead: blocks they hold decode from the rest.
+    tc.kill(0);
+    tc.kill(1);
+    for stripe in 0..geo.stripes() {
+        for position in 0..geo.width() {
+            if geo.member(stripe, position) != 0 {
+                continue;
+            }
+            let (_, got) = tc
+                .client
+                .reconstruct(stripe, position)
+                .await
+                .unwrap_or_else(|e| panic!("reconstruct {position} of {stripe}: {e}"));
+            check(stripe, position, &got, "nodes 0 and 1 dead");
+        }
+    }
+    assert!(
+        tc.client.reconstruct(geo.stripes(), 0).await.is_err(),
+        "a stripe past the end is refused"
+    );
+}
