@@ -120,6 +120,7 @@ pub async fn run(
             return;
         };
         beating.store(incarnation, Ordering::Release);
+        node.registered.store(incarnation, Ordering::Release);
         tracing::info!(
             node = id,
             incarnation,

@@ -181,6 +181,8 @@ pub struct Node {
     lock_stats: LockStats,
     /// Times the process found it had been paused.
     pub pauses: AtomicU64,
+    /// The incarnation the metadata service gave this start (0: not registered).
+    pub registered: AtomicU64,
     /// Direct updates admitted and not yet answered, per client (fencing waits for
     /// them before settling the client's updates).
     inflight: Mutex<HashMap<ClientId, u32>>,
@@ -247,6 +249,7 @@ impl Node {
             started: Instant::now(),
             lock_stats: LockStats::default(),
             pauses: AtomicU64::new(0),
+            registered: AtomicU64::new(0),
             inflight: Mutex::new(HashMap::new()),
             aon: AonStats::default(),
             cache_groups: Mutex::new(HashMap::new()),
@@ -307,6 +310,7 @@ impl Node {
             epoch: self.epoch(),
             state,
             stats,
+            registered: self.registered.load(Ordering::Acquire),
         }
     }
 

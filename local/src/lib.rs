@@ -812,15 +812,33 @@ impl LocalCluster {
 
     /// With a metadata service: why the nodes in `ids` are not all up in its map
     /// (None when they are, or without a service).
-    async fn waiting_in_map(&self, ids: &[NodeId]) -> Option<String> {
+    /// With a metadata service: what keeps the nodes `registered` (id and the
+    /// incarnation each got when it registered this start) from being up in the map
+    /// (None: nothing). A node is up in the map only once its record has the
+    /// incarnation of this start: the first map of a new cluster says every node is
+    /// up before any has registered.
+    async fn waiting_in_map(&self, registered: &[(NodeId, u64)]) -> Option<String> {
         let meta = drs_meta::MetaClient::for_map(&self.map)?.with_deadline(Duration::from_secs(2));
         match meta.read().await {
             Ok(state) => {
                 let map = state.cluster_map();
-                let not_up: Vec<String> = ids
+                let not_up: Vec<String> = registered
                     .iter()
-                    .filter(|id| map.node_state(**id) != MemberState::Up)
-                    .map(|id| format!("node {id}: {} in the map", map.node_state(*id).as_str()))
+                    .filter_map(|&(id, inc)| {
+                        let entry = map.node(id);
+                        match entry {
+                            _ if inc == 0 => Some(format!("node {id}: not registered yet")),
+                            Some(e) if e.state == MemberState::Up && e.incarnation == inc => None,
+                            Some(e) if e.incarnation != inc => Some(format!(
+                                "node {id}: the map has incarnation {}, the node registered {inc}",
+                                e.incarnation
+                            )),
+                            _ => Some(format!(
+                                "node {id}: {} in the map",
+                                map.node_state(id).as_str()
+                            )),
+                        }
+                    })
                     .collect();
                 (!not_up.is_empty()).then(|| not_up.join("; "))
             }
@@ -839,13 +857,17 @@ impl LocalCluster {
         let start = Instant::now();
         loop {
             let mut waiting = Vec::new();
+            let mut registered = Vec::new();
             for &id in ids {
                 let r = client
                     .call(id, &drs_proto::Request::Ping, Default::default())
                     .await;
                 match r {
                     Ok((drs_proto::Response::Pong(info), _))
-                        if info.state == drs_proto::NodeState::Up => {}
+                        if info.state == drs_proto::NodeState::Up =>
+                    {
+                        registered.push((id, info.registered));
+                    }
                     Ok((drs_proto::Response::Pong(info), _)) => {
                         waiting.push(format!("node {id}: {:?}", info.state))
                     }
@@ -866,7 +888,7 @@ impl LocalCluster {
                 }
             }
             if waiting.is_empty() {
-                match self.waiting_in_map(ids).await {
+                match self.waiting_in_map(&registered).await {
                     None => return Ok(()),
                     Some(w) => waiting.push(w),
                 }

@@ -476,6 +476,10 @@ pub struct NodeInfo {
     pub epoch: u64,
     pub state: NodeState,
     pub stats: NodeStats,
+    /// The incarnation the metadata service gave this start of the node when it
+    /// registered (0: not registered yet, or no metadata service). The node is up in
+    /// the cluster when the map's record has this incarnation and says up.
+    pub registered: u64,
 }
 
 #[cfg(test)]
@@ -622,6 +626,7 @@ mod tests {
                 node: 3,
                 incarnation: 9,
                 epoch: 1,
+                registered: 4,
                 state: NodeState::Recovering {
                     verified: 1,
                     total: 2,
