@@ -20,7 +20,7 @@ use drs_proto::NodeId;
 
 use crate::error::MetaError;
 use crate::net::{self, Conn, HeartbeatAck, MetaStatus, Request, Response, WireError};
-use crate::state::{MetaCommand, MetaResponse, MetaState, ReplicaId};
+use crate::state::{MetaCommand, MetaResponse, MetaState, Proposal, ReplicaId};
 
 /// Replica addresses remembered at most.
 const MAX_REPLICAS: usize = 16;
@@ -129,9 +129,16 @@ impl MetaClient {
     }
 
     /// Applies a command through the leader; returns its response (refusals included).
+    /// Every try (another replica, a new leader) carries the same nonce, so a command
+    /// whose first try was applied and its answer lost is not applied again: the retry
+    /// gets the first answer.
     pub async fn propose(&self, cmd: MetaCommand) -> Result<MetaResponse, MetaError> {
         let timeout = self.inner.cfg.rpc_timeout;
-        match self.request(Request::Propose(cmd), timeout).await? {
+        let nonce = rand::random::<u64>().max(1);
+        match self
+            .request(Request::Propose(Proposal { nonce, cmd }), timeout)
+            .await?
+        {
             (Response::Proposed(r), _) => Ok(r),
             (other, addr) => Err(unexpected(addr, &other)),
         }

@@ -40,12 +40,15 @@ pub use client::{ClientConfig, MetaClient};
 pub use error::MetaError;
 pub use net::{HeartbeatAck, MetaStatus, Role};
 pub use service::{MetaConfig, MetaNode};
-pub use state::{MetaCommand, MetaResponse, MetaState, NodeRecord, NodeState, Refusal, ReplicaId};
+pub use state::{
+    Answered, MetaCommand, MetaResponse, MetaState, NodeRecord, NodeState, Proposal, Refusal,
+    ReplicaId,
+};
 
 openraft::declare_raft_types!(
     /// The openraft type configuration of the metadata service.
     pub TypeConfig:
-        D = MetaCommand,
+        D = Proposal,
         R = MetaResponse,
         NodeId = u64,
         Node = openraft::BasicNode,

@@ -48,7 +48,7 @@ use tokio::net::TcpStream;
 use tokio_util::codec::{Decoder, Encoder, Framed};
 
 use crate::error::MetaError;
-use crate::state::{MetaCommand, MetaResponse, MetaState, NodeRecord, ReplicaId};
+use crate::state::{MetaResponse, MetaState, NodeRecord, Proposal, ReplicaId};
 use crate::TypeConfig;
 use drs_proto::NodeId;
 
@@ -186,7 +186,8 @@ pub enum Request {
     /// Raft: a whole snapshot.
     FullSnapshot(Box<FullSnapshot>),
     /// Leader: append a command and answer once it is applied.
-    Propose(MetaCommand),
+    /// A command, with the nonce its retries share.
+    Propose(Proposal),
     /// Leader: a linearizable read of the whole state.
     Read,
     /// Any replica: its own view (no consensus).

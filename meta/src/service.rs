@@ -40,7 +40,7 @@ use crate::net::{
     self, decode_message, encode_message, HeartbeatAck, MetaCodec, MetaStatus, NetworkFactory,
     Request, RequestEnvelope, Response, WireError,
 };
-use crate::state::{MetaCommand, MetaResponse, MetaState, NodeState, Refusal, ReplicaId};
+use crate::state::{MetaCommand, MetaResponse, MetaState, NodeState, Proposal, Refusal, ReplicaId};
 use crate::store;
 use crate::Raft;
 
@@ -295,7 +295,7 @@ impl MetaNode {
     /// [`MetaError::ForwardToLeader`]). Waits up to `propose_timeout_ms`.
     pub async fn propose(&self, cmd: MetaCommand) -> Result<MetaResponse, MetaError> {
         let wait = Duration::from_millis(self.inner.cfg.propose_timeout_ms);
-        self.inner.propose(cmd, wait).await
+        self.inner.propose(Proposal { nonce: 0, cmd }, wait).await
     }
 
     /// Fault injection for tests: while set, this replica sends no Raft RPC and drops
@@ -400,8 +400,8 @@ impl Inner {
         }
     }
 
-    async fn propose(&self, cmd: MetaCommand, wait: Duration) -> Result<MetaResponse, MetaError> {
-        match tokio::time::timeout(wait, self.raft.client_write(cmd)).await {
+    async fn propose(&self, p: Proposal, wait: Duration) -> Result<MetaResponse, MetaError> {
+        match tokio::time::timeout(wait, self.raft.client_write(p)).await {
             Err(_) => Err(MetaError::Timeout(format!(
                 "proposal not applied within {} ms",
                 wait.as_millis()
@@ -826,7 +826,7 @@ async fn failure_detector(inner: Arc<Inner>) {
             let cmd = MetaCommand::MarkDown { node, incarnation };
             let res = tokio::select! {
                 _ = inner.cancel.cancelled() => return,
-                r = inner.propose(cmd, Duration::from_secs(2)) => r,
+                r = inner.propose(Proposal { nonce: 0, cmd }, Duration::from_secs(2)) => r,
             };
             match res {
                 Ok(MetaResponse::Applied { epoch }) => {

@@ -67,6 +67,54 @@ pub struct MetaState {
     pub replica_hosts: BTreeMap<ReplicaId, NodeId>,
 }
 
+/// What the Raft log carries: a command, and the nonce its proposer chose for it.
+/// A proposer that retries (its leader died before answering) sends the same nonce,
+/// so a command applied once is not applied again ([`Answered`]). Nonce 0: no such
+/// check.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Proposal {
+    pub nonce: u64,
+    pub cmd: MetaCommand,
+}
+
+/// The answers to the most recent proposals by nonce (at most [`Answered::MAX`]),
+/// kept with the state machine (in its snapshots, not in the state clients read):
+/// a retried proposal gets its first answer again and changes nothing.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Answered {
+    recent: std::collections::VecDeque<(u64, MetaResponse)>,
+}
+
+impl Answered {
+    /// Proposals remembered. Retries come within seconds of the first try, while
+    /// proposals are a few per second at most.
+    pub const MAX: usize = 4096;
+
+    /// Applies `p` to `state` unless its nonce was answered already; the answer.
+    pub fn apply(&mut self, state: &mut MetaState, p: &Proposal) -> MetaResponse {
+        if p.nonce == 0 {
+            return state.apply(&p.cmd);
+        }
+        if let Some((_, r)) = self.recent.iter().find(|(n, _)| *n == p.nonce) {
+            return r.clone();
+        }
+        let r = state.apply(&p.cmd);
+        self.recent.push_back((p.nonce, r.clone()));
+        while self.recent.len() > Self::MAX {
+            self.recent.pop_front();
+        }
+        r
+    }
+
+    pub fn len(&self) -> usize {
+        self.recent.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.recent.is_empty()
+    }
+}
+
 /// A change to the metadata state, proposed through Raft.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]

@@ -35,7 +35,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use crate::state::{MetaResponse, MetaState, ReplicaId};
+use crate::state::{Answered, MetaResponse, MetaState, ReplicaId};
 use crate::TypeConfig;
 
 /// The database file inside a replica's directory.
@@ -124,6 +124,9 @@ pub struct SmData {
     pub last_applied: Option<LogId<NodeId>>,
     pub last_membership: StoredMembership<NodeId, BasicNode>,
     pub state: MetaState,
+    /// Answers to recent proposals, so a retried one is not applied twice.
+    #[serde(default)]
+    pub answered: Answered,
 }
 
 /// The current snapshot as stored.
@@ -167,6 +170,17 @@ pub fn open(dir: &Path) -> Result<(LogStore, StateMachine), StoreError> {
         LogStore { db: db.clone() },
         StateMachine { db, sm, state_tx },
     ))
+}
+
+/// Decodes a log entry as the log table stores it (for tools and fuzzing).
+pub fn decode_log_entry(bytes: &[u8]) -> Result<Entry<TypeConfig>, StoreError> {
+    decode("log entry", bytes)
+}
+
+/// Decodes a snapshot as stored and as `InstallSnapshot` carries it (for tools and
+/// fuzzing).
+pub fn decode_snapshot(bytes: &[u8]) -> Result<SmData, StoreError> {
+    decode("snapshot", bytes)
 }
 
 fn decode<T: DeserializeOwned>(what: &str, bytes: &[u8]) -> Result<T, StoreError> {
@@ -527,9 +541,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             };
             match entry.payload {
                 EntryPayload::Blank => responses.push(unchanged),
-                EntryPayload::Normal(cmd) => {
-                    let resp = self.sm.state.apply(&cmd);
-                    tracing::debug!(index = entry.log_id.index, ?cmd, ?resp, "applied");
+                EntryPayload::Normal(p) => {
+                    let resp = self.sm.answered.apply(&mut self.sm.state, &p);
+                    tracing::debug!(index = entry.log_id.index, ?p, ?resp, "applied");
                     responses.push(resp);
                 }
                 EntryPayload::Membership(m) => {

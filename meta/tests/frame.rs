@@ -13,7 +13,9 @@ use drs_meta::net::{
     HeartbeatAck, MetaCodec, MetaStatus, Request, RequestEnvelope, Response, Role, WireError,
     HEADER_LEN, MAGIC, MAX_FRAME_LEN,
 };
-use drs_meta::{MetaCommand, MetaResponse, MetaState, NodeRecord, NodeState, Refusal, TypeConfig};
+use drs_meta::{
+    MetaCommand, MetaResponse, MetaState, NodeRecord, NodeState, Proposal, Refusal, TypeConfig,
+};
 use drs_proto::map::{ClusterMap, MetaReplica, NodeEntry, VolumeConfig};
 use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, VoteRequest, VoteResponse};
 use openraft::{
@@ -265,10 +267,14 @@ fn log_id() -> impl Strategy<Value = LogId<u64>> {
         .prop_map(|(t, n, i)| LogId::new(CommittedLeaderId::new(t, n), i))
 }
 
+fn proposal() -> impl Strategy<Value = Proposal> {
+    (any::<u64>(), command()).prop_map(|(nonce, cmd)| Proposal { nonce, cmd })
+}
+
 fn entry() -> impl Strategy<Value = Entry<TypeConfig>> {
     let payload = prop_oneof![
         Just(EntryPayload::<TypeConfig>::Blank),
-        command().prop_map(EntryPayload::Normal),
+        proposal().prop_map(EntryPayload::Normal),
         prop::collection::btree_map(any::<u64>(), "[0-9.:]{0,21}", 1..4).prop_map(|nodes| {
             let ids: BTreeSet<u64> = nodes.keys().copied().collect();
             let nodes: BTreeMap<u64, BasicNode> = nodes
@@ -317,7 +323,7 @@ fn request() -> impl Strategy<Value = Request> {
                     data,
                 }
             ))),
-        command().prop_map(Request::Propose),
+        proposal().prop_map(Request::Propose),
         Just(Request::Read),
         Just(Request::Status),
         (any::<u32>(), any::<u64>())

@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 
 use drs_meta::store::{self, LogStore, StateMachine};
-use drs_meta::{MetaCommand, MetaResponse, TypeConfig};
+use drs_meta::{MetaCommand, MetaResponse, Proposal, TypeConfig};
 use drs_proto::map::{ClusterMap, MemberState, NodeEntry};
 use openraft::storage::{RaftLogStorage, RaftLogStorageExt, RaftStateMachine};
 use openraft::testing::{StoreBuilder, Suite};
@@ -44,6 +44,60 @@ fn entry(term: u64, index: u64, payload: EntryPayload<TypeConfig>) -> Entry<Type
     }
 }
 
+fn once(nonce: u64, cmd: MetaCommand) -> Proposal {
+    Proposal { nonce, cmd }
+}
+
+/// A proposal retried with the same nonce (its first answer was lost to a leader
+/// change) gets the first answer again and changes nothing, also after the store is
+/// reopened; another nonce applies again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_proposal_applies_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let add = |node: u32| MetaCommand::AddNode {
+        node,
+        addr: SocketAddr::from(([127, 0, 0, 2], 9000 + node as u16)),
+    };
+    let entries = vec![
+        entry(
+            1,
+            1,
+            EntryPayload::Normal(once(0, MetaCommand::Bootstrap { map: small_map() })),
+        ),
+        entry(1, 2, EntryPayload::Normal(once(41, add(10)))),
+        entry(1, 3, EntryPayload::Normal(once(41, add(10)))),
+    ];
+    {
+        let (_log, mut sm) = store::open(dir.path()).unwrap();
+        let resp = sm.apply(entries.clone()).await.unwrap();
+        assert_eq!(resp[1], MetaResponse::Applied { epoch: 2 });
+        assert_eq!(resp[2], resp[1], "the retry gets the first answer");
+        assert_eq!(
+            sm.subscribe().borrow().epoch,
+            2,
+            "the retry changed nothing"
+        );
+    }
+    let (_log, mut sm) = store::open(dir.path()).unwrap();
+    let resp = sm
+        .apply(vec![
+            entry(1, 4, EntryPayload::Normal(once(41, add(10)))),
+            entry(1, 5, EntryPayload::Normal(once(42, add(10)))),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(
+        resp[0],
+        MetaResponse::Applied { epoch: 2 },
+        "remembered across a reopen"
+    );
+    assert!(
+        matches!(resp[1], MetaResponse::Refused(_)),
+        "another nonce is another proposal: {:?}",
+        resp[1]
+    );
+}
+
 fn small_map() -> ClusterMap {
     ClusterMap {
         cluster_id: 7,
@@ -76,25 +130,31 @@ async fn everything_survives_reopening() {
         entry(
             1,
             2,
-            EntryPayload::Normal(MetaCommand::Bootstrap { map: small_map() }),
+            EntryPayload::Normal(once(0, MetaCommand::Bootstrap { map: small_map() })),
         ),
         entry(
             1,
             3,
-            EntryPayload::Normal(MetaCommand::Register {
-                node: 1,
-                addr: SocketAddr::from(([127, 0, 0, 1], 9001)),
-                nonce: 0,
-            }),
+            EntryPayload::Normal(once(
+                0,
+                MetaCommand::Register {
+                    node: 1,
+                    addr: SocketAddr::from(([127, 0, 0, 1], 9001)),
+                    nonce: 0,
+                },
+            )),
         ),
         entry(2, 4, EntryPayload::Blank),
         entry(
             2,
             5,
-            EntryPayload::Normal(MetaCommand::MarkUp {
-                node: 1,
-                incarnation: 2,
-            }),
+            EntryPayload::Normal(once(
+                0,
+                MetaCommand::MarkUp {
+                    node: 1,
+                    incarnation: 2,
+                },
+            )),
         ),
     ];
     let state_after;

@@ -14,5 +14,6 @@ mod common;
 mod deadclient;
 mod durability;
 mod failures;
+mod hostile;
 mod membership;
 mod writes;
