@@ -12,7 +12,7 @@ use drs_proto::{Frame, FrameHeader, FrameKind, Request};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::net::TcpSocket;
 
 use crate::common::*;
 
@@ -82,7 +82,15 @@ async fn flood(addr: std::net::SocketAddr, cluster_id: u64, n: u64, seed: u64) -
                 tokio::spawn(async move {
                     let mut rng = StdRng::seed_from_u64(seed ^ i);
                     let bytes = garbage(i, cluster_id, &mut rng);
-                    let Ok(mut s) = TcpStream::connect(addr).await else {
+                    // From 127.0.0.2, so these ten thousand source ports never
+                    // take a port another test's node is about to listen on.
+                    let Ok(sock) = TcpSocket::new_v4() else {
+                        return;
+                    };
+                    if sock.bind(([127, 0, 0, 2], 0).into()).is_err() {
+                        return;
+                    }
+                    let Ok(mut s) = sock.connect(addr).await else {
                         return;
                     };
                     let _ = s.write_all(&bytes).await;
