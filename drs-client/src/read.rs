@@ -30,6 +30,17 @@ const CONSISTENCY_ROUNDS: usize = 4;
 /// A read reply: the versions the bytes reflect, and the bytes.
 pub type Versioned = (Vec<Version>, Bytes);
 
+/// One read of a byte range of the block at `index` of `stripe`. `ask_own`: ask the
+/// block's own node first (a read); without it, decode from the others (a rebuild).
+struct Want {
+    stripe: StripeId,
+    index: usize,
+    offset: usize,
+    len: usize,
+    mode: ReadMode,
+    ask_own: bool,
+}
+
 impl Client {
     /// Reads `len` bytes at `offset` of data block `lba`.
     pub async fn read(&self, lba: u64, offset: usize, len: usize) -> Result<Bytes, ClientError> {
@@ -105,8 +116,15 @@ impl Client {
         len: usize,
         mode: ReadMode,
     ) -> Result<Versioned, ClientError> {
-        self.read_range_from(stripe, index, offset, len, mode, true)
-            .await
+        self.read_range_from(Want {
+            stripe,
+            index,
+            offset,
+            len,
+            mode,
+            ask_own: true,
+        })
+        .await
     }
 
     /// Decodes the whole block at `position` of `stripe` (data or parity) from k other
@@ -127,25 +145,21 @@ impl Client {
             });
         }
         let bs = geo.block_size;
-        self.read_range_from(stripe, position, 0, bs, ReadMode::Applied, false)
-            .await
+        self.read_range_from(Want {
+            stripe,
+            index: position,
+            offset: 0,
+            len: bs,
+            mode: ReadMode::Applied,
+            ask_own: false,
+        })
+        .await
     }
 
-    async fn read_range_from(
-        &self,
-        stripe: StripeId,
-        index: usize,
-        offset: usize,
-        len: usize,
-        mode: ReadMode,
-        ask_own: bool,
-    ) -> Result<Versioned, ClientError> {
+    async fn read_range_from(&self, want: Want) -> Result<Versioned, ClientError> {
         let until = Instant::now() + self.inner.cfg.request_timeout;
         loop {
-            match self
-                .read_range_once(stripe, index, offset, len, mode.clone(), ask_own)
-                .await
-            {
+            match self.read_range_once(&want).await {
                 Err(ClientError::Unavailable {
                     transient: true, ..
                 }) if Instant::now() < until => {
@@ -156,15 +170,10 @@ impl Client {
         }
     }
 
-    async fn read_range_once(
-        &self,
-        stripe: StripeId,
-        index: usize,
-        offset: usize,
-        len: usize,
-        mode: ReadMode,
-        ask_own: bool,
-    ) -> Result<Versioned, ClientError> {
+    async fn read_range_once(&self, want: &Want) -> Result<Versioned, ClientError> {
+        let (stripe, index, offset, len, ask_own) =
+            (want.stripe, want.index, want.offset, want.len, want.ask_own);
+        let mode = want.mode.clone();
         let geo = &self.inner.geo;
         let mut transient = false;
         let primary_node = geo.member(stripe, index);

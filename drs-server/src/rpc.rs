@@ -4,7 +4,10 @@
 //! Everything is bounded: connections (a semaphore), requests in flight per
 //! connection, answers queued for the writer, and frame sizes (checked in the frame
 //! header before anything is allocated). A frame that does not decode closes the
-//! connection: a byte stream cannot be re-synchronised after a bad frame.
+//! connection: a byte stream cannot be re-synchronised after a bad frame. So does a
+//! frame that stops arriving half-way ([`FRAME_STALL`] without a byte of progress): a
+//! peer that stalls mid-frame would otherwise hold a connection slot for ever. An
+//! idle connection between frames is left open (clients pool them).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -13,6 +16,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use drs_proto::{Frame, FrameCodec, FrameHeader, FrameKind, Request, Response, WireError};
 use futures::{SinkExt, StreamExt};
+use tokio::net::tcp::OwnedReadHalf;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::task::AbortHandle;
@@ -24,6 +28,8 @@ use crate::node::{Admitted, Node};
 const IN_FLIGHT: usize = 256;
 /// Answers queued for a connection's writer.
 const ANSWERS: usize = 256;
+/// A frame begun that makes no progress for this long closes its connection.
+pub const FRAME_STALL: Duration = Duration::from_secs(5);
 /// Deadline applied to a request that names none, and the longest one honoured.
 const DEADLINE_MAX: Duration = Duration::from_secs(60);
 
@@ -58,6 +64,38 @@ pub async fn serve(node: Arc<Node>, listener: TcpListener, mut shutdown: watch::
     }
 }
 
+/// The next frame, an error, or None at the end of the stream or when a frame begun
+/// made no progress for [`FRAME_STALL`] (logged).
+async fn next_frame(
+    frames: &mut FramedRead<OwnedReadHalf, FrameCodec>,
+    peer: Option<std::net::SocketAddr>,
+) -> Option<Result<Frame, drs_proto::FrameError>> {
+    // Bytes of an unfinished frame at the last check.
+    let mut partial: Option<usize> = None;
+    loop {
+        // Cancel-safe: what has arrived stays in the reader's buffer.
+        match tokio::time::timeout(FRAME_STALL, frames.next()).await {
+            Ok(n) => return n,
+            Err(_) => {
+                let have = frames.read_buffer().len();
+                if have == 0 {
+                    partial = None;
+                } else if partial == Some(have) {
+                    tracing::warn!(
+                        ?peer,
+                        bytes = have,
+                        stall_s = FRAME_STALL.as_secs(),
+                        "a frame stopped arriving half-way; closing the connection"
+                    );
+                    return None;
+                } else {
+                    partial = Some(have);
+                }
+            }
+        }
+    }
+}
+
 async fn connection(node: Arc<Node>, stream: TcpStream, mut shutdown: watch::Receiver<bool>) {
     let peer = stream.peer_addr().ok();
     let (rd, wr) = stream.into_split();
@@ -83,7 +121,7 @@ async fn connection(node: Arc<Node>, stream: TcpStream, mut shutdown: watch::Rec
     let running: Arc<Mutex<HashMap<u64, AbortHandle>>> = Arc::default();
     loop {
         let next = tokio::select! {
-            n = frames.next() => n,
+            n = next_frame(&mut frames, peer) => n,
             _ = shutdown.changed() => break,
         };
         let frame = match next {

@@ -185,3 +185,92 @@ async fn a_flood_of_garbage_connections_leaves_memory_and_service_intact() {
     }
     verify(&tc.client, &blocks, "after the flood").await;
 }
+
+/// One Ping frame on a raw connection; true if a frame came back within 5 s.
+async fn ping(s: &mut tokio::net::TcpStream, cluster_id: u64) -> bool {
+    let header = FrameHeader {
+        kind: FrameKind::Request,
+        cluster_id,
+        epoch: 0,
+        request_id: 1,
+        deadline_ms: 1000,
+    };
+    let bytes = Frame::new(header, &Request::Ping, Bytes::new())
+        .expect("frame")
+        .to_bytes();
+    if s.write_all(&bytes).await.is_err() {
+        return false;
+    }
+    let mut buf = bytes::BytesMut::new();
+    tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            if let Ok(Some(_)) = drs_proto::frame::decode_frame(&mut buf) {
+                return true;
+            }
+            let mut chunk = [0u8; 4096];
+            match s.read(&mut chunk).await {
+                Ok(0) | Err(_) => return false,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    })
+    .await
+    .unwrap_or(false)
+}
+
+async fn connect_from_127_0_0_2(addr: std::net::SocketAddr) -> tokio::net::TcpStream {
+    let sock = TcpSocket::new_v4().expect("socket");
+    sock.bind(([127, 0, 0, 2], 0).into())
+        .expect("bind 127.0.0.2");
+    sock.connect(addr).await.expect("connect")
+}
+
+/// More connections than a node has slots (1024) each send the first 10 bytes of a
+/// frame and then nothing: the node closes every one once it has made no progress
+/// for `FRAME_STALL` (5 s), so its slots come back, while a connection idle between
+/// whole frames stays open and is answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn connections_stalled_mid_frame_are_closed() {
+    const STALLED: usize = 1100;
+    let tc = TestCluster::start("stalled").await;
+    let addr = tc.local.map.node(0).expect("node").addr;
+    let cluster_id = tc.local.map.cluster_id;
+    let mut idle = connect_from_127_0_0_2(addr).await;
+    assert!(ping(&mut idle, cluster_id).await, "no answer to a ping");
+    let mut stalled = Vec::new();
+    for _ in 0..STALLED {
+        let mut s = connect_from_127_0_0_2(addr).await;
+        s.write_all(b"DRS1\x01\x00\x01\x00\x07\x00")
+            .await
+            .expect("write part of a header");
+        stalled.push(s);
+    }
+    let start = std::time::Instant::now();
+    let mut closed = 0;
+    for mut s in stalled {
+        let left = Duration::from_secs(40).saturating_sub(start.elapsed());
+        let mut b = [0u8; 64];
+        if let Ok(Ok(0)) = tokio::time::timeout(left, s.read(&mut b)).await {
+            closed += 1;
+        }
+    }
+    eprintln!(
+        "{closed} of {STALLED} stalled connections closed by the node after {:?}",
+        start.elapsed()
+    );
+    assert_eq!(closed, STALLED, "stalled connections left open");
+    assert!(
+        ping(&mut idle, cluster_id).await,
+        "a connection idle between frames was closed"
+    );
+    let mut fresh = connect_from_127_0_0_2(addr).await;
+    assert!(
+        ping(&mut fresh, cluster_id).await,
+        "a new connection got no answer"
+    );
+    let log = std::fs::read_to_string(tc.local.log_path(0)).expect("node log");
+    assert!(
+        log.contains("a frame stopped arriving half-way"),
+        "the node logged no reason"
+    );
+}
