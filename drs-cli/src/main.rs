@@ -92,8 +92,8 @@ enum Cmd {
     /// Start a local cluster, write random data, SIGKILL m nodes, read it back and
     /// verify it, restart the nodes, scrub, and shut down.
     Demo(demo::DemoArgs),
-    /// Run a storage node in this process (used when `drs-server` is not installed
-    /// next to `drs-cli`).
+    /// Run a storage node in this process (how `drs-cli` starts nodes unless
+    /// `DRS_SERVER_BIN` names a `drs-server`).
     #[command(hide = true)]
     NodeServe(drs_server::cli::ServeArgs),
 }
@@ -312,11 +312,13 @@ async fn run(cmd: Cmd) -> anyhow::Result<i32> {
     }
 }
 
-/// How this program starts nodes: `drs-server` if it can be found, otherwise itself
-/// (`drs-cli node-serve`), which runs the same node code.
+/// How this program starts nodes: `$DRS_SERVER_BIN` if set, otherwise itself
+/// (`drs-cli node-serve`), which runs the same node code, so nodes always speak the
+/// same protocol version as the client (a `drs-server` left over from an older build
+/// next to this one is never picked up by accident).
 fn server_command() -> anyhow::Result<ServerCommand> {
-    if let Some(s) = ServerCommand::locate() {
-        return Ok(s);
+    if std::env::var_os("DRS_SERVER_BIN").is_some() {
+        return ServerCommand::locate().context("DRS_SERVER_BIN is set but unusable");
     }
     let exe = std::env::current_exe().context("find the drs-cli executable")?;
     Ok(ServerCommand {
