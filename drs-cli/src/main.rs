@@ -92,6 +92,9 @@ enum Cmd {
     /// Start a local cluster, write random data, SIGKILL m nodes, read it back and
     /// verify it, restart the nodes, scrub, and shut down.
     Demo(demo::DemoArgs),
+    /// Mount the cluster's file system with FUSE (as `drs-fuse mount`) and serve it
+    /// until unmounted (fusermount3 -u MOUNTPOINT, SIGTERM or SIGINT).
+    Mount(drs_fuse::cli::MountArgs),
     /// Run a storage node in this process (how `drs-cli` starts nodes unless
     /// `DRS_SERVER_BIN` names a `drs-server`).
     #[command(hide = true)]
@@ -221,6 +224,14 @@ fn main() {
         }
         return;
     }
+    if let Cmd::Mount(args) = cli.cmd {
+        drs_fuse::cli::init_logging();
+        if let Err(e) = drs_fuse::mount(&args.config()) {
+            eprintln!("drs-cli: error: {e:#}");
+            std::process::exit(1);
+        }
+        return;
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -308,7 +319,7 @@ async fn run(cmd: Cmd) -> anyhow::Result<i32> {
             parallel,
         } => scrub::run(&c.cluster, !no_repair, rate, parallel).await,
         Cmd::Demo(a) => demo::run(a).await.map(|_| 0),
-        Cmd::NodeServe(_) => Ok(0),
+        Cmd::NodeServe(_) | Cmd::Mount(_) => Ok(0),
     }
 }
 

@@ -144,6 +144,34 @@ impl MetaClient {
         }
     }
 
+    /// Applies a file system command through the leader; its answer.
+    pub async fn fs(
+        &self,
+        cmd: crate::fs::FsCommand,
+    ) -> Result<Result<crate::fs::FsReply, crate::fs::FsError>, MetaError> {
+        match self.propose(MetaCommand::Fs(cmd)).await? {
+            MetaResponse::Fs(r) => Ok(r),
+            other => Err(MetaError::Protocol {
+                addr: self
+                    .leader_hint()
+                    .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0))),
+                what: format!("a file system command answered {other:?}"),
+            }),
+        }
+    }
+
+    /// A linearizable read of the file system namespace at the leader.
+    pub async fn fs_query(
+        &self,
+        q: crate::fs::FsQuery,
+    ) -> Result<Result<crate::fs::FsReply, crate::fs::FsError>, MetaError> {
+        let timeout = self.inner.cfg.rpc_timeout;
+        match self.request(Request::FsQuery(q), timeout).await? {
+            (Response::Fs(r), _) => Ok(r),
+            (other, addr) => Err(unexpected(addr, &other)),
+        }
+    }
+
     /// The whole state, read linearizably at the leader.
     pub async fn read(&self) -> Result<MetaState, MetaError> {
         let timeout = self.inner.cfg.rpc_timeout;

@@ -8,6 +8,8 @@
 //!
 //! # Layout
 //! - [`state`]: the state and its commands, pure; `MetaState::apply` is the state machine.
+//! - [`fs`]: the file system namespace and block allocation, pure; replicated in the
+//!   same log (`MetaCommand::Fs`), read with `MetaClient::fs_query`.
 //! - [`store`]: openraft's log and state-machine storage on one redb database.
 //! - [`net`]: the TCP transport: the frame format, every metadata message, and the
 //!   openraft network client (with the isolation switch for tests).
@@ -29,6 +31,7 @@
 
 pub mod client;
 pub mod error;
+pub mod fs;
 pub mod net;
 pub mod service;
 pub mod state;

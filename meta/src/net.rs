@@ -15,7 +15,8 @@
 //! A connection carries one request at a time: the caller sends a [`RequestEnvelope`]
 //! (cluster id, the time it will wait, the [`Request`]) and reads one [`Response`]. Raft
 //! traffic (AppendEntries, Vote, InstallSnapshot, and whole snapshots in one message) and
-//! client requests (Propose, Read, Status, Heartbeat, Watch, AddReplica, RemoveReplica)
+//! client requests (Propose, Read, Status, Heartbeat, Watch, AddReplica, RemoveReplica,
+//! FsQuery)
 //! share the format; a replica serves both on one port.
 //!
 //! Fault injection: a replica's isolation flag (see `MetaNode::set_isolated`) makes
@@ -201,6 +202,8 @@ pub enum Request {
     AddReplica { id: ReplicaId, addr: SocketAddr },
     /// Leader: remove a metadata replica from the membership.
     RemoveReplica { id: ReplicaId },
+    /// Leader: a linearizable read of the file system namespace.
+    FsQuery(crate::fs::FsQuery),
 }
 
 impl Request {
@@ -279,6 +282,8 @@ pub enum Response {
     /// The voters after a membership change.
     Members(BTreeMap<ReplicaId, SocketAddr>),
     Error(WireError),
+    /// The answer to `FsQuery`.
+    Fs(Result<crate::fs::FsReply, crate::fs::FsError>),
 }
 
 /// An error a replica answers with.

@@ -82,6 +82,9 @@ pub struct MetaConfig {
     pub logs_kept_after_snapshot: u64,
     /// Longest a proposal waits to be applied.
     pub propose_timeout_ms: u64,
+    /// Persist the state machine record every this many applied entries (the log
+    /// holds the rest; see `StateMachine::set_persist_every`).
+    pub sm_persist_every: u64,
 }
 
 impl MetaConfig {
@@ -99,6 +102,7 @@ impl MetaConfig {
             snapshot_after_logs: 1000,
             logs_kept_after_snapshot: 200,
             propose_timeout_ms: 5000,
+            sm_persist_every: 256,
         }
     }
 
@@ -132,6 +136,8 @@ struct Inner {
     local_addr: SocketAddr,
     raft: Raft,
     state_rx: watch::Receiver<Arc<MetaState>>,
+    /// The file system state, shared with the state machine.
+    fs: crate::fs::SharedFs,
     isolated: Arc<AtomicBool>,
     /// node -> (incarnation, arrival) of its latest heartbeat.
     heartbeats: Mutex<HashMap<NodeId, (u64, Instant)>>,
@@ -164,10 +170,12 @@ impl MetaNode {
             source,
         })?;
         let dir = cfg.dir.clone();
-        let (log, sm) = tokio::task::spawn_blocking(move || store::open(&dir))
+        let (log, mut sm) = tokio::task::spawn_blocking(move || store::open(&dir))
             .await
             .map_err(|e| MetaError::Start(e.to_string()))??;
+        sm.set_persist_every(cfg.sm_persist_every);
         let state_rx = sm.subscribe();
+        let fs = sm.fs();
         let db = log.db_weak();
         let listener = TcpListener::bind(cfg.addr)
             .await
@@ -190,6 +198,7 @@ impl MetaNode {
             local_addr,
             raft,
             state_rx,
+            fs,
             isolated,
             heartbeats: Mutex::new(HashMap::new()),
             cancel: CancellationToken::new(),
@@ -668,6 +677,10 @@ impl Inner {
             },
             Request::RemoveReplica { id } => match self.remove_replica(id, deadline).await {
                 Ok(m) => Response::Members(m),
+                Err(e) => Response::Error(e.to_wire()),
+            },
+            Request::FsQuery(q) => match self.read(deadline).await {
+                Ok(_) => Response::Fs(self.fs.read().query(&q)),
                 Err(e) => Response::Error(e.to_wire()),
             },
         }

@@ -92,14 +92,19 @@ impl Answered {
 
     /// Applies `p` to `state` unless its nonce was answered already; the answer.
     pub fn apply(&mut self, state: &mut MetaState, p: &Proposal) -> MetaResponse {
-        if p.nonce == 0 {
-            return state.apply(&p.cmd);
+        self.apply_with(p.nonce, || state.apply(&p.cmd))
+    }
+
+    /// Runs `apply` unless `nonce` was answered already; the answer.
+    pub fn apply_with(&mut self, nonce: u64, apply: impl FnOnce() -> MetaResponse) -> MetaResponse {
+        if nonce == 0 {
+            return apply();
         }
-        if let Some((_, r)) = self.recent.iter().find(|(n, _)| *n == p.nonce) {
+        if let Some((_, r)) = self.recent.iter().find(|(n, _)| *n == nonce) {
             return r.clone();
         }
-        let r = state.apply(&p.cmd);
-        self.recent.push_back((p.nonce, r.clone()));
+        let r = apply();
+        self.recent.push_back((nonce, r.clone()));
         while self.recent.len() > Self::MAX {
             self.recent.pop_front();
         }
@@ -147,6 +152,9 @@ pub enum MetaCommand {
     AddNode { node: NodeId, addr: SocketAddr },
     /// Forget a node; refused while a volume places blocks on it.
     RemoveNode { node: NodeId },
+    /// A change to the file system namespace (applied to [`crate::fs::FsState`], not to
+    /// this state; the epoch does not change).
+    Fs(crate::fs::FsCommand),
 }
 
 /// The result of applying a command.
@@ -161,6 +169,8 @@ pub enum MetaResponse {
     Registered { incarnation: u64, epoch: u64 },
     /// The command was refused; the state did not change.
     Refused(Refusal),
+    /// The answer to a file system command.
+    Fs(Result<crate::fs::FsReply, crate::fs::FsError>),
 }
 
 impl MetaResponse {
@@ -170,7 +180,7 @@ impl MetaResponse {
             MetaResponse::Applied { epoch }
             | MetaResponse::Unchanged { epoch }
             | MetaResponse::Registered { epoch, .. } => Some(*epoch),
-            MetaResponse::Refused(_) => None,
+            MetaResponse::Refused(_) | MetaResponse::Fs(_) => None,
         }
     }
 
@@ -247,7 +257,7 @@ impl MetaState {
             return Err(Refusal::NotBootstrapped);
         }
         match cmd {
-            MetaCommand::Bootstrap { .. } => Ok(()),
+            MetaCommand::Bootstrap { .. } | MetaCommand::Fs(_) => Ok(()),
             MetaCommand::Register { node, addr, .. } => {
                 let rec = self.record(*node)?;
                 if rec.addr != *addr {
@@ -370,6 +380,8 @@ impl MetaState {
                 self.bump();
                 MetaResponse::Applied { epoch: self.epoch }
             }
+            // The state machine applies these to its file system state instead.
+            MetaCommand::Fs(_) => MetaResponse::Fs(Err(crate::fs::FsError::NotFormatted)),
         }
     }
 

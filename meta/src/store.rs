@@ -4,9 +4,10 @@
 //! Tables (file `meta.redb` in the replica's directory):
 //! - `raft_log`: log index -> postcard of the openraft entry.
 //! - `raft_meta`: `vote`, `committed`, `purged` (last purged log id), `state_machine`
-//!   (the [`MetaState`] with the last applied log id and last membership, rewritten in
-//!   the same transaction as each applied batch) and `snapshot` (the current snapshot's
-//!   metadata and bytes).
+//!   (the [`MetaState`] and the file system with the last applied log id and last
+//!   membership, rewritten every `persist_every` applied entries and whenever a
+//!   snapshot is built or installed; on restart openraft applies the log entries after
+//!   it again) and `snapshot` (the current snapshot's metadata and bytes).
 //!
 //! A snapshot is the postcard encoding of the state machine record; installing one
 //! replaces the state machine and the current snapshot in one transaction. Writes are
@@ -35,7 +36,8 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use crate::state::{Answered, MetaResponse, MetaState, ReplicaId};
+use crate::fs::SharedFs;
+use crate::state::{Answered, MetaCommand, MetaResponse, MetaState, ReplicaId};
 use crate::TypeConfig;
 
 /// The database file inside a replica's directory.
@@ -127,6 +129,8 @@ pub struct SmData {
     /// Answers to recent proposals, so a retried one is not applied twice.
     #[serde(default)]
     pub answered: Answered,
+    /// The file system namespace.
+    pub fs: SharedFs,
 }
 
 /// The current snapshot as stored.
@@ -168,7 +172,14 @@ pub fn open(dir: &Path) -> Result<(LogStore, StateMachine), StoreError> {
     let (state_tx, _) = watch::channel(Arc::new(sm.state.clone()));
     Ok((
         LogStore { db: db.clone() },
-        StateMachine { db, sm, state_tx },
+        StateMachine {
+            persisted: Arc::new(std::sync::Mutex::new(sm.last_applied)),
+            db,
+            sm,
+            state_tx,
+            persist_every: 1,
+            unpersisted: 0,
+        },
     ))
 }
 
@@ -463,17 +474,39 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 }
 
-/// The state machine: the applied [`MetaState`], persisted with each applied batch.
+/// The state machine: the applied [`MetaState`] and file system, persisted every
+/// `persist_every` applied entries and with each snapshot.
 pub struct StateMachine {
     db: Arc<Database>,
     sm: SmData,
     state_tx: watch::Sender<Arc<MetaState>>,
+    /// Persist the state machine record after this many applied entries.
+    persist_every: u64,
+    /// Entries applied since it was last persisted.
+    unpersisted: u64,
+    /// The last applied log id of the record on disk (shared with snapshot builders).
+    persisted: Arc<std::sync::Mutex<Option<LogId<NodeId>>>>,
 }
 
 impl StateMachine {
     /// Sees the state after each applied batch or installed snapshot.
     pub fn subscribe(&self) -> watch::Receiver<Arc<MetaState>> {
         self.state_tx.subscribe()
+    }
+
+    /// Persists the state machine record only every `n` applied entries (default 1:
+    /// every batch). Entries applied since are in the Raft log, which keeps them until
+    /// a snapshot holds them, and a snapshot is stored with the state machine record
+    /// (see [`SnapshotBuilder`]); on restart openraft applies them again. The record
+    /// holds every inode, so writing it for each file system change would cost time
+    /// in proportion to the file system's size.
+    pub fn set_persist_every(&mut self, n: u64) {
+        self.persist_every = n.max(1);
+    }
+
+    /// The file system state, shared (not a copy): read it after a linearizable read.
+    pub fn fs(&self) -> SharedFs {
+        self.sm.fs.share()
     }
 
     /// The state machine as loaded or last applied.
@@ -496,7 +529,10 @@ impl StateMachine {
     async fn persist(&self) -> Result<(), StoreError> {
         let bytes = encode("state machine", &self.sm)?;
         let db = self.db.clone();
-        blocking(move || put_meta(&db, &[(KEY_SM, &bytes)], Durability::Immediate)).await
+        blocking(move || put_meta(&db, &[(KEY_SM, &bytes)], Durability::Immediate)).await?;
+        let mut p = self.persisted.lock().unwrap_or_else(|e| e.into_inner());
+        *p = (*p).max(self.sm.last_applied);
+        Ok(())
     }
 }
 
@@ -542,7 +578,15 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             match entry.payload {
                 EntryPayload::Blank => responses.push(unchanged),
                 EntryPayload::Normal(p) => {
-                    let resp = self.sm.answered.apply(&mut self.sm.state, &p);
+                    let resp = match &p.cmd {
+                        MetaCommand::Fs(c) => {
+                            let fs = &self.sm.fs;
+                            self.sm
+                                .answered
+                                .apply_with(p.nonce, || MetaResponse::Fs(fs.write().apply(c)))
+                        }
+                        _ => self.sm.answered.apply(&mut self.sm.state, &p),
+                    };
                     tracing::debug!(index = entry.log_id.index, ?p, ?resp, "applied");
                     responses.push(resp);
                 }
@@ -556,9 +600,13 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         if responses.is_empty() {
             return Ok(responses);
         }
-        self.persist()
-            .await
-            .map_err(|e| e.into_raft(ErrorSubject::StateMachine, ErrorVerb::Write))?;
+        self.unpersisted += responses.len() as u64;
+        if self.unpersisted >= self.persist_every {
+            self.persist()
+                .await
+                .map_err(|e| e.into_raft(ErrorSubject::StateMachine, ErrorVerb::Write))?;
+            self.unpersisted = 0;
+        }
         self.publish();
         Ok(responses)
     }
@@ -566,6 +614,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
         SnapshotBuilder {
             db: self.db.clone(),
+            persisted: self.persisted.clone(),
             data: self.sm.clone(),
         }
     }
@@ -610,7 +659,16 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         .await
         .map_err(|e| e.into_raft(subject, ErrorVerb::Write))?;
         tracing::info!(snapshot = %meta, epoch = sm.state.epoch, "installed snapshot");
+        // Keep the shared file system handle: the query handler holds it.
+        let fs = std::mem::take(&mut *sm.fs.write());
+        *self.sm.fs.write() = fs;
+        sm.fs = self.sm.fs.share();
         self.sm = sm;
+        self.unpersisted = 0;
+        {
+            let mut p = self.persisted.lock().unwrap_or_else(|e| e.into_inner());
+            *p = (*p).max(self.sm.last_applied);
+        }
         self.publish();
         Ok(())
     }
@@ -627,9 +685,13 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 }
 
-/// Builds a snapshot from a copy of the state machine taken when it was requested.
+/// Builds a snapshot from a copy of the state machine taken when it was requested,
+/// and stores that copy as the state machine record too if the stored one is older:
+/// openraft purges the log up to the snapshot once it is built, so the record must
+/// not need the purged entries.
 pub struct SnapshotBuilder {
     db: Arc<Database>,
+    persisted: Arc<std::sync::Mutex<Option<LogId<NodeId>>>>,
     data: SmData,
 }
 
@@ -655,16 +717,30 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             .map_err(|e| e.into_raft(subject.clone(), ErrorVerb::Write))?;
         let db = self.db.clone();
         let last = meta.last_log_id;
+        let record_older = *self.persisted.lock().unwrap_or_else(|e| e.into_inner()) < last;
+        let record = data.clone();
         blocking(move || {
             // Never replace a newer snapshot (one installed meanwhile) with this one.
             let current: Option<StoredSnapshot> = get_meta(&db, KEY_SNAPSHOT)?;
             if current.is_some_and(|c| c.meta.last_log_id > last) {
                 return Ok(());
             }
-            put_meta(&db, &[(KEY_SNAPSHOT, &bytes)], Durability::Immediate)
+            if record_older {
+                put_meta(
+                    &db,
+                    &[(KEY_SNAPSHOT, &bytes), (KEY_SM, &record)],
+                    Durability::Immediate,
+                )
+            } else {
+                put_meta(&db, &[(KEY_SNAPSHOT, &bytes)], Durability::Immediate)
+            }
         })
         .await
         .map_err(|e| e.into_raft(subject, ErrorVerb::Write))?;
+        if record_older {
+            let mut p = self.persisted.lock().unwrap_or_else(|e| e.into_inner());
+            *p = (*p).max(last);
+        }
         tracing::debug!(snapshot = %meta, "built snapshot");
         Ok(Snapshot {
             meta,

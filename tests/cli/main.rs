@@ -19,5 +19,6 @@ mod cluster;
 mod crash;
 mod demo;
 mod errors;
+mod fuse;
 mod nodes;
 mod scrub;

@@ -1,0 +1,604 @@
+//! The thin layer between the kernel (fuser) and [`Ops`]: each request runs as a task
+//! on the tokio runtime and replies when done, so slow requests do not hold up others.
+//! Nothing here decides file system behaviour; it converts types and errors.
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use drs_meta::fs::{Attr, DirEntry, Kind, SetAttr, Time};
+use fuser::{
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
+    KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
+    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request, TimeOrNow,
+    WriteFlags,
+};
+
+use crate::errno::errno;
+use crate::ops::{time_of, OpError, Ops};
+
+/// How long the kernel may trust attributes and names without asking again.
+const TTL: Duration = Duration::from_secs(1);
+/// Largest write and readahead the kernel sends.
+pub const MAX_IO: u32 = 1 << 20;
+
+/// The fuser file system over [`Ops`].
+pub struct DrsFuse {
+    ops: Arc<Ops>,
+    rt: tokio::runtime::Handle,
+    next_fh: AtomicU64,
+    /// Ask the kernel for its writeback cache (see [`crate::MountConfig`]).
+    writeback_cache: bool,
+    /// Open directories: the entries read at opendir (offsets index into it).
+    dirs: Arc<Mutex<HashMap<u64, Arc<Listing>>>>,
+}
+
+/// A directory as read at opendir: (inode, type, name), `.` and `..` first.
+type Listing = Vec<(u64, FileType, Vec<u8>)>;
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl DrsFuse {
+    pub fn new(ops: Arc<Ops>, rt: tokio::runtime::Handle, writeback_cache: bool) -> DrsFuse {
+        DrsFuse {
+            ops,
+            rt,
+            next_fh: AtomicU64::new(1),
+            writeback_cache,
+            dirs: Arc::new(Mutex::new(HashMap::new())),
+        }
+    }
+
+    fn spawn<F>(&self, f: impl FnOnce(Arc<Ops>) -> F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        self.rt.spawn(f(self.ops.clone()));
+    }
+}
+
+fn fail(e: &OpError) -> Errno {
+    if !matches!(e, OpError::Fs(_)) {
+        tracing::warn!(error = %e, "operation failed");
+    }
+    Errno::from_i32(errno(e))
+}
+
+fn system_time(t: Time) -> SystemTime {
+    if t.secs >= 0 {
+        UNIX_EPOCH + Duration::new(t.secs as u64, t.nanos)
+    } else {
+        UNIX_EPOCH - Duration::from_secs(t.secs.unsigned_abs())
+            + Duration::from_nanos(u64::from(t.nanos))
+    }
+}
+
+fn file_type(k: Kind) -> FileType {
+    match k {
+        Kind::File => FileType::RegularFile,
+        Kind::Dir => FileType::Directory,
+        Kind::Symlink => FileType::Symlink,
+        Kind::Fifo => FileType::NamedPipe,
+        Kind::Socket => FileType::Socket,
+        Kind::CharDev => FileType::CharDevice,
+        Kind::BlockDev => FileType::BlockDevice,
+    }
+}
+
+/// The kind a `mknod` mode asks for.
+fn kind_of_mode(mode: u32) -> Option<Kind> {
+    match mode & libc::S_IFMT {
+        libc::S_IFREG | 0 => Some(Kind::File),
+        libc::S_IFDIR => Some(Kind::Dir),
+        libc::S_IFLNK => Some(Kind::Symlink),
+        libc::S_IFIFO => Some(Kind::Fifo),
+        libc::S_IFSOCK => Some(Kind::Socket),
+        libc::S_IFCHR => Some(Kind::CharDev),
+        libc::S_IFBLK => Some(Kind::BlockDev),
+        _ => None,
+    }
+}
+
+fn file_attr(a: &Attr, block_size: u64) -> FileAttr {
+    FileAttr {
+        ino: INodeNo(a.ino),
+        size: a.size,
+        blocks: a.blocks * block_size / 512,
+        atime: system_time(a.atime),
+        mtime: system_time(a.mtime),
+        ctime: system_time(a.ctime),
+        crtime: system_time(a.ctime),
+        kind: file_type(a.kind),
+        perm: a.perm,
+        nlink: a.nlink,
+        uid: a.uid,
+        gid: a.gid,
+        rdev: a.rdev,
+        blksize: MAX_IO,
+        flags: 0,
+    }
+}
+
+fn when(t: TimeOrNow) -> Time {
+    match t {
+        TimeOrNow::SpecificTime(t) => time_of(t),
+        TimeOrNow::Now => crate::ops::now(),
+    }
+}
+
+fn perm_of(mode: u32, umask: u32) -> u16 {
+    ((mode & !umask) & 0o7777) as u16
+}
+
+impl Filesystem for DrsFuse {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        let _ = config.set_max_write(MAX_IO);
+        let _ = config.set_max_readahead(MAX_IO);
+        let _ = config.set_max_background(64);
+        let mut flags = vec![
+            InitFlags::FUSE_PARALLEL_DIROPS,
+            InitFlags::FUSE_ASYNC_READ,
+            InitFlags::FUSE_BIG_WRITES,
+        ];
+        if self.writeback_cache {
+            flags.push(InitFlags::FUSE_WRITEBACK_CACHE);
+        }
+        for flag in flags {
+            if config.add_capabilities(flag).is_err() {
+                tracing::info!(?flag, "the kernel does not offer this capability");
+            }
+        }
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let name = name.as_bytes().to_vec();
+        self.spawn(|ops| async move {
+            match ops.lookup(parent.0, &name).await {
+                Ok(a) => reply.entry(
+                    &TTL,
+                    &file_attr(&a, ops.block_size()),
+                    Generation(a.generation),
+                ),
+                Err(e) => reply.error(fail(&e)),
+            }
+        });
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        self.spawn(|ops| async move {
+            match ops.getattr(ino.0).await {
+                Ok(a) => reply.attr(&TTL, &file_attr(&a, ops.block_size())),
+                Err(e) => reply.error(fail(&e)),
+            }
+        });
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let set = SetAttr {
+            perm: mode.map(|m| (m & 0o7777) as u16),
+            uid,
+            gid,
+            size,
+            atime: atime.map(when),
+            mtime: mtime.map(when),
+        };
+        self.spawn(|ops| async move {
+            match ops.setattr(ino.0, set).await {
+                Ok(a) => reply.attr(&TTL, &file_attr(&a, ops.block_size())),
+                Err(e) => reply.error(fail(&e)),
+            }
+        });
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        self.spawn(|ops| async move {
+            match ops.readlink(ino.0).await {
+                Ok(t) => reply.data(&t),
+                Err(e) => reply.error(fail(&e)),
+            }
+        });
+    }
+
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        let Some(kind) = kind_of_mode(mode) else {
+            reply.error(Errno::from_i32(libc::EINVAL));
+            return;
+        };
+        self.make(
+            req,
+            parent,
+            name,
+            kind,
+            perm_of(mode, umask),
+            rdev,
+            Vec::new(),
+            reply,
+        );
+    }
+
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        reply: ReplyEntry,
+    ) {
+        self.make(
+            req,
+            parent,
+            name,
+            Kind::Dir,
+            perm_of(mode, umask),
+            0,
+            Vec::new(),
+            reply,
+        );
+    }
+
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
+        let target = target.as_os_str().as_bytes().to_vec();
+        self.make(
+            req,
+            parent,
+            link_name,
+            Kind::Symlink,
+            0o777,
+            0,
+            target,
+            reply,
+        );
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let name = name.as_bytes().to_vec();
+        self.spawn(|ops| async move { empty(reply, ops.unlink(parent.0, &name, false).await) });
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let name = name.as_bytes().to_vec();
+        self.spawn(|ops| async move { empty(reply, ops.unlink(parent.0, &name, true).await) });
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        let name = name.as_bytes().to_vec();
+        let newname = newname.as_bytes().to_vec();
+        let bits = flags.bits();
+        let noreplace = bits & libc::RENAME_NOREPLACE != 0;
+        let exchange = bits & libc::RENAME_EXCHANGE != 0;
+        if bits & !(libc::RENAME_NOREPLACE | libc::RENAME_EXCHANGE) != 0 {
+            reply.error(Errno::from_i32(libc::EINVAL));
+            return;
+        }
+        self.spawn(|ops| async move {
+            let r = ops
+                .rename(parent.0, &name, newparent.0, &newname, noreplace, exchange)
+                .await;
+            empty(reply, r)
+        });
+    }
+
+    fn link(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        let name = newname.as_bytes().to_vec();
+        self.spawn(|ops| async move {
+            match ops.link(ino.0, newparent.0, &name).await {
+                Ok(a) => reply.entry(
+                    &TTL,
+                    &file_attr(&a, ops.block_size()),
+                    Generation(a.generation),
+                ),
+                Err(e) => reply.error(fail(&e)),
+            }
+        });
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.spawn(|ops| async move {
+            // No FOPEN_KEEP_CACHE: each open drops the kernel's cached pages of the
+            // file, so what other mounts closed is read afresh (close-to-open).
+            match ops.open(ino.0).await {
+                Ok(_) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+                Err(e) => reply.error(fail(&e)),
+            }
+        });
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        self.spawn(|ops| async move {
+            match ops.read(ino.0, offset, size as usize).await {
+                Ok(d) => reply.data(&d),
+                Err(e) => reply.error(fail(&e)),
+            }
+        });
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        let data = data.to_vec();
+        self.spawn(|ops| async move {
+            match ops.write(ino.0, offset, &data).await {
+                Ok(n) => reply.written(u32::try_from(n).unwrap_or(u32::MAX)),
+                Err(e) => reply.error(fail(&e)),
+            }
+        });
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        self.spawn(|ops| async move { empty(reply, ops.flush(ino.0).await) });
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.spawn(|ops| async move { empty(reply, ops.release(ino.0).await) });
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.spawn(|ops| async move { empty(reply, ops.flush(ino.0).await) });
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        let dirs = self.dirs.clone();
+        self.spawn(|ops| async move {
+            let listed = async {
+                let parent = ops.lookup(ino.0, b"..").await?;
+                let entries: Vec<DirEntry> = ops.readdir(ino.0).await?;
+                let mut all = Vec::with_capacity(entries.len() + 2);
+                all.push((ino.0, FileType::Directory, b".".to_vec()));
+                all.push((parent.ino, FileType::Directory, b"..".to_vec()));
+                all.extend(
+                    entries
+                        .into_iter()
+                        .map(|e| (e.ino, file_type(e.kind), e.name)),
+                );
+                Ok::<_, OpError>(all)
+            };
+            match listed.await {
+                Ok(all) => {
+                    lock(&dirs).insert(fh, Arc::new(all));
+                    reply.opened(FileHandle(fh), FopenFlags::empty());
+                }
+                Err(e) => reply.error(fail(&e)),
+            }
+        });
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let Some(entries) = lock(&self.dirs).get(&fh.0).cloned() else {
+            reply.error(Errno::from_i32(libc::EBADF));
+            return;
+        };
+        let start = usize::try_from(offset).unwrap_or(usize::MAX);
+        for (i, (ino, kind, name)) in entries.iter().enumerate().skip(start) {
+            if reply.add(INodeNo(*ino), i as u64 + 1, *kind, OsStr::from_bytes(name)) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        lock(&self.dirs).remove(&fh.0);
+        reply.ok();
+    }
+
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        // Namespace changes are committed through Raft before they are answered.
+        reply.ok();
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        self.spawn(|ops| async move {
+            match ops.statfs().await {
+                Ok(s) => {
+                    let files = s.files.max(1 << 20);
+                    reply.statfs(
+                        s.blocks,
+                        s.free,
+                        s.free,
+                        files,
+                        files - s.files.min(files),
+                        s.block_size,
+                        drs_meta::fs::NAME_MAX as u32,
+                        s.block_size,
+                    )
+                }
+                Err(e) => reply.error(fail(&e)),
+            }
+        });
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        _flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let name = name.as_bytes().to_vec();
+        let (uid, gid) = (req.uid(), req.gid());
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        let perm = perm_of(mode, umask);
+        self.spawn(|ops| async move {
+            let made = async {
+                let a = ops
+                    .create(parent.0, &name, Kind::File, perm, uid, gid, 0, &[])
+                    .await?;
+                ops.open_created(&a);
+                Ok::<_, OpError>(a)
+            };
+            match made.await {
+                Ok(a) => reply.created(
+                    &TTL,
+                    &file_attr(&a, ops.block_size()),
+                    Generation(a.generation),
+                    FileHandle(fh),
+                    FopenFlags::empty(),
+                ),
+                Err(e) => reply.error(fail(&e)),
+            }
+        });
+    }
+}
+
+impl DrsFuse {
+    #[allow(clippy::too_many_arguments)]
+    fn make(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        kind: Kind,
+        perm: u16,
+        rdev: u32,
+        target: Vec<u8>,
+        reply: ReplyEntry,
+    ) {
+        let name = name.as_bytes().to_vec();
+        let (uid, gid) = (req.uid(), req.gid());
+        self.spawn(|ops| async move {
+            match ops
+                .create(parent.0, &name, kind, perm, uid, gid, rdev, &target)
+                .await
+            {
+                Ok(a) => reply.entry(
+                    &TTL,
+                    &file_attr(&a, ops.block_size()),
+                    Generation(a.generation),
+                ),
+                Err(e) => reply.error(fail(&e)),
+            }
+        });
+    }
+}
+
+fn empty(reply: ReplyEmpty, r: Result<(), OpError>) {
+    match r {
+        Ok(()) => reply.ok(),
+        Err(e) => reply.error(fail(&e)),
+    }
+}

@@ -1,0 +1,47 @@
+//! The one table from operation errors to errno values.
+
+use drs_meta::fs::FsError;
+
+use crate::ops::OpError;
+
+/// The errno an application sees for `e`. Namespace refusals are POSIX errors; a
+/// cluster that cannot answer (too many nodes down, no metadata quorum, past the
+/// operation timeout) is EIO.
+pub fn errno(e: &OpError) -> i32 {
+    match e {
+        OpError::Fs(f) => match f {
+            FsError::NotFound => libc::ENOENT,
+            FsError::Exists => libc::EEXIST,
+            FsError::NotDir => libc::ENOTDIR,
+            FsError::IsDir => libc::EISDIR,
+            FsError::NotEmpty => libc::ENOTEMPTY,
+            FsError::Invalid => libc::EINVAL,
+            FsError::NoSpace => libc::ENOSPC,
+            FsError::NameTooLong => libc::ENAMETOOLONG,
+            FsError::TooManyLinks => libc::EMLINK,
+            FsError::NotPermitted => libc::EPERM,
+            FsError::TooLarge => libc::EFBIG,
+            FsError::NotFormatted => libc::EIO,
+            _ => libc::EIO,
+        },
+        OpError::Meta(_) | OpError::Data(_) | OpError::Timeout(_) | OpError::Unexpected(_) => {
+            libc::EIO
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn namespace_refusals_keep_their_posix_meaning_and_the_rest_is_eio() {
+        assert_eq!(errno(&OpError::Fs(FsError::NotFound)), libc::ENOENT);
+        assert_eq!(errno(&OpError::Fs(FsError::NotEmpty)), libc::ENOTEMPTY);
+        assert_eq!(errno(&OpError::Fs(FsError::NoSpace)), libc::ENOSPC);
+        assert_eq!(
+            errno(&OpError::Timeout(std::time::Duration::from_secs(1))),
+            libc::EIO
+        );
+    }
+}

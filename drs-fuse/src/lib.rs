@@ -1,0 +1,121 @@
+//! `drs-fuse`: DRS mounted as a POSIX file system with FUSE.
+//!
+//! The namespace (inodes, directory entries, each file's blocks, free blocks) lives in
+//! the replicated metadata service ([`drs_meta::fs`]); file data lives in DRS blocks,
+//! written and read with [`drs_client::Client`] (locks, deltas, degraded reads).
+//!
+//! - [`ops`]: the file system logic, kernel-free (tests drive it directly).
+//! - [`adapter`]: the fuser adapter, types and errors only.
+//! - [`cli`]: the `mount` command's arguments (shared with `drs-cli mount`).
+//! - [`errno`]: the one table from errors to errno values.
+//! - [`mount`]: connect to a cluster, mount, serve until unmounted (`fusermount3 -u`,
+//!   SIGTERM or SIGINT).
+
+pub mod adapter;
+pub mod cli;
+pub mod errno;
+pub mod ops;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use drs_proto::ClusterMap;
+
+pub use ops::{OpError, Ops, OpsConfig};
+
+/// What `mount` needs.
+#[derive(Debug, Clone)]
+pub struct MountConfig {
+    /// The cluster file (or client locator).
+    pub cluster: PathBuf,
+    pub mountpoint: PathBuf,
+    /// Let users other than the one mounting use the file system (`-o allow_other`).
+    pub allow_other: bool,
+    /// Longest an operation may take before it fails with EIO.
+    pub op_timeout: Duration,
+    /// Threads reading requests from the kernel.
+    pub threads: usize,
+    /// Let the kernel cache writes and send them later, in large requests. Faster for
+    /// small writes, but the kernel then trusts its own idea of a file's size and
+    /// mtime, so other mounts' changes to a file this mount has cached are not seen:
+    /// for a file system used through one mount only.
+    pub writeback_cache: bool,
+}
+
+/// Connects to the cluster of `cluster` (formatting its file system if it has none).
+pub async fn connect(cluster: &Path, cfg: OpsConfig) -> anyhow::Result<Ops> {
+    let map = ClusterMap::load(cluster)
+        .with_context(|| format!("read cluster file {}", cluster.display()))?;
+    let map = drs_local::meta::resolve(map)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    let meta = drs_meta::MetaClient::for_map(&map)
+        .context("the cluster has no metadata service, which holds the file system")?;
+    let vid = map
+        .volumes
+        .first()
+        .map(|v| v.id)
+        .context("the cluster file defines no volume")?;
+    let data = drs_local::meta::client(map, vid, drs_client::ClientConfig::default())?;
+    let (uid, gid) = (
+        nix::unistd::getuid().as_raw(),
+        nix::unistd::getgid().as_raw(),
+    );
+    Ops::new(meta, data, cfg, uid, gid)
+        .await
+        .context("open the file system")
+}
+
+/// Mounts the cluster's file system at `cfg.mountpoint` and serves it until it is
+/// unmounted (`fusermount3 -u`, `umount`, SIGTERM or SIGINT).
+pub fn mount(cfg: &MountConfig) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(cfg.threads.max(2))
+        .enable_all()
+        .build()
+        .context("start the runtime")?;
+    let ops_cfg = OpsConfig {
+        op_timeout: cfg.op_timeout,
+        ..OpsConfig::default()
+    };
+    let ops = rt.block_on(connect(&cfg.cluster, ops_cfg))?;
+    let fs = adapter::DrsFuse::new(Arc::new(ops), rt.handle().clone(), cfg.writeback_cache);
+    let mut options = fuser::Config::default();
+    options.mount_options = vec![
+        fuser::MountOption::FSName("drs".into()),
+        fuser::MountOption::Subtype("drs".into()),
+        fuser::MountOption::DefaultPermissions,
+        fuser::MountOption::RW,
+        fuser::MountOption::Dev,
+        fuser::MountOption::Suid,
+    ];
+    if cfg.allow_other {
+        options.acl = fuser::SessionACL::All;
+    }
+    options.n_threads = Some(cfg.threads.max(1));
+    let mut session = fuser::Session::new(fs, &cfg.mountpoint, &options)
+        .with_context(|| format!("mount at {}", cfg.mountpoint.display()))?;
+    let mut unmounter = session.unmount_callable();
+    rt.spawn(async move {
+        let (Ok(mut term), Ok(mut int)) = (
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()),
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()),
+        ) else {
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        tracing::info!("signal received: unmounting");
+        if let Err(e) = unmounter.unmount() {
+            tracing::warn!(error = %e, "unmount failed");
+        }
+    });
+    tracing::info!(mountpoint = %cfg.mountpoint.display(), "mounted");
+    session.run().context("serve the mount")?;
+    tracing::info!("unmounted");
+    Ok(())
+}

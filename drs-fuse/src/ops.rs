@@ -1,0 +1,669 @@
+//! The file system logic, without the kernel: namespace operations go to the metadata
+//! service ([`drs_meta::fs`]), file data to DRS blocks through [`drs_client::Client`].
+//!
+//! What this module owns:
+//! - **Open files.** Per inode this mount has open: the open handles, the size and
+//!   mtime of writes not yet told to the metadata service, the file's block map as
+//!   far as it has been read, and whether the inode lost its last name while open
+//!   (it is dropped at the last close).
+//! - **Close-to-open consistency.** `open` re-reads the inode and its block map from
+//!   the metadata leader; `flush`, `fsync` and `release` tell the leader the new size
+//!   and mtime. Data is written to the storage nodes before `write` returns, so what
+//!   a close makes visible is already durable.
+//! - **Block ownership.** A file's block gets a data block address from the metadata
+//!   service (`Map`) the first time it is written; a block handed out fresh is written
+//!   whole (zeros around the new bytes), so a file never shows another file's old
+//!   bytes. Truncation zeroes the rest of the new last block, so growing a file
+//!   later shows zeros.
+//! - **Bounded operations.** Every operation gives up with [`OpError::Timeout`] (EIO)
+//!   after the configured time, so an application never hangs on a lost cluster.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use drs_client::{Client, ClientError};
+use drs_meta::fs::{
+    Attr, DirEntry, FsCommand, FsError, FsQuery, FsReply, FsStats, Ino, Kind, Mapping, SetAttr,
+    Time, MAP_MAX,
+};
+use drs_meta::{MetaClient, MetaError};
+use futures::stream::{self, StreamExt};
+
+/// Why an operation failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum OpError {
+    /// The namespace refused it (a POSIX error).
+    #[error("{0}")]
+    Fs(#[from] FsError),
+    #[error("metadata service: {0}")]
+    Meta(#[from] MetaError),
+    #[error("data: {0}")]
+    Data(#[from] ClientError),
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    #[error("the metadata service answered {0}")]
+    Unexpected(String),
+}
+
+pub type OpResult<T> = Result<T, OpError>;
+
+/// Settings of a mount.
+#[derive(Debug, Clone)]
+pub struct OpsConfig {
+    /// Longest an operation may take before it fails with EIO.
+    pub op_timeout: Duration,
+    /// Data blocks written or read at once per request.
+    pub parallel: usize,
+}
+
+impl Default for OpsConfig {
+    fn default() -> Self {
+        OpsConfig {
+            op_timeout: Duration::from_secs(30),
+            parallel: 16,
+        }
+    }
+}
+
+/// An open inode's state in this mount.
+#[derive(Debug, Default)]
+struct Open {
+    handles: u32,
+    /// Size including this mount's writes not yet committed.
+    size: u64,
+    /// mtime of the last uncommitted write.
+    dirty: Option<Time>,
+    /// File block -> data block, as far as known.
+    blocks: BTreeMap<u64, u64>,
+    /// The inode has no names left: drop it at the last close.
+    orphan: bool,
+}
+
+/// One mount's file system: the namespace in the metadata service, data in DRS.
+pub struct Ops {
+    meta: MetaClient,
+    data: Client,
+    cfg: OpsConfig,
+    block_size: u64,
+    open: Mutex<HashMap<Ino, Open>>,
+}
+
+/// The current time as the namespace stores it.
+pub fn now() -> Time {
+    time_of(SystemTime::now())
+}
+
+/// A system time as the namespace stores it.
+pub fn time_of(t: SystemTime) -> Time {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => Time {
+            secs: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+            nanos: d.subsec_nanos(),
+        },
+        Err(e) => {
+            let d = e.duration();
+            let mut secs = -i64::try_from(d.as_secs()).unwrap_or(i64::MAX);
+            let mut nanos = d.subsec_nanos();
+            if nanos > 0 {
+                secs -= 1;
+                nanos = 1_000_000_000 - nanos;
+            }
+            Time { secs, nanos }
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+macro_rules! expect_reply {
+    ($r:expr, $p:pat => $v:expr) => {
+        match $r {
+            $p => Ok($v),
+            other => Err(OpError::Unexpected(format!("{other:?}"))),
+        }
+    };
+}
+
+impl Ops {
+    /// A file system over `data`'s volume, its namespace in `meta`; formats the
+    /// volume's file system (root owned by `uid`:`gid`) if it has none.
+    pub async fn new(
+        meta: MetaClient,
+        data: Client,
+        cfg: OpsConfig,
+        uid: u32,
+        gid: u32,
+    ) -> OpResult<Ops> {
+        let block_size = data.block_size() as u64;
+        let ops = Ops {
+            meta,
+            data,
+            cfg,
+            block_size,
+            open: Mutex::new(HashMap::new()),
+        };
+        let format = FsCommand::Format {
+            blocks: ops.data.blocks(),
+            block_size: ops.data.block_size() as u32,
+            uid,
+            gid,
+            now: now(),
+        };
+        match ops.command(format).await {
+            Ok(_) | Err(OpError::Fs(FsError::Exists)) => {}
+            Err(e) => return Err(e),
+        }
+        match ops.query(FsQuery::StatFs).await? {
+            FsReply::StatFs(s) if u64::from(s.block_size) == block_size => Ok(ops),
+            FsReply::StatFs(s) => Err(OpError::Unexpected(format!(
+                "a file system of {}-byte blocks on a volume of {block_size}-byte blocks",
+                s.block_size
+            ))),
+            other => Err(OpError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// Bytes per data block (and file block).
+    pub fn block_size(&self) -> u64 {
+        self.block_size
+    }
+
+    pub fn config(&self) -> &OpsConfig {
+        &self.cfg
+    }
+
+    async fn bounded<T>(&self, f: impl std::future::Future<Output = OpResult<T>>) -> OpResult<T> {
+        tokio::time::timeout(self.cfg.op_timeout, f)
+            .await
+            .unwrap_or(Err(OpError::Timeout(self.cfg.op_timeout)))
+    }
+
+    async fn command(&self, cmd: FsCommand) -> OpResult<FsReply> {
+        Ok(self.meta.fs(cmd).await??)
+    }
+
+    async fn query(&self, q: FsQuery) -> OpResult<FsReply> {
+        Ok(self.meta.fs_query(q).await??)
+    }
+
+    /// `a` with this mount's uncommitted size and mtime.
+    fn overlay(&self, mut a: Attr) -> Attr {
+        if let Some(o) = lock(&self.open).get(&a.ino) {
+            if let Some(t) = o.dirty {
+                a.size = a.size.max(o.size);
+                a.mtime = t;
+                a.ctime = t;
+            }
+        }
+        a
+    }
+
+    fn attr_reply(&self, r: FsReply) -> OpResult<Attr> {
+        expect_reply!(r, FsReply::Attr(a) => self.overlay(a))
+    }
+
+    pub async fn lookup(&self, parent: Ino, name: &[u8]) -> OpResult<Attr> {
+        self.bounded(async {
+            let r = self
+                .query(FsQuery::Lookup {
+                    parent,
+                    name: name.to_vec(),
+                })
+                .await?;
+            self.attr_reply(r)
+        })
+        .await
+    }
+
+    pub async fn getattr(&self, ino: Ino) -> OpResult<Attr> {
+        self.bounded(async { self.attr_reply(self.query(FsQuery::GetAttr { ino }).await?) })
+            .await
+    }
+
+    /// Creates a node; `target` is a symlink's.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn create(
+        &self,
+        parent: Ino,
+        name: &[u8],
+        kind: Kind,
+        perm: u16,
+        uid: u32,
+        gid: u32,
+        rdev: u32,
+        target: &[u8],
+    ) -> OpResult<Attr> {
+        self.bounded(async {
+            let r = self
+                .command(FsCommand::Create {
+                    parent,
+                    name: name.to_vec(),
+                    kind,
+                    perm,
+                    uid,
+                    gid,
+                    rdev,
+                    target: target.to_vec(),
+                    now: now(),
+                })
+                .await?;
+            self.attr_reply(r)
+        })
+        .await
+    }
+
+    pub async fn link(&self, ino: Ino, parent: Ino, name: &[u8]) -> OpResult<Attr> {
+        self.bounded(async {
+            let r = self
+                .command(FsCommand::Link {
+                    ino,
+                    parent,
+                    name: name.to_vec(),
+                    now: now(),
+                })
+                .await?;
+            self.attr_reply(r)
+        })
+        .await
+    }
+
+    pub async fn unlink(&self, parent: Ino, name: &[u8], dir: bool) -> OpResult<()> {
+        self.bounded(async {
+            let r = self
+                .command(FsCommand::Unlink {
+                    parent,
+                    name: name.to_vec(),
+                    dir,
+                    now: now(),
+                })
+                .await?;
+            let orphan = expect_reply!(r, FsReply::Orphaned(o) => o)?;
+            self.orphaned(orphan).await
+        })
+        .await
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub async fn rename(
+        &self,
+        parent: Ino,
+        name: &[u8],
+        new_parent: Ino,
+        new_name: &[u8],
+        noreplace: bool,
+        exchange: bool,
+    ) -> OpResult<()> {
+        self.bounded(async {
+            let r = self
+                .command(FsCommand::Rename {
+                    parent,
+                    name: name.to_vec(),
+                    new_parent,
+                    new_name: new_name.to_vec(),
+                    noreplace,
+                    exchange,
+                    now: now(),
+                })
+                .await?;
+            let orphan = expect_reply!(r, FsReply::Orphaned(o) => o)?;
+            self.orphaned(orphan).await
+        })
+        .await
+    }
+
+    /// An inode lost its last name: drop it now unless this mount has it open.
+    async fn orphaned(&self, orphan: Option<Ino>) -> OpResult<()> {
+        let Some(ino) = orphan else {
+            return Ok(());
+        };
+        {
+            let mut open = lock(&self.open);
+            if let Some(o) = open.get_mut(&ino) {
+                o.orphan = true;
+                return Ok(());
+            }
+        }
+        self.command(FsCommand::Drop { ino }).await.map(|_| ())
+    }
+
+    pub async fn setattr(&self, ino: Ino, mut set: SetAttr) -> OpResult<Attr> {
+        self.bounded(async {
+            if let Some(size) = set.size {
+                // Uncommitted writes past the new size are cut with the rest.
+                self.commit(ino).await?;
+                self.zero_tail(ino, size).await?;
+                if let Some(o) = lock(&self.open).get_mut(&ino) {
+                    o.size = size;
+                    let keep = size.div_ceil(self.block_size);
+                    o.blocks.retain(|b, _| *b < keep);
+                }
+            }
+            if set.mtime.is_none() && set.size.is_some() {
+                set.mtime = Some(now());
+            }
+            let r = self
+                .command(FsCommand::SetAttr {
+                    ino,
+                    set,
+                    now: now(),
+                })
+                .await?;
+            self.attr_reply(r)
+        })
+        .await
+    }
+
+    /// Zeroes the bytes from `size` to the end of its block, if that block is mapped,
+    /// so that bytes past the end of file stay zero.
+    async fn zero_tail(&self, ino: Ino, size: u64) -> OpResult<()> {
+        let within = (size % self.block_size) as usize;
+        if within == 0 {
+            return Ok(());
+        }
+        let block = size / self.block_size;
+        let maps = self.mappings(ino, block, 1).await?;
+        if let Some(lba) = maps.get(&block) {
+            let zeros = vec![0u8; self.block_size as usize - within];
+            self.data.write(*lba, within, &zeros).await?;
+        }
+        Ok(())
+    }
+
+    pub async fn readlink(&self, ino: Ino) -> OpResult<Vec<u8>> {
+        self.bounded(async {
+            let r = self.query(FsQuery::ReadLink { ino }).await?;
+            expect_reply!(r, FsReply::Target(t) => t)
+        })
+        .await
+    }
+
+    /// Every entry of a directory, in name order.
+    pub async fn readdir(&self, ino: Ino) -> OpResult<Vec<DirEntry>> {
+        self.bounded(async {
+            let mut all = Vec::new();
+            let mut after = None;
+            loop {
+                let r = self.query(FsQuery::ReadDir { ino, after }).await?;
+                let page = expect_reply!(r, FsReply::Entries(e) => e)?;
+                let Some(last) = page.last() else {
+                    return Ok(all);
+                };
+                after = Some(last.name.clone());
+                all.extend(page);
+            }
+        })
+        .await
+    }
+
+    pub async fn statfs(&self) -> OpResult<FsStats> {
+        self.bounded(async {
+            let r = self.query(FsQuery::StatFs).await?;
+            expect_reply!(r, FsReply::StatFs(s) => s)
+        })
+        .await
+    }
+
+    /// Opens an inode: re-reads its attributes and forgets its cached block map, so
+    /// this mount sees what other mounts closed before (close-to-open).
+    pub async fn open(&self, ino: Ino) -> OpResult<Attr> {
+        self.bounded(async {
+            let r = self.query(FsQuery::GetAttr { ino }).await?;
+            let a = expect_reply!(r, FsReply::Attr(a) => a)?;
+            let mut open = lock(&self.open);
+            let o = open.entry(ino).or_default();
+            o.handles += 1;
+            if o.dirty.is_none() {
+                o.size = a.size;
+                o.blocks.clear();
+            }
+            drop(open);
+            Ok(self.overlay(a))
+        })
+        .await
+    }
+
+    /// Opens an inode this mount just created (its attributes are current).
+    pub fn open_created(&self, a: &Attr) {
+        let mut open = lock(&self.open);
+        let o = open.entry(a.ino).or_default();
+        o.handles += 1;
+        if o.dirty.is_none() {
+            o.size = a.size;
+        }
+    }
+
+    /// Tells the metadata service the size and mtime of this mount's writes.
+    pub async fn commit(&self, ino: Ino) -> OpResult<()> {
+        let pending = lock(&self.open)
+            .get(&ino)
+            .and_then(|o| o.dirty.map(|t| (o.size, t)));
+        let Some((size, t)) = pending else {
+            return Ok(());
+        };
+        self.command(FsCommand::Written { ino, size, now: t })
+            .await?;
+        if let Some(o) = lock(&self.open).get_mut(&ino) {
+            if o.dirty == Some(t) {
+                o.dirty = None;
+            }
+        }
+        Ok(())
+    }
+
+    /// `flush` and `fsync`: data is already on the storage nodes; commit the size.
+    pub async fn flush(&self, ino: Ino) -> OpResult<()> {
+        self.bounded(self.commit(ino)).await
+    }
+
+    /// The last handle of this open closes: commit, and drop the inode if it lost its
+    /// last name meanwhile.
+    pub async fn release(&self, ino: Ino) -> OpResult<()> {
+        self.bounded(async {
+            let res = self.commit(ino).await;
+            let drop_it = {
+                let mut open = lock(&self.open);
+                match open.get_mut(&ino) {
+                    Some(o) => {
+                        o.handles = o.handles.saturating_sub(1);
+                        if o.handles == 0 {
+                            let orphan = o.orphan;
+                            open.remove(&ino);
+                            orphan
+                        } else {
+                            false
+                        }
+                    }
+                    None => false,
+                }
+            };
+            if drop_it {
+                self.command(FsCommand::Drop { ino }).await?;
+            }
+            res
+        })
+        .await
+    }
+
+    /// The data blocks of file blocks `first .. first + count` that have one, from the
+    /// open file's map or the metadata service.
+    async fn mappings(&self, ino: Ino, first: u64, count: u64) -> OpResult<BTreeMap<u64, u64>> {
+        let end = first.saturating_add(count);
+        let known: Option<BTreeMap<u64, u64>> = lock(&self.open).get(&ino).and_then(|o| {
+            let got: BTreeMap<u64, u64> =
+                o.blocks.range(first..end).map(|(b, l)| (*b, *l)).collect();
+            (got.len() as u64 == count).then_some(got)
+        });
+        if let Some(k) = known {
+            return Ok(k);
+        }
+        let mut out = BTreeMap::new();
+        let mut at = first;
+        while at < end {
+            let n = (end - at).min(MAP_MAX);
+            let r = self
+                .query(FsQuery::Extents {
+                    ino,
+                    first: at,
+                    count: n,
+                })
+                .await?;
+            for m in expect_reply!(r, FsReply::Mapped(m) => m)? {
+                out.insert(m.block, m.lba);
+            }
+            at += n;
+        }
+        if let Some(o) = lock(&self.open).get_mut(&ino) {
+            o.blocks.extend(out.iter().map(|(b, l)| (*b, *l)));
+        }
+        Ok(out)
+    }
+
+    /// Data blocks for every file block of `first .. first + count`, handing out
+    /// blocks where needed; those handed out now are marked fresh.
+    async fn map_for_write(&self, ino: Ino, first: u64, count: u64) -> OpResult<Vec<Mapping>> {
+        let end = first + count;
+        let known: Vec<Mapping> = lock(&self.open)
+            .get(&ino)
+            .map(|o| {
+                o.blocks
+                    .range(first..end)
+                    .map(|(b, l)| Mapping {
+                        block: *b,
+                        lba: *l,
+                        fresh: false,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        if known.len() as u64 == count {
+            return Ok(known);
+        }
+        let mut out = Vec::with_capacity(count as usize);
+        let mut at = first;
+        while at < end {
+            let n = (end - at).min(MAP_MAX);
+            let r = self
+                .command(FsCommand::Map {
+                    ino,
+                    first: at,
+                    count: n,
+                })
+                .await?;
+            out.extend(expect_reply!(r, FsReply::Mapped(m) => m)?);
+            at += n;
+        }
+        if let Some(o) = lock(&self.open).get_mut(&ino) {
+            o.blocks.extend(out.iter().map(|m| (m.block, m.lba)));
+        }
+        Ok(out)
+    }
+
+    /// Reads up to `len` bytes at `offset` (short at the end of file).
+    pub async fn read(&self, ino: Ino, offset: u64, len: usize) -> OpResult<Vec<u8>> {
+        self.bounded(async {
+            let known = lock(&self.open).get(&ino).map(|o| o.size);
+            let size = match known {
+                Some(s) => s,
+                None => {
+                    let r = self.query(FsQuery::GetAttr { ino }).await?;
+                    expect_reply!(r, FsReply::Attr(a) => a.size)?
+                }
+            };
+            if offset >= size || len == 0 {
+                return Ok(Vec::new());
+            }
+            let end = size.min(offset + len as u64);
+            let bs = self.block_size;
+            let first = offset / bs;
+            let last = (end - 1) / bs;
+            let maps = self.mappings(ino, first, last - first + 1).await?;
+            let mut out = vec![0u8; (end - offset) as usize];
+            let pieces: Vec<(usize, u64, usize, usize)> = (first..=last)
+                .filter_map(|b| {
+                    let lba = *maps.get(&b)?;
+                    let from = (b * bs).max(offset);
+                    let to = ((b + 1) * bs).min(end);
+                    Some((
+                        (from - offset) as usize,
+                        lba,
+                        (from - b * bs) as usize,
+                        (to - from) as usize,
+                    ))
+                })
+                .collect();
+            let reads: Vec<OpResult<(usize, Bytes)>> = stream::iter(pieces)
+                .map(|(at, lba, within, n)| async move {
+                    let data = self.data.read(lba, within, n).await?;
+                    Ok((at, data))
+                })
+                .buffer_unordered(self.cfg.parallel.max(1))
+                .collect()
+                .await;
+            for r in reads {
+                let (at, data) = r?;
+                let n = data.len().min(out.len() - at);
+                out[at..at + n].copy_from_slice(&data[..n]);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// Writes `data` at `offset`; on return it is on the storage nodes.
+    pub async fn write(&self, ino: Ino, offset: u64, data: &[u8]) -> OpResult<usize> {
+        if data.is_empty() {
+            return Ok(0);
+        }
+        self.bounded(async {
+            let bs = self.block_size;
+            let end = offset
+                .checked_add(data.len() as u64)
+                .ok_or(OpError::Fs(FsError::TooLarge))?;
+            let first = offset / bs;
+            let last = (end - 1) / bs;
+            let maps = self.map_for_write(ino, first, last - first + 1).await?;
+            let pieces: Vec<(u64, usize, Bytes)> = maps
+                .iter()
+                .map(|m| {
+                    let start = m.block * bs;
+                    let from = start.max(offset);
+                    let to = (start + bs).min(end);
+                    let src = &data[(from - offset) as usize..(to - offset) as usize];
+                    let within = (from - start) as usize;
+                    if m.fresh && src.len() as u64 != bs {
+                        let mut whole = vec![0u8; bs as usize];
+                        whole[within..within + src.len()].copy_from_slice(src);
+                        (m.lba, 0, Bytes::from(whole))
+                    } else {
+                        (m.lba, within, Bytes::copy_from_slice(src))
+                    }
+                })
+                .collect();
+            let results: Vec<Result<(), ClientError>> = stream::iter(pieces)
+                .map(|(lba, within, bytes)| async move {
+                    if within == 0 && bytes.len() as u64 == bs {
+                        self.data.write_blocks(lba, &bytes).await
+                    } else {
+                        self.data.write(lba, within, &bytes).await
+                    }
+                })
+                .buffer_unordered(self.cfg.parallel.max(1))
+                .collect()
+                .await;
+            for r in results {
+                r?;
+            }
+            let mut open = lock(&self.open);
+            let o = open.entry(ino).or_default();
+            o.size = o.size.max(end);
+            o.dirty = Some(now());
+            Ok(data.len())
+        })
+        .await
+    }
+}

@@ -1,0 +1,1077 @@
+//! The file system namespace, replicated with the rest of the metadata, pure (no I/O).
+//!
+//! [`FsState`] holds every inode (attributes; a directory's entries; a symlink's
+//! target; a regular file's extents: file block -> data block address of the volume)
+//! and the volume's free data blocks. It changes only through [`FsState::apply`]
+//! ([`FsCommand`]s from the Raft log, so every replica makes the same changes) and is
+//! read through [`FsState::query`] ([`FsQuery`]s, answered by the leader after a
+//! linearizable read). Times come in the commands (the proposer's clock), never from
+//! the replica's, so applying is deterministic. Every refusal is a typed [`FsError`]
+//! that the FUSE front end maps to an errno.
+//!
+//! Invariants (checked by [`FsState::check`], which the tests call after every step):
+//! - every directory entry names an existing inode; a directory has exactly one entry
+//!   naming it (no directory hard links) and its `parent` is that entry's directory;
+//! - a file's `nlink` is the number of entries naming it (0: an orphan, open somewhere,
+//!   dropped with [`FsCommand::Drop`]); a directory's is 2 + its subdirectories;
+//! - no data block belongs to two files, nor to a file and the free list, and
+//!   used + free = the volume's blocks.
+//!
+//! Data blocks are handed out by [`FsCommand::Map`] exactly when a file first writes a
+//! block, so a block handed out is always written whole by its new owner before it is
+//! read (the mount writes zeros around new data): a file never shows another file's
+//! old bytes. The mount keeps bytes past the end of file in a file's last block zero
+//! (truncation zeroes them), so growing a file shows zeros.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use serde::{Deserialize, Serialize};
+
+/// An inode number.
+pub type Ino = u64;
+/// The root directory's inode.
+pub const ROOT: Ino = 1;
+/// Longest name of a directory entry, bytes.
+pub const NAME_MAX: usize = 255;
+/// Longest symlink target, bytes.
+pub const SYMLINK_MAX: usize = 4096;
+/// Most links to one inode.
+pub const LINK_MAX: u32 = 65_000;
+/// Most entries one `ReadDir` answer carries.
+pub const READDIR_MAX: usize = 4096;
+/// Most blocks one `Map` may hand out (a few MiB of file at a time).
+pub const MAP_MAX: u64 = 4096;
+
+/// What an inode is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Kind {
+    File,
+    Dir,
+    Symlink,
+    Fifo,
+    Socket,
+    CharDev,
+    BlockDev,
+}
+
+/// A time as seconds and nanoseconds since the Unix epoch.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Time {
+    pub secs: i64,
+    pub nanos: u32,
+}
+
+/// An inode's attributes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attr {
+    pub ino: Ino,
+    pub kind: Kind,
+    /// Permission bits, with set-uid, set-gid and sticky (07777).
+    pub perm: u16,
+    pub nlink: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub rdev: u32,
+    pub size: u64,
+    /// Data blocks the file holds.
+    pub blocks: u64,
+    pub atime: Time,
+    pub mtime: Time,
+    pub ctime: Time,
+    /// Grows each time the inode number is given out (never reused here, so always 1).
+    pub generation: u64,
+}
+
+/// A run of data blocks of the volume: `count` blocks from `lba`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Extent {
+    pub lba: u64,
+    pub count: u64,
+}
+
+/// One file block's data block, and whether this `Map` just handed it out (its old
+/// content is another file's, so the mount must write it whole).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Mapping {
+    pub block: u64,
+    pub lba: u64,
+    pub fresh: bool,
+}
+
+/// One directory entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DirEntry {
+    pub name: Vec<u8>,
+    pub ino: Ino,
+    pub kind: Kind,
+}
+
+/// Capacity as `statfs` reports it, in data blocks (after redundancy).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FsStats {
+    pub block_size: u32,
+    pub blocks: u64,
+    pub free: u64,
+    pub files: u64,
+}
+
+/// One inode.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Inode {
+    pub attr: Attr,
+    /// A directory's entries.
+    pub entries: BTreeMap<Vec<u8>, Ino>,
+    /// A directory's parent (the root's is itself).
+    pub parent: Ino,
+    /// A symlink's target.
+    pub target: Vec<u8>,
+    /// A regular file's data: first file block -> run of data blocks.
+    pub extents: BTreeMap<u64, Extent>,
+}
+
+/// Attribute changes (`setattr`); `None` leaves a field alone.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SetAttr {
+    pub perm: Option<u16>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub size: Option<u64>,
+    pub atime: Option<Time>,
+    pub mtime: Option<Time>,
+}
+
+/// A change to the namespace.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum FsCommand {
+    /// Creates the file system (its root directory) over `blocks` data blocks of
+    /// `block_size` bytes; `Exists` if there is one already.
+    Format {
+        blocks: u64,
+        block_size: u32,
+        uid: u32,
+        gid: u32,
+        now: Time,
+    },
+    /// A new inode named `name` in `parent`. `target` is a symlink's.
+    Create {
+        parent: Ino,
+        name: Vec<u8>,
+        kind: Kind,
+        perm: u16,
+        uid: u32,
+        gid: u32,
+        rdev: u32,
+        target: Vec<u8>,
+        now: Time,
+    },
+    /// Another name for a non-directory.
+    Link {
+        ino: Ino,
+        parent: Ino,
+        name: Vec<u8>,
+        now: Time,
+    },
+    /// Removes a name (`dir`: rmdir). A file whose last name goes stays as an orphan
+    /// until [`FsCommand::Drop`].
+    Unlink {
+        parent: Ino,
+        name: Vec<u8>,
+        dir: bool,
+        now: Time,
+    },
+    /// Moves a name, replacing the target unless `noreplace`; `exchange` swaps two.
+    Rename {
+        parent: Ino,
+        name: Vec<u8>,
+        new_parent: Ino,
+        new_name: Vec<u8>,
+        noreplace: bool,
+        exchange: bool,
+        now: Time,
+    },
+    /// Changes attributes; a size change frees the blocks past the new end.
+    SetAttr { ino: Ino, set: SetAttr, now: Time },
+    /// Data blocks for file blocks `first .. first + count`, handing out blocks for
+    /// those without one.
+    Map { ino: Ino, first: u64, count: u64 },
+    /// A mount wrote data: the size becomes at least `size`, and mtime and ctime `now`.
+    Written { ino: Ino, size: u64, now: Time },
+    /// Frees an orphan (no names left, closed).
+    Drop { ino: Ino },
+}
+
+/// A read of the namespace.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum FsQuery {
+    Lookup {
+        parent: Ino,
+        name: Vec<u8>,
+    },
+    GetAttr {
+        ino: Ino,
+    },
+    /// Up to [`READDIR_MAX`] entries after `after` (from the start if `None`).
+    ReadDir {
+        ino: Ino,
+        after: Option<Vec<u8>>,
+    },
+    ReadLink {
+        ino: Ino,
+    },
+    /// The data blocks of file blocks `first .. first + count` that have one.
+    Extents {
+        ino: Ino,
+        first: u64,
+        count: u64,
+    },
+    StatFs,
+}
+
+/// The answer to a command or query.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum FsReply {
+    Attr(Attr),
+    /// `Unlink` / `Rename`: the inode left without names (drop it once closed).
+    Orphaned(Option<Ino>),
+    Mapped(Vec<Mapping>),
+    Entries(Vec<DirEntry>),
+    Target(Vec<u8>),
+    StatFs(FsStats),
+    Done,
+}
+
+/// Why a command or query was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[non_exhaustive]
+pub enum FsError {
+    #[error("no such file or directory")]
+    NotFound,
+    #[error("file exists")]
+    Exists,
+    #[error("not a directory")]
+    NotDir,
+    #[error("is a directory")]
+    IsDir,
+    #[error("directory not empty")]
+    NotEmpty,
+    #[error("invalid argument")]
+    Invalid,
+    #[error("no space left on the volume")]
+    NoSpace,
+    #[error("file name too long")]
+    NameTooLong,
+    #[error("too many links")]
+    TooManyLinks,
+    #[error("the file system is not formatted")]
+    NotFormatted,
+    #[error("operation not permitted")]
+    NotPermitted,
+    #[error("file too large")]
+    TooLarge,
+}
+
+type FsResult = Result<FsReply, FsError>;
+
+/// The namespace and the free data blocks.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FsState {
+    pub formatted: bool,
+    pub block_size: u32,
+    pub blocks: u64,
+    pub used: u64,
+    next_ino: Ino,
+    inodes: BTreeMap<Ino, Inode>,
+    /// Free data blocks: start -> count, non-adjacent runs.
+    free: BTreeMap<u64, u64>,
+}
+
+fn check_name(name: &[u8]) -> Result<(), FsError> {
+    if name.is_empty() || name == b"." || name == b".." || name.contains(&b'/') {
+        return Err(FsError::Invalid);
+    }
+    if name.contains(&0) {
+        return Err(FsError::Invalid);
+    }
+    if name.len() > NAME_MAX {
+        return Err(FsError::NameTooLong);
+    }
+    Ok(())
+}
+
+impl FsState {
+    pub fn inode(&self, ino: Ino) -> Option<&Inode> {
+        self.inodes.get(&ino)
+    }
+
+    pub fn inode_count(&self) -> usize {
+        self.inodes.len()
+    }
+
+    fn get(&self, ino: Ino) -> Result<&Inode, FsError> {
+        if !self.formatted {
+            return Err(FsError::NotFormatted);
+        }
+        self.inodes.get(&ino).ok_or(FsError::NotFound)
+    }
+
+    fn get_mut(&mut self, ino: Ino) -> Result<&mut Inode, FsError> {
+        if !self.formatted {
+            return Err(FsError::NotFormatted);
+        }
+        self.inodes.get_mut(&ino).ok_or(FsError::NotFound)
+    }
+
+    fn dir(&self, ino: Ino) -> Result<&Inode, FsError> {
+        let i = self.get(ino)?;
+        if i.attr.kind != Kind::Dir {
+            return Err(FsError::NotDir);
+        }
+        Ok(i)
+    }
+
+    fn touch_dir(&mut self, ino: Ino, now: Time) {
+        if let Some(d) = self.inodes.get_mut(&ino) {
+            d.attr.mtime = now;
+            d.attr.ctime = now;
+        }
+    }
+
+    fn attr(&self, ino: Ino) -> FsResult {
+        Ok(FsReply::Attr(self.get(ino)?.attr.clone()))
+    }
+
+    /// Answers a query (no change).
+    pub fn query(&self, q: &FsQuery) -> FsResult {
+        match q {
+            FsQuery::Lookup { parent, name } => {
+                let d = self.dir(*parent)?;
+                let ino = match name.as_slice() {
+                    b"." => *parent,
+                    b".." => d.parent,
+                    n => *d.entries.get(n).ok_or(FsError::NotFound)?,
+                };
+                self.attr(ino)
+            }
+            FsQuery::GetAttr { ino } => self.attr(*ino),
+            FsQuery::ReadDir { ino, after } => {
+                let d = self.dir(*ino)?;
+                let range = match after {
+                    Some(a) => d
+                        .entries
+                        .range::<Vec<u8>, _>((
+                            std::ops::Bound::Excluded(a),
+                            std::ops::Bound::Unbounded,
+                        ))
+                        .take(READDIR_MAX)
+                        .collect::<Vec<_>>(),
+                    None => d.entries.iter().take(READDIR_MAX).collect(),
+                };
+                let mut out = Vec::with_capacity(range.len());
+                for (name, ino) in range {
+                    let kind = self.get(*ino)?.attr.kind;
+                    out.push(DirEntry {
+                        name: name.clone(),
+                        ino: *ino,
+                        kind,
+                    });
+                }
+                Ok(FsReply::Entries(out))
+            }
+            FsQuery::ReadLink { ino } => {
+                let i = self.get(*ino)?;
+                if i.attr.kind != Kind::Symlink {
+                    return Err(FsError::Invalid);
+                }
+                Ok(FsReply::Target(i.target.clone()))
+            }
+            FsQuery::Extents { ino, first, count } => {
+                let i = self.get(*ino)?;
+                Ok(FsReply::Mapped(mapped(i, *first, (*count).min(MAP_MAX))))
+            }
+            FsQuery::StatFs => {
+                if !self.formatted {
+                    return Err(FsError::NotFormatted);
+                }
+                Ok(FsReply::StatFs(FsStats {
+                    block_size: self.block_size,
+                    blocks: self.blocks,
+                    free: self.blocks - self.used,
+                    files: self.inodes.len() as u64,
+                }))
+            }
+        }
+    }
+
+    /// Applies a command; a refusal changes nothing.
+    pub fn apply(&mut self, cmd: &FsCommand) -> FsResult {
+        match cmd {
+            FsCommand::Format {
+                blocks,
+                block_size,
+                uid,
+                gid,
+                now,
+            } => {
+                if self.formatted {
+                    return Err(FsError::Exists);
+                }
+                if *blocks == 0 || *block_size == 0 {
+                    return Err(FsError::Invalid);
+                }
+                self.formatted = true;
+                self.block_size = *block_size;
+                self.blocks = *blocks;
+                self.used = 0;
+                self.free = BTreeMap::from([(0, *blocks)]);
+                self.next_ino = ROOT + 1;
+                self.inodes.insert(
+                    ROOT,
+                    new_inode(ROOT, Kind::Dir, 0o755, *uid, *gid, 0, *now, ROOT),
+                );
+                self.attr(ROOT)
+            }
+            FsCommand::Create {
+                parent,
+                name,
+                kind,
+                perm,
+                uid,
+                gid,
+                rdev,
+                target,
+                now,
+            } => {
+                check_name(name)?;
+                let d = self.dir(*parent)?;
+                if d.entries.contains_key(name) {
+                    return Err(FsError::Exists);
+                }
+                if *kind == Kind::Symlink && (target.is_empty() || target.len() > SYMLINK_MAX) {
+                    return Err(if target.is_empty() {
+                        FsError::NotFound
+                    } else {
+                        FsError::NameTooLong
+                    });
+                }
+                if *kind == Kind::Dir && d.attr.nlink >= LINK_MAX {
+                    return Err(FsError::TooManyLinks);
+                }
+                // A set-gid directory gives its group to what is made in it, and
+                // its set-gid bit to new directories.
+                let (gid, perm) = if d.attr.perm & 0o2000 != 0 {
+                    let sgid = if *kind == Kind::Dir { 0o2000 } else { 0 };
+                    (d.attr.gid, (*perm & 0o7777) | sgid)
+                } else {
+                    (*gid, *perm & 0o7777)
+                };
+                let ino = self.next_ino;
+                self.next_ino += 1;
+                let mut inode = new_inode(ino, *kind, perm, *uid, gid, *rdev, *now, *parent);
+                if *kind == Kind::Symlink {
+                    inode.target = target.clone();
+                    inode.attr.size = target.len() as u64;
+                }
+                let attr = inode.attr.clone();
+                self.inodes.insert(ino, inode);
+                let d = self.get_mut(*parent)?;
+                d.entries.insert(name.clone(), ino);
+                if *kind == Kind::Dir {
+                    d.attr.nlink += 1;
+                }
+                self.touch_dir(*parent, *now);
+                Ok(FsReply::Attr(attr))
+            }
+            FsCommand::Link {
+                ino,
+                parent,
+                name,
+                now,
+            } => {
+                check_name(name)?;
+                let i = self.get(*ino)?;
+                if i.attr.kind == Kind::Dir {
+                    return Err(FsError::NotPermitted);
+                }
+                if i.attr.nlink == 0 {
+                    return Err(FsError::NotFound);
+                }
+                if i.attr.nlink >= LINK_MAX {
+                    return Err(FsError::TooManyLinks);
+                }
+                if self.dir(*parent)?.entries.contains_key(name) {
+                    return Err(FsError::Exists);
+                }
+                self.get_mut(*parent)?.entries.insert(name.clone(), *ino);
+                self.touch_dir(*parent, *now);
+                let i = self.get_mut(*ino)?;
+                i.attr.nlink += 1;
+                i.attr.ctime = *now;
+                Ok(FsReply::Attr(i.attr.clone()))
+            }
+            FsCommand::Unlink {
+                parent,
+                name,
+                dir,
+                now,
+            } => {
+                check_name(name)?;
+                let ino = *self
+                    .dir(*parent)?
+                    .entries
+                    .get(name)
+                    .ok_or(FsError::NotFound)?;
+                let target = self.get(ino)?;
+                match (target.attr.kind == Kind::Dir, *dir) {
+                    (true, false) => return Err(FsError::IsDir),
+                    (false, true) => return Err(FsError::NotDir),
+                    (true, true) if !target.entries.is_empty() => return Err(FsError::NotEmpty),
+                    _ => {}
+                }
+                let p = self.get_mut(*parent)?;
+                p.entries.remove(name);
+                if *dir {
+                    p.attr.nlink -= 1;
+                }
+                self.touch_dir(*parent, *now);
+                Ok(FsReply::Orphaned(self.unlinked(ino, *now)))
+            }
+            FsCommand::Rename {
+                parent,
+                name,
+                new_parent,
+                new_name,
+                noreplace,
+                exchange,
+                now,
+            } => self.rename(
+                *parent,
+                name,
+                *new_parent,
+                new_name,
+                *noreplace,
+                *exchange,
+                *now,
+            ),
+            FsCommand::SetAttr { ino, set, now } => self.set_attr(*ino, set, *now),
+            FsCommand::Map { ino, first, count } => self.map(*ino, *first, *count),
+            FsCommand::Written { ino, size, now } => {
+                let bs = u64::from(self.block_size.max(1));
+                if size.div_ceil(bs) > self.max_file_blocks() {
+                    return Err(FsError::TooLarge);
+                }
+                let i = self.get_mut(*ino)?;
+                if i.attr.kind != Kind::File {
+                    return Err(FsError::Invalid);
+                }
+                i.attr.size = i.attr.size.max(*size);
+                i.attr.mtime = *now;
+                i.attr.ctime = *now;
+                Ok(FsReply::Attr(i.attr.clone()))
+            }
+            FsCommand::Drop { ino } => {
+                let i = self.get(*ino)?;
+                if i.attr.nlink != 0 || *ino == ROOT {
+                    return Err(FsError::Invalid);
+                }
+                if let Some(i) = self.inodes.remove(ino) {
+                    for e in i.extents.values() {
+                        self.release(*e);
+                    }
+                }
+                Ok(FsReply::Done)
+            }
+        }
+    }
+
+    /// One name of `ino` is gone: lowers its link count; the inode if it has no
+    /// names left (a directory is removed at once, a file waits for `Drop`).
+    fn unlinked(&mut self, ino: Ino, now: Time) -> Option<Ino> {
+        let i = self.inodes.get_mut(&ino)?;
+        i.attr.ctime = now;
+        if i.attr.kind == Kind::Dir {
+            self.inodes.remove(&ino);
+            return None;
+        }
+        i.attr.nlink = i.attr.nlink.saturating_sub(1);
+        (i.attr.nlink == 0).then_some(ino)
+    }
+
+    /// Whether `ino` is `ancestor` or lies below it.
+    fn is_within(&self, mut ino: Ino, ancestor: Ino) -> bool {
+        // Parents lead to the root; the bound only guards against a corrupt state.
+        for _ in 0..=self.inodes.len() {
+            if ino == ancestor {
+                return true;
+            }
+            match self.inodes.get(&ino) {
+                Some(i) if i.parent != ino => ino = i.parent,
+                _ => return false,
+            }
+        }
+        false
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn rename(
+        &mut self,
+        parent: Ino,
+        name: &[u8],
+        new_parent: Ino,
+        new_name: &[u8],
+        noreplace: bool,
+        exchange: bool,
+        now: Time,
+    ) -> FsResult {
+        check_name(name)?;
+        check_name(new_name)?;
+        if noreplace && exchange {
+            return Err(FsError::Invalid);
+        }
+        let src = *self
+            .dir(parent)?
+            .entries
+            .get(name)
+            .ok_or(FsError::NotFound)?;
+        let dst = self.dir(new_parent)?.entries.get(new_name).copied();
+        let src_dir = self.get(src)?.attr.kind == Kind::Dir;
+        if src_dir && self.is_within(new_parent, src) {
+            return Err(FsError::Invalid);
+        }
+        if exchange {
+            let dst = dst.ok_or(FsError::NotFound)?;
+            let dst_dir = self.get(dst)?.attr.kind == Kind::Dir;
+            if dst_dir && self.is_within(parent, dst) {
+                return Err(FsError::Invalid);
+            }
+            self.get_mut(parent)?.entries.insert(name.to_vec(), dst);
+            self.get_mut(new_parent)?
+                .entries
+                .insert(new_name.to_vec(), src);
+            self.moved(src, src_dir, parent, new_parent, now);
+            self.moved(dst, dst_dir, new_parent, parent, now);
+            return Ok(FsReply::Orphaned(None));
+        }
+        let mut orphan = None;
+        if let Some(dst) = dst {
+            if noreplace {
+                return Err(FsError::Exists);
+            }
+            if dst == src {
+                return Ok(FsReply::Orphaned(None));
+            }
+            let d = self.get(dst)?;
+            let dst_dir = d.attr.kind == Kind::Dir;
+            match (src_dir, dst_dir) {
+                (true, false) => return Err(FsError::NotDir),
+                (false, true) => return Err(FsError::IsDir),
+                (true, true) if !d.entries.is_empty() => return Err(FsError::NotEmpty),
+                _ => {}
+            }
+            if dst_dir {
+                self.get_mut(new_parent)?.attr.nlink -= 1;
+            }
+            orphan = self.unlinked(dst, now);
+        }
+        self.get_mut(parent)?.entries.remove(name);
+        self.get_mut(new_parent)?
+            .entries
+            .insert(new_name.to_vec(), src);
+        self.moved(src, src_dir, parent, new_parent, now);
+        Ok(FsReply::Orphaned(orphan))
+    }
+
+    /// `ino` moved from directory `from` to `to`: parent links and times.
+    fn moved(&mut self, ino: Ino, is_dir: bool, from: Ino, to: Ino, now: Time) {
+        if is_dir && from != to {
+            if let Some(f) = self.inodes.get_mut(&from) {
+                f.attr.nlink -= 1;
+            }
+            if let Some(t) = self.inodes.get_mut(&to) {
+                t.attr.nlink += 1;
+            }
+        }
+        if let Some(i) = self.inodes.get_mut(&ino) {
+            if is_dir {
+                i.parent = to;
+            }
+            i.attr.ctime = now;
+        }
+        self.touch_dir(from, now);
+        self.touch_dir(to, now);
+    }
+
+    fn set_attr(&mut self, ino: Ino, set: &SetAttr, now: Time) -> FsResult {
+        let bs = u64::from(self.block_size.max(1));
+        let i = self.get(ino)?;
+        if let Some(size) = set.size {
+            match i.attr.kind {
+                Kind::File => {}
+                Kind::Dir => return Err(FsError::IsDir),
+                _ => return Err(FsError::Invalid),
+            }
+            if size.div_ceil(bs) > self.max_file_blocks() {
+                return Err(FsError::TooLarge);
+            }
+            let keep = size.div_ceil(bs);
+            let freed = cut_extents(self.get_mut(ino)?, keep);
+            for e in freed {
+                self.release(e);
+            }
+        }
+        let i = self.get_mut(ino)?;
+        if let Some(size) = set.size {
+            i.attr.size = size;
+            i.attr.mtime = now;
+        }
+        if let Some(p) = set.perm {
+            i.attr.perm = p & 0o7777;
+        }
+        if let Some(u) = set.uid {
+            i.attr.uid = u;
+        }
+        if let Some(g) = set.gid {
+            i.attr.gid = g;
+        }
+        if let Some(t) = set.atime {
+            i.attr.atime = t;
+        }
+        if let Some(t) = set.mtime {
+            i.attr.mtime = t;
+        }
+        i.attr.ctime = now;
+        i.attr.blocks = i.extents.values().map(|e| e.count).sum();
+        Ok(FsReply::Attr(i.attr.clone()))
+    }
+
+    fn map(&mut self, ino: Ino, first: u64, count: u64) -> FsResult {
+        if count == 0 || count > MAP_MAX {
+            return Err(FsError::Invalid);
+        }
+        let end = first.checked_add(count).ok_or(FsError::TooLarge)?;
+        if end > self.max_file_blocks() {
+            return Err(FsError::TooLarge);
+        }
+        let i = self.get(ino)?;
+        if i.attr.kind != Kind::File {
+            return Err(FsError::Invalid);
+        }
+        let have = mapped(i, first, count);
+        let missing: Vec<u64> = {
+            let have: BTreeSet<u64> = have.iter().map(|m| m.block).collect();
+            (first..end).filter(|b| !have.contains(b)).collect()
+        };
+        if missing.len() as u64 > self.blocks - self.used {
+            return Err(FsError::NoSpace);
+        }
+        // Prefer the data block after the previous file block's, for long runs.
+        let mut goal = first
+            .checked_sub(1)
+            .and_then(|p| mapped(i, p, 1).first().map(|m| m.lba + 1));
+        let mut out = have;
+        for b in missing {
+            let lba = self.take_one(goal).ok_or(FsError::NoSpace)?;
+            goal = Some(lba + 1);
+            out.push(Mapping {
+                block: b,
+                lba,
+                fresh: true,
+            });
+            let i = self.get_mut(ino)?;
+            insert_block(&mut i.extents, b, lba);
+            i.attr.blocks += 1;
+        }
+        out.sort_by_key(|m| m.block);
+        Ok(FsReply::Mapped(out))
+    }
+
+    /// Takes one free data block, `goal` if it is free.
+    fn take_one(&mut self, goal: Option<u64>) -> Option<u64> {
+        let (start, count) = match goal.and_then(|g| {
+            self.free
+                .range(..=g)
+                .next_back()
+                .filter(|(s, c)| g < *s + *c)
+                .map(|(s, c)| (*s, *c))
+        }) {
+            Some(run) => run,
+            None => self.free.iter().next().map(|(s, c)| (*s, *c))?,
+        };
+        let lba = match goal {
+            Some(g) if g >= start && g < start + count => g,
+            _ => start,
+        };
+        self.free.remove(&start);
+        if lba > start {
+            self.free.insert(start, lba - start);
+        }
+        if lba + 1 < start + count {
+            self.free.insert(lba + 1, start + count - lba - 1);
+        }
+        self.used += 1;
+        Some(lba)
+    }
+
+    /// Returns a run of data blocks to the free list, merging neighbours.
+    fn release(&mut self, e: Extent) {
+        if e.count == 0 {
+            return;
+        }
+        let mut start = e.lba;
+        let mut count = e.count;
+        if let Some((&s, &c)) = self.free.range(..start).next_back() {
+            if s + c == start {
+                self.free.remove(&s);
+                start = s;
+                count += c;
+            }
+        }
+        if let Some(&c) = self.free.get(&(start + count)) {
+            self.free.remove(&(start + count));
+            count += c;
+        }
+        self.free.insert(start, count);
+        self.used -= e.count.min(self.used);
+    }
+
+    /// The largest file, in blocks: 1024 times the volume (files may be sparse).
+    pub fn max_file_blocks(&self) -> u64 {
+        self.blocks.max(1).saturating_mul(1024)
+    }
+
+    /// Checks the invariants of the module documentation; the first violation.
+    pub fn check(&self) -> Result<(), String> {
+        if !self.formatted {
+            return Ok(());
+        }
+        let mut names: BTreeMap<Ino, u32> = BTreeMap::new();
+        let mut subdirs: BTreeMap<Ino, u32> = BTreeMap::new();
+        for (ino, i) in &self.inodes {
+            for (name, child) in &i.entries {
+                let c = self
+                    .inodes
+                    .get(child)
+                    .ok_or(format!("{ino}/{name:?} names missing inode {child}"))?;
+                *names.entry(*child).or_default() += 1;
+                if c.attr.kind == Kind::Dir {
+                    *subdirs.entry(*ino).or_default() += 1;
+                    if c.parent != *ino {
+                        return Err(format!("dir {child} is in {ino}, parent says {}", c.parent));
+                    }
+                }
+            }
+        }
+        let mut owned: BTreeMap<u64, Ino> = BTreeMap::new();
+        let mut used = 0;
+        for (ino, i) in &self.inodes {
+            let n = names.get(ino).copied().unwrap_or(0);
+            if i.attr.kind == Kind::Dir {
+                if *ino != ROOT && n != 1 {
+                    return Err(format!("dir {ino} has {n} names"));
+                }
+                let want = 2 + subdirs.get(ino).copied().unwrap_or(0);
+                if i.attr.nlink != want {
+                    return Err(format!("dir {ino} nlink {} want {want}", i.attr.nlink));
+                }
+            } else if i.attr.nlink != n {
+                return Err(format!("{ino} nlink {} but {n} names", i.attr.nlink));
+            }
+            for e in i.extents.values() {
+                for lba in e.lba..e.lba + e.count {
+                    if let Some(other) = owned.insert(lba, *ino) {
+                        return Err(format!("block {lba} in {other} and {ino}"));
+                    }
+                    used += 1;
+                }
+            }
+            let blocks: u64 = i.extents.values().map(|e| e.count).sum();
+            if blocks != i.attr.blocks {
+                return Err(format!(
+                    "{ino} counts {} blocks, holds {blocks}",
+                    i.attr.blocks
+                ));
+            }
+        }
+        let mut free = 0;
+        for (s, c) in &self.free {
+            if let Some((lba, ino)) = owned.range(s..&(s + c)).next() {
+                return Err(format!("free block {lba} belongs to {ino}"));
+            }
+            free += c;
+        }
+        if used != self.used || used + free != self.blocks {
+            return Err(format!(
+                "used {used} (counted {}) + free {free} != {}",
+                self.used, self.blocks
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn new_inode(
+    ino: Ino,
+    kind: Kind,
+    perm: u16,
+    uid: u32,
+    gid: u32,
+    rdev: u32,
+    now: Time,
+    parent: Ino,
+) -> Inode {
+    Inode {
+        attr: Attr {
+            ino,
+            kind,
+            perm,
+            nlink: if kind == Kind::Dir { 2 } else { 1 },
+            uid,
+            gid,
+            rdev,
+            size: 0,
+            blocks: 0,
+            atime: now,
+            mtime: now,
+            ctime: now,
+            generation: 1,
+        },
+        entries: BTreeMap::new(),
+        parent,
+        target: Vec::new(),
+        extents: BTreeMap::new(),
+    }
+}
+
+/// The mapped blocks of `first .. first + count`.
+fn mapped(i: &Inode, first: u64, count: u64) -> Vec<Mapping> {
+    let end = first.saturating_add(count);
+    let mut out = Vec::new();
+    let start = i
+        .extents
+        .range(..=first)
+        .next_back()
+        .map(|(b, _)| *b)
+        .unwrap_or(first);
+    for (b, e) in i.extents.range(start..end) {
+        for n in 0..e.count {
+            let block = b + n;
+            if block >= first && block < end {
+                out.push(Mapping {
+                    block,
+                    lba: e.lba + n,
+                    fresh: false,
+                });
+            }
+        }
+    }
+    out
+}
+
+/// Adds file block `b` -> `lba`, extending a neighbouring run where it continues it.
+fn insert_block(extents: &mut BTreeMap<u64, Extent>, b: u64, lba: u64) {
+    if let Some((&pb, pe)) = extents.range_mut(..b).next_back() {
+        if pb + pe.count == b && pe.lba + pe.count == lba {
+            pe.count += 1;
+            if let Some(next) = extents.get(&(b + 1)).copied() {
+                if next.lba == lba + 1 {
+                    extents.remove(&(b + 1));
+                    if let Some(pe) = extents.get_mut(&pb) {
+                        pe.count += next.count;
+                    }
+                }
+            }
+            return;
+        }
+    }
+    if let Some(next) = extents.get(&(b + 1)).copied() {
+        if next.lba == lba + 1 {
+            extents.remove(&(b + 1));
+            extents.insert(
+                b,
+                Extent {
+                    lba,
+                    count: next.count + 1,
+                },
+            );
+            return;
+        }
+    }
+    extents.insert(b, Extent { lba, count: 1 });
+}
+
+/// Drops every file block from `keep` on; the runs of data blocks freed.
+fn cut_extents(i: &mut Inode, keep: u64) -> Vec<Extent> {
+    let mut freed = Vec::new();
+    let tail: Vec<u64> = i.extents.range(..).map(|(b, _)| *b).collect();
+    for b in tail {
+        let Some(e) = i.extents.get(&b).copied() else {
+            continue;
+        };
+        if b >= keep {
+            i.extents.remove(&b);
+            freed.push(e);
+        } else if b + e.count > keep {
+            let kept = keep - b;
+            freed.push(Extent {
+                lba: e.lba + kept,
+                count: e.count - kept,
+            });
+            if let Some(e) = i.extents.get_mut(&b) {
+                e.count = kept;
+            }
+        }
+    }
+    i.attr.blocks = i.extents.values().map(|e| e.count).sum();
+    freed
+}
+
+/// The file system state as the state machine holds it: shared with the replica's
+/// query handler (which reads it under the lock after a linearizable read) without
+/// copying. Cloning copies the state (a snapshot is a consistent copy).
+#[derive(Debug, Default)]
+pub struct SharedFs(Arc<RwLock<FsState>>);
+
+impl SharedFs {
+    pub fn read(&self) -> RwLockReadGuard<'_, FsState> {
+        self.0.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn write(&self) -> RwLockWriteGuard<'_, FsState> {
+        self.0.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Another handle on the same state (not a copy).
+    pub fn share(&self) -> SharedFs {
+        SharedFs(self.0.clone())
+    }
+}
+
+impl Clone for SharedFs {
+    fn clone(&self) -> SharedFs {
+        SharedFs(Arc::new(RwLock::new(self.read().clone())))
+    }
+}
+
+impl PartialEq for SharedFs {
+    fn eq(&self, other: &SharedFs) -> bool {
+        Arc::ptr_eq(&self.0, &other.0) || *self.read() == *other.read()
+    }
+}
+
+impl Eq for SharedFs {}
+
+impl Serialize for SharedFs {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.read().serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for SharedFs {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<SharedFs, D::Error> {
+        Ok(SharedFs(Arc::new(RwLock::new(FsState::deserialize(d)?))))
+    }
+}

@@ -1,0 +1,2336 @@
+//! The file system namespace state machine (`drs_meta::fs`): the POSIX rules one by
+//! one, block allocation and freeing, timestamps, the postcard round trip and
+//! `SharedFs`, and a property over random command sequences checked after every step
+//! against the invariants, the "a refusal changes nothing" rule and a naive model.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use drs_meta::fs::{
+    Attr, DirEntry, Extent, FsCommand, FsError, FsQuery, FsReply, FsState, FsStats, Ino, Kind,
+    Mapping, SetAttr, SharedFs, Time, MAP_MAX, NAME_MAX, READDIR_MAX, ROOT, SYMLINK_MAX,
+};
+use proptest::prelude::*;
+
+const BS: u32 = 4096;
+const BSZ: u64 = BS as u64;
+const TARGET: &[u8] = b"target";
+
+// ---------------------------------------------------------------------------------
+// Helpers (public API only).
+// ---------------------------------------------------------------------------------
+
+fn t(secs: i64) -> Time {
+    Time { secs, nanos: 0 }
+}
+
+fn format_cmd(blocks: u64) -> FsCommand {
+    FsCommand::Format {
+        blocks,
+        block_size: BS,
+        uid: 0,
+        gid: 0,
+        now: t(1),
+    }
+}
+
+fn formatted(blocks: u64) -> FsState {
+    let mut fs = FsState::default();
+    let root = ok_attr(fs.apply(&format_cmd(blocks)), "format");
+    assert_eq!(root.ino, ROOT);
+    assert_eq!(root.kind, Kind::Dir);
+    assert_eq!(root.nlink, 2);
+    assert_eq!(root.ctime, t(1));
+    fs.check().unwrap();
+    fs
+}
+
+fn create_cmd(parent: Ino, name: &[u8], kind: Kind, now: Time) -> FsCommand {
+    FsCommand::Create {
+        parent,
+        name: name.to_vec(),
+        kind,
+        perm: 0o644,
+        uid: 1000,
+        gid: 100,
+        rdev: 0,
+        target: if kind == Kind::Symlink {
+            TARGET.to_vec()
+        } else {
+            Vec::new()
+        },
+        now,
+    }
+}
+
+fn link_cmd(ino: Ino, parent: Ino, name: &[u8], now: Time) -> FsCommand {
+    FsCommand::Link {
+        ino,
+        parent,
+        name: name.to_vec(),
+        now,
+    }
+}
+
+fn unlink_cmd(parent: Ino, name: &[u8], dir: bool, now: Time) -> FsCommand {
+    FsCommand::Unlink {
+        parent,
+        name: name.to_vec(),
+        dir,
+        now,
+    }
+}
+
+fn rename_cmd(
+    parent: Ino,
+    name: &[u8],
+    new_parent: Ino,
+    new_name: &[u8],
+    noreplace: bool,
+    exchange: bool,
+    now: Time,
+) -> FsCommand {
+    FsCommand::Rename {
+        parent,
+        name: name.to_vec(),
+        new_parent,
+        new_name: new_name.to_vec(),
+        noreplace,
+        exchange,
+        now,
+    }
+}
+
+/// A plain rename (no flags).
+fn mv(parent: Ino, name: &[u8], new_parent: Ino, new_name: &[u8], now: Time) -> FsCommand {
+    rename_cmd(parent, name, new_parent, new_name, false, false, now)
+}
+
+fn size_cmd(ino: Ino, size: u64, now: Time) -> FsCommand {
+    FsCommand::SetAttr {
+        ino,
+        set: SetAttr {
+            size: Some(size),
+            ..SetAttr::default()
+        },
+        now,
+    }
+}
+
+fn map_cmd(ino: Ino, first: u64, count: u64) -> FsCommand {
+    FsCommand::Map { ino, first, count }
+}
+
+fn ok_attr(r: Result<FsReply, FsError>, what: &str) -> Attr {
+    match r {
+        Ok(FsReply::Attr(a)) => a,
+        other => panic!("{what}: expected an Attr, got {other:?}"),
+    }
+}
+
+/// Applies a command that must succeed; checks the invariants after.
+fn apply_ok(fs: &mut FsState, cmd: &FsCommand) -> FsReply {
+    let r = fs.apply(cmd);
+    fs.check()
+        .unwrap_or_else(|e| panic!("after {cmd:?}: invariant broken: {e}"));
+    r.unwrap_or_else(|e| panic!("{cmd:?} refused: {e:?}"))
+}
+
+/// Applies a command that must be refused with `want`, changing nothing.
+fn refused(fs: &mut FsState, cmd: &FsCommand, want: FsError) {
+    let before = fs.clone();
+    assert_eq!(fs.apply(cmd), Err(want), "{cmd:?}");
+    assert_eq!(*fs, before, "the refused {cmd:?} changed the state");
+    fs.check().unwrap();
+}
+
+fn create(fs: &mut FsState, parent: Ino, name: &[u8], kind: Kind, now: Time) -> Ino {
+    let cmd = create_cmd(parent, name, kind, now);
+    let a = ok_attr(Ok(apply_ok(fs, &cmd)), "create");
+    a.ino
+}
+
+fn create_attr(fs: &mut FsState, parent: Ino, name: &[u8], kind: Kind, now: Time) -> Attr {
+    let ino = create(fs, parent, name, kind, now);
+    attr(fs, ino)
+}
+
+fn attr(fs: &FsState, ino: Ino) -> Attr {
+    ok_attr(fs.query(&FsQuery::GetAttr { ino }), "getattr")
+}
+
+fn lookup(fs: &FsState, parent: Ino, name: &[u8]) -> Result<Ino, FsError> {
+    match fs.query(&FsQuery::Lookup {
+        parent,
+        name: name.to_vec(),
+    }) {
+        Ok(FsReply::Attr(a)) => Ok(a.ino),
+        Err(e) => Err(e),
+        other => panic!("lookup: {other:?}"),
+    }
+}
+
+/// Every entry of a directory, following `ReadDir`'s pages (each strictly after the
+/// cursor, in name order).
+fn read_dir(fs: &FsState, ino: Ino) -> Vec<DirEntry> {
+    let mut out: Vec<DirEntry> = Vec::new();
+    for _ in 0..1000 {
+        let after = out.last().map(|e| e.name.clone());
+        match fs.query(&FsQuery::ReadDir {
+            ino,
+            after: after.clone(),
+        }) {
+            Ok(FsReply::Entries(page)) => {
+                assert!(page.len() <= READDIR_MAX);
+                if page.is_empty() {
+                    return out;
+                }
+                let mut last = after;
+                for e in &page {
+                    assert!(
+                        last.as_ref().is_none_or(|l| *l < e.name),
+                        "readdir {ino}: {:?} after {last:?}",
+                        e.name
+                    );
+                    last = Some(e.name.clone());
+                }
+                out.extend(page);
+            }
+            other => panic!("readdir {ino}: {other:?}"),
+        }
+    }
+    panic!("readdir {ino}: no end");
+}
+
+/// The mapped blocks of a file's first `MAP_MAX` file blocks.
+fn extents(fs: &FsState, ino: Ino) -> Vec<Mapping> {
+    match fs.query(&FsQuery::Extents {
+        ino,
+        first: 0,
+        count: MAP_MAX,
+    }) {
+        Ok(FsReply::Mapped(m)) => m,
+        other => panic!("extents {ino}: {other:?}"),
+    }
+}
+
+fn lbas(fs: &FsState, ino: Ino) -> Vec<u64> {
+    extents(fs, ino).iter().map(|m| m.lba).collect()
+}
+
+fn map(fs: &mut FsState, ino: Ino, first: u64, count: u64) -> Result<Vec<Mapping>, FsError> {
+    let before = fs.clone();
+    let r = fs.apply(&map_cmd(ino, first, count));
+    fs.check().unwrap();
+    match r {
+        Ok(FsReply::Mapped(m)) => Ok(m),
+        Err(e) => {
+            assert_eq!(*fs, before, "the refused Map changed the state");
+            Err(e)
+        }
+        other => panic!("map: {other:?}"),
+    }
+}
+
+fn statfs(fs: &FsState) -> FsStats {
+    match fs.query(&FsQuery::StatFs) {
+        Ok(FsReply::StatFs(s)) => s,
+        other => panic!("statfs: {other:?}"),
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// Formatting, statfs.
+// ---------------------------------------------------------------------------------
+
+#[test]
+fn unformatted_refuses_everything_and_format_once() {
+    let mut fs = FsState::default();
+    fs.check().unwrap();
+    assert_eq!(fs.query(&FsQuery::StatFs), Err(FsError::NotFormatted));
+    assert_eq!(
+        fs.query(&FsQuery::GetAttr { ino: ROOT }),
+        Err(FsError::NotFormatted)
+    );
+    refused(
+        &mut fs,
+        &create_cmd(ROOT, b"a", Kind::File, t(2)),
+        FsError::NotFormatted,
+    );
+    refused(&mut fs, &map_cmd(ROOT, 0, 1), FsError::NotFormatted);
+    let mut zero = format_cmd(0);
+    refused(&mut fs, &zero, FsError::Invalid);
+    if let FsCommand::Format {
+        blocks, block_size, ..
+    } = &mut zero
+    {
+        *blocks = 8;
+        *block_size = 0;
+    }
+    refused(&mut fs, &zero, FsError::Invalid);
+
+    apply_ok(&mut fs, &format_cmd(64));
+    refused(&mut fs, &format_cmd(64), FsError::Exists);
+    refused(&mut fs, &format_cmd(128), FsError::Exists);
+    assert_eq!(
+        statfs(&fs),
+        FsStats {
+            block_size: BS,
+            blocks: 64,
+            free: 64,
+            files: 1
+        }
+    );
+    // The root's "." and ".." are the root.
+    assert_eq!(lookup(&fs, ROOT, b"."), Ok(ROOT));
+    assert_eq!(lookup(&fs, ROOT, b".."), Ok(ROOT));
+    assert!(read_dir(&fs, ROOT).is_empty());
+}
+
+#[test]
+fn statfs_counts_blocks_free_and_files() {
+    let mut fs = formatted(64);
+    let d = create(&mut fs, ROOT, b"d", Kind::Dir, t(2));
+    let f = create(&mut fs, d, b"f", Kind::File, t(3));
+    let g = create(&mut fs, ROOT, b"g", Kind::File, t(4));
+    create(&mut fs, ROOT, b"s", Kind::Symlink, t(5));
+    assert_eq!(
+        statfs(&fs),
+        FsStats {
+            block_size: BS,
+            blocks: 64,
+            free: 64,
+            files: 5
+        }
+    );
+    map(&mut fs, f, 0, 5).unwrap();
+    map(&mut fs, g, 10, 3).unwrap();
+    assert_eq!(statfs(&fs).free, 56);
+    assert_eq!(attr(&fs, f).blocks, 5);
+    assert_eq!(attr(&fs, g).blocks, 3);
+    // A hard link is no new file; an orphan still counts until dropped.
+    apply_ok(&mut fs, &link_cmd(f, ROOT, b"f2", t(6)));
+    assert_eq!(statfs(&fs).files, 5);
+    apply_ok(&mut fs, &unlink_cmd(ROOT, b"g", false, t(7)));
+    assert_eq!(statfs(&fs).files, 5);
+    assert_eq!(statfs(&fs).free, 56);
+    apply_ok(&mut fs, &FsCommand::Drop { ino: g });
+    assert_eq!(statfs(&fs).files, 4);
+    assert_eq!(statfs(&fs).free, 59);
+    assert_eq!(fs.inode_count(), 4);
+}
+
+// ---------------------------------------------------------------------------------
+// Names.
+// ---------------------------------------------------------------------------------
+
+#[test]
+fn bad_names_are_refused_everywhere() {
+    let mut fs = formatted(64);
+    let f = create(&mut fs, ROOT, b"f", Kind::File, t(2));
+    let d = create(&mut fs, ROOT, b"d", Kind::Dir, t(2));
+    let long = vec![b'x'; NAME_MAX + 1];
+    let bad: [(&[u8], FsError); 8] = [
+        (b"", FsError::Invalid),
+        (b".", FsError::Invalid),
+        (b"..", FsError::Invalid),
+        (b"a/b", FsError::Invalid),
+        (b"/", FsError::Invalid),
+        (b"a\0b", FsError::Invalid),
+        (b"\0", FsError::Invalid),
+        (&long, FsError::NameTooLong),
+    ];
+    for (name, err) in bad {
+        for kind in [Kind::File, Kind::Dir, Kind::Symlink, Kind::Fifo] {
+            refused(&mut fs, &create_cmd(ROOT, name, kind, t(3)), err);
+        }
+        refused(&mut fs, &link_cmd(f, d, name, t(3)), err);
+        refused(&mut fs, &unlink_cmd(ROOT, name, false, t(3)), err);
+        refused(&mut fs, &unlink_cmd(ROOT, name, true, t(3)), err);
+        refused(&mut fs, &mv(ROOT, b"f", d, name, t(3)), err);
+        refused(&mut fs, &mv(ROOT, name, d, b"g", t(3)), err);
+        refused(
+            &mut fs,
+            &rename_cmd(ROOT, b"f", ROOT, name, false, true, t(3)),
+            err,
+        );
+    }
+    // 255 bytes is fine, for every operation.
+    let max = vec![b'y'; NAME_MAX];
+    let e = create(&mut fs, ROOT, &max, Kind::File, t(4));
+    assert_eq!(lookup(&fs, ROOT, &max), Ok(e));
+    apply_ok(&mut fs, &link_cmd(f, d, &max, t(5)));
+    assert_eq!(lookup(&fs, d, &max), Ok(f));
+    apply_ok(&mut fs, &unlink_cmd(d, &max, false, t(6)));
+    apply_ok(&mut fs, &mv(ROOT, &max, d, &max, t(7)));
+    assert_eq!(lookup(&fs, d, &max), Ok(e));
+    assert_eq!(lookup(&fs, ROOT, &max), Err(FsError::NotFound));
+}
+
+#[test]
+fn symlink_targets() {
+    let mut fs = formatted(8);
+    let s = create(&mut fs, ROOT, b"s", Kind::Symlink, t(2));
+    assert_eq!(
+        fs.query(&FsQuery::ReadLink { ino: s }),
+        Ok(FsReply::Target(TARGET.to_vec()))
+    );
+    assert_eq!(attr(&fs, s).size, TARGET.len() as u64);
+    let f = create(&mut fs, ROOT, b"f", Kind::File, t(2));
+    assert_eq!(
+        fs.query(&FsQuery::ReadLink { ino: f }),
+        Err(FsError::Invalid)
+    );
+    let with_target = |target: Vec<u8>| FsCommand::Create {
+        parent: ROOT,
+        name: b"t".to_vec(),
+        kind: Kind::Symlink,
+        perm: 0o777,
+        uid: 0,
+        gid: 0,
+        rdev: 0,
+        target,
+        now: t(3),
+    };
+    refused(&mut fs, &with_target(Vec::new()), FsError::NotFound);
+    refused(
+        &mut fs,
+        &with_target(vec![b'a'; SYMLINK_MAX + 1]),
+        FsError::NameTooLong,
+    );
+    let a = ok_attr(
+        Ok(apply_ok(&mut fs, &with_target(vec![b'a'; SYMLINK_MAX]))),
+        "symlink",
+    );
+    assert_eq!(a.size, SYMLINK_MAX as u64);
+    // Symlinks hold no blocks and take no size changes.
+    refused(&mut fs, &map_cmd(s, 0, 1), FsError::Invalid);
+    refused(&mut fs, &size_cmd(s, 0, t(4)), FsError::Invalid);
+}
+
+// ---------------------------------------------------------------------------------
+// Create, link, unlink, drop.
+// ---------------------------------------------------------------------------------
+
+#[test]
+fn create_sets_attributes_and_refuses_duplicates() {
+    let mut fs = formatted(8);
+    let cmd = FsCommand::Create {
+        parent: ROOT,
+        name: b"c".to_vec(),
+        kind: Kind::CharDev,
+        perm: 0o170_644,
+        uid: 7,
+        gid: 8,
+        rdev: 0x0501,
+        target: Vec::new(),
+        now: t(9),
+    };
+    let a = ok_attr(Ok(apply_ok(&mut fs, &cmd)), "mknod");
+    assert_eq!(a.kind, Kind::CharDev);
+    assert_eq!(a.perm, 0o644, "perm keeps only 07777");
+    assert_eq!((a.uid, a.gid, a.rdev), (7, 8, 0x0501));
+    assert_eq!((a.nlink, a.size, a.blocks, a.generation), (1, 0, 0, 1));
+    assert_eq!((a.atime, a.mtime, a.ctime), (t(9), t(9), t(9)));
+    assert_eq!(attr(&fs, a.ino), a);
+    for kind in [Kind::File, Kind::Dir, Kind::Symlink] {
+        refused(
+            &mut fs,
+            &create_cmd(ROOT, b"c", kind, t(10)),
+            FsError::Exists,
+        );
+    }
+    // Creating inside a non-directory, or a missing one.
+    refused(
+        &mut fs,
+        &create_cmd(a.ino, b"x", Kind::File, t(10)),
+        FsError::NotDir,
+    );
+    refused(
+        &mut fs,
+        &create_cmd(999, b"x", Kind::File, t(10)),
+        FsError::NotFound,
+    );
+    // A directory starts with nlink 2 and adds one to its parent.
+    let d = create(&mut fs, ROOT, b"d", Kind::Dir, t(11));
+    assert_eq!(attr(&fs, d).nlink, 2);
+    assert_eq!(attr(&fs, ROOT).nlink, 3);
+    assert_eq!(lookup(&fs, d, b".."), Ok(ROOT));
+    assert_eq!(lookup(&fs, d, b"."), Ok(d));
+    let names: Vec<(Vec<u8>, Ino, Kind)> = read_dir(&fs, ROOT)
+        .into_iter()
+        .map(|e| (e.name, e.ino, e.kind))
+        .collect();
+    assert_eq!(
+        names,
+        vec![
+            (b"c".to_vec(), a.ino, Kind::CharDev),
+            (b"d".to_vec(), d, Kind::Dir)
+        ]
+    );
+}
+
+#[test]
+fn set_gid_directories_pass_on_their_group() {
+    let mut fs = formatted(8);
+    let d = create(&mut fs, ROOT, b"d", Kind::Dir, t(2));
+    apply_ok(
+        &mut fs,
+        &FsCommand::SetAttr {
+            ino: d,
+            set: SetAttr {
+                perm: Some(0o2775),
+                gid: Some(50),
+                ..SetAttr::default()
+            },
+            now: t(3),
+        },
+    );
+    let f = create_attr(&mut fs, d, b"f", Kind::File, t(4));
+    assert_eq!((f.gid, f.perm), (50, 0o644));
+    let s = create_attr(&mut fs, d, b"s", Kind::Dir, t(4));
+    assert_eq!((s.gid, s.perm), (50, 0o2644));
+    // And on down.
+    let g = create_attr(&mut fs, s.ino, b"g", Kind::Fifo, t(5));
+    assert_eq!((g.gid, g.perm), (50, 0o644));
+    // Not elsewhere.
+    let r = create_attr(&mut fs, ROOT, b"r", Kind::Dir, t(6));
+    assert_eq!((r.gid, r.perm), (100, 0o644));
+}
+
+#[test]
+fn inode_numbers_are_never_reused() {
+    let mut fs = formatted(8);
+    let a = create(&mut fs, ROOT, b"a", Kind::File, t(2));
+    apply_ok(&mut fs, &unlink_cmd(ROOT, b"a", false, t(3)));
+    apply_ok(&mut fs, &FsCommand::Drop { ino: a });
+    let d = create(&mut fs, ROOT, b"d", Kind::Dir, t(4));
+    apply_ok(&mut fs, &unlink_cmd(ROOT, b"d", true, t(5)));
+    let b = create(&mut fs, ROOT, b"a", Kind::File, t(6));
+    assert!(a < d && d < b, "{a} {d} {b}");
+    assert_eq!(attr(&fs, b).generation, 1);
+}
+
+#[test]
+fn link_rules() {
+    let mut fs = formatted(8);
+    let d = create(&mut fs, ROOT, b"d", Kind::Dir, t(2));
+    let f = create(&mut fs, ROOT, b"f", Kind::File, t(2));
+    let s = create(&mut fs, ROOT, b"s", Kind::Symlink, t(2));
+    refused(
+        &mut fs,
+        &link_cmd(d, ROOT, b"d2", t(3)),
+        FsError::NotPermitted,
+    );
+    refused(
+        &mut fs,
+        &link_cmd(ROOT, d, b"r", t(3)),
+        FsError::NotPermitted,
+    );
+    refused(&mut fs, &link_cmd(f, ROOT, b"s", t(3)), FsError::Exists);
+    refused(&mut fs, &link_cmd(f, f, b"x", t(3)), FsError::NotDir);
+    refused(&mut fs, &link_cmd(f, 999, b"x", t(3)), FsError::NotFound);
+    refused(&mut fs, &link_cmd(999, ROOT, b"x", t(3)), FsError::NotFound);
+    let a = ok_attr(Ok(apply_ok(&mut fs, &link_cmd(f, d, b"g", t(4)))), "link");
+    assert_eq!((a.ino, a.nlink), (f, 2));
+    apply_ok(&mut fs, &link_cmd(s, d, b"s2", t(4)));
+    assert_eq!(attr(&fs, s).nlink, 2);
+    assert_eq!(lookup(&fs, d, b"g"), Ok(f));
+    // Hard links do not count as subdirectories.
+    assert_eq!(attr(&fs, d).nlink, 2);
+    assert_eq!(attr(&fs, ROOT).nlink, 3);
+}
+
+#[test]
+fn unlink_last_name_orphans_until_drop_frees_blocks() {
+    let mut fs = formatted(64);
+    let d = create(&mut fs, ROOT, b"d", Kind::Dir, t(2));
+    let f = create(&mut fs, ROOT, b"f", Kind::File, t(2));
+    map(&mut fs, f, 0, 10).unwrap();
+    let held = lbas(&fs, f);
+    assert_eq!(statfs(&fs).free, 54);
+    apply_ok(&mut fs, &link_cmd(f, d, b"g", t(3)));
+
+    refused(
+        &mut fs,
+        &unlink_cmd(ROOT, b"f", true, t(4)),
+        FsError::NotDir,
+    );
+    refused(
+        &mut fs,
+        &unlink_cmd(ROOT, b"nope", false, t(4)),
+        FsError::NotFound,
+    );
+    refused(&mut fs, &unlink_cmd(f, b"x", false, t(4)), FsError::NotDir);
+    refused(&mut fs, &FsCommand::Drop { ino: f }, FsError::Invalid);
+
+    // Not the last name: no orphan.
+    assert_eq!(
+        apply_ok(&mut fs, &unlink_cmd(ROOT, b"f", false, t(5))),
+        FsReply::Orphaned(None)
+    );
+    assert_eq!(attr(&fs, f).nlink, 1);
+    refused(&mut fs, &FsCommand::Drop { ino: f }, FsError::Invalid);
+    // The last name: an orphan that keeps its inode and its blocks.
+    assert_eq!(
+        apply_ok(&mut fs, &unlink_cmd(d, b"g", false, t(6))),
+        FsReply::Orphaned(Some(f))
+    );
+    let a = attr(&fs, f);
+    assert_eq!((a.nlink, a.blocks), (0, 10));
+    assert_eq!(lbas(&fs, f), held);
+    assert_eq!(statfs(&fs).free, 54);
+    assert_eq!(statfs(&fs).files, 3);
+    assert!(read_dir(&fs, d).is_empty());
+    // An open orphan can still be written, but not named again.
+    refused(
+        &mut fs,
+        &link_cmd(f, ROOT, b"back", t(7)),
+        FsError::NotFound,
+    );
+    let more = map(&mut fs, f, 10, 2).unwrap();
+    assert!(more.iter().all(|m| m.fresh));
+    assert_eq!(statfs(&fs).free, 52);
+
+    // Drop frees everything.
+    refused(&mut fs, &FsCommand::Drop { ino: ROOT }, FsError::Invalid);
+    refused(&mut fs, &FsCommand::Drop { ino: d }, FsError::Invalid);
+    assert_eq!(
+        apply_ok(&mut fs, &FsCommand::Drop { ino: f }),
+        FsReply::Done
+    );
+    assert_eq!(statfs(&fs).free, 64);
+    assert_eq!(statfs(&fs).files, 2);
+    assert!(fs.inode(f).is_none());
+    assert_eq!(
+        fs.query(&FsQuery::GetAttr { ino: f }),
+        Err(FsError::NotFound)
+    );
+    refused(&mut fs, &FsCommand::Drop { ino: f }, FsError::NotFound);
+    // The freed blocks are all usable again.
+    let g = create(&mut fs, ROOT, b"g", Kind::File, t(8));
+    let all: BTreeSet<u64> = map(&mut fs, g, 0, 64)
+        .unwrap()
+        .iter()
+        .map(|m| m.lba)
+        .collect();
+    assert_eq!(all, (0..64).collect());
+    assert_eq!(map(&mut fs, g, 64, 1), Err(FsError::NoSpace));
+}
+
+#[test]
+fn rmdir_rules() {
+    let mut fs = formatted(8);
+    let d = create(&mut fs, ROOT, b"d", Kind::Dir, t(2));
+    let e = create(&mut fs, d, b"e", Kind::Dir, t(3));
+    assert_eq!(attr(&fs, ROOT).nlink, 3);
+    assert_eq!(attr(&fs, d).nlink, 3);
+    refused(
+        &mut fs,
+        &unlink_cmd(ROOT, b"d", true, t(4)),
+        FsError::NotEmpty,
+    );
+    refused(
+        &mut fs,
+        &unlink_cmd(ROOT, b"d", false, t(4)),
+        FsError::IsDir,
+    );
+    // A directory holding only a file is not empty either.
+    create(&mut fs, e, b"f", Kind::File, t(4));
+    refused(&mut fs, &unlink_cmd(d, b"e", true, t(5)), FsError::NotEmpty);
+    apply_ok(&mut fs, &unlink_cmd(e, b"f", false, t(5)));
+    assert_eq!(
+        apply_ok(&mut fs, &unlink_cmd(d, b"e", true, t(6))),
+        FsReply::Orphaned(None)
+    );
+    assert!(fs.inode(e).is_none(), "an empty directory goes at once");
+    assert_eq!(attr(&fs, d).nlink, 2);
+    apply_ok(&mut fs, &unlink_cmd(ROOT, b"d", true, t(7)));
+    assert_eq!(attr(&fs, ROOT).nlink, 2);
+    assert_eq!(statfs(&fs).files, 2, "root and the orphan f");
+    refused(
+        &mut fs,
+        &create_cmd(d, b"x", Kind::File, t(8)),
+        FsError::NotFound,
+    );
+}
+
+// ---------------------------------------------------------------------------------
+// Rename.
+// ---------------------------------------------------------------------------------
+
+#[test]
+fn rename_directory_into_itself_or_below_is_invalid() {
+    let mut fs = formatted(8);
+    let a = create(&mut fs, ROOT, b"a", Kind::Dir, t(2));
+    let b = create(&mut fs, a, b"b", Kind::Dir, t(2));
+    let c = create(&mut fs, b, b"c", Kind::Dir, t(2));
+    create(&mut fs, c, b"f", Kind::File, t(2));
+    refused(&mut fs, &mv(ROOT, b"a", a, b"z", t(3)), FsError::Invalid);
+    refused(&mut fs, &mv(ROOT, b"a", b, b"z", t(3)), FsError::Invalid);
+    refused(&mut fs, &mv(ROOT, b"a", c, b"z", t(3)), FsError::Invalid);
+    refused(&mut fs, &mv(a, b"b", c, b"z", t(3)), FsError::Invalid);
+    // Even over an existing name there, and with either flag.
+    refused(&mut fs, &mv(ROOT, b"a", c, b"f", t(3)), FsError::Invalid);
+    refused(
+        &mut fs,
+        &rename_cmd(ROOT, b"a", c, b"z", true, false, t(3)),
+        FsError::Invalid,
+    );
+    // Exchanging a directory with something below it, either way round.
+    refused(
+        &mut fs,
+        &rename_cmd(ROOT, b"a", c, b"f", false, true, t(3)),
+        FsError::Invalid,
+    );
+    refused(
+        &mut fs,
+        &rename_cmd(c, b"f", ROOT, b"a", false, true, t(3)),
+        FsError::Invalid,
+    );
+    refused(
+        &mut fs,
+        &rename_cmd(b, b"c", ROOT, b"a", false, true, t(3)),
+        FsError::Invalid,
+    );
+    // Onto an ancestor: it is not empty.
+    refused(&mut fs, &mv(b, b"c", ROOT, b"a", t(3)), FsError::NotEmpty);
+    // Moving up is fine, and fixes parents and link counts.
+    apply_ok(&mut fs, &mv(b, b"c", ROOT, b"c", t(4)));
+    assert_eq!(lookup(&fs, c, b".."), Ok(ROOT));
+    assert_eq!(attr(&fs, b).nlink, 2);
+    assert_eq!(attr(&fs, ROOT).nlink, 4);
+    // And now a can move into c.
+    apply_ok(&mut fs, &mv(ROOT, b"a", c, b"a", t(5)));
+    assert_eq!(lookup(&fs, a, b".."), Ok(c));
+    assert_eq!(attr(&fs, ROOT).nlink, 3);
+    assert_eq!(attr(&fs, c).nlink, 3);
+}
+
+#[test]
+fn rename_replacing_checks_kinds_and_emptiness() {
+    let mut fs = formatted(8);
+    let x = create(&mut fs, ROOT, b"x", Kind::Dir, t(2));
+    let y = create(&mut fs, ROOT, b"y", Kind::Dir, t(2));
+    let f = create(&mut fs, ROOT, b"f", Kind::File, t(2));
+    let g = create(&mut fs, ROOT, b"g", Kind::File, t(2));
+    create(&mut fs, y, b"inside", Kind::File, t(2));
+    refused(
+        &mut fs,
+        &mv(ROOT, b"x", ROOT, b"y", t(3)),
+        FsError::NotEmpty,
+    );
+    refused(&mut fs, &mv(ROOT, b"f", ROOT, b"x", t(3)), FsError::IsDir);
+    refused(&mut fs, &mv(ROOT, b"x", ROOT, b"f", t(3)), FsError::NotDir);
+    refused(
+        &mut fs,
+        &rename_cmd(ROOT, b"f", ROOT, b"g", true, false, t(3)),
+        FsError::Exists,
+    );
+    refused(
+        &mut fs,
+        &rename_cmd(ROOT, b"f", ROOT, b"h", true, true, t(3)),
+        FsError::Invalid,
+    );
+    refused(
+        &mut fs,
+        &mv(ROOT, b"nope", ROOT, b"h", t(3)),
+        FsError::NotFound,
+    );
+    refused(&mut fs, &mv(ROOT, b"f", g, b"h", t(3)), FsError::NotDir);
+    refused(&mut fs, &mv(ROOT, b"f", 999, b"h", t(3)), FsError::NotFound);
+
+    // Over an empty directory: the target goes, link counts follow.
+    apply_ok(&mut fs, &unlink_cmd(y, b"inside", false, t(4)));
+    assert_eq!(attr(&fs, ROOT).nlink, 4);
+    assert_eq!(
+        apply_ok(&mut fs, &mv(ROOT, b"x", ROOT, b"y", t(5))),
+        FsReply::Orphaned(None)
+    );
+    assert!(fs.inode(y).is_none());
+    assert_eq!(lookup(&fs, ROOT, b"y"), Ok(x));
+    assert_eq!(lookup(&fs, ROOT, b"x"), Err(FsError::NotFound));
+    assert_eq!(attr(&fs, ROOT).nlink, 3);
+    assert_eq!(attr(&fs, x).nlink, 2);
+
+    // Over a file's last name: an orphan to drop.
+    map(&mut fs, g, 0, 3).unwrap();
+    assert_eq!(
+        apply_ok(&mut fs, &mv(ROOT, b"f", ROOT, b"g", t(6))),
+        FsReply::Orphaned(Some(g))
+    );
+    assert_eq!(attr(&fs, g).nlink, 0);
+    assert_eq!(attr(&fs, g).ctime, t(6));
+    assert_eq!(lookup(&fs, ROOT, b"g"), Ok(f));
+    assert_eq!(statfs(&fs).free, 5);
+    apply_ok(&mut fs, &FsCommand::Drop { ino: g });
+    assert_eq!(statfs(&fs).free, 8);
+
+    // Over a file with another name: no orphan.
+    let h = create(&mut fs, ROOT, b"h", Kind::File, t(7));
+    apply_ok(&mut fs, &link_cmd(h, x, b"h2", t(7)));
+    assert_eq!(
+        apply_ok(&mut fs, &mv(ROOT, b"g", ROOT, b"h", t(8))),
+        FsReply::Orphaned(None)
+    );
+    assert_eq!(attr(&fs, h).nlink, 1);
+    assert_eq!(lookup(&fs, ROOT, b"h"), Ok(f));
+}
+
+#[test]
+fn rename_onto_itself_is_a_no_op() {
+    let mut fs = formatted(8);
+    let d = create(&mut fs, ROOT, b"d", Kind::Dir, t(2));
+    let f = create(&mut fs, ROOT, b"f", Kind::File, t(2));
+    apply_ok(&mut fs, &link_cmd(f, d, b"g", t(3)));
+    let cases = [
+        mv(ROOT, b"f", ROOT, b"f", t(9)),
+        mv(ROOT, b"d", ROOT, b"d", t(9)),
+        mv(ROOT, b"f", d, b"g", t(9)),
+        mv(d, b"g", ROOT, b"f", t(9)),
+    ];
+    for cmd in cases {
+        let before = fs.clone();
+        assert_eq!(apply_ok(&mut fs, &cmd), FsReply::Orphaned(None), "{cmd:?}");
+        assert_eq!(fs, before, "{cmd:?} changed something");
+    }
+    assert_eq!(attr(&fs, f).nlink, 2);
+    assert_eq!(lookup(&fs, ROOT, b"f"), Ok(f));
+    assert_eq!(lookup(&fs, d, b"g"), Ok(f));
+}
+
+/// Linux's renameat2(RENAME_NOREPLACE) fails with EEXIST whenever the new name exists,
+/// checked before the "same inode: do nothing" rule; `FsCommand::Rename` documents
+/// "replacing the target unless `noreplace`".
+#[test]
+fn rename_noreplace_onto_same_inode_is_exists() {
+    let mut fs = formatted(8);
+    let f = create(&mut fs, ROOT, b"f", Kind::File, t(2));
+    apply_ok(&mut fs, &link_cmd(f, ROOT, b"g", t(3)));
+    refused(
+        &mut fs,
+        &rename_cmd(ROOT, b"f", ROOT, b"g", true, false, t(4)),
+        FsError::Exists,
+    );
+    refused(
+        &mut fs,
+        &rename_cmd(ROOT, b"f", ROOT, b"f", true, false, t(4)),
+        FsError::Exists,
+    );
+}
+
+#[test]
+fn rename_exchange_swaps_and_fixes_parents() {
+    let mut fs = formatted(8);
+    let d1 = create(&mut fs, ROOT, b"d1", Kind::Dir, t(2));
+    let x = create(&mut fs, d1, b"x", Kind::File, t(2));
+    let d2 = create(&mut fs, ROOT, b"d2", Kind::Dir, t(2));
+    let f = create(&mut fs, d2, b"f", Kind::File, t(2));
+    let sub = create(&mut fs, d2, b"sub", Kind::Dir, t(2));
+    let d3 = create(&mut fs, ROOT, b"d3", Kind::Dir, t(2));
+    assert_eq!(attr(&fs, ROOT).nlink, 5);
+    assert_eq!(attr(&fs, d2).nlink, 3);
+
+    refused(
+        &mut fs,
+        &rename_cmd(ROOT, b"d1", d2, b"missing", false, true, t(3)),
+        FsError::NotFound,
+    );
+
+    // A directory for a file, across directories.
+    assert_eq!(
+        apply_ok(
+            &mut fs,
+            &rename_cmd(ROOT, b"d1", d2, b"f", false, true, t(10))
+        ),
+        FsReply::Orphaned(None)
+    );
+    assert_eq!(lookup(&fs, ROOT, b"d1"), Ok(f));
+    assert_eq!(lookup(&fs, d2, b"f"), Ok(d1));
+    assert_eq!(lookup(&fs, d1, b".."), Ok(d2));
+    assert_eq!(lookup(&fs, d1, b"x"), Ok(x), "contents move along");
+    assert_eq!(attr(&fs, ROOT).nlink, 4);
+    assert_eq!(attr(&fs, d2).nlink, 4);
+    assert_eq!(attr(&fs, d1).nlink, 2);
+    assert_eq!(attr(&fs, f).nlink, 1);
+    assert_eq!(attr(&fs, d1).ctime, t(10));
+    assert_eq!(attr(&fs, f).ctime, t(10));
+    for dir in [ROOT, d2] {
+        assert_eq!(attr(&fs, dir).mtime, t(10));
+        assert_eq!(attr(&fs, dir).ctime, t(10));
+    }
+    assert_eq!(attr(&fs, x).ctime, t(2), "untouched");
+    assert_eq!(attr(&fs, d3).ctime, t(2), "untouched");
+
+    // Two directories in different parents: counts stay, parents swap.
+    apply_ok(
+        &mut fs,
+        &rename_cmd(ROOT, b"d3", d2, b"sub", false, true, t(11)),
+    );
+    assert_eq!(lookup(&fs, ROOT, b"d3"), Ok(sub));
+    assert_eq!(lookup(&fs, d2, b"sub"), Ok(d3));
+    assert_eq!(lookup(&fs, sub, b".."), Ok(ROOT));
+    assert_eq!(lookup(&fs, d3, b".."), Ok(d2));
+    assert_eq!(attr(&fs, ROOT).nlink, 4);
+    assert_eq!(attr(&fs, d2).nlink, 4);
+
+    // Two names in one directory.
+    apply_ok(
+        &mut fs,
+        &rename_cmd(d2, b"f", d2, b"sub", false, true, t(12)),
+    );
+    assert_eq!(lookup(&fs, d2, b"f"), Ok(d3));
+    assert_eq!(lookup(&fs, d2, b"sub"), Ok(d1));
+    assert_eq!(attr(&fs, d2).nlink, 4);
+    assert_eq!(lookup(&fs, d1, b".."), Ok(d2));
+}
+
+// ---------------------------------------------------------------------------------
+// Block mapping, truncation.
+// ---------------------------------------------------------------------------------
+
+#[test]
+fn map_hands_out_each_block_once() {
+    let mut fs = formatted(64);
+    let f = create(&mut fs, ROOT, b"f", Kind::File, t(2));
+    let first = map(&mut fs, f, 0, 2).unwrap();
+    assert_eq!(
+        first.iter().map(|m| m.block).collect::<Vec<_>>(),
+        vec![0, 1]
+    );
+    assert!(first.iter().all(|m| m.fresh));
+    let again = map(&mut fs, f, 1, 3).unwrap();
+    assert_eq!(
+        again.iter().map(|m| m.block).collect::<Vec<_>>(),
+        vec![1, 2, 3]
+    );
+    assert_eq!(
+        again[0],
+        Mapping {
+            block: 1,
+            lba: first[1].lba,
+            fresh: false
+        }
+    );
+    assert!(again[1].fresh && again[2].fresh);
+    let third = map(&mut fs, f, 0, 4).unwrap();
+    assert!(third.iter().all(|m| !m.fresh));
+    assert_eq!(
+        third[..2],
+        [
+            Mapping {
+                fresh: false,
+                ..first[0]
+            },
+            Mapping {
+                fresh: false,
+                ..first[1]
+            }
+        ]
+    );
+    assert_eq!(
+        third[2..],
+        [
+            Mapping {
+                fresh: false,
+                ..again[1]
+            },
+            Mapping {
+                fresh: false,
+                ..again[2]
+            }
+        ]
+    );
+    // The query answers the same, without handing anything out.
+    assert_eq!(extents(&fs, f), third);
+    assert_eq!(attr(&fs, f).blocks, 4);
+    assert_eq!(statfs(&fs).free, 60);
+    let lba: BTreeSet<u64> = third.iter().map(|m| m.lba).collect();
+    assert_eq!(lba.len(), 4);
+    assert!(lba.iter().all(|l| *l < 64));
+    // A hole, then filling it.
+    let far = map(&mut fs, f, 20, 1).unwrap();
+    assert!(far[0].fresh);
+    assert_eq!(extents(&fs, f).len(), 5);
+    assert_eq!(
+        fs.query(&FsQuery::Extents {
+            ino: f,
+            first: 4,
+            count: 16
+        }),
+        Ok(FsReply::Mapped(Vec::new()))
+    );
+    let hole = map(&mut fs, f, 10, 1).unwrap();
+    assert!(hole[0].fresh);
+    assert_eq!(attr(&fs, f).blocks, 6);
+
+    refused(&mut fs, &map_cmd(f, 0, 0), FsError::Invalid);
+    refused(&mut fs, &map_cmd(f, 0, MAP_MAX + 1), FsError::Invalid);
+    refused(&mut fs, &map_cmd(ROOT, 0, 1), FsError::Invalid);
+    refused(&mut fs, &map_cmd(999, 0, 1), FsError::NotFound);
+    refused(&mut fs, &map_cmd(f, u64::MAX, 2), FsError::TooLarge);
+}
+
+#[test]
+fn map_beyond_free_space_is_no_space_and_changes_nothing() {
+    let mut fs = formatted(8);
+    let a = create(&mut fs, ROOT, b"a", Kind::File, t(2));
+    let b = create(&mut fs, ROOT, b"b", Kind::File, t(2));
+    map(&mut fs, a, 0, 5).unwrap();
+    assert_eq!(map(&mut fs, b, 0, 4), Err(FsError::NoSpace));
+    assert_eq!(attr(&fs, b).blocks, 0);
+    assert_eq!(statfs(&fs).free, 3);
+    // Already-mapped blocks do not count against the free space.
+    assert_eq!(map(&mut fs, a, 3, 6), Err(FsError::NoSpace));
+    let m = map(&mut fs, a, 3, 5).unwrap();
+    assert_eq!(m.iter().filter(|m| m.fresh).count(), 3);
+    assert_eq!(statfs(&fs).free, 0);
+    assert_eq!(map(&mut fs, b, 0, 1), Err(FsError::NoSpace));
+    // Nothing free, but nothing to hand out either.
+    assert_eq!(map(&mut fs, a, 0, 8).unwrap().len(), 8);
+    let all: BTreeSet<u64> = lbas(&fs, a).into_iter().collect();
+    assert_eq!(all, (0..8).collect());
+}
+
+#[test]
+fn consecutive_maps_give_consecutive_blocks_in_one_extent() {
+    let mut fs = formatted(64);
+    let f = create(&mut fs, ROOT, b"f", Kind::File, t(2));
+    let l0 = map(&mut fs, f, 0, 1).unwrap()[0].lba;
+    let l1 = map(&mut fs, f, 1, 1).unwrap()[0].lba;
+    let rest: Vec<u64> = map(&mut fs, f, 2, 3)
+        .unwrap()
+        .iter()
+        .map(|m| m.lba)
+        .collect();
+    assert_eq!(l1, l0 + 1);
+    assert_eq!(rest, vec![l0 + 2, l0 + 3, l0 + 4]);
+    let runs: Vec<(u64, Extent)> = fs
+        .inode(f)
+        .unwrap()
+        .extents
+        .iter()
+        .map(|(b, e)| (*b, *e))
+        .collect();
+    assert_eq!(runs, vec![(0, Extent { lba: l0, count: 5 })]);
+    // Another file takes the blocks after the run, then gives them back: the run
+    // continues into them.
+    let g = create(&mut fs, ROOT, b"g", Kind::File, t(3));
+    let gl: Vec<u64> = map(&mut fs, g, 0, 4)
+        .unwrap()
+        .iter()
+        .map(|m| m.lba)
+        .collect();
+    assert!(gl.iter().all(|l| *l < l0 || *l > l0 + 4), "{gl:?}");
+    apply_ok(&mut fs, &size_cmd(g, 0, t(4)));
+    let next = map(&mut fs, f, 5, 3).unwrap();
+    assert_eq!(
+        next.iter().map(|m| m.lba).collect::<Vec<_>>(),
+        vec![l0 + 5, l0 + 6, l0 + 7]
+    );
+    assert_eq!(fs.inode(f).unwrap().extents.len(), 1);
+    assert_eq!(
+        fs.inode(f).unwrap().extents.get(&0),
+        Some(&Extent { lba: l0, count: 8 })
+    );
+}
+
+#[test]
+fn truncate_down_frees_the_tail_and_up_keeps_blocks() {
+    let mut fs = formatted(64);
+    let f = create(&mut fs, ROOT, b"f", Kind::File, t(2));
+    let m = map(&mut fs, f, 0, 10).unwrap();
+    apply_ok(
+        &mut fs,
+        &FsCommand::Written {
+            ino: f,
+            size: 10 * BSZ,
+            now: t(3),
+        },
+    );
+    assert_eq!(statfs(&fs).free, 54);
+
+    // Down to 3 blocks and a byte: 4 blocks stay, with their data blocks.
+    let a = ok_attr(
+        Ok(apply_ok(&mut fs, &size_cmd(f, 3 * BSZ + 1, t(4)))),
+        "truncate",
+    );
+    assert_eq!((a.size, a.blocks), (3 * BSZ + 1, 4));
+    assert_eq!(
+        extents(&fs, f),
+        m[..4]
+            .iter()
+            .map(|x| Mapping { fresh: false, ..*x })
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(statfs(&fs).free, 60);
+    // Exactly 3 blocks: one more goes.
+    apply_ok(&mut fs, &size_cmd(f, 3 * BSZ, t(5)));
+    assert_eq!(attr(&fs, f).blocks, 3);
+    assert_eq!(statfs(&fs).free, 61);
+    // Up: blocks stay, size grows, nothing handed out.
+    let a = ok_attr(Ok(apply_ok(&mut fs, &size_cmd(f, 100 * BSZ, t(6)))), "grow");
+    assert_eq!((a.size, a.blocks), (100 * BSZ, 3));
+    assert_eq!(extents(&fs, f).len(), 3);
+    assert_eq!(statfs(&fs).free, 61);
+    // A truncated-away block is handed out fresh when written again.
+    let again = map(&mut fs, f, 5, 1).unwrap();
+    assert!(again[0].fresh);
+    // To zero: everything goes.
+    apply_ok(&mut fs, &size_cmd(f, 0, t(7)));
+    assert_eq!(attr(&fs, f).blocks, 0);
+    assert!(extents(&fs, f).is_empty());
+    assert_eq!(statfs(&fs).free, 64);
+    assert!(map(&mut fs, f, 0, 1).unwrap()[0].fresh);
+
+    // Size changes on the wrong kinds, and too large.
+    let d = create(&mut fs, ROOT, b"d", Kind::Dir, t(8));
+    let p = create(&mut fs, ROOT, b"p", Kind::Fifo, t(8));
+    refused(&mut fs, &size_cmd(d, 0, t(9)), FsError::IsDir);
+    refused(&mut fs, &size_cmd(p, 0, t(9)), FsError::Invalid);
+    refused(&mut fs, &size_cmd(f, u64::MAX, t(9)), FsError::TooLarge);
+    // The limit is 1024 blocks per volume block; a refused size cuts nothing, even a
+    // block mapped far out.
+    let limit = 64 * 1024 * BSZ;
+    refused(&mut fs, &map_cmd(f, 64 * 1024, 1), FsError::TooLarge);
+    let far = map(&mut fs, f, 60_000, 1).unwrap();
+    assert_eq!(statfs(&fs).free, 62);
+    refused(&mut fs, &size_cmd(f, limit + 1, t(9)), FsError::TooLarge);
+    assert_eq!(
+        extents(&fs, f).len(),
+        1,
+        "only the first MAP_MAX blocks show"
+    );
+    let a = ok_attr(Ok(apply_ok(&mut fs, &size_cmd(f, limit, t(9)))), "truncate");
+    assert_eq!(
+        (a.size, a.blocks),
+        (limit, 2),
+        "{far:?} is within the limit"
+    );
+    assert_eq!(statfs(&fs).free, 62);
+    let a = ok_attr(
+        Ok(apply_ok(&mut fs, &size_cmd(f, 60_000 * BSZ, t(9)))),
+        "truncate",
+    );
+    assert_eq!((a.size, a.blocks), (60_000 * BSZ, 1));
+    assert_eq!(statfs(&fs).free, 63);
+    assert_eq!(
+        fs.query(&FsQuery::Extents {
+            ino: f,
+            first: 60_000,
+            count: 1
+        }),
+        Ok(FsReply::Mapped(Vec::new())),
+        "{far:?} was cut"
+    );
+    refused(&mut fs, &size_cmd(999, 0, t(9)), FsError::NotFound);
+    // Other attributes on any kind.
+    let a = ok_attr(
+        Ok(apply_ok(
+            &mut fs,
+            &FsCommand::SetAttr {
+                ino: d,
+                set: SetAttr {
+                    perm: Some(0o171_700),
+                    uid: Some(5),
+                    gid: Some(6),
+                    ..SetAttr::default()
+                },
+                now: t(10),
+            },
+        )),
+        "chmod",
+    );
+    assert_eq!((a.perm, a.uid, a.gid), (0o1700, 5, 6));
+    assert_eq!(a.ctime, t(10));
+    assert_eq!(a.mtime, t(8));
+}
+
+/// Freed blocks merge with their free neighbours whatever the order they come back
+/// in: the state depends only on what is held, not on the history.
+#[test]
+fn freed_space_coalesces_in_any_order() {
+    let build = |order: [usize; 3]| {
+        let mut fs = formatted(16);
+        let files: Vec<Ino> = [b"a", b"b", b"c"]
+            .iter()
+            .map(|n| create(&mut fs, ROOT, *n, Kind::File, t(2)))
+            .collect();
+        for f in &files {
+            map(&mut fs, *f, 0, 2).unwrap();
+        }
+        for i in order {
+            apply_ok(&mut fs, &size_cmd(files[i], 0, t(3)));
+        }
+        assert_eq!(statfs(&fs).free, 16);
+        fs
+    };
+    let fs = build([0, 1, 2]);
+    for order in [[2, 1, 0], [0, 2, 1], [1, 0, 2], [2, 0, 1], [1, 2, 0]] {
+        assert_eq!(build(order), fs, "freed in order {order:?}");
+    }
+    // And it is all one run again: a new file gets the volume in one extent.
+    let mut fs = fs;
+    let g = create(&mut fs, ROOT, b"g", Kind::File, t(4));
+    map(&mut fs, g, 0, 16).unwrap();
+    assert_eq!(
+        fs.inode(g)
+            .unwrap()
+            .extents
+            .values()
+            .copied()
+            .collect::<Vec<_>>(),
+        vec![Extent { lba: 0, count: 16 }]
+    );
+}
+
+#[test]
+fn two_files_never_share_a_block() {
+    let mut fs = formatted(16);
+    let a = create(&mut fs, ROOT, b"a", Kind::File, t(2));
+    let b = create(&mut fs, ROOT, b"b", Kind::File, t(2));
+    for i in 0..8 {
+        map(&mut fs, a, i, 1).unwrap();
+        map(&mut fs, b, i, 1).unwrap();
+    }
+    let la: BTreeSet<u64> = lbas(&fs, a).into_iter().collect();
+    let lb: BTreeSet<u64> = lbas(&fs, b).into_iter().collect();
+    assert_eq!((la.len(), lb.len()), (8, 8));
+    assert!(la.is_disjoint(&lb));
+    assert_eq!(
+        la.union(&lb).copied().collect::<BTreeSet<_>>(),
+        (0..16).collect()
+    );
+    assert_eq!(map(&mut fs, b, 8, 1), Err(FsError::NoSpace));
+    // What a frees, b gets, and only that.
+    apply_ok(&mut fs, &size_cmd(a, 2 * BSZ, t(3)));
+    let kept: BTreeSet<u64> = lbas(&fs, a).into_iter().collect();
+    let got: BTreeSet<u64> = map(&mut fs, b, 8, 6)
+        .unwrap()
+        .iter()
+        .map(|m| m.lba)
+        .collect();
+    assert_eq!(got, la.difference(&kept).copied().collect());
+    assert!(kept.is_disjoint(&lbas(&fs, b).into_iter().collect()));
+}
+
+// ---------------------------------------------------------------------------------
+// Timestamps.
+// ---------------------------------------------------------------------------------
+
+#[test]
+fn timestamps_follow_the_commands() {
+    let mut fs = formatted(8);
+    let d = create(&mut fs, ROOT, b"d", Kind::Dir, t(2));
+    let r = attr(&fs, ROOT);
+    assert_eq!((r.mtime, r.ctime), (t(2), t(2)));
+    let a = attr(&fs, d);
+    assert_eq!((a.atime, a.mtime, a.ctime), (t(2), t(2), t(2)));
+
+    let f = create(&mut fs, d, b"f", Kind::File, t(3));
+    let a = attr(&fs, d);
+    assert_eq!((a.mtime, a.ctime), (t(3), t(3)));
+    assert_eq!(attr(&fs, ROOT).mtime, t(2), "only the parent changes");
+
+    // Link: the inode's ctime, the new parent's mtime and ctime.
+    apply_ok(&mut fs, &link_cmd(f, ROOT, b"g", t(4)));
+    let a = attr(&fs, f);
+    assert_eq!((a.mtime, a.ctime), (t(3), t(4)));
+    let r = attr(&fs, ROOT);
+    assert_eq!((r.mtime, r.ctime), (t(4), t(4)));
+    assert_eq!(attr(&fs, d).mtime, t(3));
+
+    // Unlink: the same.
+    apply_ok(&mut fs, &unlink_cmd(ROOT, b"g", false, t(5)));
+    let a = attr(&fs, f);
+    assert_eq!((a.mtime, a.ctime), (t(3), t(5)));
+    let r = attr(&fs, ROOT);
+    assert_eq!((r.mtime, r.ctime), (t(5), t(5)));
+
+    // Rename: the inode's ctime, both parents.
+    let e = create(&mut fs, ROOT, b"e", Kind::Dir, t(6));
+    apply_ok(&mut fs, &mv(d, b"f", e, b"f2", t(7)));
+    let a = attr(&fs, f);
+    assert_eq!((a.atime, a.mtime, a.ctime), (t(3), t(3), t(7)));
+    for dir in [d, e] {
+        let a = attr(&fs, dir);
+        assert_eq!((a.mtime, a.ctime), (t(7), t(7)));
+    }
+    assert_eq!(attr(&fs, ROOT).mtime, t(6));
+    // Renaming a directory changes its ctime too.
+    apply_ok(&mut fs, &mv(ROOT, b"e", d, b"e", t(8)));
+    assert_eq!(attr(&fs, e).ctime, t(8));
+    assert_eq!(attr(&fs, ROOT).mtime, t(8));
+    assert_eq!(attr(&fs, d).mtime, t(8));
+
+    // Written: size only grows; mtime and ctime.
+    let a = ok_attr(
+        Ok(apply_ok(
+            &mut fs,
+            &FsCommand::Written {
+                ino: f,
+                size: 100,
+                now: t(9),
+            },
+        )),
+        "written",
+    );
+    assert_eq!((a.size, a.mtime, a.ctime, a.atime), (100, t(9), t(9), t(3)));
+    let a = ok_attr(
+        Ok(apply_ok(
+            &mut fs,
+            &FsCommand::Written {
+                ino: f,
+                size: 50,
+                now: t(10),
+            },
+        )),
+        "written",
+    );
+    assert_eq!((a.size, a.mtime, a.ctime), (100, t(10), t(10)));
+    refused(
+        &mut fs,
+        &FsCommand::Written {
+            ino: d,
+            size: 1,
+            now: t(10),
+        },
+        FsError::Invalid,
+    );
+
+    // SetAttr: explicit times, ctime now; a size change sets mtime too.
+    let a = ok_attr(
+        Ok(apply_ok(
+            &mut fs,
+            &FsCommand::SetAttr {
+                ino: f,
+                set: SetAttr {
+                    atime: Some(t(100)),
+                    mtime: Some(t(200)),
+                    ..SetAttr::default()
+                },
+                now: t(11),
+            },
+        )),
+        "utimens",
+    );
+    assert_eq!((a.atime, a.mtime, a.ctime), (t(100), t(200), t(11)));
+    let a = ok_attr(Ok(apply_ok(&mut fs, &size_cmd(f, 10, t(12)))), "truncate");
+    assert_eq!(
+        (a.atime, a.mtime, a.ctime, a.size),
+        (t(100), t(12), t(12), 10)
+    );
+
+    // Rmdir: the parent.
+    apply_ok(&mut fs, &unlink_cmd(e, b"f2", false, t(13)));
+    let a = attr(&fs, e);
+    assert_eq!((a.mtime, a.ctime), (t(13), t(13)));
+    assert_eq!(attr(&fs, f).ctime, t(13));
+    apply_ok(&mut fs, &unlink_cmd(d, b"e", true, t(14)));
+    let a = attr(&fs, d);
+    assert_eq!((a.mtime, a.ctime), (t(14), t(14)));
+}
+
+// ---------------------------------------------------------------------------------
+// Serialization and SharedFs.
+// ---------------------------------------------------------------------------------
+
+/// A state with a bit of everything: nested directories, hard links, symlinks,
+/// mapped and truncated files, an orphan.
+fn busy_state() -> (FsState, Vec<FsCommand>) {
+    let mut fs = formatted(64);
+    let d = create(&mut fs, ROOT, b"d", Kind::Dir, t(2));
+    let e = create(&mut fs, d, b"e", Kind::Dir, t(3));
+    let f = create(&mut fs, e, b"f", Kind::File, t(4));
+    let o = create(&mut fs, ROOT, b"o", Kind::File, t(4));
+    create(&mut fs, ROOT, b"s", Kind::Symlink, t(5));
+    create(&mut fs, d, b"p", Kind::Fifo, t(5));
+    let cmds = vec![
+        link_cmd(f, ROOT, b"f-link", t(6)),
+        map_cmd(f, 0, 7),
+        map_cmd(f, 20, 2),
+        map_cmd(o, 0, 3),
+        FsCommand::Written {
+            ino: f,
+            size: 22 * BSZ,
+            now: t(7),
+        },
+        size_cmd(f, 5 * BSZ + 7, t(8)),
+        unlink_cmd(ROOT, b"o", false, t(9)),
+        mv(d, b"e", ROOT, b"e", t(10)),
+    ];
+    for c in &cmds {
+        apply_ok(&mut fs, c);
+    }
+    (fs, cmds)
+}
+
+#[test]
+fn postcard_round_trip() {
+    let (fs, cmds) = busy_state();
+    let bytes = postcard::to_stdvec(&fs).unwrap();
+    let mut back: FsState = postcard::from_bytes(&bytes).unwrap();
+    assert_eq!(back, fs);
+    back.check().unwrap();
+    assert_eq!(postcard::to_stdvec(&back).unwrap(), bytes);
+
+    // The decoded state behaves the same from here on (allocation included).
+    let mut orig = fs.clone();
+    let later = vec![
+        create_cmd(ROOT, b"new", Kind::File, t(20)),
+        map_cmd(4, 30, 4),
+        map_cmd(2, 0, 1),
+        FsCommand::Drop { ino: 5 },
+        create_cmd(ROOT, b"d", Kind::File, t(21)),
+        mv(ROOT, b"e", ROOT, b"e2", t(22)),
+    ];
+    for c in &later {
+        assert_eq!(orig.apply(c), back.apply(c), "{c:?}");
+        assert_eq!(orig, back);
+    }
+    back.check().unwrap();
+
+    // An unformatted state, and the commands and replies themselves.
+    let empty = FsState::default();
+    let b: FsState = postcard::from_bytes(&postcard::to_stdvec(&empty).unwrap()).unwrap();
+    assert_eq!(b, empty);
+    for c in cmds.iter().chain(&later) {
+        let b: FsCommand = postcard::from_bytes(&postcard::to_stdvec(c).unwrap()).unwrap();
+        assert_eq!(&b, c);
+    }
+    let replies = [
+        FsReply::Orphaned(Some(7)),
+        FsReply::Mapped(vec![Mapping {
+            block: 1,
+            lba: 2,
+            fresh: true,
+        }]),
+        fs.query(&FsQuery::ReadDir {
+            ino: ROOT,
+            after: None,
+        })
+        .unwrap(),
+        fs.query(&FsQuery::StatFs).unwrap(),
+    ];
+    for r in replies {
+        let b: FsReply = postcard::from_bytes(&postcard::to_stdvec(&r).unwrap()).unwrap();
+        assert_eq!(b, r);
+    }
+    let e: Result<FsReply, FsError> = Err(FsError::NotEmpty);
+    let b: Result<FsReply, FsError> =
+        postcard::from_bytes(&postcard::to_stdvec(&e).unwrap()).unwrap();
+    assert_eq!(b, e);
+}
+
+#[test]
+fn shared_fs_clone_copies_share_shares() {
+    let shared = SharedFs::default();
+    assert!(!shared.read().formatted);
+    shared.write().apply(&format_cmd(16)).unwrap();
+    let same = shared.share();
+    same.write()
+        .apply(&create_cmd(ROOT, b"a", Kind::File, t(2)))
+        .unwrap();
+    assert!(
+        lookup(&shared.read(), ROOT, b"a").is_ok(),
+        "share() is the same state"
+    );
+    assert_eq!(same, shared);
+
+    let copy = shared.clone();
+    assert_eq!(copy, shared, "a fresh copy has equal contents");
+    copy.write()
+        .apply(&create_cmd(ROOT, b"b", Kind::File, t(3)))
+        .unwrap();
+    assert!(lookup(&copy.read(), ROOT, b"b").is_ok());
+    assert_eq!(
+        lookup(&shared.read(), ROOT, b"b"),
+        Err(FsError::NotFound),
+        "clone() is a deep copy"
+    );
+    assert_eq!(lookup(&same.read(), ROOT, b"b"), Err(FsError::NotFound));
+    assert_ne!(copy, shared);
+    // And the other way round: the original's changes do not reach the copy.
+    let a = lookup(&shared.read(), ROOT, b"a").unwrap();
+    shared.write().apply(&map_cmd(a, 0, 2)).unwrap();
+    assert_eq!(extents(&same.read(), a).len(), 2);
+    assert!(extents(&copy.read(), a).is_empty());
+    assert_eq!(statfs(&copy.read()).free, 16);
+    assert_eq!(statfs(&shared.read()).free, 14);
+
+    // Serializes as the state it holds.
+    let bytes = postcard::to_stdvec(&shared).unwrap();
+    assert_eq!(bytes, postcard::to_stdvec(&*shared.read()).unwrap());
+    let back: SharedFs = postcard::from_bytes(&bytes).unwrap();
+    assert_eq!(back, shared);
+    back.write()
+        .apply(&create_cmd(ROOT, b"c", Kind::File, t(4)))
+        .unwrap();
+    assert_eq!(lookup(&shared.read(), ROOT, b"c"), Err(FsError::NotFound));
+}
+
+// ---------------------------------------------------------------------------------
+// The property: random commands against a naive model.
+// ---------------------------------------------------------------------------------
+
+const TOTAL: u64 = 64;
+/// Names the property uses; the last three are invalid.
+const NAMES: [&[u8]; 7] = [b"a", b"b", b"c", b"d", b"", b"..", b"x/y"];
+/// An inode number never given out.
+const BOGUS: Ino = 9999;
+
+/// Which inode an operation names, resolved against the model at the time.
+#[derive(Debug, Clone, Copy)]
+enum Pick {
+    Dir(u8),
+    File(u8),
+    Orphan(u8),
+    Any(u8),
+}
+
+/// Which directory entry: an existing one, or a directory and a name.
+#[derive(Debug, Clone, Copy)]
+enum Loc {
+    Entry(u8),
+    Named(Pick, u8),
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Create {
+        dir: Pick,
+        name: u8,
+        kind: Kind,
+    },
+    Link {
+        ino: Pick,
+        dir: Pick,
+        name: u8,
+    },
+    Unlink {
+        at: Loc,
+        dir: bool,
+    },
+    Rename {
+        from: Loc,
+        to: Loc,
+        noreplace: bool,
+        exchange: bool,
+    },
+    SetAttr {
+        ino: Pick,
+        size: Option<u64>,
+        perm: Option<u16>,
+        gid: Option<u32>,
+    },
+    Map {
+        ino: Pick,
+        first: u64,
+        count: u64,
+    },
+    Written {
+        ino: Pick,
+        size: u64,
+    },
+    Drop {
+        ino: Pick,
+    },
+}
+
+/// What a rename the model allows does.
+#[derive(Debug)]
+enum Renamed {
+    Noop,
+    Exchange {
+        src: Ino,
+        dst: Ino,
+    },
+    Move {
+        src: Ino,
+        replaced: Option<Ino>,
+        orphan: Option<Ino>,
+    },
+}
+
+/// The naive model: names and data blocks only.
+#[derive(Debug, Clone)]
+struct Model {
+    kinds: BTreeMap<Ino, Kind>,
+    /// Directory -> (parent, entries).
+    dirs: BTreeMap<Ino, (Ino, BTreeMap<Vec<u8>, Ino>)>,
+    /// Regular file -> (size, file block -> data block).
+    files: BTreeMap<Ino, (u64, BTreeMap<u64, u64>)>,
+    max_ino: Ino,
+}
+
+fn model_check_name(name: &[u8]) -> Result<(), FsError> {
+    if name.is_empty() || name == b"." || name == b".." || name.contains(&b'/') || name.contains(&0)
+    {
+        return Err(FsError::Invalid);
+    }
+    if name.len() > NAME_MAX {
+        return Err(FsError::NameTooLong);
+    }
+    Ok(())
+}
+
+impl Model {
+    fn new() -> Model {
+        Model {
+            kinds: BTreeMap::from([(ROOT, Kind::Dir)]),
+            dirs: BTreeMap::from([(ROOT, (ROOT, BTreeMap::new()))]),
+            files: BTreeMap::new(),
+            max_ino: ROOT,
+        }
+    }
+
+    fn pick(&self, p: Pick) -> Ino {
+        fn choose(v: &[Ino], i: u8) -> Ino {
+            v[usize::from(i) % v.len()]
+        }
+        match p {
+            Pick::Dir(i) => choose(&self.dirs.keys().copied().collect::<Vec<_>>(), i),
+            Pick::File(i) => {
+                let v: Vec<Ino> = self.files.keys().copied().collect();
+                if v.is_empty() {
+                    self.pick(Pick::Any(i))
+                } else {
+                    choose(&v, i)
+                }
+            }
+            Pick::Orphan(i) => {
+                let v: Vec<Ino> = self
+                    .kinds
+                    .iter()
+                    .filter(|(ino, k)| **k != Kind::Dir && self.names(**ino) == 0)
+                    .map(|(ino, _)| *ino)
+                    .collect();
+                if v.is_empty() {
+                    self.pick(Pick::File(i))
+                } else {
+                    choose(&v, i)
+                }
+            }
+            Pick::Any(i) => {
+                let mut v: Vec<Ino> = self.kinds.keys().copied().collect();
+                v.push(BOGUS);
+                choose(&v, i)
+            }
+        }
+    }
+
+    fn loc(&self, l: Loc) -> (Ino, Vec<u8>) {
+        match l {
+            Loc::Entry(i) => {
+                let all: Vec<(Ino, Vec<u8>)> = self
+                    .dirs
+                    .iter()
+                    .flat_map(|(d, (_, e))| e.keys().map(|n| (*d, n.clone())))
+                    .collect();
+                if all.is_empty() {
+                    (ROOT, b"a".to_vec())
+                } else {
+                    all[usize::from(i) % all.len()].clone()
+                }
+            }
+            Loc::Named(p, n) => (self.pick(p), NAMES[usize::from(n)].to_vec()),
+        }
+    }
+
+    fn kind(&self, ino: Ino) -> Result<Kind, FsError> {
+        self.kinds.get(&ino).copied().ok_or(FsError::NotFound)
+    }
+
+    fn dir(&self, ino: Ino) -> Result<&BTreeMap<Vec<u8>, Ino>, FsError> {
+        match self.kind(ino)? {
+            Kind::Dir => Ok(&self.dirs[&ino].1),
+            _ => Err(FsError::NotDir),
+        }
+    }
+
+    fn entries_mut(&mut self, dir: Ino) -> &mut BTreeMap<Vec<u8>, Ino> {
+        &mut self.dirs.get_mut(&dir).unwrap().1
+    }
+
+    /// How many entries name `ino`.
+    fn names(&self, ino: Ino) -> u32 {
+        self.dirs
+            .values()
+            .map(|(_, e)| e.values().filter(|i| **i == ino).count() as u32)
+            .sum()
+    }
+
+    fn nlink(&self, ino: Ino) -> u32 {
+        match self.dirs.get(&ino) {
+            Some((_, e)) => 2 + e.values().filter(|i| self.dirs.contains_key(i)).count() as u32,
+            None => self.names(ino),
+        }
+    }
+
+    /// Whether directory `ino` is `ancestor` or below it.
+    fn within(&self, mut ino: Ino, ancestor: Ino) -> bool {
+        loop {
+            if ino == ancestor {
+                return true;
+            }
+            match self.dirs.get(&ino) {
+                Some((p, _)) if *p != ino => ino = *p,
+                _ => return false,
+            }
+        }
+    }
+
+    fn used_lbas(&self) -> BTreeSet<u64> {
+        self.files
+            .values()
+            .flat_map(|(_, b)| b.values().copied())
+            .collect()
+    }
+
+    fn used(&self) -> u64 {
+        self.files.values().map(|(_, b)| b.len() as u64).sum()
+    }
+
+    fn remove(&mut self, ino: Ino) {
+        self.kinds.remove(&ino);
+        self.dirs.remove(&ino);
+        self.files.remove(&ino);
+    }
+
+    fn can_create(&self, parent: Ino, name: &[u8]) -> Result<(), FsError> {
+        model_check_name(name)?;
+        if self.dir(parent)?.contains_key(name) {
+            return Err(FsError::Exists);
+        }
+        Ok(())
+    }
+
+    fn can_link(&self, ino: Ino, parent: Ino, name: &[u8]) -> Result<(), FsError> {
+        model_check_name(name)?;
+        if self.kind(ino)? == Kind::Dir {
+            return Err(FsError::NotPermitted);
+        }
+        if self.names(ino) == 0 {
+            return Err(FsError::NotFound);
+        }
+        if self.dir(parent)?.contains_key(name) {
+            return Err(FsError::Exists);
+        }
+        Ok(())
+    }
+
+    /// The inode named, and the orphan the unlink leaves.
+    fn can_unlink(
+        &self,
+        parent: Ino,
+        name: &[u8],
+        dir: bool,
+    ) -> Result<(Ino, Option<Ino>), FsError> {
+        model_check_name(name)?;
+        let ino = *self.dir(parent)?.get(name).ok_or(FsError::NotFound)?;
+        let is_dir = self.kind(ino)? == Kind::Dir;
+        match (is_dir, dir) {
+            (true, false) => Err(FsError::IsDir),
+            (false, true) => Err(FsError::NotDir),
+            (true, true) if !self.dirs[&ino].1.is_empty() => Err(FsError::NotEmpty),
+            (true, true) => Ok((ino, None)),
+            (false, false) => Ok((ino, (self.names(ino) == 1).then_some(ino))),
+        }
+    }
+
+    fn can_rename(
+        &self,
+        (p, n): (Ino, &[u8]),
+        (np, nn): (Ino, &[u8]),
+        noreplace: bool,
+        exchange: bool,
+    ) -> Result<Renamed, FsError> {
+        model_check_name(n)?;
+        model_check_name(nn)?;
+        if noreplace && exchange {
+            return Err(FsError::Invalid);
+        }
+        let src = *self.dir(p)?.get(n).ok_or(FsError::NotFound)?;
+        let dst = self.dir(np)?.get(nn).copied();
+        let src_dir = self.kind(src)? == Kind::Dir;
+        if src_dir && self.within(np, src) {
+            return Err(FsError::Invalid);
+        }
+        if exchange {
+            let dst = dst.ok_or(FsError::NotFound)?;
+            if self.kind(dst)? == Kind::Dir && self.within(p, dst) {
+                return Err(FsError::Invalid);
+            }
+            return Ok(Renamed::Exchange { src, dst });
+        }
+        let Some(dst) = dst else {
+            return Ok(Renamed::Move {
+                src,
+                replaced: None,
+                orphan: None,
+            });
+        };
+        if noreplace {
+            return Err(FsError::Exists);
+        }
+        if dst == src {
+            return Ok(Renamed::Noop);
+        }
+        let dst_dir = self.kind(dst)? == Kind::Dir;
+        match (src_dir, dst_dir) {
+            (true, false) => Err(FsError::NotDir),
+            (false, true) => Err(FsError::IsDir),
+            (true, true) if !self.dirs[&dst].1.is_empty() => Err(FsError::NotEmpty),
+            _ => Ok(Renamed::Move {
+                src,
+                replaced: Some(dst),
+                orphan: (!dst_dir && self.names(dst) == 1).then_some(dst),
+            }),
+        }
+    }
+
+    fn can_set_size(&self, ino: Ino, size: Option<u64>) -> Result<(), FsError> {
+        let kind = self.kind(ino)?;
+        if let Some(size) = size {
+            match kind {
+                Kind::File => {}
+                Kind::Dir => return Err(FsError::IsDir),
+                _ => return Err(FsError::Invalid),
+            }
+            if size.div_ceil(BSZ) > TOTAL * 1024 {
+                return Err(FsError::TooLarge);
+            }
+        }
+        Ok(())
+    }
+
+    /// The file blocks the map hands out.
+    fn can_map(&self, ino: Ino, first: u64, count: u64) -> Result<Vec<u64>, FsError> {
+        if count == 0 || count > MAP_MAX {
+            return Err(FsError::Invalid);
+        }
+        if first
+            .checked_add(count)
+            .is_none_or(|end| end > TOTAL * 1024)
+        {
+            return Err(FsError::TooLarge);
+        }
+        if self.kind(ino)? != Kind::File {
+            return Err(FsError::Invalid);
+        }
+        let have = &self.files[&ino].1;
+        let missing: Vec<u64> = (first..first + count)
+            .filter(|b| !have.contains_key(b))
+            .collect();
+        if missing.len() as u64 > TOTAL - self.used() {
+            return Err(FsError::NoSpace);
+        }
+        Ok(missing)
+    }
+
+    fn can_write(&self, ino: Ino) -> Result<(), FsError> {
+        match self.kind(ino)? {
+            Kind::File => Ok(()),
+            _ => Err(FsError::Invalid),
+        }
+    }
+
+    fn can_drop(&self, ino: Ino) -> Result<(), FsError> {
+        self.kind(ino)?;
+        if ino == ROOT || self.nlink(ino) != 0 {
+            return Err(FsError::Invalid);
+        }
+        Ok(())
+    }
+}
+
+/// A refusal: the right error, and nothing changed.
+fn refusal(
+    fs: &FsState,
+    before: &FsState,
+    cmd: &FsCommand,
+    got: Result<FsReply, FsError>,
+    want: FsError,
+) {
+    assert_eq!(got, Err(want), "{cmd:?}");
+    assert_eq!(fs, before, "the refused {cmd:?} changed the state");
+}
+
+fn succeeded(cmd: &FsCommand, got: Result<FsReply, FsError>) -> FsReply {
+    got.unwrap_or_else(|e| panic!("{cmd:?} refused with {e:?}; the model accepts it"))
+}
+
+fn assert_touched(fs: &FsState, dir: Ino, now: Time) {
+    let a = attr(fs, dir);
+    assert_eq!((a.mtime, a.ctime), (now, now), "directory {dir} times");
+}
+
+/// Applies one operation to both the state and the model, checking the answer.
+fn step(m: &mut Model, fs: &mut FsState, op: &Op, now: Time) {
+    let before = fs.clone();
+    match *op {
+        Op::Create { dir, name, kind } => {
+            let parent = m.pick(dir);
+            let name = NAMES[usize::from(name)];
+            let cmd = FsCommand::Create {
+                parent,
+                name: name.to_vec(),
+                kind,
+                perm: 0o170_644,
+                uid: 3,
+                gid: 4,
+                rdev: 0,
+                target: TARGET.to_vec(),
+                now,
+            };
+            let got = fs.apply(&cmd);
+            if let Err(e) = m.can_create(parent, name) {
+                return refusal(fs, &before, &cmd, got, e);
+            }
+            let a = ok_attr(Ok(succeeded(&cmd, got)), "create");
+            assert!(a.ino > m.max_ino, "inode {} given out again", a.ino);
+            assert!(a.ino != BOGUS);
+            assert_eq!(a.kind, kind);
+            // A set-gid directory passes on its group, and its set-gid bit to
+            // directories.
+            let p = attr(&before, parent);
+            let (gid, perm) = match (p.perm & 0o2000 != 0, kind) {
+                (false, _) => (4, 0o644),
+                (true, Kind::Dir) => (p.gid, 0o2644),
+                (true, _) => (p.gid, 0o644),
+            };
+            assert_eq!(a.perm, perm);
+            assert_eq!((a.uid, a.gid, a.blocks), (3, gid, 0));
+            assert_eq!(a.nlink, if kind == Kind::Dir { 2 } else { 1 });
+            let size = if kind == Kind::Symlink {
+                TARGET.len() as u64
+            } else {
+                0
+            };
+            assert_eq!(a.size, size);
+            assert_eq!((a.atime, a.mtime, a.ctime), (now, now, now));
+            m.max_ino = a.ino;
+            m.kinds.insert(a.ino, kind);
+            m.entries_mut(parent).insert(name.to_vec(), a.ino);
+            match kind {
+                Kind::Dir => {
+                    m.dirs.insert(a.ino, (parent, BTreeMap::new()));
+                }
+                Kind::File => {
+                    m.files.insert(a.ino, (0, BTreeMap::new()));
+                }
+                _ => {}
+            }
+            assert_touched(fs, parent, now);
+        }
+        Op::Link { ino, dir, name } => {
+            let ino = m.pick(ino);
+            let parent = m.pick(dir);
+            let name = NAMES[usize::from(name)];
+            let cmd = link_cmd(ino, parent, name, now);
+            let got = fs.apply(&cmd);
+            if let Err(e) = m.can_link(ino, parent, name) {
+                return refusal(fs, &before, &cmd, got, e);
+            }
+            let a = ok_attr(Ok(succeeded(&cmd, got)), "link");
+            assert_eq!((a.ino, a.nlink, a.ctime), (ino, m.names(ino) + 1, now));
+            m.entries_mut(parent).insert(name.to_vec(), ino);
+            assert_touched(fs, parent, now);
+        }
+        Op::Unlink { at, dir } => {
+            let (parent, name) = m.loc(at);
+            let cmd = unlink_cmd(parent, &name, dir, now);
+            let got = fs.apply(&cmd);
+            let (ino, orphan) = match m.can_unlink(parent, &name, dir) {
+                Ok(x) => x,
+                Err(e) => return refusal(fs, &before, &cmd, got, e),
+            };
+            assert_eq!(succeeded(&cmd, got), FsReply::Orphaned(orphan), "{cmd:?}");
+            m.entries_mut(parent).remove(&name);
+            if dir {
+                m.remove(ino);
+                assert!(fs.inode(ino).is_none(), "rmdir left inode {ino}");
+            } else {
+                assert_eq!(attr(fs, ino).ctime, now);
+            }
+            assert_touched(fs, parent, now);
+        }
+        Op::Rename {
+            from,
+            to,
+            noreplace,
+            exchange,
+        } => {
+            let (p, n) = m.loc(from);
+            let (np, nn) = m.loc(to);
+            let cmd = rename_cmd(p, &n, np, &nn, noreplace, exchange, now);
+            let got = fs.apply(&cmd);
+            let renamed = match m.can_rename((p, &n), (np, &nn), noreplace, exchange) {
+                Ok(r) => r,
+                Err(e) => return refusal(fs, &before, &cmd, got, e),
+            };
+            match renamed {
+                Renamed::Noop => {
+                    assert_eq!(succeeded(&cmd, got), FsReply::Orphaned(None));
+                    assert_eq!(*fs, before, "{cmd:?} onto itself changed the state");
+                }
+                Renamed::Exchange { src, dst } => {
+                    assert_eq!(succeeded(&cmd, got), FsReply::Orphaned(None));
+                    m.entries_mut(p).insert(n.clone(), dst);
+                    m.entries_mut(np).insert(nn.clone(), src);
+                    if let Some(d) = m.dirs.get_mut(&src) {
+                        d.0 = np;
+                    }
+                    if let Some(d) = m.dirs.get_mut(&dst) {
+                        d.0 = p;
+                    }
+                    assert_eq!(attr(fs, src).ctime, now);
+                    assert_eq!(attr(fs, dst).ctime, now);
+                    assert_touched(fs, p, now);
+                    assert_touched(fs, np, now);
+                }
+                Renamed::Move {
+                    src,
+                    replaced,
+                    orphan,
+                } => {
+                    assert_eq!(succeeded(&cmd, got), FsReply::Orphaned(orphan), "{cmd:?}");
+                    if let Some(dst) = replaced {
+                        if m.kinds[&dst] == Kind::Dir {
+                            m.remove(dst);
+                            assert!(fs.inode(dst).is_none());
+                        } else {
+                            assert_eq!(attr(fs, dst).ctime, now);
+                        }
+                    }
+                    m.entries_mut(p).remove(&n);
+                    m.entries_mut(np).insert(nn.clone(), src);
+                    if let Some(d) = m.dirs.get_mut(&src) {
+                        d.0 = np;
+                    }
+                    assert_eq!(attr(fs, src).ctime, now);
+                    assert_touched(fs, p, now);
+                    assert_touched(fs, np, now);
+                }
+            }
+        }
+        Op::SetAttr {
+            ino,
+            size,
+            perm,
+            gid,
+        } => {
+            let ino = m.pick(ino);
+            let cmd = FsCommand::SetAttr {
+                ino,
+                set: SetAttr {
+                    size,
+                    perm,
+                    gid,
+                    ..SetAttr::default()
+                },
+                now,
+            };
+            let got = fs.apply(&cmd);
+            if let Err(e) = m.can_set_size(ino, size) {
+                return refusal(fs, &before, &cmd, got, e);
+            }
+            let old = attr(&before, ino);
+            let a = ok_attr(Ok(succeeded(&cmd, got)), "setattr");
+            assert_eq!(a.ctime, now);
+            assert_eq!(a.perm, perm.map_or(old.perm, |p| p & 0o7777));
+            assert_eq!((a.uid, a.gid), (old.uid, gid.unwrap_or(old.gid)));
+            if let Some(size) = size {
+                assert_eq!((a.size, a.mtime), (size, now));
+                let keep = size.div_ceil(BSZ);
+                let f = m.files.get_mut(&ino).unwrap();
+                f.0 = size;
+                f.1.retain(|b, _| *b < keep);
+                assert_eq!(a.blocks, f.1.len() as u64);
+            } else {
+                assert_eq!(
+                    (a.size, a.mtime, a.blocks),
+                    (old.size, old.mtime, old.blocks)
+                );
+            }
+        }
+        Op::Map { ino, first, count } => {
+            let ino = m.pick(ino);
+            let cmd = map_cmd(ino, first, count);
+            let got = fs.apply(&cmd);
+            let missing = match m.can_map(ino, first, count) {
+                Ok(x) => x,
+                Err(e) => return refusal(fs, &before, &cmd, got, e),
+            };
+            let FsReply::Mapped(got) = succeeded(&cmd, got) else {
+                panic!("{cmd:?}: not Mapped");
+            };
+            let blocks: Vec<u64> = got.iter().map(|x| x.block).collect();
+            assert_eq!(
+                blocks,
+                (first..first + count).collect::<Vec<_>>(),
+                "{cmd:?}"
+            );
+            let mut taken = m.used_lbas();
+            let file = &m.files[&ino].1;
+            let mut new = BTreeMap::new();
+            for x in &got {
+                match file.get(&x.block) {
+                    Some(lba) => {
+                        assert_eq!((x.lba, x.fresh), (*lba, false), "{cmd:?}: {x:?}");
+                    }
+                    None => {
+                        assert!(x.fresh, "{cmd:?}: {x:?} should be fresh");
+                        assert!(x.lba < TOTAL, "{cmd:?}: {x:?} past the volume");
+                        assert!(taken.insert(x.lba), "{cmd:?}: {x:?} already in use");
+                        new.insert(x.block, x.lba);
+                    }
+                }
+            }
+            assert_eq!(new.keys().copied().collect::<Vec<_>>(), missing);
+            m.files.get_mut(&ino).unwrap().1.extend(new);
+        }
+        Op::Written { ino, size } => {
+            let ino = m.pick(ino);
+            let cmd = FsCommand::Written { ino, size, now };
+            let got = fs.apply(&cmd);
+            if let Err(e) = m.can_write(ino) {
+                return refusal(fs, &before, &cmd, got, e);
+            }
+            let a = ok_attr(Ok(succeeded(&cmd, got)), "written");
+            let f = m.files.get_mut(&ino).unwrap();
+            f.0 = f.0.max(size);
+            assert_eq!((a.size, a.mtime, a.ctime), (f.0, now, now));
+        }
+        Op::Drop { ino } => {
+            let ino = m.pick(ino);
+            let cmd = FsCommand::Drop { ino };
+            let got = fs.apply(&cmd);
+            if let Err(e) = m.can_drop(ino) {
+                return refusal(fs, &before, &cmd, got, e);
+            }
+            assert_eq!(succeeded(&cmd, got), FsReply::Done);
+            m.remove(ino);
+        }
+    }
+}
+
+/// The state agrees with the model, through the queries.
+fn agree(m: &Model, fs: &FsState) {
+    assert_eq!(
+        statfs(fs),
+        FsStats {
+            block_size: BS,
+            blocks: TOTAL,
+            free: TOTAL - m.used(),
+            files: m.kinds.len() as u64,
+        }
+    );
+    assert_eq!(fs.inode_count(), m.kinds.len());
+    for (&ino, &kind) in &m.kinds {
+        let a = attr(fs, ino);
+        assert_eq!((a.ino, a.kind), (ino, kind));
+        assert_eq!(a.nlink, m.nlink(ino), "nlink of {ino}");
+        match kind {
+            Kind::Dir => {
+                let (parent, entries) = &m.dirs[&ino];
+                let want: Vec<DirEntry> = entries
+                    .iter()
+                    .map(|(name, i)| DirEntry {
+                        name: name.clone(),
+                        ino: *i,
+                        kind: m.kinds[i],
+                    })
+                    .collect();
+                assert_eq!(read_dir(fs, ino), want, "entries of {ino}");
+                for (name, i) in entries {
+                    assert_eq!(lookup(fs, ino, name), Ok(*i));
+                }
+                for name in NAMES.iter().take(4) {
+                    if !entries.contains_key(*name) {
+                        assert_eq!(lookup(fs, ino, name), Err(FsError::NotFound));
+                    }
+                }
+                assert_eq!(lookup(fs, ino, b"."), Ok(ino));
+                assert_eq!(lookup(fs, ino, b".."), Ok(*parent));
+            }
+            Kind::File => {
+                let (size, blocks) = &m.files[&ino];
+                assert_eq!(a.size, *size);
+                assert_eq!(a.blocks, blocks.len() as u64);
+                let want: Vec<Mapping> = blocks
+                    .iter()
+                    .map(|(b, l)| Mapping {
+                        block: *b,
+                        lba: *l,
+                        fresh: false,
+                    })
+                    .collect();
+                assert_eq!(extents(fs, ino), want, "blocks of {ino}");
+                // The runs say the same.
+                let runs: BTreeMap<u64, u64> = fs
+                    .inode(ino)
+                    .unwrap()
+                    .extents
+                    .iter()
+                    .flat_map(|(b, e)| (0..e.count).map(move |n| (b + n, e.lba + n)))
+                    .collect();
+                assert_eq!(&runs, blocks);
+            }
+            Kind::Symlink => {
+                assert_eq!(
+                    fs.query(&FsQuery::ReadLink { ino }),
+                    Ok(FsReply::Target(TARGET.to_vec()))
+                );
+            }
+            _ => {}
+        }
+    }
+    for ino in (0..=m.max_ino + 1).chain([BOGUS]) {
+        if !m.kinds.contains_key(&ino) {
+            assert!(fs.inode(ino).is_none());
+            assert_eq!(fs.query(&FsQuery::GetAttr { ino }), Err(FsError::NotFound));
+        }
+    }
+}
+
+/// The free space is exactly the blocks no file holds: a new file can take all of
+/// them (each one distinct and unowned), and not one more.
+fn probe_free_space(m: &Model, fs: &FsState) {
+    let mut p = fs.clone();
+    let ino = create(&mut p, ROOT, b"probe", Kind::File, t(0));
+    let free = TOTAL - m.used();
+    let mut taken = m.used_lbas();
+    if free > 0 {
+        for x in map(&mut p, ino, 0, free).unwrap() {
+            assert!(x.fresh && x.lba < TOTAL, "{x:?}");
+            assert!(taken.insert(x.lba), "free block {} is in use", x.lba);
+        }
+    }
+    assert_eq!(taken.len() as u64, TOTAL);
+    assert_eq!(map(&mut p, ino, free, 1), Err(FsError::NoSpace));
+}
+
+fn pick_dir() -> impl Strategy<Value = Pick> {
+    prop_oneof![
+        8 => any::<u8>().prop_map(Pick::Dir),
+        1 => any::<u8>().prop_map(Pick::Any),
+    ]
+}
+
+fn pick_ino() -> impl Strategy<Value = Pick> {
+    prop_oneof![
+        6 => any::<u8>().prop_map(Pick::File),
+        1 => any::<u8>().prop_map(Pick::Dir),
+        1 => any::<u8>().prop_map(Pick::Any),
+    ]
+}
+
+fn name() -> impl Strategy<Value = u8> {
+    prop_oneof![20 => 0u8..4, 1 => 4u8..7]
+}
+
+fn loc() -> impl Strategy<Value = Loc> {
+    prop_oneof![
+        3 => any::<u8>().prop_map(Loc::Entry),
+        2 => (pick_dir(), name()).prop_map(|(d, n)| Loc::Named(d, n)),
+    ]
+}
+
+fn kind() -> impl Strategy<Value = Kind> {
+    prop_oneof![
+        6 => Just(Kind::File),
+        3 => Just(Kind::Dir),
+        1 => Just(Kind::Symlink),
+        1 => Just(Kind::Fifo),
+        1 => Just(Kind::Socket),
+        1 => Just(Kind::CharDev),
+        1 => Just(Kind::BlockDev),
+    ]
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        6 => (pick_dir(), name(), kind()).prop_map(|(dir, name, kind)| Op::Create { dir, name, kind }),
+        2 => (pick_ino(), pick_dir(), name()).prop_map(|(ino, dir, name)| Op::Link { ino, dir, name }),
+        3 => (loc(), prop::bool::weighted(0.3)).prop_map(|(at, dir)| Op::Unlink { at, dir }),
+        5 => (
+            loc(),
+            loc(),
+            prop_oneof![
+                5 => Just((false, false)),
+                2 => Just((true, false)),
+                2 => Just((false, true)),
+                1 => Just((true, true)),
+            ],
+        )
+            .prop_map(|(from, to, (noreplace, exchange))| Op::Rename {
+                from,
+                to,
+                noreplace,
+                exchange
+            }),
+        3 => (
+            pick_ino(),
+            prop_oneof![
+                1 => Just(None),
+                1 => Just(Some(0u64)),
+                4 => (0..24 * BSZ).prop_map(Some),
+                1 => (0u64..24).prop_map(|b| Some(b * BSZ)),
+                1 => Just(Some(TOTAL * 1024 * BSZ)),
+                1 => Just(Some(TOTAL * 1024 * BSZ + 1)),
+            ],
+            prop::option::of(any::<u16>()),
+            prop::option::of(0u32..3),
+        )
+            .prop_map(|(ino, size, perm, gid)| Op::SetAttr {
+                ino,
+                size,
+                perm,
+                gid
+            }),
+        6 => (
+            pick_ino(),
+            0u64..24,
+            prop_oneof![
+                10 => 1u64..6,
+                1 => Just(0u64),
+                4 => 8u64..40,
+                1 => 60u64..70,
+                1 => Just(MAP_MAX + 1),
+            ],
+        )
+            .prop_map(|(ino, first, count)| Op::Map { ino, first, count }),
+        1 => (pick_ino(), 0..30 * BSZ).prop_map(|(ino, size)| Op::Written { ino, size }),
+        3 => prop_oneof![
+            3 => any::<u8>().prop_map(Pick::Orphan),
+            1 => pick_ino(),
+        ]
+        .prop_map(|ino| Op::Drop { ino }),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig {
+        cases: 256,
+        // Print the minimal failing input instead of writing a regressions file.
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    })]
+
+    #[test]
+    fn random_commands_agree_with_the_model(ops in prop::collection::vec(op(), 1..60)) {
+        let mut fs = formatted(TOTAL);
+        let mut m = Model::new();
+        for (i, op) in ops.iter().enumerate() {
+            let now = t(10 + i as i64);
+            step(&mut m, &mut fs, op, now);
+            if let Err(e) = fs.check() {
+                panic!("step {i} {op:?}: invariant broken: {e}");
+            }
+            agree(&m, &fs);
+            probe_free_space(&m, &fs);
+        }
+    }
+}

@@ -1,0 +1,544 @@
+//! The file system on real FUSE mounts (`drs-cli mount`, the same code as `drs-fuse
+//! mount`) over real node processes: POSIX behaviour, two mounts at once, a copy with
+//! m nodes SIGKILLed during it, EIO within the bound with m + 1 down, and unmounting.
+//!
+//! Data is verified through a second mount where the kernel's page cache of the
+//! writing mount could otherwise answer the read.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use rand::{Rng, SeedableRng};
+
+use crate::harness::{s, Cluster, CLI};
+
+/// A 6-node 4+2 cluster of `blocks` blocks of 64 KiB, with its metadata service
+/// (which holds the namespace) and a short failure-detection timeout.
+fn cluster(blocks: u64) -> Cluster {
+    let blocks = blocks.to_string();
+    Cluster::start(&[
+        "--nodes",
+        "6",
+        "-k",
+        "4",
+        "-m",
+        "2",
+        "--block-size",
+        "64KiB",
+        "--blocks",
+        &blocks,
+        "--down-after-ms",
+        "1000",
+    ])
+    .0
+}
+
+/// A mount served by a `drs-cli mount` process; dropping it unmounts and stops it.
+struct Mount {
+    path: PathBuf,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+fn mounted(path: &Path) -> bool {
+    let Ok(info) = fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    let want = path.to_string_lossy();
+    info.lines()
+        .any(|l| l.split(' ').nth(4).is_some_and(|m| m == want))
+}
+
+impl Mount {
+    fn new(c: &Cluster, name: &str, extra: &[&str]) -> Mount {
+        let path = c.dir.join(name);
+        fs::create_dir_all(&path).unwrap();
+        let log = c.dir.join(format!("{name}.log"));
+        let mut args = vec!["mount", "--cluster", s(&c.file), s(&path)];
+        args.extend_from_slice(extra);
+        let child = Command::new(CLI)
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(File::create(&log).unwrap())
+            .stderr(File::create(c.dir.join(format!("{name}.err"))).unwrap())
+            .spawn()
+            .unwrap();
+        let mut m = Mount {
+            path,
+            log,
+            child: Some(child),
+        };
+        let started = Instant::now();
+        while !mounted(&m.path) {
+            if let Some(st) = m.child.as_mut().and_then(|c| c.try_wait().unwrap()) {
+                panic!("drs-cli mount exited with {st}: {}", m.stderr());
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "not mounted after 60 s: {}",
+                m.stderr()
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+        m
+    }
+
+    fn stderr(&self) -> String {
+        fs::read_to_string(self.log.with_extension("err")).unwrap_or_default()
+    }
+
+    fn p(&self, rel: &str) -> PathBuf {
+        self.path.join(rel)
+    }
+
+    /// Unmounts with `fusermount3 -u` and waits for the process to end; its status.
+    fn unmount(&mut self) -> Option<std::process::ExitStatus> {
+        let out = Command::new("fusermount3")
+            .args(["-u", s(&self.path)])
+            .output()
+            .ok()?;
+        if !out.status.success() {
+            eprintln!("fusermount3 -u: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        self.wait(Duration::from_secs(20))
+    }
+
+    fn wait(&mut self, max: Duration) -> Option<std::process::ExitStatus> {
+        let started = Instant::now();
+        let child = self.child.as_mut()?;
+        loop {
+            if let Ok(Some(st)) = child.try_wait() {
+                self.child = None;
+                return Some(st);
+            }
+            if started.elapsed() > max {
+                return None;
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        if thread::panicking() {
+            eprintln!("--- mount {} stderr (last lines)", self.path.display());
+            let err = self.stderr();
+            let lines: Vec<&str> = err.lines().collect();
+            for l in &lines[lines.len().saturating_sub(30)..] {
+                eprintln!("{l}");
+            }
+        }
+        if self.child.is_some() && self.unmount().is_none() {
+            let _ = Command::new("fusermount3")
+                .args(["-u", "-z", s(&self.path)])
+                .status();
+            if let Some(c) = self.child.as_mut() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+}
+
+fn errno_of(e: &std::io::Error) -> i32 {
+    e.raw_os_error().unwrap_or(0)
+}
+
+fn random_bytes(seed: u64, len: usize) -> Vec<u8> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut v = vec![0u8; len];
+    rng.fill(&mut v[..]);
+    v
+}
+
+fn statvfs(p: &Path) -> nix::sys::statvfs::Statvfs {
+    nix::sys::statvfs::statvfs(p).unwrap()
+}
+
+#[test]
+fn files_directories_links_and_special_files() {
+    let c = cluster(2048);
+    let m = Mount::new(&c, "mnt", &[]);
+    let other = Mount::new(&c, "mnt2", &[]);
+
+    // Regular files, read back through the other mount.
+    fs::write(m.p("a.txt"), b"hello, world\n").unwrap();
+    assert_eq!(fs::read(other.p("a.txt")).unwrap(), b"hello, world\n");
+    // Directories, nested; rmdir of a non-empty one fails.
+    fs::create_dir_all(m.p("d1/d2/d3")).unwrap();
+    fs::write(m.p("d1/d2/d3/f"), b"deep").unwrap();
+    let e = fs::remove_dir(m.p("d1/d2")).unwrap_err();
+    assert_eq!(errno_of(&e), libc::ENOTEMPTY);
+    assert_eq!(fs::metadata(m.p("d1")).unwrap().nlink(), 3, "d1: . .. d2");
+    // Hard links share the inode and count links.
+    fs::hard_link(m.p("a.txt"), m.p("d1/link")).unwrap();
+    let (a, l) = (
+        fs::metadata(m.p("a.txt")).unwrap(),
+        fs::metadata(m.p("d1/link")).unwrap(),
+    );
+    assert_eq!((a.ino(), a.nlink()), (l.ino(), 2));
+    // Symlinks.
+    std::os::unix::fs::symlink("a.txt", m.p("sym")).unwrap();
+    assert_eq!(fs::read_link(m.p("sym")).unwrap(), Path::new("a.txt"));
+    assert_eq!(fs::read(m.p("sym")).unwrap(), b"hello, world\n");
+    // Special files keep their type and device number.
+    nix::unistd::mkfifo(
+        &m.p("fifo"),
+        nix::sys::stat::Mode::from_bits_truncate(0o644),
+    )
+    .unwrap();
+    nix::sys::stat::mknod(
+        &m.p("null"),
+        nix::sys::stat::SFlag::S_IFCHR,
+        nix::sys::stat::Mode::from_bits_truncate(0o666),
+        nix::sys::stat::makedev(1, 3),
+    )
+    .unwrap();
+    let fifo = fs::symlink_metadata(other.p("fifo")).unwrap();
+    assert!(std::os::unix::fs::FileTypeExt::is_fifo(&fifo.file_type()));
+    let dev = fs::symlink_metadata(other.p("null")).unwrap();
+    assert!(std::os::unix::fs::FileTypeExt::is_char_device(
+        &dev.file_type()
+    ));
+    assert_eq!(dev.rdev(), nix::sys::stat::makedev(1, 3));
+    // Rename: atomic replace, across directories, and a directory into itself.
+    fs::write(m.p("new"), b"new content").unwrap();
+    fs::write(m.p("d1/old"), b"old content").unwrap();
+    fs::rename(m.p("new"), m.p("d1/old")).unwrap();
+    assert_eq!(fs::read(other.p("d1/old")).unwrap(), b"new content");
+    assert!(!m.p("new").exists());
+    let e = fs::rename(m.p("d1"), m.p("d1/d2/inside")).unwrap_err();
+    assert_eq!(errno_of(&e), libc::EINVAL);
+    fs::rename(m.p("d1/d2"), m.p("moved")).unwrap();
+    assert_eq!(fs::read(other.p("moved/d3/f")).unwrap(), b"deep");
+    assert_eq!(fs::metadata(m.p("d1")).unwrap().nlink(), 2);
+    // Listing.
+    let mut names: Vec<String> = fs::read_dir(other.p(""))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["a.txt", "d1", "fifo", "moved", "null", "sym"]);
+    // Unlink.
+    fs::remove_file(m.p("a.txt")).unwrap();
+    assert_eq!(fs::metadata(m.p("d1/link")).unwrap().nlink(), 1);
+    assert_eq!(
+        errno_of(&fs::metadata(m.p("a.txt")).unwrap_err()),
+        libc::ENOENT
+    );
+}
+
+#[test]
+fn truncate_sparse_append_and_unlinked_open_files() {
+    let c = cluster(2048);
+    let m = Mount::new(&c, "mnt", &[]);
+    let other = Mount::new(&c, "mnt2", &[]);
+    let bs = 64 * 1024u64;
+
+    // Truncate down then up: the cut bytes come back as zeros.
+    let data = random_bytes(1, 200_000);
+    fs::write(m.p("t"), &data).unwrap();
+    let f = OpenOptions::new().write(true).open(m.p("t")).unwrap();
+    f.set_len(70_000).unwrap();
+    f.set_len(150_000).unwrap();
+    drop(f);
+    let got = fs::read(other.p("t")).unwrap();
+    assert_eq!(got.len(), 150_000);
+    assert_eq!(&got[..70_000], &data[..70_000]);
+    assert!(
+        got[70_000..].iter().all(|b| *b == 0),
+        "bytes past a truncation are zero"
+    );
+
+    // Sparse: a hole reads as zeros and holds no blocks.
+    let mut f = File::create(m.p("sparse")).unwrap();
+    f.seek(SeekFrom::Start(100 * bs + 17)).unwrap();
+    f.write_all(b"tail").unwrap();
+    drop(f);
+    let md = fs::metadata(other.p("sparse")).unwrap();
+    assert_eq!(md.len(), 100 * bs + 21);
+    assert!(
+        md.blocks() * 512 <= 2 * bs,
+        "{} blocks of 512 for a sparse file",
+        md.blocks()
+    );
+    let mut hole = vec![1u8; 4096];
+    File::open(other.p("sparse"))
+        .unwrap()
+        .read_exact_at(&mut hole, 50 * bs)
+        .unwrap();
+    assert!(hole.iter().all(|b| *b == 0));
+
+    // O_APPEND appends.
+    for line in ["one\n", "two\n", "three\n"] {
+        let mut f = OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(m.p("log"))
+            .unwrap();
+        f.write_all(line.as_bytes()).unwrap();
+    }
+    assert_eq!(fs::read(other.p("log")).unwrap(), b"one\ntwo\nthree\n");
+
+    // A removed file stays readable through an open descriptor; its blocks are freed
+    // at the close.
+    let before = statvfs(&m.path).blocks_free();
+    let big = random_bytes(2, 4 << 20);
+    fs::write(m.p("doomed"), &big).unwrap();
+    let mut f = File::open(m.p("doomed")).unwrap();
+    fs::remove_file(m.p("doomed")).unwrap();
+    assert!(!other.p("doomed").exists());
+    let mut back = Vec::new();
+    f.read_to_end(&mut back).unwrap();
+    assert!(back == big, "an unlinked open file reads its data");
+    drop(f);
+    let started = Instant::now();
+    while statvfs(&m.path).blocks_free() < before {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "blocks of the closed unlinked file not freed: {} free, {before} before",
+            statvfs(&m.path).blocks_free()
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn permissions_ownership_and_times() {
+    let c = cluster(1024);
+    let m = Mount::new(&c, "mnt", &["-o", "allow_other"]);
+    fs::set_permissions(&m.path, fs::Permissions::from_mode(0o755)).unwrap();
+    fs::write(m.p("secret"), b"root only").unwrap();
+    fs::set_permissions(m.p("secret"), fs::Permissions::from_mode(0o600)).unwrap();
+    fs::write(m.p("public"), b"everyone").unwrap();
+    fs::set_permissions(m.p("public"), fs::Permissions::from_mode(0o644)).unwrap();
+    let as_nobody = |args: &[&str]| {
+        Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let denied = as_nobody(&["cat", s(&m.p("secret"))]);
+    assert!(!denied.status.success());
+    assert!(
+        String::from_utf8_lossy(&denied.stderr).contains("Permission denied"),
+        "{}",
+        String::from_utf8_lossy(&denied.stderr)
+    );
+    let allowed = as_nobody(&["cat", s(&m.p("public"))]);
+    assert!(allowed.status.success());
+    assert_eq!(allowed.stdout, b"everyone");
+    let write = as_nobody(&["sh", "-c", &format!("echo x > {}", s(&m.p("public")))]);
+    assert!(
+        !write.status.success(),
+        "nobody may not write a 0644 root file"
+    );
+    let create = as_nobody(&["touch", s(&m.p("new"))]);
+    assert!(
+        !create.status.success(),
+        "nobody may not create in a 0755 root dir"
+    );
+
+    // chown hands the file over; the new owner may then write it.
+    std::os::unix::fs::chown(m.p("public"), Some(65534), Some(65534)).unwrap();
+    let md = fs::metadata(m.p("public")).unwrap();
+    assert_eq!((md.uid(), md.gid()), (65534, 65534));
+    let write = as_nobody(&["sh", "-c", &format!("echo mine > {}", s(&m.p("public")))]);
+    assert!(
+        write.status.success(),
+        "{}",
+        String::from_utf8_lossy(&write.stderr)
+    );
+    assert_eq!(fs::read(m.p("public")).unwrap(), b"mine\n");
+
+    // Times: chmod changes ctime only; a write changes mtime and ctime; utimens sets
+    // what it is given.
+    let md0 = fs::metadata(m.p("secret")).unwrap();
+    thread::sleep(Duration::from_millis(20));
+    fs::set_permissions(m.p("secret"), fs::Permissions::from_mode(0o640)).unwrap();
+    let md1 = fs::metadata(m.p("secret")).unwrap();
+    assert_eq!(md1.mode() & 0o7777, 0o640);
+    assert!(md1.ctime_nsec() != md0.ctime_nsec() || md1.ctime() > md0.ctime());
+    assert_eq!(
+        (md1.mtime(), md1.mtime_nsec()),
+        (md0.mtime(), md0.mtime_nsec())
+    );
+    thread::sleep(Duration::from_millis(20));
+    OpenOptions::new()
+        .write(true)
+        .open(m.p("secret"))
+        .unwrap()
+        .write_all(b"ROOT")
+        .unwrap();
+    let md2 = fs::metadata(m.p("secret")).unwrap();
+    assert!((md2.mtime(), md2.mtime_nsec()) > (md1.mtime(), md1.mtime_nsec()));
+    let when = std::time::UNIX_EPOCH + Duration::from_secs(1_000_000_000);
+    File::options()
+        .write(true)
+        .open(m.p("secret"))
+        .unwrap()
+        .set_times(fs::FileTimes::new().set_modified(when).set_accessed(when))
+        .unwrap();
+    let md3 = fs::metadata(m.p("secret")).unwrap();
+    assert_eq!(md3.mtime(), 1_000_000_000);
+    assert_eq!(md3.atime(), 1_000_000_000);
+
+    // statfs reports the capacity after redundancy: the volume's data blocks.
+    let st = statvfs(&m.path);
+    assert_eq!(st.blocks() * st.fragment_size(), 1024 * 64 * 1024);
+}
+
+#[test]
+fn thousands_of_files_in_one_directory() {
+    // Each small file takes one 64 KiB block: room for them all.
+    let c = cluster(4096);
+    let m = Mount::new(&c, "mnt", &[]);
+    let other = Mount::new(&c, "mnt2", &[]);
+    fs::create_dir(m.p("many")).unwrap();
+    let n = 2000;
+    for i in 0..n {
+        // Without the kernel's writeback cache a write fails in write(2) itself, so
+        // an error cannot hide in the close.
+        let mut f = File::create(m.p(&format!("many/file-{i:05}"))).unwrap();
+        f.write_all(format!("{i}").as_bytes()).unwrap();
+    }
+    let mut names: Vec<String> = fs::read_dir(other.p("many"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names.len(), n);
+    for (i, name) in names.iter().enumerate() {
+        assert_eq!(name, &format!("file-{i:05}"));
+    }
+    assert_eq!(
+        fs::read_to_string(other.p("many/file-01234")).unwrap(),
+        "1234"
+    );
+}
+
+#[test]
+fn a_reader_in_another_mount_sees_closed_writes() {
+    let c = cluster(1024);
+    let a = Mount::new(&c, "a", &[]);
+    let b = Mount::new(&c, "b", &[]);
+    for round in 0..5u64 {
+        let data = random_bytes(round, 300_000 + round as usize * 1000);
+        fs::write(a.p("shared"), &data).unwrap();
+        assert!(fs::read(b.p("shared")).unwrap() == data, "round {round}");
+        // And back the other way, overwriting part of it.
+        let f = OpenOptions::new().write(true).open(b.p("shared")).unwrap();
+        f.write_all_at(b"from b", 1000).unwrap();
+        f.sync_all().unwrap();
+        drop(f);
+        let mut want = data.clone();
+        want[1000..1006].copy_from_slice(b"from b");
+        assert!(fs::read(a.p("shared")).unwrap() == want, "round {round}");
+    }
+}
+
+#[test]
+fn a_copy_with_m_nodes_killed_during_it_verifies() {
+    let c = cluster(2048);
+    let m = Mount::new(&c, "mnt", &[]);
+    let src = c.dir.join("source");
+    let data = random_bytes(7, 48 << 20);
+    fs::write(&src, &data).unwrap();
+    let dst = m.p("copy");
+    let copier = {
+        let (src, dst) = (src.clone(), dst.clone());
+        thread::spawn(move || -> std::io::Result<()> {
+            let mut from = File::open(src)?;
+            let mut to = File::create(dst)?;
+            let mut buf = vec![0u8; 1 << 20];
+            loop {
+                let n = from.read(&mut buf)?;
+                if n == 0 {
+                    break;
+                }
+                to.write_all(&buf[..n])?;
+                thread::sleep(Duration::from_millis(20));
+            }
+            to.sync_all()
+        })
+    };
+    thread::sleep(Duration::from_millis(400));
+    c.node("kill", 1).ok();
+    thread::sleep(Duration::from_millis(300));
+    c.node("kill", 4).ok();
+    copier
+        .join()
+        .unwrap()
+        .expect("the copy sees no error with m nodes down");
+    // Read back through a new mount (no page cache of the writer), with the nodes
+    // still dead: degraded reads.
+    let reader = Mount::new(&c, "reader", &[]);
+    let back = fs::read(reader.p("copy")).unwrap();
+    assert_eq!(back.len(), data.len());
+    assert!(back == data, "the copy differs from its source");
+}
+
+#[test]
+fn more_than_m_nodes_down_fails_with_eio_in_bounded_time_then_recovers() {
+    let c = cluster(1024);
+    let m = Mount::new(&c, "mnt", &["--timeout", "5"]);
+    fs::write(m.p("before"), b"written while healthy").unwrap();
+    for id in [0, 1, 2] {
+        c.node("kill", id).ok();
+    }
+    let started = Instant::now();
+    let res = fs::write(m.p("after"), random_bytes(3, 1 << 20));
+    let waited = started.elapsed();
+    let e = res.expect_err("a write with m + 1 nodes down must fail");
+    assert_eq!(errno_of(&e), libc::EIO, "{e}");
+    assert!(waited < Duration::from_secs(25), "failed after {waited:?}");
+    for id in [0, 1, 2] {
+        c.node("start", id).ok();
+    }
+    c.wait_all_up(Duration::from_secs(60));
+    // The same mount carries on.
+    let started = Instant::now();
+    loop {
+        match fs::write(m.p("after"), b"written after the nodes came back") {
+            Ok(()) => break,
+            Err(e) => assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "the mount did not recover: {e}"
+            ),
+        }
+        thread::sleep(Duration::from_millis(500));
+    }
+    assert_eq!(fs::read(m.p("before")).unwrap(), b"written while healthy");
+    assert_eq!(
+        fs::read(m.p("after")).unwrap(),
+        b"written after the nodes came back"
+    );
+}
+
+#[test]
+fn sigterm_unmounts_cleanly() {
+    let c = cluster(512);
+    let mut m = Mount::new(&c, "mnt", &[]);
+    fs::write(m.p("f"), b"x").unwrap();
+    let pid = m.child.as_ref().unwrap().id();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let st = m
+        .wait(Duration::from_secs(20))
+        .expect("the mount process ends");
+    assert!(st.success(), "{st}");
+    assert!(!mounted(&m.path), "still mounted after SIGTERM");
+    // And it mounts again with the data there.
+    let again = Mount::new(&c, "mnt", &[]);
+    assert_eq!(fs::read(again.p("f")).unwrap(), b"x");
+}
