@@ -13,6 +13,13 @@
 //! 7. the self-verifying load through caches with a cache group vs writing directly;
 //! 8. SIGKILL of a client holding a lock until the lock is free vs its lease.
 //!
+//! ... and, after the metadata rows (9-11):
+//! 12. 1 MiB sequential write + fsync through the FUSE mount vs 1 MiB `write_blocks`
+//!     calls through the library (target >= 0.7), beside a local directory and a
+//!     bindfs passthrough mount of it (if bindfs is installed);
+//! 13. 1 MiB sequential reads through a fresh FUSE mount vs 1 MiB `read_blocks`
+//!     calls (target >= 0.7), with the same neighbours.
+//!
 //! The nodes are separate processes on 127.0.0.1 (a 6-node 4+2 local cluster in a new
 //! directory, torn down however the run ends). They run `--server-bin`, else
 //! `$DRS_SERVER_BIN`, else this very binary (`bench node-serve`, the same node code as
@@ -21,6 +28,7 @@
 
 mod clients;
 mod drs;
+mod fuse;
 mod local_file;
 mod memory;
 mod report;
@@ -166,6 +174,26 @@ fn main() {
         let serve = <drs_server::cli::ServeArgs as Parser>::parse_from(node_args);
         if let Err(e) = drs_server::cli::serve(serve) {
             eprintln!("drs-server: {e:#}");
+            std::process::exit(1);
+        }
+        return;
+    }
+    if args.get(1).is_some_and(|a| a == "fuse-mount") {
+        // The file system rows' mount (see `fuse::Mount::drs`).
+        let (Some(cluster), Some(path)) = (args.get(2), args.get(3)) else {
+            eprintln!("bench fuse-mount: CLUSTER_FILE MOUNTPOINT");
+            std::process::exit(2);
+        };
+        let cfg = drs_fuse::MountConfig {
+            cluster: PathBuf::from(cluster),
+            mountpoint: PathBuf::from(path),
+            allow_other: false,
+            op_timeout: Duration::from_secs(30),
+            threads: 4,
+            writeback_cache: false,
+        };
+        if let Err(e) = drs_fuse::mount(&cfg) {
+            eprintln!("bench fuse-mount: {e:#}");
             std::process::exit(1);
         }
         return;
@@ -700,6 +728,11 @@ fn run(opts: Opts, rt: &tokio::runtime::Runtime) -> anyhow::Result<()> {
     );
     rows.push(row);
 
+    // Rows 12 and 13: the file system, healthy.
+    rt.block_on(local.wait_up(&ids, Duration::from_secs(60)))
+        .context("nodes up before the file system rows")?;
+    fuse_rows(&local, &client, &data, &dir, rt, &mut rows)?;
+
     // Row 11: a SIGKILLed node marked down in the clients' map.
     let down_after = Duration::from_millis(local.options.down_after_ms);
     let victim = ids[0];
@@ -759,6 +792,104 @@ fn run(opts: Opts, rt: &tokio::runtime::Runtime) -> anyhow::Result<()> {
     for w in &warnings {
         println!("warning: {w}");
     }
+    Ok(())
+}
+
+/// Rows 12 and 13: 1 MiB sequential write and read of half the volume through the FUSE
+/// mount, through the library, in a local directory and through bindfs over it.
+fn fuse_rows(
+    local: &LocalCluster,
+    client: &Client,
+    data: &[u8],
+    dir: &std::path::Path,
+    rt: &tokio::runtime::Runtime,
+    rows: &mut Vec<Row>,
+) -> anyhow::Result<()> {
+    // Half the volume: the file system needs no more room than it has.
+    let stripe = K * client.block_size();
+    let len = (data.len() / 2 / stripe).max(1) * stripe;
+    let data = &data[..len.min(data.len())];
+    let bytes = data.len() as u64;
+    let lib_w = rt.block_on(drs::sequential_write(client, data, fuse::IO))?;
+    let lib_r = rt.block_on(drs::sequential_read(
+        client,
+        data,
+        fuse::IO,
+        1,
+        "1 MiB read",
+    ))?;
+    let plain = dir.join("plain");
+    std::fs::create_dir_all(&plain)?;
+    let local_w = fuse::sequential_write(&plain.join("f"), data)?;
+    fuse::drop_cache(&plain.join("f"))?;
+    let local_r = fuse::sequential_read(&plain.join("f"), data)?;
+    let bind = fuse::Mount::bindfs(&plain, &dir.join("bindfs"))?;
+    let bind_wr = match &bind {
+        Some(b) => {
+            let w = fuse::sequential_write(&b.path.join("g"), data)?;
+            fuse::drop_cache(&plain.join("g"))?;
+            let r = fuse::sequential_read(&b.path.join("g"), data)?;
+            Some((w, r))
+        }
+        None => None,
+    };
+    drop(bind);
+    let fuse_w = {
+        let m = fuse::Mount::drs(&local.map_path, &dir.join("mnt"), &dir.join("mnt.log"))?;
+        fuse::sequential_write(&m.path.join("big"), data)?
+    };
+    // A fresh mount: nothing of the file in its page cache.
+    let fuse_r = {
+        let m = fuse::Mount::drs(&local.map_path, &dir.join("mnt"), &dir.join("mnt.log"))?;
+        fuse::sequential_read(&m.path.join("big"), data)?
+    };
+    let show = |d: Duration| mib_per_s(bytes, d);
+    let others = |w: bool| {
+        let (l, b) = if w {
+            (local_w, bind_wr.map(|x| x.0))
+        } else {
+            (local_r, bind_wr.map(|x| x.1))
+        };
+        format!(
+            "local directory {:.1} MiB/s, bindfs over it {}",
+            show(l),
+            b.map(|b| format!("{:.1} MiB/s", show(b)))
+                .unwrap_or_else(|| "not installed (apt-get install bindfs)".into())
+        )
+    };
+    let row = Row {
+        name: "FUSE sequential write 1 MiB".into(),
+        unit: Unit::MiBs,
+        drs: show(fuse_w),
+        baseline_name: "library write_blocks 1 MiB".into(),
+        baseline: show(lib_w),
+        scale: 1.0,
+        target: Some(0.7),
+    };
+    println!(
+        "[12] write {} in 1 MiB writes + fsync: FUSE {:.1} MiB/s, library {:.1} MiB/s; {}",
+        human(bytes),
+        row.drs,
+        row.baseline,
+        others(true)
+    );
+    rows.push(row);
+    let row = Row {
+        name: "FUSE sequential read 1 MiB".into(),
+        unit: Unit::MiBs,
+        drs: show(fuse_r),
+        baseline_name: "library read_blocks 1 MiB".into(),
+        baseline: show(lib_r.took),
+        scale: 1.0,
+        target: Some(0.7),
+    };
+    println!(
+        "[13] read it in 1 MiB reads: FUSE (fresh mount) {:.1} MiB/s, library {:.1} MiB/s; {} (page cache dropped)",
+        row.drs,
+        row.baseline,
+        others(false)
+    );
+    rows.push(row);
     Ok(())
 }
 

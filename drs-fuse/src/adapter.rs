@@ -159,25 +159,11 @@ impl Filesystem for DrsFuse {
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let name = name.as_bytes().to_vec();
-        self.spawn(|ops| async move {
-            match ops.lookup(parent.0, &name).await {
-                Ok(a) => reply.entry(
-                    &TTL,
-                    &file_attr(&a, ops.block_size()),
-                    Generation(a.generation),
-                ),
-                Err(e) => reply.error(fail(&e)),
-            }
-        });
+        self.spawn(|ops| async move { entry(reply, &ops, ops.lookup(parent.0, &name).await) });
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        self.spawn(|ops| async move {
-            match ops.getattr(ino.0).await {
-                Ok(a) => reply.attr(&TTL, &file_attr(&a, ops.block_size())),
-                Err(e) => reply.error(fail(&e)),
-            }
-        });
+        self.spawn(|ops| async move { attr(reply, &ops, ops.getattr(ino.0).await) });
     }
 
     fn setattr(
@@ -206,21 +192,11 @@ impl Filesystem for DrsFuse {
             atime: atime.map(when),
             mtime: mtime.map(when),
         };
-        self.spawn(|ops| async move {
-            match ops.setattr(ino.0, set).await {
-                Ok(a) => reply.attr(&TTL, &file_attr(&a, ops.block_size())),
-                Err(e) => reply.error(fail(&e)),
-            }
-        });
+        self.spawn(|ops| async move { attr(reply, &ops, ops.setattr(ino.0, set).await) });
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        self.spawn(|ops| async move {
-            match ops.readlink(ino.0).await {
-                Ok(t) => reply.data(&t),
-                Err(e) => reply.error(fail(&e)),
-            }
-        });
+        self.spawn(|ops| async move { data(reply, ops.readlink(ino.0).await) });
     }
 
     fn mknod(
@@ -337,16 +313,9 @@ impl Filesystem for DrsFuse {
         reply: ReplyEntry,
     ) {
         let name = newname.as_bytes().to_vec();
-        self.spawn(|ops| async move {
-            match ops.link(ino.0, newparent.0, &name).await {
-                Ok(a) => reply.entry(
-                    &TTL,
-                    &file_attr(&a, ops.block_size()),
-                    Generation(a.generation),
-                ),
-                Err(e) => reply.error(fail(&e)),
-            }
-        });
+        self.spawn(
+            |ops| async move { entry(reply, &ops, ops.link(ino.0, newparent.0, &name).await) },
+        );
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
@@ -372,12 +341,7 @@ impl Filesystem for DrsFuse {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        self.spawn(|ops| async move {
-            match ops.read(ino.0, offset, size as usize).await {
-                Ok(d) => reply.data(&d),
-                Err(e) => reply.error(fail(&e)),
-            }
-        });
+        self.spawn(|ops| async move { data(reply, ops.read(ino.0, offset, size as usize).await) });
     }
 
     fn write(
@@ -433,7 +397,7 @@ impl Filesystem for DrsFuse {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        self.spawn(|ops| async move { empty(reply, ops.flush(ino.0).await) });
+        self.spawn(|ops| async move { empty(reply, ops.fsync(ino.0).await) });
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
@@ -581,18 +545,36 @@ impl DrsFuse {
         let name = name.as_bytes().to_vec();
         let (uid, gid) = (req.uid(), req.gid());
         self.spawn(|ops| async move {
-            match ops
+            let r = ops
                 .create(parent.0, &name, kind, perm, uid, gid, rdev, &target)
-                .await
-            {
-                Ok(a) => reply.entry(
-                    &TTL,
-                    &file_attr(&a, ops.block_size()),
-                    Generation(a.generation),
-                ),
-                Err(e) => reply.error(fail(&e)),
-            }
+                .await;
+            entry(reply, &ops, r)
         });
+    }
+}
+
+fn entry(reply: ReplyEntry, ops: &Ops, r: Result<Attr, OpError>) {
+    match r {
+        Ok(a) => reply.entry(
+            &TTL,
+            &file_attr(&a, ops.block_size()),
+            Generation(a.generation),
+        ),
+        Err(e) => reply.error(fail(&e)),
+    }
+}
+
+fn attr(reply: ReplyAttr, ops: &Ops, r: Result<Attr, OpError>) {
+    match r {
+        Ok(a) => reply.attr(&TTL, &file_attr(&a, ops.block_size())),
+        Err(e) => reply.error(fail(&e)),
+    }
+}
+
+fn data(reply: ReplyData, r: Result<Vec<u8>, OpError>) {
+    match r {
+        Ok(d) => reply.data(&d),
+        Err(e) => reply.error(fail(&e)),
     }
 }
 

@@ -18,16 +18,20 @@
 //! - **Bounded operations.** Every operation gives up with [`OpError::Timeout`] (EIO)
 //!   after the configured time, so an application never hangs on a lost cluster.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use drs_client::{Client, ClientError};
 use drs_meta::fs::{
-    Attr, DirEntry, FsCommand, FsError, FsQuery, FsReply, FsStats, Ino, Kind, Mapping, SetAttr,
-    Time, MAP_MAX,
+    Attr, BlockRange, DirEntry, FsCommand, FsError, FsQuery, FsReply, FsStats, Ino, Kind, Mapping,
+    SetAttr, Time, MAP_MAX,
 };
+
+/// Blocks a sequential writer takes ahead of its writes with one `Map` (16 MiB of
+/// 64 KiB blocks): one metadata round trip per this many blocks instead of per write.
+const AHEAD: u64 = 256;
 use drs_meta::{MetaClient, MetaError};
 use futures::stream::{self, StreamExt};
 
@@ -78,6 +82,17 @@ struct Open {
     dirty: Option<Time>,
     /// File block -> data block, as far as known.
     blocks: BTreeMap<u64, u64>,
+    /// File blocks `.0 .. .1` are all known: in `blocks`, or holes.
+    window: (u64, u64),
+    /// Blocks of `blocks` that are unwritten (read as zeros; write them whole).
+    fresh: BTreeSet<u64>,
+    /// Unwritten blocks this mount wrote whole, to name in the next `Written`.
+    settled: BTreeSet<u64>,
+    /// The time of the last write (for the `Written` of the last close).
+    last_write: Option<Time>,
+    /// This mount took blocks ahead of its writes: the last close gives back those
+    /// it did not use.
+    took_ahead: bool,
     /// The inode has no names left: drop it at the last close.
     orphan: bool,
 }
@@ -335,7 +350,7 @@ impl Ops {
         self.bounded(async {
             if let Some(size) = set.size {
                 // Uncommitted writes past the new size are cut with the rest.
-                self.commit(ino).await?;
+                self.commit(ino, false).await?;
                 self.zero_tail(ino, size).await?;
                 if let Some(o) = lock(&self.open).get_mut(&ino) {
                     o.size = size;
@@ -367,7 +382,8 @@ impl Ops {
         }
         let block = size / self.block_size;
         let maps = self.mappings(ino, block, 1).await?;
-        if let Some(lba) = maps.get(&block) {
+        // An unwritten block reads as zeros already, and is written whole.
+        if let Some((lba, false)) = maps.get(&block) {
             let zeros = vec![0u8; self.block_size as usize - within];
             self.data.write(*lba, within, &zeros).await?;
         }
@@ -420,6 +436,8 @@ impl Ops {
             if o.dirty.is_none() {
                 o.size = a.size;
                 o.blocks.clear();
+                o.window = (0, 0);
+                o.fresh.clear();
             }
             drop(open);
             Ok(self.overlay(a))
@@ -437,34 +455,88 @@ impl Ops {
         }
     }
 
-    /// Tells the metadata service the size and mtime of this mount's writes.
-    pub async fn commit(&self, ino: Ino) -> OpResult<()> {
-        let pending = lock(&self.open)
-            .get(&ino)
-            .and_then(|o| o.dirty.map(|t| (o.size, t)));
-        let Some((size, t)) = pending else {
+    /// Tells the metadata service the size and mtime of this mount's writes, and
+    /// which unwritten blocks it wrote; with `trim` (the last close), gives back the
+    /// blocks taken ahead and not used.
+    pub async fn commit(&self, ino: Ino, trim: bool) -> OpResult<()> {
+        let pending = lock(&self.open).get(&ino).and_then(|o| {
+            let trim = trim && o.took_ahead;
+            if o.dirty.is_none() && o.settled.is_empty() && !trim {
+                return None;
+            }
+            let t = o.dirty.or(o.last_write).unwrap_or_else(now);
+            let settled: Vec<u64> = o.settled.iter().copied().collect();
+            Some((o.size, t, settled, trim))
+        });
+        let Some((size, t, settled, trim)) = pending else {
             return Ok(());
         };
-        self.command(FsCommand::Written { ino, size, now: t })
+        let mut ranges: Vec<BlockRange> = Vec::new();
+        for b in &settled {
+            match ranges.last_mut() {
+                Some(r) if r.first + r.count == *b => r.count += 1,
+                _ => ranges.push(BlockRange {
+                    first: *b,
+                    count: 1,
+                }),
+            }
+        }
+        let mut chunks: Vec<Vec<BlockRange>> = ranges
+            .chunks(MAP_MAX as usize)
+            .map(|c| c.to_vec())
+            .collect();
+        if chunks.is_empty() {
+            chunks.push(Vec::new());
+        }
+        let last = chunks.len() - 1;
+        for (n, written) in chunks.into_iter().enumerate() {
+            self.command(FsCommand::Written {
+                ino,
+                size,
+                now: t,
+                written,
+                trim: trim && n == last,
+            })
             .await?;
+        }
         if let Some(o) = lock(&self.open).get_mut(&ino) {
             if o.dirty == Some(t) {
                 o.dirty = None;
+            }
+            for b in &settled {
+                o.settled.remove(b);
+            }
+            if trim {
+                o.took_ahead = false;
+                // What was given back is no longer this file's.
+                let keep = size.div_ceil(self.block_size);
+                o.blocks.retain(|b, _| *b < keep);
+                o.fresh.retain(|b| *b < keep);
             }
         }
         Ok(())
     }
 
-    /// `flush` and `fsync`: data is already on the storage nodes; commit the size.
+    /// `flush` (each close) and `fsync`: data is already on the storage nodes; commit
+    /// the size. The close of the only open handle also gives back the blocks taken
+    /// ahead: the kernel sends `release` only after `close` has returned, and the
+    /// file's space should be right when the application sees the close done.
     pub async fn flush(&self, ino: Ino) -> OpResult<()> {
-        self.bounded(self.commit(ino)).await
+        let only = lock(&self.open).get(&ino).is_some_and(|o| o.handles <= 1);
+        self.bounded(self.commit(ino, only)).await
+    }
+
+    /// `fsync`: as `flush`, keeping blocks taken ahead.
+    pub async fn fsync(&self, ino: Ino) -> OpResult<()> {
+        self.bounded(self.commit(ino, false)).await
     }
 
     /// The last handle of this open closes: commit, and drop the inode if it lost its
     /// last name meanwhile.
     pub async fn release(&self, ino: Ino) -> OpResult<()> {
         self.bounded(async {
-            let res = self.commit(ino).await;
+            let last = lock(&self.open).get(&ino).is_some_and(|o| o.handles <= 1);
+            let res = self.commit(ino, last).await;
             let drop_it = {
                 let mut open = lock(&self.open);
                 match open.get_mut(&ino) {
@@ -489,22 +561,56 @@ impl Ops {
         .await
     }
 
-    /// The data blocks of file blocks `first .. first + count` that have one, from the
-    /// open file's map or the metadata service.
-    async fn mappings(&self, ino: Ino, first: u64, count: u64) -> OpResult<BTreeMap<u64, u64>> {
+    /// Takes what the metadata service said of file blocks `first .. end` (all of
+    /// them: those not in `maps` are holes) into the open file's map.
+    fn learn(&self, ino: Ino, first: u64, end: u64, maps: &[Mapping]) {
+        if let Some(o) = lock(&self.open).get_mut(&ino) {
+            for m in maps {
+                o.blocks.insert(m.block, m.lba);
+                // A block this mount wrote and has not named yet is not fresh to it.
+                if m.fresh && !o.settled.contains(&m.block) {
+                    o.fresh.insert(m.block);
+                } else {
+                    o.fresh.remove(&m.block);
+                }
+            }
+            o.window = if first >= o.window.0 && first <= o.window.1 {
+                (o.window.0, end.max(o.window.1))
+            } else {
+                (first, end)
+            };
+        }
+    }
+
+    /// The data blocks of file blocks `first .. first + count` that have one, with
+    /// whether each is unwritten, from the open file's map or the metadata service.
+    async fn mappings(
+        &self,
+        ino: Ino,
+        first: u64,
+        count: u64,
+    ) -> OpResult<BTreeMap<u64, (u64, bool)>> {
         let end = first.saturating_add(count);
-        let known: Option<BTreeMap<u64, u64>> = lock(&self.open).get(&ino).and_then(|o| {
-            let got: BTreeMap<u64, u64> =
-                o.blocks.range(first..end).map(|(b, l)| (*b, *l)).collect();
-            (got.len() as u64 == count).then_some(got)
+        let cached = |o: &Open| -> BTreeMap<u64, (u64, bool)> {
+            o.blocks
+                .range(first..end)
+                .map(|(b, l)| (*b, (*l, o.fresh.contains(b))))
+                .collect()
+        };
+        let known = lock(&self.open).get(&ino).and_then(|o| {
+            let got = cached(o);
+            let in_window = first >= o.window.0 && end <= o.window.1;
+            (in_window || got.len() as u64 == count).then_some(got)
         });
         if let Some(k) = known {
             return Ok(k);
         }
+        // Fetch ahead: sequential reads then find the next blocks known.
+        let fetch_end = end.max(first.saturating_add(MAP_MAX));
         let mut out = BTreeMap::new();
         let mut at = first;
-        while at < end {
-            let n = (end - at).min(MAP_MAX);
+        while at < fetch_end {
+            let n = (fetch_end - at).min(MAP_MAX);
             let r = self
                 .query(FsQuery::Extents {
                     ino,
@@ -512,32 +618,36 @@ impl Ops {
                     count: n,
                 })
                 .await?;
-            for m in expect_reply!(r, FsReply::Mapped(m) => m)? {
-                out.insert(m.block, m.lba);
+            let maps = expect_reply!(r, FsReply::Mapped(m) => m)?;
+            self.learn(ino, at, at + n, &maps);
+            for m in maps {
+                out.insert(m.block, (m.lba, m.fresh));
             }
             at += n;
         }
-        if let Some(o) = lock(&self.open).get_mut(&ino) {
-            o.blocks.extend(out.iter().map(|(b, l)| (*b, *l)));
-        }
-        Ok(out)
+        // The open file's view (its own unnamed writes are not fresh).
+        let view = lock(&self.open).get(&ino).map(cached);
+        Ok(view.unwrap_or_else(|| out.range(first..end).map(|(b, v)| (*b, *v)).collect()))
     }
 
     /// Data blocks for every file block of `first .. first + count`, handing out
-    /// blocks where needed; those handed out now are marked fresh.
+    /// blocks where needed (and, for a writer at the end of the file, [`AHEAD`]
+    /// blocks more); unwritten ones are marked fresh.
     async fn map_for_write(&self, ino: Ino, first: u64, count: u64) -> OpResult<Vec<Mapping>> {
         let end = first + count;
-        let known: Vec<Mapping> = lock(&self.open)
+        let (known, appending) = lock(&self.open)
             .get(&ino)
             .map(|o| {
-                o.blocks
+                let known: Vec<Mapping> = o
+                    .blocks
                     .range(first..end)
                     .map(|(b, l)| Mapping {
                         block: *b,
                         lba: *l,
-                        fresh: false,
+                        fresh: o.fresh.contains(b),
                     })
-                    .collect()
+                    .collect();
+                (known, first * self.block_size >= o.size)
             })
             .unwrap_or_default();
         if known.len() as u64 == count {
@@ -547,18 +657,36 @@ impl Ops {
         let mut at = first;
         while at < end {
             let n = (end - at).min(MAP_MAX);
+            // Ahead in proportion to the write: a large sequential write takes
+            // [`AHEAD`] blocks, a small file a few.
+            let ahead = if appending && at + n == end {
+                (n * 16).min(AHEAD).min(MAP_MAX - n)
+            } else {
+                0
+            };
             let r = self
                 .command(FsCommand::Map {
                     ino,
                     first: at,
                     count: n,
+                    ahead,
                 })
                 .await?;
-            out.extend(expect_reply!(r, FsReply::Mapped(m) => m)?);
+            let maps = expect_reply!(r, FsReply::Mapped(m) => m)?;
+            self.learn(ino, at, at + n + ahead, &maps);
+            if ahead > 0 {
+                if let Some(o) = lock(&self.open).get_mut(&ino) {
+                    o.took_ahead = true;
+                }
+            }
+            out.extend(maps.into_iter().filter(|m| m.block < end));
             at += n;
         }
-        if let Some(o) = lock(&self.open).get_mut(&ino) {
-            o.blocks.extend(out.iter().map(|m| (m.block, m.lba)));
+        // The open file's view (its own unnamed writes are not fresh).
+        if let Some(o) = lock(&self.open).get(&ino) {
+            for m in &mut out {
+                m.fresh = o.fresh.contains(&m.block);
+            }
         }
         Ok(out)
     }
@@ -585,7 +713,11 @@ impl Ops {
             let mut out = vec![0u8; (end - offset) as usize];
             let pieces: Vec<(usize, u64, usize, usize)> = (first..=last)
                 .filter_map(|b| {
-                    let lba = *maps.get(&b)?;
+                    let (lba, fresh) = *maps.get(&b)?;
+                    if fresh {
+                        // Unwritten: zeros, as `out` already holds.
+                        return None;
+                    }
                     let from = (b * bs).max(offset);
                     let to = ((b + 1) * bs).min(end);
                     Some((
@@ -596,18 +728,42 @@ impl Ops {
                     ))
                 })
                 .collect();
-            let reads: Vec<OpResult<(usize, Bytes)>> = stream::iter(pieces)
-                .map(|(at, lba, within, n)| async move {
-                    let data = self.data.read(lba, within, n).await?;
+            // Whole blocks at consecutive addresses are read with one call.
+            let mut runs: Vec<(usize, u64, usize, usize, u64)> = Vec::new();
+            for (at, lba, within, n) in pieces {
+                let whole = within == 0 && n as u64 == bs;
+                match runs.last_mut() {
+                    Some(r)
+                        if whole
+                            && r.2 == 0
+                            && r.3 as u64 == bs
+                            && r.1 + r.4 == lba
+                            && r.0 + r.4 as usize * bs as usize == at =>
+                    {
+                        r.4 += 1
+                    }
+                    _ => runs.push((at, lba, within, n, 1)),
+                }
+            }
+            let reads: Vec<OpResult<(usize, Vec<Bytes>)>> = stream::iter(runs)
+                .map(|(at, lba, within, n, count)| async move {
+                    let data = if count > 1 {
+                        self.data.read_blocks(lba, count).await?
+                    } else {
+                        vec![self.data.read(lba, within, n).await?]
+                    };
                     Ok((at, data))
                 })
                 .buffer_unordered(self.cfg.parallel.max(1))
                 .collect()
                 .await;
             for r in reads {
-                let (at, data) = r?;
-                let n = data.len().min(out.len() - at);
-                out[at..at + n].copy_from_slice(&data[..n]);
+                let (mut at, blocks) = r?;
+                for data in blocks {
+                    let n = data.len().min(out.len().saturating_sub(at));
+                    out[at..at + n].copy_from_slice(&data[..n]);
+                    at += n;
+                }
             }
             Ok(out)
         })
@@ -644,9 +800,26 @@ impl Ops {
                     }
                 })
                 .collect();
-            let results: Vec<Result<(), ClientError>> = stream::iter(pieces)
+            // Whole blocks at consecutive addresses go in one call (one lock per
+            // stripe instead of one per block).
+            let mut runs: Vec<(u64, usize, Vec<u8>)> = Vec::new();
+            for (lba, within, bytes) in pieces {
+                let whole = within == 0 && bytes.len() as u64 == bs;
+                match runs.last_mut() {
+                    Some(r)
+                        if whole
+                            && r.1 == 0
+                            && (r.2.len() as u64).is_multiple_of(bs)
+                            && r.0 + r.2.len() as u64 / bs == lba =>
+                    {
+                        r.2.extend_from_slice(&bytes)
+                    }
+                    _ => runs.push((lba, within, bytes.to_vec())),
+                }
+            }
+            let results: Vec<Result<(), ClientError>> = stream::iter(runs)
                 .map(|(lba, within, bytes)| async move {
-                    if within == 0 && bytes.len() as u64 == bs {
+                    if within == 0 && (bytes.len() as u64).is_multiple_of(bs) {
                         self.data.write_blocks(lba, &bytes).await
                     } else {
                         self.data.write(lba, within, &bytes).await
@@ -661,7 +834,13 @@ impl Ops {
             let mut open = lock(&self.open);
             let o = open.entry(ino).or_default();
             o.size = o.size.max(end);
-            o.dirty = Some(now());
+            let t = now();
+            o.dirty = Some(t);
+            o.last_write = Some(t);
+            for m in maps.iter().filter(|m| m.fresh) {
+                o.fresh.remove(&m.block);
+                o.settled.insert(m.block);
+            }
             Ok(data.len())
         })
         .await

@@ -17,11 +17,14 @@
 //! - no data block belongs to two files, nor to a file and the free list, and
 //!   used + free = the volume's blocks.
 //!
-//! Data blocks are handed out by [`FsCommand::Map`] exactly when a file first writes a
-//! block, so a block handed out is always written whole by its new owner before it is
-//! read (the mount writes zeros around new data): a file never shows another file's
-//! old bytes. The mount keeps bytes past the end of file in a file's last block zero
-//! (truncation zeroes them), so growing a file shows zeros.
+//! Data blocks are handed out by [`FsCommand::Map`] (for the blocks a write touches,
+//! and optionally some blocks ahead of them, for a file being written sequentially).
+//! A block handed out is *unwritten* until a [`FsCommand::Written`] names it: every
+//! reader treats it as a hole (zeros), and the writing mount writes it whole (zeros
+//! around its new bytes) before naming it. So a file never shows another file's old
+//! bytes, not even when its mount dies between taking a block and writing it. The
+//! mount keeps bytes past the end of file in a file's last block zero (truncation
+//! zeroes them), so growing a file shows zeros.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -90,13 +93,20 @@ pub struct Extent {
     pub count: u64,
 }
 
-/// One file block's data block, and whether this `Map` just handed it out (its old
-/// content is another file's, so the mount must write it whole).
+/// One file block's data block, and whether it is unwritten (`fresh`: its content is
+/// undefined, another file's old bytes: read it as zeros, write it whole).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Mapping {
     pub block: u64,
     pub lba: u64,
     pub fresh: bool,
+}
+
+/// A run of file blocks: `count` blocks from `first`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockRange {
+    pub first: u64,
+    pub count: u64,
 }
 
 /// One directory entry.
@@ -128,6 +138,8 @@ pub struct Inode {
     pub target: Vec<u8>,
     /// A regular file's data: first file block -> run of data blocks.
     pub extents: BTreeMap<u64, Extent>,
+    /// File blocks handed out and not yet named by a `Written` (read as zeros).
+    pub unwritten: BTreeSet<u64>,
 }
 
 /// Attribute changes (`setattr`); `None` leaves a field alone.
@@ -194,10 +206,27 @@ pub enum FsCommand {
     /// Changes attributes; a size change frees the blocks past the new end.
     SetAttr { ino: Ino, set: SetAttr, now: Time },
     /// Data blocks for file blocks `first .. first + count`, handing out blocks for
-    /// those without one.
-    Map { ino: Ino, first: u64, count: u64 },
-    /// A mount wrote data: the size becomes at least `size`, and mtime and ctime `now`.
-    Written { ino: Ino, size: u64, now: Time },
+    /// those without one (`NoSpace` if there are not enough), and, as far as free
+    /// blocks go, for the `ahead` file blocks after them (`count + ahead` at most
+    /// [`MAP_MAX`]). The answer covers `first .. first + count + ahead`; blocks handed
+    /// out are unwritten.
+    Map {
+        ino: Ino,
+        first: u64,
+        count: u64,
+        ahead: u64,
+    },
+    /// A mount wrote data: the blocks of `written` are no longer unwritten, the size
+    /// becomes at least `size`, and mtime and ctime `now`. With `trim`, unwritten
+    /// blocks past the end of file are freed, if every block there is unwritten (a
+    /// mount's last close: what it took ahead and did not use).
+    Written {
+        ino: Ino,
+        size: u64,
+        now: Time,
+        written: Vec<BlockRange>,
+        trim: bool,
+    },
     /// Frees an orphan (no names left, closed).
     Drop { ino: Ino },
 }
@@ -557,21 +586,19 @@ impl FsState {
                 *now,
             ),
             FsCommand::SetAttr { ino, set, now } => self.set_attr(*ino, set, *now),
-            FsCommand::Map { ino, first, count } => self.map(*ino, *first, *count),
-            FsCommand::Written { ino, size, now } => {
-                let bs = u64::from(self.block_size.max(1));
-                if size.div_ceil(bs) > self.max_file_blocks() {
-                    return Err(FsError::TooLarge);
-                }
-                let i = self.get_mut(*ino)?;
-                if i.attr.kind != Kind::File {
-                    return Err(FsError::Invalid);
-                }
-                i.attr.size = i.attr.size.max(*size);
-                i.attr.mtime = *now;
-                i.attr.ctime = *now;
-                Ok(FsReply::Attr(i.attr.clone()))
-            }
+            FsCommand::Map {
+                ino,
+                first,
+                count,
+                ahead,
+            } => self.map(*ino, *first, *count, *ahead),
+            FsCommand::Written {
+                ino,
+                size,
+                now,
+                written,
+                trim,
+            } => self.written(*ino, *size, *now, written, *trim),
             FsCommand::Drop { ino } => {
                 let i = self.get(*ino)?;
                 if i.attr.nlink != 0 || *ino == ROOT {
@@ -717,7 +744,10 @@ impl FsState {
                 return Err(FsError::TooLarge);
             }
             let keep = size.div_ceil(bs);
-            let freed = cut_extents(self.get_mut(ino)?, keep);
+            let i = self.get_mut(ino)?;
+            // Unwritten blocks past the new end go with the rest.
+            drop(i.unwritten.split_off(&keep));
+            let freed = cut_extents(i, keep);
             for e in freed {
                 self.release(e);
             }
@@ -747,14 +777,64 @@ impl FsState {
         Ok(FsReply::Attr(i.attr.clone()))
     }
 
-    fn map(&mut self, ino: Ino, first: u64, count: u64) -> FsResult {
-        if count == 0 || count > MAP_MAX {
+    fn written(
+        &mut self,
+        ino: Ino,
+        size: u64,
+        now: Time,
+        written: &[BlockRange],
+        trim: bool,
+    ) -> FsResult {
+        let bs = u64::from(self.block_size.max(1));
+        if size.div_ceil(bs) > self.max_file_blocks() || written.len() > MAP_MAX as usize {
+            return Err(FsError::TooLarge);
+        }
+        let i = self.get(ino)?;
+        if i.attr.kind != Kind::File {
+            return Err(FsError::Invalid);
+        }
+        let i = self.get_mut(ino)?;
+        for r in written {
+            let end = r.first.saturating_add(r.count);
+            let gone: Vec<u64> = i.unwritten.range(r.first..end).copied().collect();
+            for b in gone {
+                i.unwritten.remove(&b);
+            }
+        }
+        i.attr.size = i.attr.size.max(size);
+        i.attr.mtime = now;
+        i.attr.ctime = now;
+        if trim {
+            let keep = i.attr.size.div_ceil(bs);
+            let past: Vec<u64> = mapped(i, keep, u64::MAX - keep)
+                .iter()
+                .map(|m| m.block)
+                .collect();
+            if !past.is_empty() && past.iter().all(|b| i.unwritten.contains(b)) {
+                for b in past {
+                    i.unwritten.remove(&b);
+                }
+                let freed = cut_extents(i, keep);
+                let attr = i.attr.clone();
+                for e in freed {
+                    self.release(e);
+                }
+                return Ok(FsReply::Attr(attr));
+            }
+        }
+        Ok(FsReply::Attr(i.attr.clone()))
+    }
+
+    fn map(&mut self, ino: Ino, first: u64, count: u64, ahead: u64) -> FsResult {
+        if count == 0 || count > MAP_MAX || ahead > MAP_MAX - count {
             return Err(FsError::Invalid);
         }
         let end = first.checked_add(count).ok_or(FsError::TooLarge)?;
         if end > self.max_file_blocks() {
             return Err(FsError::TooLarge);
         }
+        // Blocks ahead only as far as the file may grow.
+        let ahead = ahead.min(self.max_file_blocks() - end);
         let i = self.get(ino)?;
         if i.attr.kind != Kind::File {
             return Err(FsError::Invalid);
@@ -771,21 +851,25 @@ impl FsState {
         let mut goal = first
             .checked_sub(1)
             .and_then(|p| mapped(i, p, 1).first().map(|m| m.lba + 1));
-        let mut out = have;
-        for b in missing {
+        let extra: Vec<u64> = if ahead > 0 {
+            let have: BTreeSet<u64> = mapped(i, end, ahead).iter().map(|m| m.block).collect();
+            (end..end + ahead)
+                .filter(|b| !have.contains(b))
+                .take((self.blocks - self.used - missing.len() as u64) as usize)
+                .collect()
+        } else {
+            Vec::new()
+        };
+        for b in missing.into_iter().chain(extra) {
             let lba = self.take_one(goal).ok_or(FsError::NoSpace)?;
             goal = Some(lba + 1);
-            out.push(Mapping {
-                block: b,
-                lba,
-                fresh: true,
-            });
             let i = self.get_mut(ino)?;
             insert_block(&mut i.extents, b, lba);
+            i.unwritten.insert(b);
             i.attr.blocks += 1;
         }
-        out.sort_by_key(|m| m.block);
-        Ok(FsReply::Mapped(out))
+        let i = self.get(ino)?;
+        Ok(FsReply::Mapped(mapped(i, first, count + ahead)))
     }
 
     /// Takes one free data block, `goal` if it is free.
@@ -887,6 +971,11 @@ impl FsState {
                     used += 1;
                 }
             }
+            for b in &i.unwritten {
+                if mapped(i, *b, 1).is_empty() {
+                    return Err(format!("{ino}: unwritten block {b} is not mapped"));
+                }
+            }
             let blocks: u64 = i.extents.values().map(|e| e.count).sum();
             if blocks != i.attr.blocks {
                 return Err(format!(
@@ -943,6 +1032,7 @@ fn new_inode(
         parent,
         target: Vec::new(),
         extents: BTreeMap::new(),
+        unwritten: BTreeSet::new(),
     }
 }
 
@@ -963,7 +1053,7 @@ fn mapped(i: &Inode, first: u64, count: u64) -> Vec<Mapping> {
                 out.push(Mapping {
                     block,
                     lba: e.lba + n,
-                    fresh: false,
+                    fresh: i.unwritten.contains(&block),
                 });
             }
         }

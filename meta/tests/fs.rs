@@ -8,8 +8,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use drs_meta::fs::{
-    Attr, DirEntry, Extent, FsCommand, FsError, FsQuery, FsReply, FsState, FsStats, Ino, Kind,
-    Mapping, SetAttr, SharedFs, Time, MAP_MAX, NAME_MAX, READDIR_MAX, ROOT, SYMLINK_MAX,
+    Attr, BlockRange, DirEntry, Extent, FsCommand, FsError, FsQuery, FsReply, FsState, FsStats,
+    Ino, Kind, Mapping, SetAttr, SharedFs, Time, MAP_MAX, NAME_MAX, READDIR_MAX, ROOT, SYMLINK_MAX,
 };
 use proptest::prelude::*;
 
@@ -118,8 +118,32 @@ fn size_cmd(ino: Ino, size: u64, now: Time) -> FsCommand {
     }
 }
 
+/// A `Map` of `count` blocks from `first`, nothing ahead.
 fn map_cmd(ino: Ino, first: u64, count: u64) -> FsCommand {
-    FsCommand::Map { ino, first, count }
+    map_ahead_cmd(ino, first, count, 0)
+}
+
+fn map_ahead_cmd(ino: Ino, first: u64, count: u64, ahead: u64) -> FsCommand {
+    FsCommand::Map {
+        ino,
+        first,
+        count,
+        ahead,
+    }
+}
+
+/// A `Written` naming the file block runs `(first, count)` of `written`.
+fn written_cmd(ino: Ino, size: u64, now: Time, written: &[(u64, u64)], trim: bool) -> FsCommand {
+    FsCommand::Written {
+        ino,
+        size,
+        now,
+        written: written
+            .iter()
+            .map(|&(first, count)| BlockRange { first, count })
+            .collect(),
+        trim,
+    }
 }
 
 fn ok_attr(r: Result<FsReply, FsError>, what: &str) -> Attr {
@@ -220,8 +244,18 @@ fn lbas(fs: &FsState, ino: Ino) -> Vec<u64> {
 }
 
 fn map(fs: &mut FsState, ino: Ino, first: u64, count: u64) -> Result<Vec<Mapping>, FsError> {
+    map_ahead(fs, ino, first, count, 0)
+}
+
+fn map_ahead(
+    fs: &mut FsState,
+    ino: Ino,
+    first: u64,
+    count: u64,
+    ahead: u64,
+) -> Result<Vec<Mapping>, FsError> {
     let before = fs.clone();
-    let r = fs.apply(&map_cmd(ino, first, count));
+    let r = fs.apply(&map_ahead_cmd(ino, first, count, ahead));
     fs.check().unwrap();
     match r {
         Ok(FsReply::Mapped(m)) => Ok(m),
@@ -231,6 +265,28 @@ fn map(fs: &mut FsState, ino: Ino, first: u64, count: u64) -> Result<Vec<Mapping
         }
         other => panic!("map: {other:?}"),
     }
+}
+
+/// Applies a `Written` that must succeed; its answer.
+fn written(
+    fs: &mut FsState,
+    ino: Ino,
+    size: u64,
+    now: Time,
+    ranges: &[(u64, u64)],
+    trim: bool,
+) -> Attr {
+    let cmd = written_cmd(ino, size, now, ranges, trim);
+    ok_attr(Ok(apply_ok(fs, &cmd)), "written")
+}
+
+/// The file blocks of `ino` that are unwritten, as `Extents` reports them.
+fn fresh_blocks(fs: &FsState, ino: Ino) -> Vec<u64> {
+    extents(fs, ino)
+        .iter()
+        .filter(|m| m.fresh)
+        .map(|m| m.block)
+        .collect()
 }
 
 fn statfs(fs: &FsState) -> FsStats {
@@ -900,22 +956,22 @@ fn map_hands_out_each_block_once() {
         vec![0, 1]
     );
     assert!(first.iter().all(|m| m.fresh));
+    // Mapped again before any Written names them: the same blocks, still fresh.
     let again = map(&mut fs, f, 1, 3).unwrap();
     assert_eq!(
         again.iter().map(|m| m.block).collect::<Vec<_>>(),
         vec![1, 2, 3]
     );
-    assert_eq!(
-        again[0],
-        Mapping {
-            block: 1,
-            lba: first[1].lba,
-            fresh: false
-        }
-    );
-    assert!(again[1].fresh && again[2].fresh);
+    assert_eq!(again[0], first[1]);
+    assert!(again.iter().all(|m| m.fresh));
+    assert_eq!(fresh_blocks(&fs, f), vec![0, 1, 2, 3]);
+    // Blocks 0 and 1 written: no longer fresh; 2 and 3 still are.
+    written(&mut fs, f, 2 * BSZ, t(3), &[(0, 2)], false);
     let third = map(&mut fs, f, 0, 4).unwrap();
-    assert!(third.iter().all(|m| !m.fresh));
+    assert_eq!(
+        third.iter().map(|m| m.fresh).collect::<Vec<_>>(),
+        vec![false, false, true, true]
+    );
     assert_eq!(
         third[..2],
         [
@@ -929,19 +985,7 @@ fn map_hands_out_each_block_once() {
             }
         ]
     );
-    assert_eq!(
-        third[2..],
-        [
-            Mapping {
-                fresh: false,
-                ..again[1]
-            },
-            Mapping {
-                fresh: false,
-                ..again[2]
-            }
-        ]
-    );
+    assert_eq!(third[2..], again[1..]);
     // The query answers the same, without handing anything out.
     assert_eq!(extents(&fs, f), third);
     assert_eq!(attr(&fs, f).blocks, 4);
@@ -949,6 +993,8 @@ fn map_hands_out_each_block_once() {
     let lba: BTreeSet<u64> = third.iter().map(|m| m.lba).collect();
     assert_eq!(lba.len(), 4);
     assert!(lba.iter().all(|l| *l < 64));
+    written(&mut fs, f, 4 * BSZ, t(4), &[(2, 2)], false);
+    assert!(map(&mut fs, f, 0, 4).unwrap().iter().all(|m| !m.fresh));
     // A hole, then filling it.
     let far = map(&mut fs, f, 20, 1).unwrap();
     assert!(far[0].fresh);
@@ -964,6 +1010,7 @@ fn map_hands_out_each_block_once() {
     let hole = map(&mut fs, f, 10, 1).unwrap();
     assert!(hole[0].fresh);
     assert_eq!(attr(&fs, f).blocks, 6);
+    assert_eq!(fresh_blocks(&fs, f), vec![10, 20]);
 
     refused(&mut fs, &map_cmd(f, 0, 0), FsError::Invalid);
     refused(&mut fs, &map_cmd(f, 0, MAP_MAX + 1), FsError::Invalid);
@@ -978,13 +1025,17 @@ fn map_beyond_free_space_is_no_space_and_changes_nothing() {
     let a = create(&mut fs, ROOT, b"a", Kind::File, t(2));
     let b = create(&mut fs, ROOT, b"b", Kind::File, t(2));
     map(&mut fs, a, 0, 5).unwrap();
+    written(&mut fs, a, 5 * BSZ, t(3), &[(0, 5)], false);
     assert_eq!(map(&mut fs, b, 0, 4), Err(FsError::NoSpace));
     assert_eq!(attr(&fs, b).blocks, 0);
     assert_eq!(statfs(&fs).free, 3);
     // Already-mapped blocks do not count against the free space.
     assert_eq!(map(&mut fs, a, 3, 6), Err(FsError::NoSpace));
     let m = map(&mut fs, a, 3, 5).unwrap();
-    assert_eq!(m.iter().filter(|m| m.fresh).count(), 3);
+    assert_eq!(
+        m.iter().map(|m| (m.block, m.fresh)).collect::<Vec<_>>(),
+        vec![(3, false), (4, false), (5, true), (6, true), (7, true)]
+    );
     assert_eq!(statfs(&fs).free, 0);
     assert_eq!(map(&mut fs, b, 0, 1), Err(FsError::NoSpace));
     // Nothing free, but nothing to hand out either.
@@ -1041,14 +1092,7 @@ fn truncate_down_frees_the_tail_and_up_keeps_blocks() {
     let mut fs = formatted(64);
     let f = create(&mut fs, ROOT, b"f", Kind::File, t(2));
     let m = map(&mut fs, f, 0, 10).unwrap();
-    apply_ok(
-        &mut fs,
-        &FsCommand::Written {
-            ino: f,
-            size: 10 * BSZ,
-            now: t(3),
-        },
-    );
+    written(&mut fs, f, 10 * BSZ, t(3), &[(0, 10)], false);
     assert_eq!(statfs(&fs).free, 54);
 
     // Down to 3 blocks and a byte: 4 blocks stay, with their data blocks.
@@ -1216,6 +1260,344 @@ fn two_files_never_share_a_block() {
 }
 
 // ---------------------------------------------------------------------------------
+// Unwritten blocks: Map ahead, Written, trim, truncation.
+// ---------------------------------------------------------------------------------
+
+/// A block handed out reads as fresh (unwritten: a hole) through `Extents` and `Map`
+/// until a `Written` names it, whichever call handed it out.
+#[test]
+fn blocks_stay_fresh_until_a_written_names_them() {
+    let mut fs = formatted(64);
+    let f = create(&mut fs, ROOT, b"f", Kind::File, t(2));
+    let g = create(&mut fs, ROOT, b"g", Kind::File, t(2));
+    let m = map(&mut fs, f, 0, 4).unwrap();
+    assert!(m.iter().all(|x| x.fresh));
+    assert_eq!(extents(&fs, f), m);
+    map(&mut fs, g, 0, 4).unwrap();
+    // Writes that name nothing, unmapped blocks, or another file's blocks change no
+    // flag.
+    written(&mut fs, f, 0, t(3), &[], false);
+    written(&mut fs, f, 0, t(3), &[(4, 100), (1000, 0), (2, 0)], false);
+    written(&mut fs, g, 4 * BSZ, t(3), &[(0, 4)], false);
+    assert_eq!(fresh_blocks(&fs, f), vec![0, 1, 2, 3]);
+    assert!(fresh_blocks(&fs, g).is_empty());
+    // Block 1, then 2 and 3 (overlapping and repeated runs are fine).
+    written(&mut fs, f, BSZ, t(4), &[(1, 1)], false);
+    assert_eq!(fresh_blocks(&fs, f), vec![0, 2, 3]);
+    assert_eq!(
+        fs.query(&FsQuery::Extents {
+            ino: f,
+            first: 1,
+            count: 2
+        }),
+        Ok(FsReply::Mapped(vec![
+            Mapping {
+                fresh: false,
+                ..m[1]
+            },
+            m[2]
+        ]))
+    );
+    written(&mut fs, f, BSZ, t(5), &[(1, 3), (2, 1), (1, 3)], false);
+    assert_eq!(fresh_blocks(&fs, f), vec![0]);
+    // Mapping a written block again does not make it fresh.
+    let again = map(&mut fs, f, 0, 4).unwrap();
+    assert_eq!(
+        again.iter().map(|x| x.fresh).collect::<Vec<_>>(),
+        vec![true, false, false, false]
+    );
+    assert_eq!(
+        again.iter().map(|x| x.lba).collect::<Vec<_>>(),
+        m.iter().map(|x| x.lba).collect::<Vec<_>>()
+    );
+    // A run reaching the end of the block numbers.
+    written(&mut fs, f, BSZ, t(6), &[(0, u64::MAX)], false);
+    assert!(fresh_blocks(&fs, f).is_empty());
+    assert!(fs.inode(f).unwrap().unwritten.is_empty());
+    // A block freed and handed out again is fresh again.
+    apply_ok(&mut fs, &size_cmd(f, 0, t(7)));
+    assert!(map(&mut fs, f, 3, 1).unwrap()[0].fresh);
+    assert_eq!(fresh_blocks(&fs, f), vec![3]);
+    assert_eq!(attr(&fs, f).size, 0, "Map does not change the size");
+}
+
+/// `Map` hands out the `ahead` blocks too (fresh), best effort: all the requested
+/// ones or `NoSpace`, then as many ahead, in block order, as the free space allows.
+#[test]
+fn map_ahead_is_best_effort() {
+    let mut fs = formatted(16);
+    let f = create(&mut fs, ROOT, b"f", Kind::File, t(2));
+    let m = map_ahead(&mut fs, f, 0, 2, 4).unwrap();
+    assert_eq!(
+        m.iter().map(|x| (x.block, x.fresh)).collect::<Vec<_>>(),
+        (0..6).map(|b| (b, true)).collect::<Vec<_>>()
+    );
+    assert_eq!(statfs(&fs).free, 10);
+    assert_eq!(attr(&fs, f).blocks, 6);
+    assert_eq!(extents(&fs, f), m);
+    // One run of data blocks.
+    assert_eq!(fs.inode(f).unwrap().extents.len(), 1);
+    // The blocks taken ahead count as mapped: only 6..9 are new.
+    let m2 = map_ahead(&mut fs, f, 4, 2, 3).unwrap();
+    assert_eq!(
+        m2.iter().map(|x| x.block).collect::<Vec<_>>(),
+        (4..9).collect::<Vec<_>>()
+    );
+    assert_eq!(m2[..2], m[4..]);
+    assert!(m2.iter().all(|x| x.fresh));
+    assert_eq!(statfs(&fs).free, 7);
+    // The answer covers the ahead window, written blocks included (not fresh).
+    written(&mut fs, f, 4 * BSZ, t(3), &[(0, 4)], false);
+    let m3 = map_ahead(&mut fs, f, 2, 1, 2).unwrap();
+    assert_eq!(
+        m3.iter().map(|x| (x.block, x.fresh)).collect::<Vec<_>>(),
+        vec![(2, false), (3, false), (4, true)]
+    );
+    assert_eq!(statfs(&fs).free, 7);
+
+    // Fewer free blocks than count + ahead: the requested ones, then the ahead ones
+    // that fit, skipping those already mapped.
+    let g = create(&mut fs, ROOT, b"g", Kind::File, t(4));
+    map(&mut fs, g, 3, 1).unwrap();
+    written(&mut fs, g, 4 * BSZ, t(4), &[(3, 1)], false);
+    map(&mut fs, g, 20, 3).unwrap();
+    assert_eq!(statfs(&fs).free, 3);
+    let mg = map_ahead(&mut fs, g, 0, 1, 8).unwrap();
+    assert_eq!(
+        mg.iter().map(|x| (x.block, x.fresh)).collect::<Vec<_>>(),
+        vec![(0, true), (1, true), (2, true), (3, false)],
+        "block 0, then 1 and 2 ahead (3 was mapped), and nothing more fits"
+    );
+    assert_eq!(statfs(&fs).free, 0);
+    assert_eq!(attr(&fs, g).blocks, 7);
+    // Nothing free: ahead is no error, the requested blocks are.
+    let mg = map_ahead(&mut fs, g, 1, 2, 30).unwrap();
+    assert_eq!(
+        mg.iter().map(|x| x.block).collect::<Vec<_>>(),
+        vec![1, 2, 3, 20, 21, 22]
+    );
+    assert_eq!(map_ahead(&mut fs, g, 4, 1, 0), Err(FsError::NoSpace));
+    assert_eq!(map_ahead(&mut fs, g, 3, 2, 5), Err(FsError::NoSpace));
+    // Two free blocks: three requested is NoSpace whatever the ahead; two is fine,
+    // with nothing ahead.
+    apply_ok(&mut fs, &size_cmd(g, 21 * BSZ, t(5)));
+    assert_eq!(statfs(&fs).free, 2);
+    assert_eq!(map_ahead(&mut fs, f, 10, 3, 0), Err(FsError::NoSpace));
+    assert_eq!(map_ahead(&mut fs, f, 10, 3, 5), Err(FsError::NoSpace));
+    let mf = map_ahead(&mut fs, f, 10, 2, 5).unwrap();
+    assert_eq!(mf.iter().map(|x| x.block).collect::<Vec<_>>(), vec![10, 11]);
+    assert_eq!(statfs(&fs).free, 0);
+
+    // count + ahead at most MAP_MAX; that is checked first.
+    refused(&mut fs, &map_ahead_cmd(f, 0, 1, MAP_MAX), FsError::Invalid);
+    refused(&mut fs, &map_ahead_cmd(f, 0, MAP_MAX, 1), FsError::Invalid);
+    refused(&mut fs, &map_ahead_cmd(f, 0, 0, 5), FsError::Invalid);
+    refused(
+        &mut fs,
+        &map_ahead_cmd(f, 0, MAP_MAX + 1, 0),
+        FsError::Invalid,
+    );
+    refused(
+        &mut fs,
+        &map_ahead_cmd(f, u64::MAX, 1, MAP_MAX),
+        FsError::Invalid,
+    );
+    refused(
+        &mut fs,
+        &map_ahead_cmd(999, 0, 1, MAP_MAX),
+        FsError::Invalid,
+    );
+    refused(&mut fs, &map_ahead_cmd(999, 0, 1, 5), FsError::NotFound);
+    refused(&mut fs, &map_ahead_cmd(ROOT, 0, 1, 5), FsError::Invalid);
+    assert_eq!(map_ahead(&mut fs, f, 0, 1, MAP_MAX - 1).unwrap().len(), 11);
+}
+
+/// The blocks ahead stop at the largest file; the requested ones may not pass it.
+#[test]
+fn map_ahead_stops_at_the_largest_file() {
+    let mut fs = formatted(16);
+    let max = fs.max_file_blocks();
+    assert_eq!(max, 16 * 1024);
+    let f = create(&mut fs, ROOT, b"f", Kind::File, t(2));
+    let m = map_ahead(&mut fs, f, max - 3, 1, 10).unwrap();
+    assert_eq!(
+        m.iter().map(|x| x.block).collect::<Vec<_>>(),
+        vec![max - 3, max - 2, max - 1]
+    );
+    assert_eq!(statfs(&fs).free, 13);
+    let m = map_ahead(&mut fs, f, max - 1, 1, 5).unwrap();
+    assert_eq!(m.len(), 1);
+    refused(&mut fs, &map_ahead_cmd(f, max, 1, 0), FsError::TooLarge);
+    refused(&mut fs, &map_ahead_cmd(f, max - 1, 2, 0), FsError::TooLarge);
+    // The file can still be cut back to nothing.
+    apply_ok(&mut fs, &size_cmd(f, 0, t(3)));
+    assert_eq!(statfs(&fs).free, 16);
+}
+
+/// `Written` with `trim` frees what lies past the end of file when all of it is
+/// unwritten (what the mount took ahead and never used), and nothing otherwise.
+#[test]
+fn written_trim_frees_unwritten_blocks_past_the_end() {
+    let mut fs = formatted(16);
+    let f = create(&mut fs, ROOT, b"f", Kind::File, t(2));
+    let m = map_ahead(&mut fs, f, 0, 1, 7).unwrap();
+    assert_eq!(m.len(), 8);
+    map(&mut fs, f, 12, 1).unwrap();
+    assert_eq!(statfs(&fs).free, 7);
+    // Without trim, nothing goes.
+    written(&mut fs, f, BSZ + 10, t(3), &[(0, 2)], false);
+    assert_eq!(statfs(&fs).free, 7);
+    // With it: blocks 2.. (all unwritten) go, holes and all.
+    let a = written(&mut fs, f, BSZ + 10, t(4), &[], true);
+    assert_eq!((a.size, a.blocks, a.mtime), (BSZ + 10, 2, t(4)));
+    assert_eq!(attr(&fs, f), a);
+    assert_eq!(statfs(&fs).free, 14);
+    let written_two: Vec<Mapping> = m[..2]
+        .iter()
+        .map(|x| Mapping { fresh: false, ..*x })
+        .collect();
+    assert_eq!(extents(&fs, f), written_two);
+    assert!(fs.inode(f).unwrap().unwritten.is_empty());
+    // Nothing past the end: nothing to do.
+    let before = fs.clone();
+    let a = written(&mut fs, f, 0, t(5), &[], true);
+    assert_eq!((a.size, a.blocks), (BSZ + 10, 2));
+    assert_eq!(statfs(&fs), statfs(&before));
+
+    // The new size counts: writing block 3 makes the end 4 blocks; 4.. go, and an
+    // unwritten block before the end stays.
+    map_ahead(&mut fs, f, 2, 2, 4).unwrap();
+    assert_eq!(statfs(&fs).free, 8);
+    let a = written(&mut fs, f, 4 * BSZ, t(6), &[(3, 1)], true);
+    assert_eq!((a.size, a.blocks), (4 * BSZ, 4));
+    assert_eq!(statfs(&fs).free, 12);
+    assert_eq!(fresh_blocks(&fs, f), vec![2]);
+
+    // One block past the end written (by an earlier Written): nothing is freed, not
+    // even the unwritten blocks around it.
+    map_ahead(&mut fs, f, 4, 1, 3).unwrap();
+    assert_eq!(statfs(&fs).free, 8);
+    written(&mut fs, f, 0, t(7), &[(5, 1)], false);
+    let before = fs.clone();
+    let a = written(&mut fs, f, 0, t(8), &[], true);
+    assert_eq!((a.size, a.blocks), (4 * BSZ, 8));
+    assert_eq!(statfs(&fs).free, 8);
+    assert_eq!(fresh_blocks(&fs, f), vec![2, 4, 6, 7]);
+    assert_eq!(
+        fs.inode(f).unwrap().extents,
+        before.inode(f).unwrap().extents
+    );
+    // Nor when the same Written names a block past the end.
+    let g = create(&mut fs, ROOT, b"g", Kind::File, t(9));
+    map_ahead(&mut fs, g, 0, 1, 3).unwrap();
+    let a = written(&mut fs, g, BSZ, t(9), &[(0, 1), (2, 1)], true);
+    assert_eq!(a.blocks, 4);
+    assert_eq!(fresh_blocks(&fs, g), vec![1, 3]);
+    assert_eq!(statfs(&fs).free, 4);
+    // A truncation still cuts them (written or not).
+    apply_ok(&mut fs, &size_cmd(f, 4 * BSZ, t(10)));
+    assert_eq!(attr(&fs, f).blocks, 4);
+    assert_eq!(fresh_blocks(&fs, f), vec![2]);
+    assert_eq!(statfs(&fs).free, 8);
+}
+
+#[test]
+fn written_refusals() {
+    let mut fs = formatted(16);
+    let f = create(&mut fs, ROOT, b"f", Kind::File, t(2));
+    let d = create(&mut fs, ROOT, b"d", Kind::Dir, t(2));
+    let s = create(&mut fs, ROOT, b"s", Kind::Symlink, t(2));
+    let p = create(&mut fs, ROOT, b"p", Kind::Fifo, t(2));
+    map_ahead(&mut fs, f, 0, 1, 3).unwrap();
+    let limit = fs.max_file_blocks() * BSZ;
+    // Too large: the size, or too many runs; checked before the inode.
+    refused(
+        &mut fs,
+        &written_cmd(f, limit + 1, t(3), &[(0, 1)], true),
+        FsError::TooLarge,
+    );
+    refused(
+        &mut fs,
+        &written_cmd(999, u64::MAX, t(3), &[], false),
+        FsError::TooLarge,
+    );
+    let many: Vec<(u64, u64)> = (0..=MAP_MAX).map(|b| (b, 1)).collect();
+    refused(
+        &mut fs,
+        &written_cmd(f, 0, t(3), &many, true),
+        FsError::TooLarge,
+    );
+    for ino in [d, s, p, ROOT] {
+        refused(
+            &mut fs,
+            &written_cmd(ino, 0, t(3), &[(0, 1)], true),
+            FsError::Invalid,
+        );
+    }
+    refused(
+        &mut fs,
+        &written_cmd(999, 0, t(3), &[(0, 1)], true),
+        FsError::NotFound,
+    );
+    let mut blank = FsState::default();
+    refused(
+        &mut blank,
+        &written_cmd(ROOT, 0, t(3), &[], false),
+        FsError::NotFormatted,
+    );
+    // At the limits: fine.
+    let a = written(&mut fs, f, limit, t(4), &many[..MAP_MAX as usize], false);
+    assert_eq!((a.size, a.blocks), (limit, 4));
+    assert!(fresh_blocks(&fs, f).is_empty());
+}
+
+/// A truncation drops the unwritten blocks past the new end with the rest; those
+/// before it stay unwritten.
+#[test]
+fn truncation_drops_unwritten_blocks_past_the_end() {
+    let mut fs = formatted(16);
+    let f = create(&mut fs, ROOT, b"f", Kind::File, t(2));
+    map_ahead(&mut fs, f, 0, 2, 6).unwrap();
+    map(&mut fs, f, 10, 1).unwrap();
+    written(&mut fs, f, 2 * BSZ, t(3), &[(0, 2)], false);
+    assert_eq!(statfs(&fs).free, 7);
+    assert_eq!(
+        fs.inode(f).unwrap().unwritten,
+        BTreeSet::from([2, 3, 4, 5, 6, 7, 10])
+    );
+    // Down to 4 blocks and a bit: 5.. go (unwritten or not), 2..5 stay unwritten.
+    let a = ok_attr(
+        Ok(apply_ok(&mut fs, &size_cmd(f, 5 * BSZ - 1, t(4)))),
+        "truncate",
+    );
+    assert_eq!(a.blocks, 5);
+    assert_eq!(fs.inode(f).unwrap().unwritten, BTreeSet::from([2, 3, 4]));
+    assert_eq!(fresh_blocks(&fs, f), vec![2, 3, 4]);
+    assert_eq!(statfs(&fs).free, 11);
+    fs.check().unwrap();
+    // Growing keeps them as they are.
+    apply_ok(&mut fs, &size_cmd(f, 100 * BSZ, t(5)));
+    assert_eq!(fs.inode(f).unwrap().unwritten, BTreeSet::from([2, 3, 4]));
+    // Down to a written block: no unwritten block is left.
+    apply_ok(&mut fs, &size_cmd(f, BSZ + 1, t(6)));
+    assert!(fs.inode(f).unwrap().unwritten.is_empty());
+    assert_eq!(statfs(&fs).free, 14);
+    // The freed blocks are free: another file takes the whole rest of the volume,
+    // fresh.
+    let g = create(&mut fs, ROOT, b"g", Kind::File, t(7));
+    let mg = map(&mut fs, g, 0, 14).unwrap();
+    assert!(mg.iter().all(|x| x.fresh));
+    let all: BTreeSet<u64> = mg.iter().map(|x| x.lba).chain(lbas(&fs, f)).collect();
+    assert_eq!(all, (0..16).collect());
+    // To zero, and an orphan's unwritten blocks go with it.
+    apply_ok(&mut fs, &size_cmd(f, 0, t(8)));
+    assert!(fs.inode(f).unwrap().unwritten.is_empty());
+    apply_ok(&mut fs, &unlink_cmd(ROOT, b"g", false, t(9)));
+    apply_ok(&mut fs, &FsCommand::Drop { ino: g });
+    assert_eq!(statfs(&fs).free, 16);
+}
+
+// ---------------------------------------------------------------------------------
 // Timestamps.
 // ---------------------------------------------------------------------------------
 
@@ -1265,37 +1647,13 @@ fn timestamps_follow_the_commands() {
     assert_eq!(attr(&fs, d).mtime, t(8));
 
     // Written: size only grows; mtime and ctime.
-    let a = ok_attr(
-        Ok(apply_ok(
-            &mut fs,
-            &FsCommand::Written {
-                ino: f,
-                size: 100,
-                now: t(9),
-            },
-        )),
-        "written",
-    );
+    let a = written(&mut fs, f, 100, t(9), &[], false);
     assert_eq!((a.size, a.mtime, a.ctime, a.atime), (100, t(9), t(9), t(3)));
-    let a = ok_attr(
-        Ok(apply_ok(
-            &mut fs,
-            &FsCommand::Written {
-                ino: f,
-                size: 50,
-                now: t(10),
-            },
-        )),
-        "written",
-    );
+    let a = written(&mut fs, f, 50, t(10), &[(0, 1)], true);
     assert_eq!((a.size, a.mtime, a.ctime), (100, t(10), t(10)));
     refused(
         &mut fs,
-        &FsCommand::Written {
-            ino: d,
-            size: 1,
-            now: t(10),
-        },
+        &written_cmd(d, 1, t(10), &[], false),
         FsError::Invalid,
     );
 
@@ -1350,12 +1708,9 @@ fn busy_state() -> (FsState, Vec<FsCommand>) {
         link_cmd(f, ROOT, b"f-link", t(6)),
         map_cmd(f, 0, 7),
         map_cmd(f, 20, 2),
-        map_cmd(o, 0, 3),
-        FsCommand::Written {
-            ino: f,
-            size: 22 * BSZ,
-            now: t(7),
-        },
+        map_ahead_cmd(o, 0, 3, 4),
+        written_cmd(f, 22 * BSZ, t(7), &[(0, 3), (21, 1)], false),
+        written_cmd(o, 2 * BSZ, t(7), &[(0, 2)], true),
         size_cmd(f, 5 * BSZ + 7, t(8)),
         unlink_cmd(ROOT, b"o", false, t(9)),
         mv(d, b"e", ROOT, b"e", t(10)),
@@ -1372,6 +1727,8 @@ fn postcard_round_trip() {
     let bytes = postcard::to_stdvec(&fs).unwrap();
     let mut back: FsState = postcard::from_bytes(&bytes).unwrap();
     assert_eq!(back, fs);
+    // Unwritten blocks travel too.
+    assert_eq!(back.inode(4).unwrap().unwritten, BTreeSet::from([3, 4, 5]));
     back.check().unwrap();
     assert_eq!(postcard::to_stdvec(&back).unwrap(), bytes);
 
@@ -1380,6 +1737,8 @@ fn postcard_round_trip() {
     let later = vec![
         create_cmd(ROOT, b"new", Kind::File, t(20)),
         map_cmd(4, 30, 4),
+        map_ahead_cmd(4, 0, 2, 6),
+        written_cmd(4, 9 * BSZ, t(21), &[(0, 3)], true),
         map_cmd(2, 0, 1),
         FsCommand::Drop { ino: 5 },
         create_cmd(ROOT, b"d", Kind::File, t(21)),
@@ -1475,6 +1834,8 @@ fn shared_fs_clone_copies_share_shares() {
 // ---------------------------------------------------------------------------------
 
 const TOTAL: u64 = 64;
+/// The largest file the property's volume allows, in blocks.
+const MAX_BLOCKS: u64 = TOTAL * 1024;
 /// Names the property uses; the last three are invalid.
 const NAMES: [&[u8]; 7] = [b"a", b"b", b"c", b"d", b"", b"..", b"x/y"];
 /// An inode number never given out.
@@ -1528,10 +1889,14 @@ enum Op {
         ino: Pick,
         first: u64,
         count: u64,
+        ahead: u64,
     },
     Written {
         ino: Pick,
         size: u64,
+        /// Runs of file blocks, `(first, count)`.
+        written: Vec<(u64, u64)>,
+        trim: bool,
     },
     Drop {
         ino: Pick,
@@ -1553,14 +1918,53 @@ enum Renamed {
     },
 }
 
+/// The model of a regular file.
+#[derive(Debug, Clone, Default)]
+struct FileM {
+    size: u64,
+    /// File block -> data block.
+    blocks: BTreeMap<u64, u64>,
+    /// The file blocks handed out and not yet named by a `Written`.
+    unwritten: BTreeSet<u64>,
+}
+
+impl FileM {
+    /// Drops every file block from `keep` on.
+    fn cut(&mut self, keep: u64) {
+        self.blocks.retain(|b, _| *b < keep);
+        self.unwritten.retain(|b| *b < keep);
+    }
+
+    /// The mappings of file blocks `first .. end`, as the state answers them.
+    fn mappings(&self, first: u64, end: u64) -> Vec<Mapping> {
+        self.blocks
+            .range(first..end)
+            .map(|(b, l)| Mapping {
+                block: *b,
+                lba: *l,
+                fresh: self.unwritten.contains(b),
+            })
+            .collect()
+    }
+}
+
+/// What a `Map` the model allows hands out.
+struct MapPlan {
+    /// The requested file blocks without a data block.
+    missing: Vec<u64>,
+    /// The file blocks handed out ahead.
+    extra: Vec<u64>,
+    /// The end of the answer (`first + count + ahead`, ahead clamped).
+    end: u64,
+}
+
 /// The naive model: names and data blocks only.
 #[derive(Debug, Clone)]
 struct Model {
     kinds: BTreeMap<Ino, Kind>,
     /// Directory -> (parent, entries).
     dirs: BTreeMap<Ino, (Ino, BTreeMap<Vec<u8>, Ino>)>,
-    /// Regular file -> (size, file block -> data block).
-    files: BTreeMap<Ino, (u64, BTreeMap<u64, u64>)>,
+    files: BTreeMap<Ino, FileM>,
     max_ino: Ino,
 }
 
@@ -1684,12 +2088,12 @@ impl Model {
     fn used_lbas(&self) -> BTreeSet<u64> {
         self.files
             .values()
-            .flat_map(|(_, b)| b.values().copied())
+            .flat_map(|f| f.blocks.values().copied())
             .collect()
     }
 
     fn used(&self) -> u64 {
-        self.files.values().map(|(_, b)| b.len() as u64).sum()
+        self.files.values().map(|f| f.blocks.len() as u64).sum()
     }
 
     fn remove(&mut self, ino: Ino) {
@@ -1798,7 +2202,7 @@ impl Model {
                 Kind::Dir => return Err(FsError::IsDir),
                 _ => return Err(FsError::Invalid),
             }
-            if size.div_ceil(BSZ) > TOTAL * 1024 {
+            if size.div_ceil(BSZ) > MAX_BLOCKS {
                 return Err(FsError::TooLarge);
             }
         }
@@ -1806,30 +2210,39 @@ impl Model {
     }
 
     /// The file blocks the map hands out.
-    fn can_map(&self, ino: Ino, first: u64, count: u64) -> Result<Vec<u64>, FsError> {
-        if count == 0 || count > MAP_MAX {
+    fn can_map(&self, ino: Ino, first: u64, count: u64, ahead: u64) -> Result<MapPlan, FsError> {
+        if count == 0 || count > MAP_MAX || count + ahead > MAP_MAX {
             return Err(FsError::Invalid);
         }
-        if first
-            .checked_add(count)
-            .is_none_or(|end| end > TOTAL * 1024)
-        {
-            return Err(FsError::TooLarge);
-        }
+        let end = match first.checked_add(count) {
+            Some(end) if end <= MAX_BLOCKS => end,
+            _ => return Err(FsError::TooLarge),
+        };
         if self.kind(ino)? != Kind::File {
             return Err(FsError::Invalid);
         }
-        let have = &self.files[&ino].1;
-        let missing: Vec<u64> = (first..first + count)
-            .filter(|b| !have.contains_key(b))
-            .collect();
-        if missing.len() as u64 > TOTAL - self.used() {
+        let have = &self.files[&ino].blocks;
+        let missing: Vec<u64> = (first..end).filter(|b| !have.contains_key(b)).collect();
+        let free = TOTAL - self.used();
+        if missing.len() as u64 > free {
             return Err(FsError::NoSpace);
         }
-        Ok(missing)
+        let ahead_end = end + ahead.min(MAX_BLOCKS - end);
+        let extra: Vec<u64> = (end..ahead_end)
+            .filter(|b| !have.contains_key(b))
+            .take((free - missing.len() as u64) as usize)
+            .collect();
+        Ok(MapPlan {
+            missing,
+            extra,
+            end: ahead_end,
+        })
     }
 
-    fn can_write(&self, ino: Ino) -> Result<(), FsError> {
+    fn can_write(&self, ino: Ino, size: u64, runs: usize) -> Result<(), FsError> {
+        if size.div_ceil(BSZ) > MAX_BLOCKS || runs as u64 > MAP_MAX {
+            return Err(FsError::TooLarge);
+        }
         match self.kind(ino)? {
             Kind::File => Ok(()),
             _ => Err(FsError::Invalid),
@@ -1918,7 +2331,7 @@ fn step(m: &mut Model, fs: &mut FsState, op: &Op, now: Time) {
                     m.dirs.insert(a.ino, (parent, BTreeMap::new()));
                 }
                 Kind::File => {
-                    m.files.insert(a.ino, (0, BTreeMap::new()));
+                    m.files.insert(a.ino, FileM::default());
                 }
                 _ => {}
             }
@@ -2043,11 +2456,11 @@ fn step(m: &mut Model, fs: &mut FsState, op: &Op, now: Time) {
             assert_eq!((a.uid, a.gid), (old.uid, gid.unwrap_or(old.gid)));
             if let Some(size) = size {
                 assert_eq!((a.size, a.mtime), (size, now));
-                let keep = size.div_ceil(BSZ);
                 let f = m.files.get_mut(&ino).unwrap();
-                f.0 = size;
-                f.1.retain(|b, _| *b < keep);
-                assert_eq!(a.blocks, f.1.len() as u64);
+                f.size = size;
+                // Unwritten blocks past the new end go with the rest.
+                f.cut(size.div_ceil(BSZ));
+                assert_eq!(a.blocks, f.blocks.len() as u64);
             } else {
                 assert_eq!(
                     (a.size, a.mtime, a.blocks),
@@ -2055,53 +2468,87 @@ fn step(m: &mut Model, fs: &mut FsState, op: &Op, now: Time) {
                 );
             }
         }
-        Op::Map { ino, first, count } => {
+        Op::Map {
+            ino,
+            first,
+            count,
+            ahead,
+        } => {
             let ino = m.pick(ino);
-            let cmd = map_cmd(ino, first, count);
+            let cmd = map_ahead_cmd(ino, first, count, ahead);
             let got = fs.apply(&cmd);
-            let missing = match m.can_map(ino, first, count) {
+            let plan = match m.can_map(ino, first, count, ahead) {
                 Ok(x) => x,
                 Err(e) => return refusal(fs, &before, &cmd, got, e),
             };
             let FsReply::Mapped(got) = succeeded(&cmd, got) else {
                 panic!("{cmd:?}: not Mapped");
             };
-            let blocks: Vec<u64> = got.iter().map(|x| x.block).collect();
-            assert_eq!(
-                blocks,
-                (first..first + count).collect::<Vec<_>>(),
-                "{cmd:?}"
-            );
+            // Every block handed out is a free data block, each once.
             let mut taken = m.used_lbas();
-            let file = &m.files[&ino].1;
+            let file = &m.files[&ino];
             let mut new = BTreeMap::new();
             for x in &got {
-                match file.get(&x.block) {
-                    Some(lba) => {
-                        assert_eq!((x.lba, x.fresh), (*lba, false), "{cmd:?}: {x:?}");
-                    }
+                match file.blocks.get(&x.block) {
+                    Some(lba) => assert_eq!(x.lba, *lba, "{cmd:?}: {x:?}"),
                     None => {
-                        assert!(x.fresh, "{cmd:?}: {x:?} should be fresh");
                         assert!(x.lba < TOTAL, "{cmd:?}: {x:?} past the volume");
                         assert!(taken.insert(x.lba), "{cmd:?}: {x:?} already in use");
                         new.insert(x.block, x.lba);
                     }
                 }
             }
-            assert_eq!(new.keys().copied().collect::<Vec<_>>(), missing);
-            m.files.get_mut(&ino).unwrap().1.extend(new);
+            let mut want: Vec<u64> = plan.missing.clone();
+            want.extend(&plan.extra);
+            assert_eq!(
+                new.keys().copied().collect::<Vec<_>>(),
+                want,
+                "{cmd:?}: the blocks handed out (requested {:?}, ahead {:?})",
+                plan.missing,
+                plan.extra
+            );
+            let f = m.files.get_mut(&ino).unwrap();
+            f.unwritten.extend(new.keys().copied());
+            f.blocks.extend(new);
+            // The answer: every mapped block of the window, fresh if unwritten.
+            assert_eq!(got, f.mappings(first, plan.end), "{cmd:?}");
+            assert!(
+                got.iter().filter(|x| x.block < first + count).count() as u64 == count,
+                "{cmd:?}: a requested block is missing from {got:?}"
+            );
+            assert_eq!(attr(fs, ino).blocks, f.blocks.len() as u64);
         }
-        Op::Written { ino, size } => {
+        Op::Written {
+            ino,
+            size,
+            ref written,
+            trim,
+        } => {
             let ino = m.pick(ino);
-            let cmd = FsCommand::Written { ino, size, now };
+            let cmd = written_cmd(ino, size, now, written, trim);
             let got = fs.apply(&cmd);
-            if let Err(e) = m.can_write(ino) {
+            if let Err(e) = m.can_write(ino, size, written.len()) {
                 return refusal(fs, &before, &cmd, got, e);
             }
             let a = ok_attr(Ok(succeeded(&cmd, got)), "written");
             let f = m.files.get_mut(&ino).unwrap();
-            f.0 = f.0.max(size);
-            assert_eq!((a.size, a.mtime, a.ctime), (f.0, now, now));
+            for &(first, count) in written {
+                let end = first.saturating_add(count);
+                f.unwritten.retain(|b| !(first..end).contains(b));
+            }
+            f.size = f.size.max(size);
+            if trim {
+                let keep = f.size.div_ceil(BSZ);
+                let past: Vec<u64> = f.blocks.range(keep..).map(|(b, _)| *b).collect();
+                if !past.is_empty() && past.iter().all(|b| f.unwritten.contains(b)) {
+                    f.cut(keep);
+                }
+            }
+            assert_eq!(
+                (a.size, a.mtime, a.ctime, a.blocks),
+                (f.size, now, now, f.blocks.len() as u64),
+                "{cmd:?}"
+            );
         }
         Op::Drop { ino } => {
             let ino = m.pick(ino);
@@ -2156,27 +2603,31 @@ fn agree(m: &Model, fs: &FsState) {
                 assert_eq!(lookup(fs, ino, b".."), Ok(*parent));
             }
             Kind::File => {
-                let (size, blocks) = &m.files[&ino];
-                assert_eq!(a.size, *size);
-                assert_eq!(a.blocks, blocks.len() as u64);
-                let want: Vec<Mapping> = blocks
-                    .iter()
-                    .map(|(b, l)| Mapping {
-                        block: *b,
-                        lba: *l,
-                        fresh: false,
-                    })
-                    .collect();
-                assert_eq!(extents(fs, ino), want, "blocks of {ino}");
+                let f = &m.files[&ino];
+                assert_eq!(a.size, f.size);
+                assert_eq!(a.blocks, f.blocks.len() as u64);
+                // Both ends of the file's block numbers (Map may reach the last
+                // blocks a file may have), fresh exactly when unwritten.
+                assert_eq!(extents(fs, ino), f.mappings(0, MAP_MAX), "blocks of {ino}");
+                let tail = MAX_BLOCKS - MAP_MAX;
+                assert_eq!(
+                    fs.query(&FsQuery::Extents {
+                        ino,
+                        first: tail,
+                        count: MAP_MAX
+                    }),
+                    Ok(FsReply::Mapped(f.mappings(tail, MAX_BLOCKS))),
+                    "last blocks of {ino}"
+                );
                 // The runs say the same.
-                let runs: BTreeMap<u64, u64> = fs
-                    .inode(ino)
-                    .unwrap()
+                let inode = fs.inode(ino).unwrap();
+                let runs: BTreeMap<u64, u64> = inode
                     .extents
                     .iter()
                     .flat_map(|(b, e)| (0..e.count).map(move |n| (b + n, e.lba + n)))
                     .collect();
-                assert_eq!(&runs, blocks);
+                assert_eq!(runs, f.blocks);
+                assert_eq!(inode.unwritten, f.unwritten, "unwritten blocks of {ino}");
             }
             Kind::Symlink => {
                 assert_eq!(
@@ -2210,6 +2661,22 @@ fn probe_free_space(m: &Model, fs: &FsState) {
     }
     assert_eq!(taken.len() as u64, TOTAL);
     assert_eq!(map(&mut p, ino, free, 1), Err(FsError::NoSpace));
+    // Taken ahead, best effort: the same free blocks, and no error for the rest.
+    let mut p = fs.clone();
+    let ino = create(&mut p, ROOT, b"probe", Kind::File, t(0));
+    let mut taken = m.used_lbas();
+    let got = map_ahead(&mut p, ino, 0, 1, free + 3);
+    if free == 0 {
+        assert_eq!(got, Err(FsError::NoSpace));
+    } else {
+        let got = got.unwrap();
+        assert_eq!(got.len() as u64, free);
+        for x in got {
+            assert!(x.fresh && x.lba < TOTAL, "{x:?}");
+            assert!(taken.insert(x.lba), "free block {} is in use", x.lba);
+        }
+        assert_eq!(taken.len() as u64, TOTAL);
+    }
 }
 
 fn pick_dir() -> impl Strategy<Value = Pick> {
@@ -2292,7 +2759,10 @@ fn op() -> impl Strategy<Value = Op> {
             }),
         6 => (
             pick_ino(),
-            0u64..24,
+            prop_oneof![
+                12 => 0u64..24,
+                1 => (MAX_BLOCKS - 8)..(MAX_BLOCKS + 2),
+            ],
             prop_oneof![
                 10 => 1u64..6,
                 1 => Just(0u64),
@@ -2300,9 +2770,43 @@ fn op() -> impl Strategy<Value = Op> {
                 1 => 60u64..70,
                 1 => Just(MAP_MAX + 1),
             ],
+            prop_oneof![
+                6 => Just(0u64),
+                6 => 1u64..8,
+                1 => Just(MAP_MAX - 1),
+                1 => Just(MAP_MAX),
+            ],
         )
-            .prop_map(|(ino, first, count)| Op::Map { ino, first, count }),
-        1 => (pick_ino(), 0..30 * BSZ).prop_map(|(ino, size)| Op::Written { ino, size }),
+            .prop_map(|(ino, first, count, ahead)| Op::Map {
+                ino,
+                first,
+                count,
+                ahead
+            }),
+        3 => (
+            pick_ino(),
+            prop_oneof![
+                6 => 0..4 * BSZ,
+                6 => 0..30 * BSZ,
+                1 => Just(MAX_BLOCKS * BSZ),
+                1 => Just(MAX_BLOCKS * BSZ + 1),
+            ],
+            prop::collection::vec(
+                prop_oneof![
+                    8 => (0u64..30, 0u64..8),
+                    1 => (0u64..30, Just(u64::MAX)),
+                    1 => ((MAX_BLOCKS - 8)..MAX_BLOCKS, 0u64..8),
+                ],
+                0..4,
+            ),
+            prop::bool::weighted(0.5),
+        )
+            .prop_map(|(ino, size, written, trim)| Op::Written {
+                ino,
+                size,
+                written,
+                trim
+            }),
         3 => prop_oneof![
             3 => any::<u8>().prop_map(Pick::Orphan),
             1 => pick_ino(),

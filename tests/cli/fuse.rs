@@ -20,22 +20,7 @@ use crate::harness::{s, Cluster, CLI};
 /// A 6-node 4+2 cluster of `blocks` blocks of 64 KiB, with its metadata service
 /// (which holds the namespace) and a short failure-detection timeout.
 fn cluster(blocks: u64) -> Cluster {
-    let blocks = blocks.to_string();
-    Cluster::start(&[
-        "--nodes",
-        "6",
-        "-k",
-        "4",
-        "-m",
-        "2",
-        "--block-size",
-        "64KiB",
-        "--blocks",
-        &blocks,
-        "--down-after-ms",
-        "1000",
-    ])
-    .0
+    Cluster::up_sized(blocks, "64KiB", &["--down-after-ms", "1000"])
 }
 
 /// A mount served by a `drs-cli mount` process; dropping it unmounts and stops it.
@@ -541,4 +526,104 @@ fn sigterm_unmounts_cleanly() {
     // And it mounts again with the data there.
     let again = Mount::new(&c, "mnt", &[]);
     assert_eq!(fs::read(again.p("f")).unwrap(), b"x");
+}
+
+/// The storage node hosting the metadata leader, from `status --json` and the
+/// cluster file's `[[meta]]` entries.
+fn leader_host(c: &Cluster) -> u32 {
+    let (_, st) = c.status_json();
+    let leader = st["meta"]["leader"].as_u64().expect("a metadata leader");
+    let file = fs::read_to_string(&c.file).unwrap();
+    let mut id = None;
+    for line in file.lines() {
+        if let Some(v) = line.strip_prefix("id = ") {
+            id = v.trim().parse::<u64>().ok();
+        }
+        if let Some(v) = line.strip_prefix("host = ") {
+            if id == Some(leader) {
+                return v.trim().parse().unwrap();
+            }
+        }
+    }
+    panic!("no host for metadata replica {leader} in {file}");
+}
+
+#[test]
+fn a_metadata_leader_kill_pauses_operations_then_they_continue() {
+    let c = cluster(1024);
+    let m = Mount::new(&c, "mnt", &[]);
+    fs::create_dir(m.p("w")).unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (dir, stop) = (m.p("w"), stop.clone());
+        thread::spawn(move || -> Result<(usize, Duration), String> {
+            let mut slowest = Duration::ZERO;
+            let mut i = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let started = Instant::now();
+                fs::write(dir.join(format!("f{i}")), random_bytes(i as u64, 100_000))
+                    .map_err(|e| format!("file {i}: {e}"))?;
+                slowest = slowest.max(started.elapsed());
+                i += 1;
+            }
+            Ok((i, slowest))
+        })
+    };
+    thread::sleep(Duration::from_millis(1500));
+    let host = leader_host(&c);
+    c.node("kill", host).ok();
+    thread::sleep(Duration::from_secs(6));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (files, slowest) = writer.join().unwrap().expect("no operation fails");
+    assert!(
+        slowest < Duration::from_secs(15),
+        "an operation took {slowest:?}"
+    );
+    // The service has a new leader on another node.
+    assert_ne!(leader_host(&c), host);
+    let reader = Mount::new(&c, "reader", &[]);
+    for i in 0..files {
+        let got = fs::read(reader.p(&format!("w/f{i}"))).unwrap();
+        assert!(got == random_bytes(i as u64, 100_000), "file {i} differs");
+    }
+    eprintln!("{files} files written; the slowest took {slowest:?}");
+}
+
+#[test]
+fn blocks_of_a_killed_mount_never_show_another_files_bytes() {
+    let c = cluster(1024);
+    let a = Mount::new(&c, "a", &[]);
+    // A file whose blocks go back to the free list.
+    let old = vec![0xA5u8; 8 << 20];
+    fs::write(a.p("old"), &old).unwrap();
+    fs::remove_file(a.p("old")).unwrap();
+    // A new file takes blocks (the writer takes some ahead); 1 MiB is made durable,
+    // more is written, and the mount process dies before closing.
+    let mut f = File::create(a.p("new")).unwrap();
+    let first = random_bytes(5, 1 << 20);
+    f.write_all(&first).unwrap();
+    f.sync_all().unwrap();
+    f.write_all(&random_bytes(6, 1 << 20)).unwrap();
+    let mut a = a;
+    let pid = a.child.as_ref().unwrap().id();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    a.wait(Duration::from_secs(10));
+    drop(f);
+    drop(a);
+    // Another mount grows the file over every block the dead one may have taken.
+    let b = Mount::new(&c, "b", &[]);
+    let f = OpenOptions::new().write(true).open(b.p("new")).unwrap();
+    assert_eq!(f.metadata().unwrap().len(), 1 << 20, "the durable size");
+    f.set_len(24 << 20).unwrap();
+    drop(f);
+    let got = fs::read(b.p("new")).unwrap();
+    assert!(got[..1 << 20] == first[..], "the fsynced megabyte");
+    assert!(
+        got[1 << 20..].iter().all(|x| *x == 0),
+        "bytes past the durable size read as zeros, never the old file's"
+    );
 }

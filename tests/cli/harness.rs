@@ -192,8 +192,14 @@ impl Cluster {
 
     /// A started 6-node 4+2 cluster of `blocks` blocks of 4 KiB.
     pub fn up(blocks: u64) -> Cluster {
+        Cluster::up_sized(blocks, "4KiB", &[])
+    }
+
+    /// A started 6-node 4+2 cluster of `blocks` blocks of `block_size`, with `extra`
+    /// options of `cluster up`.
+    pub fn up_sized(blocks: u64, block_size: &str, extra: &[&str]) -> Cluster {
         let blocks = blocks.to_string();
-        Cluster::start(&[
+        let mut args = vec![
             "--nodes",
             "6",
             "-k",
@@ -201,11 +207,12 @@ impl Cluster {
             "-m",
             "2",
             "--block-size",
-            "4KiB",
+            block_size,
             "--blocks",
             &blocks,
-        ])
-        .0
+        ];
+        args.extend_from_slice(extra);
+        Cluster::start(&args).0
     }
 
     /// `cluster up` with `args`, which must succeed. One that fails because a node's
