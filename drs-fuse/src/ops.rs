@@ -489,6 +489,7 @@ impl Ops {
             chunks.push(Vec::new());
         }
         let last = chunks.len() - 1;
+        tracing::debug!(ino, size, ?ranges, trim, "commit");
         for (n, written) in chunks.into_iter().enumerate() {
             self.command(FsCommand::Written {
                 ino,
@@ -517,18 +518,18 @@ impl Ops {
         Ok(())
     }
 
-    /// `flush` (each close) and `fsync`: data is already on the storage nodes; commit
-    /// the size. The close of the only open handle also gives back the blocks taken
-    /// ahead: the kernel sends `release` only after `close` has returned, and the
-    /// file's space should be right when the application sees the close done.
+    /// `flush` (each close of a descriptor) and `fsync`: data is already on the
+    /// storage nodes; commit the size and the blocks written. Blocks taken ahead are
+    /// kept: a flush is not the last close (a forked child closing an inherited
+    /// descriptor sends one too) and writes may still be in flight; `release` gives
+    /// them back.
     pub async fn flush(&self, ino: Ino) -> OpResult<()> {
-        let only = lock(&self.open).get(&ino).is_some_and(|o| o.handles <= 1);
-        self.bounded(self.commit(ino, only)).await
+        self.bounded(self.commit(ino, false)).await
     }
 
-    /// `fsync`: as `flush`, keeping blocks taken ahead.
+    /// `fsync`: as `flush`.
     pub async fn fsync(&self, ino: Ino) -> OpResult<()> {
-        self.bounded(self.commit(ino, false)).await
+        self.flush(ino).await
     }
 
     /// The last handle of this open closes: commit, and drop the inode if it lost its
@@ -673,6 +674,15 @@ impl Ops {
                 })
                 .await?;
             let maps = expect_reply!(r, FsReply::Mapped(m) => m)?;
+            tracing::debug!(
+                ino,
+                at,
+                n,
+                ahead,
+                mapped = maps.len(),
+                fresh = maps.iter().filter(|m| m.fresh).count(),
+                "map"
+            );
             self.learn(ino, at, at + n + ahead, &maps);
             if ahead > 0 {
                 if let Some(o) = lock(&self.open).get_mut(&ino) {
