@@ -253,52 +253,36 @@ impl Ops {
         rdev: u32,
         target: &[u8],
     ) -> OpResult<Attr> {
-        self.bounded(async {
-            let r = self
-                .command(FsCommand::Create {
-                    parent,
-                    name: name.to_vec(),
-                    kind,
-                    perm,
-                    uid,
-                    gid,
-                    rdev,
-                    target: target.to_vec(),
-                    now: now(),
-                })
-                .await?;
-            self.attr_reply(r)
+        self.attr_command(FsCommand::Create {
+            parent,
+            name: name.to_vec(),
+            kind,
+            perm,
+            uid,
+            gid,
+            rdev,
+            target: target.to_vec(),
+            now: now(),
         })
         .await
     }
 
     pub async fn link(&self, ino: Ino, parent: Ino, name: &[u8]) -> OpResult<Attr> {
-        self.bounded(async {
-            let r = self
-                .command(FsCommand::Link {
-                    ino,
-                    parent,
-                    name: name.to_vec(),
-                    now: now(),
-                })
-                .await?;
-            self.attr_reply(r)
+        self.attr_command(FsCommand::Link {
+            ino,
+            parent,
+            name: name.to_vec(),
+            now: now(),
         })
         .await
     }
 
     pub async fn unlink(&self, parent: Ino, name: &[u8], dir: bool) -> OpResult<()> {
-        self.bounded(async {
-            let r = self
-                .command(FsCommand::Unlink {
-                    parent,
-                    name: name.to_vec(),
-                    dir,
-                    now: now(),
-                })
-                .await?;
-            let orphan = expect_reply!(r, FsReply::Orphaned(o) => o)?;
-            self.orphaned(orphan).await
+        self.name_command(FsCommand::Unlink {
+            parent,
+            name: name.to_vec(),
+            dir,
+            now: now(),
         })
         .await
     }
@@ -313,18 +297,29 @@ impl Ops {
         noreplace: bool,
         exchange: bool,
     ) -> OpResult<()> {
+        self.name_command(FsCommand::Rename {
+            parent,
+            name: name.to_vec(),
+            new_parent,
+            new_name: new_name.to_vec(),
+            noreplace,
+            exchange,
+            now: now(),
+        })
+        .await
+    }
+
+    /// A command that answers an inode's attributes (Create, Link), bounded.
+    async fn attr_command(&self, cmd: FsCommand) -> OpResult<Attr> {
+        self.bounded(async { self.attr_reply(self.command(cmd).await?) })
+            .await
+    }
+
+    /// A command that removes a name (Unlink, Rename), bounded; drops the inode it
+    /// leaves without names.
+    async fn name_command(&self, cmd: FsCommand) -> OpResult<()> {
         self.bounded(async {
-            let r = self
-                .command(FsCommand::Rename {
-                    parent,
-                    name: name.to_vec(),
-                    new_parent,
-                    new_name: new_name.to_vec(),
-                    noreplace,
-                    exchange,
-                    now: now(),
-                })
-                .await?;
+            let r = self.command(cmd).await?;
             let orphan = expect_reply!(r, FsReply::Orphaned(o) => o)?;
             self.orphaned(orphan).await
         })
