@@ -111,10 +111,12 @@ pub fn hold(args: &[std::ffi::OsString]) -> anyhow::Result<()> {
         .and_then(|s| s.parse().ok())
         .context("LEASE_MS must be a number")?;
     let map = ClusterMap::load(Path::new(file)).context("read the cluster file")?;
+    let key = drs_proto::ClusterKey::for_cluster_file(Path::new(file))?;
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
         let cfg = ClientConfig {
             lease: Duration::from_millis(lease),
+            key,
             ..ClientConfig::default()
         };
         let client = Client::new(map, 1, cfg)?;

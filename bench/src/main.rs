@@ -191,6 +191,7 @@ fn main() {
             op_timeout: Duration::from_secs(30),
             threads: 4,
             writeback_cache: false,
+            metrics: None,
         };
         if let Err(e) = drs_fuse::mount(&cfg) {
             eprintln!("bench fuse-mount: {e:#}");
@@ -650,7 +651,8 @@ fn run(opts: Opts, rt: &tokio::runtime::Runtime) -> anyhow::Result<()> {
         server_command(opts.server_bin.as_ref())?,
         local.options.clone(),
     )?;
-    let meta = drs_meta::MetaClient::for_map(&local.map).context("no metadata service")?;
+    let meta =
+        drs_meta::MetaClient::for_map(&local.map, &local.key).context("no metadata service")?;
     let reader = local.client(cfg.clone())?;
     let t0 = Instant::now();
     let new_addr = rt.block_on(again.replace(victim, None))?;

@@ -41,6 +41,17 @@ pub struct UpArgs {
     /// Milliseconds of silence after which the metadata service marks a node down.
     #[arg(long, default_value_t = 3000)]
     pub down_after_ms: u64,
+    /// Seconds between the nodes' background scrub passes, which read every block
+    /// and check it against its checksum (0: never).
+    #[arg(long, default_value_t = 86400)]
+    pub scrub_every_s: u64,
+    /// MiB per second each node's background scrubber reads at most (0: no limit).
+    #[arg(long, default_value_t = 8.0)]
+    pub scrub_rate_mib: f64,
+    /// Each node serves Prometheus metrics (`GET /metrics`) on a port of 127.0.0.1,
+    /// listed in the output.
+    #[arg(long)]
+    pub metrics: bool,
 }
 
 pub async fn up(a: UpArgs) -> anyhow::Result<()> {
@@ -58,6 +69,9 @@ pub async fn up(a: UpArgs) -> anyhow::Result<()> {
     };
     let options = NodeOptions {
         down_after_ms: a.down_after_ms,
+        scrub_every_s: a.scrub_every_s,
+        scrub_rate_mib: a.scrub_rate_mib,
+        metrics: a.metrics,
         ..NodeOptions::default()
     };
     let local = LocalCluster::create(&a.dir, &spec, crate::server_command()?, options)?;
@@ -93,8 +107,13 @@ pub async fn up(a: UpArgs) -> anyhow::Result<()> {
         v.min_write
     );
     for n in &local.map.nodes {
+        let metrics = if a.metrics {
+            format!("  metrics http://{}/metrics", local.metrics_addr(n.id)?)
+        } else {
+            String::new()
+        };
         say!(
-            "  node {}  {}  log {}",
+            "  node {}  {}  log {}{metrics}",
             n.id,
             n.addr,
             local.log_path(n.id).display()
@@ -107,6 +126,10 @@ pub async fn up(a: UpArgs) -> anyhow::Result<()> {
             local.map_path.with_file_name(drs_local::CLIENT_FILE).display()
         );
     }
+    say!(
+        "cluster key: {} (every connection proves it; a client needs it beside its cluster file or locator; keep it private)",
+        drs_proto::ClusterKey::path_for(&local.map_path).display()
+    );
     Ok(())
 }
 

@@ -347,7 +347,8 @@ fn open_local(cluster: &Path) -> anyhow::Result<LocalCluster> {
 /// (`client.toml`: the metadata service's addresses only).
 async fn client(cluster: &Path) -> anyhow::Result<Client> {
     let map = ClusterMap::load(cluster)?;
-    let map = drs_local::meta::resolve(map)
+    let key = drs_proto::ClusterKey::for_cluster_file(cluster)?;
+    let map = drs_local::meta::resolve(map, &key)
         .await
         .map_err(anyhow::Error::msg)?;
     let vid = map
@@ -355,7 +356,11 @@ async fn client(cluster: &Path) -> anyhow::Result<Client> {
         .first()
         .map(|v| v.id)
         .context("the cluster file defines no volume")?;
-    Ok(drs_local::meta::client(map, vid, client_config())?)
+    let cfg = ClientConfig {
+        key,
+        ..client_config()
+    };
+    Ok(drs_local::meta::client(map, vid, cfg)?)
 }
 
 /// Client settings; `DRS_LEASE_MS` sets the lease (how soon nodes free a dead

@@ -38,8 +38,8 @@ pub async fn run(a: crate::ReplaceArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     let client = crate::client(&a.c.cluster).await?;
-    let meta =
-        drs_meta::MetaClient::for_map(&local.map).context("the cluster has no metadata service")?;
+    let meta = drs_meta::MetaClient::for_map(&local.map, &local.key)
+        .context("the cluster has no metadata service")?;
     let bar = std::io::stderr().is_terminal().then(|| {
         let b = ProgressBar::new(0);
         b.set_style(

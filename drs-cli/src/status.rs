@@ -16,7 +16,7 @@ use drs_local::size::human;
 /// otherwise (1 is for errors).
 pub async fn run(cluster: &Path, as_json: bool) -> anyhow::Result<i32> {
     let client = crate::client(cluster).await?;
-    let meta = MetaView::gather(&client.map()).await;
+    let meta = MetaView::gather(&client.map(), &client.config().key).await?;
     let st = client.status().await;
     let v = client.volume();
     let member = |id: u32| {
@@ -57,6 +57,14 @@ pub async fn run(cluster: &Path, as_json: bool) -> anyhow::Result<i32> {
                         "updates_relayed": i.stats.relayed,
                         "cache_blocks_written_back": i.stats.written_back,
                         "pauses": i.stats.pauses,
+                        "scrub": {
+                            "passes": i.stats.scrub_passes,
+                            "blocks_checked": i.stats.scrub_checked,
+                            "corrupt_found": i.stats.scrub_found,
+                            "repaired": i.stats.scrub_repaired,
+                            "pass_position": i.stats.scrub_position,
+                            "pass_blocks": i.stats.scrub_total,
+                        },
                     })),
                 })
             })
@@ -91,7 +99,7 @@ pub async fn run(cluster: &Path, as_json: bool) -> anyhow::Result<i32> {
             m.print();
         }
         say!(
-            "{:<5} {:<22} {:<22} {:>5} {:>10} {:>10} {:>8} {:>8}",
+            "{:<5} {:<22} {:<22} {:>5} {:>10} {:>10} {:>8} {:>8}  {}",
             "node",
             "address",
             "state",
@@ -99,7 +107,8 @@ pub async fn run(cluster: &Path, as_json: bool) -> anyhow::Result<i32> {
             "reads",
             "updates",
             "corrupt",
-            "repairs"
+            "repairs",
+            "scrub (passes, found)"
         );
         for n in &st.nodes {
             match &n.info {
@@ -114,7 +123,7 @@ pub async fn run(cluster: &Path, as_json: bool) -> anyhow::Result<i32> {
                         state = format!("{state} (map: {})", r.state.as_str());
                     }
                     say!(
-                        "{:<5} {:<22} {:<22} {:>5} {:>10} {:>10} {:>8} {:>8}",
+                        "{:<5} {:<22} {:<22} {:>5} {:>10} {:>10} {:>8} {:>8}  {}",
                         n.id,
                         n.addr,
                         state,
@@ -122,7 +131,8 @@ pub async fn run(cluster: &Path, as_json: bool) -> anyhow::Result<i32> {
                         i.stats.reads,
                         i.stats.updates,
                         i.stats.corrupt_found,
-                        i.stats.repairs_installed
+                        i.stats.repairs_installed,
+                        scrub_column(&i.stats)
                     );
                 }
                 None => say!(
@@ -168,10 +178,18 @@ struct MetaView {
 }
 
 impl MetaView {
-    async fn gather(map: &ClusterMap) -> Option<MetaView> {
-        let meta = drs_meta::MetaClient::for_map(map)?.with_deadline(Duration::from_secs(5));
+    /// None without a metadata service; an error when it refuses this client's key.
+    async fn gather(
+        map: &ClusterMap,
+        key: &drs_proto::ClusterKey,
+    ) -> anyhow::Result<Option<MetaView>> {
+        let Some(meta) = drs_meta::MetaClient::for_map(map, key) else {
+            return Ok(None);
+        };
+        let meta = meta.with_deadline(Duration::from_secs(5));
         let (state, error) = match meta.read().await {
             Ok(s) => (Some(s), None),
+            Err(e @ drs_meta::MetaError::Auth { .. }) => return Err(e.into()),
             Err(e) => (None, Some(e.to_string())),
         };
         let mut replicas = Vec::new();
@@ -179,11 +197,11 @@ impl MetaView {
             let st = meta.status_of(r.addr).await.map_err(|e| e.to_string());
             replicas.push((r.id, r.addr, st));
         }
-        Some(MetaView {
+        Ok(Some(MetaView {
             state,
             error,
             replicas,
-        })
+        }))
     }
 
     fn leader(&self) -> Option<&MetaStatus> {
@@ -235,4 +253,17 @@ impl MetaView {
             }).collect::<Vec<_>>(),
         })
     }
+}
+
+/// The background scrubber's column: passes done and corrupt blocks found, and the
+/// position of a pass under way.
+fn scrub_column(s: &drs_proto::NodeStats) -> String {
+    let mut out = format!("{} passes, {} found", s.scrub_passes, s.scrub_found);
+    if s.scrub_position > 0 && s.scrub_total > 0 {
+        out.push_str(&format!(
+            ", pass at {}%",
+            s.scrub_position * 100 / s.scrub_total
+        ));
+    }
+    out
 }

@@ -258,8 +258,8 @@ mod tests {
     use std::sync::Arc;
 
     use drs_proto::{
-        ClusterMap, Frame, FrameCodec, FrameHeader, FrameKind, LockReply, MemberState, NodeEntry,
-        Response, VolumeConfig, WireError,
+        ClusterMap, Frame, FrameHeader, FrameKind, LockReply, MemberState, NodeEntry, Response,
+        VolumeConfig, WireError,
     };
     use futures::{SinkExt, StreamExt};
     use tokio::net::TcpListener;
@@ -319,10 +319,17 @@ mod tests {
         let table: Table = Default::default();
         let t = table.clone();
         tokio::spawn(async move {
-            while let Ok((sock, _)) = listener.accept().await {
+            while let Ok((mut sock, _)) = listener.accept().await {
                 let t = t.clone();
                 tokio::spawn(async move {
-                    let mut conn = Framed::new(sock, FrameCodec);
+                    let key = drs_proto::ClusterKey::open();
+                    let Ok(session) =
+                        drs_proto::auth::accept(&mut sock, &key, CLUSTER, drs_proto::Purpose::Data)
+                            .await
+                    else {
+                        return;
+                    };
+                    let mut conn = Framed::new(sock, session.frames());
                     while let Some(Ok(f)) = conn.next().await {
                         let req: Request = f.decode_ctrl().unwrap();
                         let resp = answer(&t, req);

@@ -343,6 +343,11 @@ impl CacheInner {
         self.client.map().cluster_id
     }
 
+    /// The key peers prove to this cache (the client's own).
+    pub(crate) fn key(&self) -> &drs_proto::ClusterKey {
+        &self.client.config().key
+    }
+
     fn lock_opts(&self, wait: bool) -> LockOpts {
         LockOpts {
             owner: self.owner,

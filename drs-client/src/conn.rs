@@ -14,8 +14,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use drs_proto::{
-    CancelReq, ClusterMap, Frame, FrameCodec, FrameHeader, FrameKind, MemberState, NodeId, Request,
-    Response,
+    CancelReq, ClusterMap, Frame, FrameHeader, FrameKind, MemberState, NodeId, Request, Response,
 };
 use futures::{SinkExt, StreamExt};
 use tokio::net::TcpStream;
@@ -44,6 +43,8 @@ pub struct ConnConfig {
     pub epoch: Arc<AtomicU64>,
     pub connect_timeout: Duration,
     pub reconnect_max: Duration,
+    /// The cluster key proved in each connection's handshake.
+    pub key: drs_proto::ClusterKey,
 }
 
 type Waiter = oneshot::Sender<Result<Frame, CallError>>;
@@ -142,23 +143,61 @@ impl NodeConn {
         if let Some(r) = self.current() {
             return r;
         }
-        match tokio::time::timeout(self.cfg.connect_timeout, TcpStream::connect(self.addr)).await {
-            Ok(Ok(stream)) => {
-                let _ = stream.set_nodelay(true);
-                let live = Arc::new(spawn_connection(stream, self.node));
+        match self.open().await {
+            Ok((stream, session)) => {
+                let live = Arc::new(spawn_connection(stream, session, self.node));
                 *lock(&self.state) = State::Up(live.clone());
                 Ok(live)
             }
-            Ok(Err(e)) => {
-                let reason = format!("connect to {}: {e}", self.addr);
-                self.mark_down(reason.clone());
-                Err(CallError::Unreachable(reason))
+            Err(e) => {
+                self.mark_down(e.to_string());
+                Err(e)
             }
-            Err(_) => {
-                let reason = format!("connect to {}: timed out", self.addr);
-                self.mark_down(reason.clone());
-                Err(CallError::Unreachable(reason))
-            }
+        }
+    }
+
+    /// Connects and runs the handshake, both within the connect timeout. A node that
+    /// accepts the connection but does not answer the handshake (hung) is a
+    /// `Timeout`, as it would be for a request.
+    async fn open(&self) -> Result<(TcpStream, drs_proto::Session), CallError> {
+        let started = Instant::now();
+        let deadline = tokio::time::Instant::from_std(started + self.cfg.connect_timeout);
+        let mut stream =
+            match tokio::time::timeout_at(deadline, TcpStream::connect(self.addr)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    return Err(CallError::Unreachable(format!(
+                        "connect to {}: {e}",
+                        self.addr
+                    )))
+                }
+                Err(_) => {
+                    return Err(CallError::Unreachable(format!(
+                        "connect to {}: timed out",
+                        self.addr
+                    )))
+                }
+            };
+        let _ = stream.set_nodelay(true);
+        let handshake = drs_proto::auth::connect(
+            &mut stream,
+            &self.cfg.key,
+            self.cfg.cluster_id,
+            drs_proto::Purpose::Data,
+        );
+        match tokio::time::timeout_at(deadline, handshake).await {
+            Ok(Ok(session)) => Ok((stream, session)),
+            Ok(Err(e @ drs_proto::auth::AuthError::Io(_))) => Err(CallError::Unreachable(format!(
+                "handshake with {}: {e}",
+                self.addr
+            ))),
+            Ok(Err(e)) => Err(CallError::Auth(format!(
+                "handshake with {}: {e}",
+                self.addr
+            ))),
+            Err(_) => Err(CallError::Timeout(
+                u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            )),
         }
     }
 
@@ -305,13 +344,13 @@ impl Drop for CancelOnDrop<'_> {
     }
 }
 
-fn spawn_connection(stream: TcpStream, node: NodeId) -> Live {
+fn spawn_connection(stream: TcpStream, session: drs_proto::Session, node: NodeId) -> Live {
     let (rd, wr) = stream.into_split();
     let (tx, mut rx) = mpsc::channel::<Frame>(SEND_QUEUE);
     let waiters: Arc<Mutex<HashMap<u64, Waiter>>> = Arc::default();
     let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
 
-    let mut sink = FramedWrite::new(wr, FrameCodec);
+    let mut sink = FramedWrite::new(wr, session.clone().frames());
     tokio::spawn(async move {
         while let Some(frame) = rx.recv().await {
             if sink.feed(frame).await.is_err() {
@@ -332,7 +371,7 @@ fn spawn_connection(stream: TcpStream, node: NodeId) -> Live {
     let s = slots.clone();
     let tx_reader = tx.clone();
     tokio::spawn(async move {
-        let mut frames = FramedRead::new(rd, FrameCodec);
+        let mut frames = FramedRead::new(rd, session.frames());
         let reason = loop {
             match frames.next().await {
                 Some(Ok(frame)) => {

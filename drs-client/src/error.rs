@@ -80,6 +80,10 @@ pub enum CallError {
     /// No answer within the deadline.
     #[error("no answer within {0} ms")]
     Timeout(u64),
+    /// The handshake failed: the node (or this client) does not hold the cluster key,
+    /// or belongs to another cluster. Treated as unreachable; says why.
+    #[error("{0}")]
+    Auth(String),
     /// The node answered with something that is not a valid answer to the request.
     #[error("protocol violation: {0}")]
     Protocol(String),
@@ -88,6 +92,9 @@ pub enum CallError {
 impl CallError {
     /// True when the node is not (currently) reachable, as opposed to having answered.
     pub fn is_unreachable(&self) -> bool {
-        matches!(self, CallError::Unreachable(_) | CallError::Timeout(_))
+        matches!(
+            self,
+            CallError::Unreachable(_) | CallError::Timeout(_) | CallError::Auth(_)
+        )
     }
 }

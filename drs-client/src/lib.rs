@@ -87,6 +87,9 @@ pub struct ClientConfig {
     /// How long the nodes keep this client's locks without hearing from it; it
     /// heartbeats every third of it while it holds locks (report 5.3.3).
     pub lease: Duration,
+    /// The cluster key this client proves on every connection (open: none). Read it
+    /// with [`drs_proto::ClusterKey::for_cluster_file`].
+    pub key: drs_proto::ClusterKey,
 }
 
 impl Default for ClientConfig {
@@ -99,6 +102,7 @@ impl Default for ClientConfig {
             lock_timeout: Duration::from_secs(10),
             stripes_in_flight: 16,
             lease: Duration::from_secs(3),
+            key: drs_proto::ClusterKey::open(),
         }
     }
 }
@@ -165,6 +169,7 @@ impl Client {
             epoch: Arc::new(AtomicU64::new(map.epoch)),
             connect_timeout: cfg.connect_timeout,
             reconnect_max: cfg.reconnect_max,
+            key: cfg.key.clone(),
         };
         let pool = conn::Pool::new(map.nodes.iter().map(|n| (n.id, n.addr)), conn_cfg);
         pool.update(&map);

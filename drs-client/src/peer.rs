@@ -19,8 +19,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use drs_proto::{
-    Frame, FrameCodec, FrameHeader, FrameKind, PeerReadReq, PeerReleaseReq, PeerWriteReq, Request,
-    Response, WireError,
+    Frame, FrameHeader, FrameKind, PeerReadReq, PeerReleaseReq, PeerWriteReq, Request, Response,
+    WireError,
 };
 use futures::{SinkExt, StreamExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -34,6 +34,8 @@ use crate::Client;
 
 /// Requests served at once per peer connection is one; connections at once are few.
 const PEER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Connections the peer server serves at once.
+const PEER_CONNECTIONS: usize = 64;
 
 /// One call to another client's cache.
 pub(crate) async fn call(
@@ -47,6 +49,7 @@ pub(crate) async fn call(
         epoch: client.epoch_handle(),
         connect_timeout: client.config().connect_timeout,
         reconnect_max: client.config().reconnect_max,
+        key: client.config().key.clone(),
     };
     let conn = NodeConn::new(u32::MAX, contact, cfg);
     conn.call(req, payload, PEER_TIMEOUT).await
@@ -132,20 +135,49 @@ pub(crate) async fn serve(
     cache: Weak<CacheInner>,
     mut stop: watch::Receiver<()>,
 ) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(PEER_CONNECTIONS));
     loop {
+        let permit = tokio::select! {
+            p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+            _ = stop.changed() => return,
+        };
         let accepted = tokio::select! {
             a = listener.accept() => a,
             _ = stop.changed() => return,
         };
         let Ok((stream, _)) = accepted else { continue };
         let Some(c) = cache.upgrade() else { return };
-        tokio::spawn(connection(stream, c));
+        tokio::spawn(async move {
+            connection(stream, c).await;
+            drop(permit);
+        });
     }
 }
 
-async fn connection(stream: TcpStream, cache: Arc<CacheInner>) {
+async fn connection(mut stream: TcpStream, cache: Arc<CacheInner>) {
     let _ = stream.set_nodelay(true);
-    let mut framed = Framed::new(stream, FrameCodec);
+    let peer = stream.peer_addr().ok();
+    let handshake = drs_proto::auth::accept(
+        &mut stream,
+        cache.key(),
+        cache.cluster_id(),
+        drs_proto::Purpose::Data,
+    );
+    let session = match tokio::time::timeout(PEER_TIMEOUT, handshake).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            tracing::warn!(?peer, error = %e, "peer handshake refused; closing the connection");
+            return;
+        }
+        Err(_) => {
+            tracing::warn!(
+                ?peer,
+                "no peer handshake within the time allowed; closing the connection"
+            );
+            return;
+        }
+    };
+    let mut framed = Framed::new(stream, session.frames());
     while let Some(Ok(frame)) = framed.next().await {
         let header = frame.header;
         let (resp, data) = match frame.decode_ctrl::<Request>() {

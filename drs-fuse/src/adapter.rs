@@ -55,11 +55,18 @@ impl DrsFuse {
         }
     }
 
-    fn spawn<F>(&self, f: impl FnOnce(Arc<Ops>) -> F)
+    /// Runs operation `op` on the runtime, timing it for the metrics.
+    fn spawn<F>(&self, op: &'static str, f: impl FnOnce(Arc<Ops>) -> F)
     where
         F: std::future::Future<Output = ()> + Send + 'static,
     {
-        self.rt.spawn(f(self.ops.clone()));
+        let ops = self.ops.clone();
+        let fut = f(ops.clone());
+        self.rt.spawn(async move {
+            let started = std::time::Instant::now();
+            fut.await;
+            drs_metrics::observe(ops.latencies(), op, started.elapsed());
+        });
     }
 }
 
@@ -159,11 +166,15 @@ impl Filesystem for DrsFuse {
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let name = name.as_bytes().to_vec();
-        self.spawn(|ops| async move { entry(reply, &ops, ops.lookup(parent.0, &name).await) });
+        self.spawn("lookup", |ops| async move {
+            entry(reply, &ops, ops.lookup(parent.0, &name).await)
+        });
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        self.spawn(|ops| async move { attr(reply, &ops, ops.getattr(ino.0).await) });
+        self.spawn("getattr", |ops| async move {
+            attr(reply, &ops, ops.getattr(ino.0).await)
+        });
     }
 
     fn setattr(
@@ -192,11 +203,15 @@ impl Filesystem for DrsFuse {
             atime: atime.map(when),
             mtime: mtime.map(when),
         };
-        self.spawn(|ops| async move { attr(reply, &ops, ops.setattr(ino.0, set).await) });
+        self.spawn("setattr", |ops| async move {
+            attr(reply, &ops, ops.setattr(ino.0, set).await)
+        });
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        self.spawn(|ops| async move { data(reply, ops.readlink(ino.0).await) });
+        self.spawn("readlink", |ops| async move {
+            data(reply, ops.readlink(ino.0).await)
+        });
     }
 
     fn mknod(
@@ -269,12 +284,16 @@ impl Filesystem for DrsFuse {
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let name = name.as_bytes().to_vec();
-        self.spawn(|ops| async move { empty(reply, ops.unlink(parent.0, &name, false).await) });
+        self.spawn("unlink", |ops| async move {
+            empty(reply, ops.unlink(parent.0, &name, false).await)
+        });
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let name = name.as_bytes().to_vec();
-        self.spawn(|ops| async move { empty(reply, ops.unlink(parent.0, &name, true).await) });
+        self.spawn("rmdir", |ops| async move {
+            empty(reply, ops.unlink(parent.0, &name, true).await)
+        });
     }
 
     fn rename(
@@ -296,7 +315,7 @@ impl Filesystem for DrsFuse {
             reply.error(Errno::from_i32(libc::EINVAL));
             return;
         }
-        self.spawn(|ops| async move {
+        self.spawn("rename", |ops| async move {
             let r = ops
                 .rename(parent.0, &name, newparent.0, &newname, noreplace, exchange)
                 .await;
@@ -313,14 +332,14 @@ impl Filesystem for DrsFuse {
         reply: ReplyEntry,
     ) {
         let name = newname.as_bytes().to_vec();
-        self.spawn(
-            |ops| async move { entry(reply, &ops, ops.link(ino.0, newparent.0, &name).await) },
-        );
+        self.spawn("link", |ops| async move {
+            entry(reply, &ops, ops.link(ino.0, newparent.0, &name).await)
+        });
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        self.spawn(|ops| async move {
+        self.spawn("open", |ops| async move {
             // No FOPEN_KEEP_CACHE: each open drops the kernel's cached pages of the
             // file, so what other mounts closed is read afresh (close-to-open).
             match ops.open(ino.0).await {
@@ -341,7 +360,9 @@ impl Filesystem for DrsFuse {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        self.spawn(|ops| async move { data(reply, ops.read(ino.0, offset, size as usize).await) });
+        self.spawn("read", |ops| async move {
+            data(reply, ops.read(ino.0, offset, size as usize).await)
+        });
     }
 
     fn write(
@@ -357,7 +378,7 @@ impl Filesystem for DrsFuse {
         reply: ReplyWrite,
     ) {
         let data = data.to_vec();
-        self.spawn(|ops| async move {
+        self.spawn("write", |ops| async move {
             match ops.write(ino.0, offset, &data).await {
                 Ok(n) => reply.written(u32::try_from(n).unwrap_or(u32::MAX)),
                 Err(e) => reply.error(fail(&e)),
@@ -373,7 +394,9 @@ impl Filesystem for DrsFuse {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        self.spawn(|ops| async move { empty(reply, ops.flush(ino.0).await) });
+        self.spawn("flush", |ops| async move {
+            empty(reply, ops.flush(ino.0).await)
+        });
     }
 
     fn release(
@@ -386,7 +409,9 @@ impl Filesystem for DrsFuse {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        self.spawn(|ops| async move { empty(reply, ops.release(ino.0).await) });
+        self.spawn("release", |ops| async move {
+            empty(reply, ops.release(ino.0).await)
+        });
     }
 
     fn fsync(
@@ -397,13 +422,15 @@ impl Filesystem for DrsFuse {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        self.spawn(|ops| async move { empty(reply, ops.fsync(ino.0).await) });
+        self.spawn("fsync", |ops| async move {
+            empty(reply, ops.fsync(ino.0).await)
+        });
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         let dirs = self.dirs.clone();
-        self.spawn(|ops| async move {
+        self.spawn("opendir", |ops| async move {
             let listed = async {
                 let parent = ops.lookup(ino.0, b"..").await?;
                 let entries: Vec<DirEntry> = ops.readdir(ino.0).await?;
@@ -473,7 +500,7 @@ impl Filesystem for DrsFuse {
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        self.spawn(|ops| async move {
+        self.spawn("statfs", |ops| async move {
             match ops.statfs().await {
                 Ok(s) => {
                     let files = s.files.max(1 << 20);
@@ -507,7 +534,7 @@ impl Filesystem for DrsFuse {
         let (uid, gid) = (req.uid(), req.gid());
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         let perm = perm_of(mode, umask);
-        self.spawn(|ops| async move {
+        self.spawn("create", |ops| async move {
             let made = async {
                 let a = ops
                     .create(parent.0, &name, Kind::File, perm, uid, gid, 0, &[])
@@ -544,7 +571,7 @@ impl DrsFuse {
     ) {
         let name = name.as_bytes().to_vec();
         let (uid, gid) = (req.uid(), req.gid());
-        self.spawn(|ops| async move {
+        self.spawn("make_node", |ops| async move {
             let r = ops
                 .create(parent.0, &name, kind, perm, uid, gid, rdev, &target)
                 .await;

@@ -26,6 +26,9 @@ pub struct MountArgs {
     /// Threads reading requests from the kernel.
     #[arg(long, default_value_t = 4)]
     pub threads: usize,
+    /// Serve Prometheus metrics at http://ADDR/metrics.
+    #[arg(long)]
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 impl MountArgs {
@@ -37,6 +40,7 @@ impl MountArgs {
             op_timeout: Duration::from_secs(self.timeout.max(1)),
             threads: self.threads.clamp(1, 64),
             writeback_cache: self.options.iter().any(|o| o == "writeback_cache"),
+            metrics: self.metrics,
         }
     }
 }

@@ -42,23 +42,30 @@ pub struct MountConfig {
     /// mtime, so other mounts' changes to a file this mount has cached are not seen:
     /// for a file system used through one mount only.
     pub writeback_cache: bool,
+    /// Where to serve Prometheus metrics (`GET /metrics`), if anywhere.
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 /// Connects to the cluster of `cluster` (formatting its file system if it has none).
 pub async fn connect(cluster: &Path, cfg: OpsConfig) -> anyhow::Result<Ops> {
     let map = ClusterMap::load(cluster)
         .with_context(|| format!("read cluster file {}", cluster.display()))?;
-    let map = drs_local::meta::resolve(map)
+    let key = drs_proto::ClusterKey::for_cluster_file(cluster)?;
+    let map = drs_local::meta::resolve(map, &key)
         .await
         .map_err(anyhow::Error::msg)?;
-    let meta = drs_meta::MetaClient::for_map(&map)
+    let meta = drs_meta::MetaClient::for_map(&map, &key)
         .context("the cluster has no metadata service, which holds the file system")?;
     let vid = map
         .volumes
         .first()
         .map(|v| v.id)
         .context("the cluster file defines no volume")?;
-    let data = drs_local::meta::client(map, vid, drs_client::ClientConfig::default())?;
+    let data_cfg = drs_client::ClientConfig {
+        key,
+        ..drs_client::ClientConfig::default()
+    };
+    let data = drs_local::meta::client(map, vid, data_cfg)?;
     let (uid, gid) = (
         nix::unistd::getuid().as_raw(),
         nix::unistd::getgid().as_raw(),
@@ -109,8 +116,19 @@ pub fn mount(cfg: &MountConfig) -> anyhow::Result<()> {
         op_timeout: cfg.op_timeout,
         ..OpsConfig::default()
     };
-    let ops = rt.block_on(connect(&cfg.cluster, ops_cfg))?;
-    let fs = adapter::DrsFuse::new(Arc::new(ops), rt.handle().clone(), cfg.writeback_cache);
+    let ops = Arc::new(rt.block_on(connect(&cfg.cluster, ops_cfg))?);
+    // Kept until the mount ends: dropping it stops the metrics endpoint.
+    let (_metrics_stop, metrics_rx) = tokio::sync::watch::channel(false);
+    if let Some(addr) = cfg.metrics {
+        let listener = rt
+            .block_on(tokio::net::TcpListener::bind(addr))
+            .with_context(|| format!("metrics: listen on {addr}"))?;
+        let o = ops.clone();
+        let render: drs_metrics::Render = Arc::new(move || o.render_metrics());
+        rt.spawn(drs_metrics::serve(listener, render, metrics_rx));
+        tracing::info!(%addr, "serving metrics at /metrics");
+    }
+    let fs = adapter::DrsFuse::new(ops, rt.handle().clone(), cfg.writeback_cache);
     let mut options = fuser::Config::default();
     options.mount_options = vec![
         fuser::MountOption::FSName("drs".into()),

@@ -104,6 +104,8 @@ pub struct Ops {
     cfg: OpsConfig,
     block_size: u64,
     open: Mutex<HashMap<Ino, Open>>,
+    /// Time each file system operation took, by operation.
+    latencies: drs_metrics::Latencies,
 }
 
 /// The current time as the namespace stores it.
@@ -145,6 +147,54 @@ macro_rules! expect_reply {
 }
 
 impl Ops {
+    /// Time each operation took, by operation (filled by the adapter).
+    pub fn latencies(&self) -> &drs_metrics::Latencies {
+        &self.latencies
+    }
+
+    /// The mount's metrics as OpenMetrics text: its operations' latencies and what
+    /// its storage client did (reads, degraded reads, reconstructions, writes, lock
+    /// waits, repairs sent), and the files it has open.
+    pub fn render_metrics(&self) -> String {
+        use std::sync::atomic::Ordering::Relaxed;
+        let s = self.data.stats();
+        let open = lock(&self.open).len();
+        let mut m = drs_metrics::Snapshot::default();
+        m.counter("client_reads", "Block reads.", s.reads.load(Relaxed))
+            .counter(
+                "client_degraded_reads",
+                "Reads that asked the rest of the stripe.",
+                s.degraded_reads.load(Relaxed),
+            )
+            .counter(
+                "client_reconstructions",
+                "Blocks decoded from other blocks.",
+                s.reconstructions.load(Relaxed),
+            )
+            .counter("client_writes", "Block writes.", s.writes.load(Relaxed))
+            .counter(
+                "client_lock_waits",
+                "Lock requests retried because another client held the block.",
+                s.lock_retries.load(Relaxed),
+            )
+            .counter(
+                "client_repairs",
+                "Blocks found corrupt or stale and sent for repair.",
+                s.repairs.load(Relaxed),
+            )
+            .gauge(
+                "fs_open_files",
+                "Files open in this mount.",
+                i64::try_from(open).unwrap_or(i64::MAX),
+            )
+            .metric(
+                "fs_op_seconds",
+                "Time a file system operation took, by operation.",
+                self.latencies.clone(),
+            );
+        m.encode()
+    }
+
     /// A file system over `data`'s volume, its namespace in `meta`; formats the
     /// volume's file system (root owned by `uid`:`gid`) if it has none.
     pub async fn new(
@@ -161,6 +211,7 @@ impl Ops {
             cfg,
             block_size,
             open: Mutex::new(HashMap::new()),
+            latencies: drs_metrics::latencies(),
         };
         let format = FsCommand::Format {
             blocks: ops.data.blocks(),

@@ -46,6 +46,22 @@ pub struct ServeArgs {
     /// another (0: no limit).
     #[arg(long, default_value_t = 0.0)]
     pub rebuild_rate_mib: f64,
+    /// Seconds between the starts of two background scrub passes, which read every
+    /// block and check it against its checksum (0: never; the first pass starts at
+    /// most 5 minutes after the node).
+    #[arg(long, default_value_t = 86400)]
+    pub scrub_every_s: u64,
+    /// MiB per second the background scrubber reads at most (0: no limit).
+    #[arg(long, default_value_t = 8.0)]
+    pub scrub_rate_mib: f64,
+    /// Run without a cluster key file: connections are not authenticated, and anyone
+    /// who can reach the node can read and write its blocks. Without this flag a node
+    /// whose cluster has no key file refuses to start.
+    #[arg(long)]
+    pub open: bool,
+    /// Serve Prometheus metrics at http://ADDR/metrics.
+    #[arg(long)]
+    pub metrics: Option<SocketAddr>,
     /// Checkpoint the block store when its log exceeds this many MiB.
     #[arg(long, default_value_t = 64)]
     pub checkpoint_mib: u64,
@@ -66,6 +82,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let map = ClusterMap::load(&args.cluster)?;
+    let key = drs_proto::ClusterKey::for_cluster_file(&args.cluster)?;
     let Some(entry) = map.node(args.node).cloned() else {
         bail!(
             "node {} is not in cluster file {}",
@@ -91,7 +108,27 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
         bail!("--rebuild-rate-mib must be a number of MiB per second, 0 or more");
     }
     cfg.rebuild_rate = (args.rebuild_rate_mib * 1048576.0) as u64;
+    if !(args.scrub_rate_mib.is_finite() && args.scrub_rate_mib >= 0.0) {
+        bail!("--scrub-rate-mib must be a number of MiB per second, 0 or more");
+    }
+    cfg.scrub_rate = (args.scrub_rate_mib * 1048576.0) as u64;
+    cfg.scrub_every = Duration::from_secs(args.scrub_every_s);
+    cfg.metrics = args.metrics;
     cfg.fault_signals = args.fault_signals;
+    if key.is_open() {
+        let path = drs_proto::ClusterKey::path_for(&args.cluster);
+        if !args.open {
+            bail!(
+                "no cluster key at {} (`drs-cli cluster up` writes it; copy it there, or pass --open to run without authentication)",
+                path.display()
+            );
+        }
+        tracing::warn!(
+            key_file = %path.display(),
+            "running open (--open): connections are not authenticated; anyone who can reach this node can use it"
+        );
+    }
+    cfg.key = key;
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

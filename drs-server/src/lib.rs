@@ -7,6 +7,9 @@
 //! - [`rpc`]: connections and frames.
 //! - [`recover`]: rejoining after a restart and catching up on missed updates.
 //! - [`aon`]: all-or-nothing updates (relays) and lease expiry (fencing).
+//! - [`metrics`]: the Prometheus metrics it serves (`--metrics ADDR`).
+//! - [`scrubber`]: the background scrubber (every block against its checksum, at a
+//!   bounded rate; corrupt blocks rebuilt from their stripes).
 //! - [`member`]: the metadata service: the replica a node may host, registration,
 //!   heartbeats, following the cluster map.
 //!
@@ -16,11 +19,13 @@ pub mod aon;
 pub mod cachegroup;
 pub mod cli;
 pub mod member;
+pub mod metrics;
 pub mod node;
 pub mod recover;
 pub mod rpc;
 #[cfg(test)]
 mod rpc_tests;
+pub mod scrubber;
 pub mod store;
 
 use std::collections::HashMap;
@@ -35,8 +40,9 @@ use tokio::sync::watch;
 pub use node::{Node, NodeConfig};
 
 /// Settings of the client a node uses to read its peers during recovery.
-fn peer_client_config() -> ClientConfig {
+fn peer_client_config(key: &drs_proto::ClusterKey) -> ClientConfig {
     ClientConfig {
+        key: key.clone(),
         request_timeout: Duration::from_secs(3),
         connect_timeout: Duration::from_millis(500),
         reconnect_max: Duration::from_millis(500),
@@ -60,7 +66,10 @@ pub async fn run(
     let node = Arc::new(node);
     let mut peers = HashMap::new();
     for vid in node.volumes.keys() {
-        peers.insert(*vid, Client::new(map.clone(), *vid, peer_client_config())?);
+        peers.insert(
+            *vid,
+            Client::new(map.clone(), *vid, peer_client_config(&node.cfg.key))?,
+        );
     }
     tracing::info!(
         node = node.cfg.node,
@@ -73,7 +82,7 @@ pub async fn run(
         member::isolate_on_signals(meta.clone(), shutdown.clone())?;
     }
     let (reverify, reverify_rx) = watch::channel(0u64);
-    if let Some(meta) = drs_meta::MetaClient::for_map(&map) {
+    if let Some(meta) = drs_meta::MetaClient::for_map(&map, &node.cfg.key) {
         let addr = match map.node(node.cfg.node) {
             Some(n) => n.addr,
             None => listener.local_addr()?,
@@ -89,6 +98,16 @@ pub async fn run(
         ));
     }
     tokio::spawn(aon::run(node.clone(), peers.clone(), shutdown.clone()));
+    tokio::spawn(scrubber::run(node.clone(), peers.clone(), shutdown.clone()));
+    if let Some(addr) = node.cfg.metrics {
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|e| anyhow::anyhow!("metrics: listen on {addr}: {e}"))?;
+        tracing::info!(%addr, "serving metrics at /metrics");
+        let n = node.clone();
+        let render: drs_metrics::Render = Arc::new(move || metrics::render(&n));
+        tokio::spawn(drs_metrics::serve(listener, render, shutdown.clone()));
+    }
     tokio::spawn(recover::lifecycle(
         node.clone(),
         peers,

@@ -63,6 +63,14 @@ pub struct NodeConfig {
     /// Fault injection for tests: SIGUSR1 cuts the metadata replica this node hosts
     /// off from the other replicas (Raft traffic both ways), SIGUSR2 heals it.
     pub fault_signals: bool,
+    /// Where to serve Prometheus metrics (`GET /metrics`), if anywhere.
+    pub metrics: Option<std::net::SocketAddr>,
+    /// Time between the starts of two background scrub passes (zero: never scrub).
+    pub scrub_every: Duration,
+    /// Bytes per second the background scrubber reads at most (0: no limit).
+    pub scrub_rate: u64,
+    /// The cluster key every connection to and from this node proves (open: none).
+    pub key: drs_proto::ClusterKey,
 }
 
 impl NodeConfig {
@@ -83,6 +91,10 @@ impl NodeConfig {
             meta_down_after: Duration::from_secs(3),
             rebuild_rate: 0,
             fault_signals: false,
+            metrics: None,
+            scrub_every: Duration::from_secs(24 * 3600),
+            scrub_rate: 8 << 20,
+            key: drs_proto::ClusterKey::open(),
         }
     }
 }
@@ -187,6 +199,10 @@ pub struct Node {
     /// them before settling the client's updates).
     inflight: Mutex<HashMap<ClientId, u32>>,
     pub aon: AonStats,
+    /// What the background scrubber did.
+    pub scrub: crate::scrubber::ScrubStats,
+    /// Time from a request's arrival to its answer, by request kind.
+    pub latencies: drs_metrics::Latencies,
     /// Clients that keep a cache group (from their lock requests): when their lease
     /// runs out, their locks stay until the group wrote their cache back.
     pub cache_groups: Mutex<HashMap<ClientId, Vec<NodeId>>>,
@@ -252,6 +268,8 @@ impl Node {
             registered: AtomicU64::new(0),
             inflight: Mutex::new(HashMap::new()),
             aon: AonStats::default(),
+            scrub: Default::default(),
+            latencies: drs_metrics::latencies(),
             cache_groups: Mutex::new(HashMap::new()),
             copies: Mutex::new(crate::cachegroup::Copies::new(64 << 20)),
             relay_now: tokio::sync::Notify::new(),
@@ -290,6 +308,12 @@ impl Node {
             fenced: self.aon.fenced.load(Ordering::Relaxed),
             relayed: self.aon.relayed.load(Ordering::Relaxed),
             written_back: self.aon.written_back.load(Ordering::Relaxed),
+            scrub_passes: self.scrub.passes.load(Ordering::Relaxed),
+            scrub_checked: self.scrub.checked.load(Ordering::Relaxed),
+            scrub_found: self.scrub.found.load(Ordering::Relaxed),
+            scrub_repaired: self.scrub.repaired.load(Ordering::Relaxed),
+            scrub_position: self.scrub.position.load(Ordering::Relaxed),
+            scrub_total: self.scrub.total.load(Ordering::Relaxed),
             ..Default::default()
         };
         for v in self.volumes.values() {

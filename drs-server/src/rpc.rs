@@ -8,13 +8,19 @@
 //! frame that stops arriving half-way ([`FRAME_STALL`] without a byte of progress): a
 //! peer that stalls mid-frame would otherwise hold a connection slot for ever. An
 //! idle connection between frames is left open (clients pool them).
+//!
+//! Every connection opens with the handshake of [`drs_proto::auth`] (bounded by
+//! [`HANDSHAKE_TIMEOUT`]); a peer that cannot prove the cluster key is logged and
+//! closed before any frame of it is read, and every frame after it travels in an
+//! authenticated record.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use drs_proto::{Frame, FrameCodec, FrameHeader, FrameKind, Request, Response, WireError};
+use drs_proto::frame::SealedFrames;
+use drs_proto::{Frame, FrameHeader, FrameKind, Purpose, Request, Response, WireError};
 use futures::{SinkExt, StreamExt};
 use tokio::net::tcp::OwnedReadHalf;
 use tokio::net::{TcpListener, TcpStream};
@@ -30,6 +36,8 @@ const IN_FLIGHT: usize = 256;
 const ANSWERS: usize = 256;
 /// A frame begun that makes no progress for this long closes its connection.
 pub const FRAME_STALL: Duration = Duration::from_secs(5);
+/// A connection must finish its handshake within this.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Deadline applied to a request that names none, and the longest one honoured.
 const DEADLINE_MAX: Duration = Duration::from_secs(60);
 
@@ -67,7 +75,7 @@ pub async fn serve(node: Arc<Node>, listener: TcpListener, mut shutdown: watch::
 /// The next frame, an error, or None at the end of the stream or when a frame begun
 /// made no progress for [`FRAME_STALL`] (logged).
 async fn next_frame(
-    frames: &mut FramedRead<OwnedReadHalf, FrameCodec>,
+    frames: &mut FramedRead<OwnedReadHalf, SealedFrames>,
     peer: Option<std::net::SocketAddr>,
 ) -> Option<Result<Frame, drs_proto::FrameError>> {
     // Bytes of an unfinished frame at the last check.
@@ -96,13 +104,33 @@ async fn next_frame(
     }
 }
 
-async fn connection(node: Arc<Node>, stream: TcpStream, mut shutdown: watch::Receiver<bool>) {
+async fn connection(node: Arc<Node>, mut stream: TcpStream, mut shutdown: watch::Receiver<bool>) {
     let peer = stream.peer_addr().ok();
+    let handshake = drs_proto::auth::accept(
+        &mut stream,
+        &node.cfg.key,
+        node.map.cluster_id,
+        Purpose::Data,
+    );
+    let session = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            tracing::warn!(?peer, error = %e, "handshake refused; closing the connection");
+            return;
+        }
+        Err(_) => {
+            tracing::warn!(
+                ?peer,
+                "no handshake within the time allowed; closing the connection"
+            );
+            return;
+        }
+    };
     let (rd, wr) = stream.into_split();
-    let mut frames = FramedRead::new(rd, FrameCodec);
+    let mut frames = FramedRead::new(rd, session.clone().frames());
     let (tx, mut rx) = mpsc::channel::<Frame>(ANSWERS);
     let writer = tokio::spawn(async move {
-        let mut sink = FramedWrite::new(wr, FrameCodec);
+        let mut sink = FramedWrite::new(wr, session.frames());
         while let Some(f) = rx.recv().await {
             if sink.feed(f).await.is_err() {
                 return;
@@ -171,10 +199,12 @@ async fn connection(node: Arc<Node>, stream: TcpStream, mut shutdown: watch::Rec
         };
         let deadline = received + budget;
         let cancellable = matches!(req, Request::Read(_));
+        let kind = req.kind_name();
         // First stage in arrival order (the lock table), the rest concurrently.
         let admitted = node.admit(&header, req);
         if let Admitted::Answer(resp) = admitted {
             drop(permit);
+            drs_metrics::observe(&node.latencies, kind, received.elapsed());
             if tx
                 .send(answer(&node, &header, resp, Bytes::new()))
                 .await
@@ -192,6 +222,7 @@ async fn connection(node: Arc<Node>, stream: TcpStream, mut shutdown: watch::Rec
         let mut reg = lock(&running);
         let task = tokio::spawn(async move {
             let (resp, data) = node2.run(admitted, frame.payload, deadline).await;
+            drs_metrics::observe(&node2.latencies, kind, received.elapsed());
             lock(&running2).remove(&id);
             let _ = tx2.send(answer(&node2, &header, resp, data)).await;
             drop(permit);

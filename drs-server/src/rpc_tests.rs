@@ -8,9 +8,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use drs_proto::error::InvalidReason;
 use drs_proto::{
-    Applied, BlockUpdate, CancelReq, ClusterMap, Frame, FrameCodec, FrameHeader, FrameKind,
-    HeartbeatReq, LockReq, NodeEntry, ReadMode, ReadReq, Request, Response, UnlockReq, UpdateId,
-    UpdateReq, VolumeConfig, WireError,
+    Applied, BlockUpdate, CancelReq, ClusterMap, Frame, FrameHeader, FrameKind, HeartbeatReq,
+    LockReq, NodeEntry, ReadMode, ReadReq, Request, Response, UnlockReq, UpdateId, UpdateReq,
+    VolumeConfig, WireError,
 };
 use futures::{SinkExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -86,10 +86,15 @@ async fn start() -> TestNode {
     }
 }
 
-type Conn = Framed<TcpStream, FrameCodec>;
+type Conn = Framed<TcpStream, drs_proto::frame::SealedFrames>;
 
 async fn connect(n: &TestNode) -> Conn {
-    Framed::new(TcpStream::connect(n.addr).await.unwrap(), FrameCodec)
+    let mut s = TcpStream::connect(n.addr).await.unwrap();
+    let key = drs_proto::ClusterKey::open();
+    let session = drs_proto::auth::connect(&mut s, &key, CLUSTER, drs_proto::Purpose::Data)
+        .await
+        .unwrap();
+    Framed::new(s, session.frames())
 }
 
 fn header(id: u64) -> FrameHeader {

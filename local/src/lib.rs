@@ -22,7 +22,9 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use drs_client::{Client, ClientConfig};
-use drs_proto::{ClusterMap, MemberState, MetaReplica, NodeEntry, NodeId, VolumeConfig};
+use drs_proto::{
+    ClusterKey, ClusterMap, MemberState, MetaReplica, NodeEntry, NodeId, VolumeConfig,
+};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
@@ -172,6 +174,14 @@ pub struct NodeOptions {
     /// `--fault-signals`: SIGUSR1 / SIGUSR2 cut off / heal a node's metadata replica
     /// (partition tests only).
     pub fault_signals: bool,
+    /// `--scrub-every-s`: seconds between background scrub passes (0: never).
+    pub scrub_every_s: u64,
+    /// `--scrub-rate-mib`: MiB/s the background scrubber reads at most (0: no limit).
+    pub scrub_rate_mib: f64,
+    /// Each node serves Prometheus metrics on a port of 127.0.0.1 chosen at its
+    /// first start and kept in `node-<id>/metrics-addr` (see
+    /// [`LocalCluster::metrics_addr`]).
+    pub metrics: bool,
 }
 
 impl Default for NodeOptions {
@@ -183,6 +193,9 @@ impl Default for NodeOptions {
             down_after_ms: 3000,
             rebuild_rate_mib: 0.0,
             fault_signals: false,
+            scrub_every_s: 86400,
+            scrub_rate_mib: 8.0,
+            metrics: false,
         }
     }
 }
@@ -192,6 +205,9 @@ pub struct LocalCluster {
     pub dir: PathBuf,
     pub map_path: PathBuf,
     pub map: ClusterMap,
+    /// The cluster key (in `cluster.key` beside the cluster file), proved by every
+    /// connection.
+    pub key: ClusterKey,
     server: ServerCommand,
     pub options: NodeOptions,
     /// Processes this program started (reaped when they exit).
@@ -344,11 +360,15 @@ impl LocalCluster {
             let nd = dir.join(format!("node-{}", n.id));
             std::fs::create_dir_all(&nd).map_err(io("create", &nd))?;
         }
+        let key = ClusterKey::generate();
+        key.save(&ClusterKey::path_for(&map_path))
+            .map_err(|e| LocalError::Invalid(e.to_string()))?;
         save_maps(&map, &map_path)?;
         Ok(LocalCluster {
             dir,
             map_path,
             map,
+            key,
             server,
             options,
             children: Mutex::new(HashMap::new()),
@@ -362,6 +382,8 @@ impl LocalCluster {
         options: NodeOptions,
     ) -> Result<LocalCluster, LocalError> {
         let map = ClusterMap::load(map_path)?;
+        let key = ClusterKey::for_cluster_file(map_path)
+            .map_err(|e| LocalError::Invalid(e.to_string()))?;
         let dir = map_path
             .parent()
             .map(Path::to_path_buf)
@@ -370,6 +392,7 @@ impl LocalCluster {
             dir,
             map_path: map_path.to_owned(),
             map,
+            key,
             server,
             options,
             children: Mutex::new(HashMap::new()),
@@ -419,10 +442,30 @@ impl LocalCluster {
     }
 
     /// Starts (or restarts) one node.
+    /// Where node `id` serves its metrics: kept in `node-<id>/metrics-addr`, chosen
+    /// (a free port on 127.0.0.1) the first time.
+    pub fn metrics_addr(&self, id: NodeId) -> Result<std::net::SocketAddr, LocalError> {
+        let path = self.node_dir(id).join("metrics-addr");
+        if let Some(a) = std::fs::read_to_string(&path)
+            .ok()
+            .and_then(|t| t.trim().parse().ok())
+        {
+            return Ok(a);
+        }
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], free_ports(1)?[0]));
+        std::fs::write(&path, format!("{addr}\n")).map_err(io("write", &path))?;
+        Ok(addr)
+    }
+
     pub fn start(&self, id: NodeId, first_start: bool) -> Result<u32, LocalError> {
         if self.map.node(id).is_none() {
             return Err(LocalError::UnknownNode(id));
         }
+        let metrics = if self.options.metrics {
+            Some(self.metrics_addr(id)?)
+        } else {
+            None
+        };
         if let Some(pid) = self.pid(id) {
             return Err(LocalError::Running { node: id, pid });
         }
@@ -452,6 +495,15 @@ impl LocalCluster {
             .arg(self.options.down_after_ms.to_string())
             .arg("--rebuild-rate-mib")
             .arg(self.options.rebuild_rate_mib.to_string())
+            .arg("--scrub-every-s")
+            .arg(self.options.scrub_every_s.to_string())
+            .arg("--scrub-rate-mib")
+            .arg(self.options.scrub_rate_mib.to_string())
+            .args(
+                metrics
+                    .iter()
+                    .flat_map(|a| ["--metrics".to_string(), a.to_string()]),
+            )
             .args(self.options.fault_signals.then_some("--fault-signals"))
             .env("RUST_LOG", &self.options.log)
             .stdin(Stdio::null())
@@ -473,7 +525,7 @@ impl LocalCluster {
 
     /// The metadata service, which `what` needs.
     fn meta_service(&self, what: &str) -> Result<drs_meta::MetaClient, LocalError> {
-        drs_meta::MetaClient::for_map(&self.map).ok_or_else(|| {
+        drs_meta::MetaClient::for_map(&self.map, &self.key).ok_or_else(|| {
             LocalError::Invalid(format!(
                 "{what} needs the metadata service (cluster up --meta N)"
             ))
@@ -649,7 +701,7 @@ impl LocalCluster {
     /// Removes metadata replica `id` from the group, then from the cluster file, and
     /// restarts its host so it stops serving it (its directory is deleted).
     pub async fn meta_remove(&mut self, id: u64) -> Result<(), LocalError> {
-        let meta = drs_meta::MetaClient::for_map(&self.map)
+        let meta = drs_meta::MetaClient::for_map(&self.map, &self.key)
             .ok_or_else(|| LocalError::Invalid("the cluster has no metadata service".into()))?;
         let r = self
             .map
@@ -807,6 +859,10 @@ impl LocalCluster {
     /// A client of the cluster's volume.
     pub fn client(&self, cfg: ClientConfig) -> Result<Client, LocalError> {
         let vid = self.map.volumes.first().map(|v| v.id).unwrap_or(1);
+        let cfg = ClientConfig {
+            key: self.key.clone(),
+            ..cfg
+        };
         Ok(meta::client(self.map.clone(), vid, cfg)?)
     }
 
@@ -818,7 +874,8 @@ impl LocalCluster {
     /// incarnation of this start: the first map of a new cluster says every node is
     /// up before any has registered.
     async fn waiting_in_map(&self, registered: &[(NodeId, u64)]) -> Option<String> {
-        let meta = drs_meta::MetaClient::for_map(&self.map)?.with_deadline(Duration::from_secs(2));
+        let meta = drs_meta::MetaClient::for_map(&self.map, &self.key)?
+            .with_deadline(Duration::from_secs(2));
         match meta.read().await {
             Ok(state) => {
                 let map = state.cluster_map();

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use drs_client::{Client, ClientConfig, ClientError, MapSource};
 use drs_meta::MetaClient;
-use drs_proto::{ClusterMap, VolumeId};
+use drs_proto::{ClusterKey, ClusterMap, VolumeId};
 
 /// The metadata service as a [`MapSource`].
 pub struct MetaMaps(pub MetaClient);
@@ -31,7 +31,7 @@ impl MapSource for MetaMaps {
 /// first answer comes at once, as the service's epoch is past the file's); otherwise
 /// `map` is the whole truth. Call inside a tokio runtime.
 pub fn client(map: ClusterMap, vid: VolumeId, cfg: ClientConfig) -> Result<Client, ClientError> {
-    let meta = MetaClient::for_map(&map);
+    let meta = MetaClient::for_map(&map, &cfg.key);
     let client = Client::new(map, vid, cfg)?;
     if let Some(meta) = meta {
         client.follow(Arc::new(MetaMaps(meta)));
@@ -41,11 +41,11 @@ pub fn client(map: ClusterMap, vid: VolumeId, cfg: ClientConfig) -> Result<Clien
 
 /// The whole map for a map that may be only a locator (see
 /// [`ClusterMap::is_locator`]): read from the metadata service.
-pub async fn resolve(map: ClusterMap) -> Result<ClusterMap, String> {
+pub async fn resolve(map: ClusterMap, key: &ClusterKey) -> Result<ClusterMap, String> {
     if !map.is_locator() {
         return Ok(map);
     }
-    let meta = MetaClient::for_map(&map).ok_or("no metadata service in the locator")?;
+    let meta = MetaClient::for_map(&map, key).ok_or("no metadata service in the locator")?;
     let state = meta
         .read()
         .await

@@ -39,6 +39,8 @@ pub struct ClientConfig {
     /// How long a watch waits for a newer epoch before returning the current state
     /// (default 5 s).
     pub watch_wait: Duration,
+    /// The cluster key proved on every connection (open: none).
+    pub key: drs_proto::ClusterKey,
 }
 
 impl Default for ClientConfig {
@@ -48,6 +50,7 @@ impl Default for ClientConfig {
             rpc_timeout: Duration::from_secs(3),
             connect_timeout: Duration::from_secs(1),
             watch_wait: Duration::from_secs(5),
+            key: drs_proto::ClusterKey::open(),
         }
     }
 }
@@ -60,6 +63,7 @@ pub struct MetaClient {
 
 struct Inner {
     cluster_id: u64,
+    creds: net::Credentials,
     cfg: ClientConfig,
     replicas: Mutex<Vec<SocketAddr>>,
     leader: Mutex<Option<SocketAddr>>,
@@ -72,14 +76,18 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl MetaClient {
     /// A client of the metadata service that `map` names (None for a static map,
-    /// which names no replicas).
-    pub fn for_map(map: &drs_proto::ClusterMap) -> Option<MetaClient> {
+    /// which names no replicas), proving `key`.
+    pub fn for_map(map: &drs_proto::ClusterMap, key: &drs_proto::ClusterKey) -> Option<MetaClient> {
         if map.meta.is_empty() {
             return None;
         }
-        Some(MetaClient::new(
+        Some(MetaClient::with_config(
             map.meta.iter().map(|r| r.addr).collect(),
             map.cluster_id,
+            ClientConfig {
+                key: key.clone(),
+                ..ClientConfig::default()
+            },
         ))
     }
 
@@ -103,6 +111,10 @@ impl MetaClient {
         MetaClient {
             inner: Arc::new(Inner {
                 cluster_id,
+                creds: net::Credentials {
+                    key: cfg.key.clone(),
+                    cluster_id,
+                },
                 cfg,
                 replicas: Mutex::new(replicas),
                 leader: Mutex::new(None),
@@ -285,6 +297,7 @@ impl MetaClient {
         let mut last = String::from("no replica tried");
         let mut next = 0usize;
         let mut failures_in_row = 0usize;
+        let mut refused = std::collections::HashSet::new();
         loop {
             let now = Instant::now();
             if now >= deadline {
@@ -329,6 +342,16 @@ impl MetaClient {
                     *lock(&self.inner.leader) = Some(target);
                     return Ok((resp, target));
                 }
+                // A refused handshake (another key, another cluster) will not pass
+                // on a retry at that replica; given up once every replica refused.
+                Err(e @ MetaError::Auth { .. }) => {
+                    refused.insert(target);
+                    if replicas.iter().all(|r| refused.contains(r)) {
+                        return Err(e);
+                    }
+                    last = format!("{target}: {e}");
+                    failures_in_row += 1;
+                }
                 Err(e) => {
                     last = format!("{target}: {e}");
                     failures_in_row += 1;
@@ -371,14 +394,18 @@ impl MetaClient {
                 // the request: try once on a new one.
                 Err(MetaError::Io { .. }) => {
                     let left = timeout.saturating_sub(started.elapsed());
-                    let mut c = Conn::connect(addr, cfg.connect_timeout.min(left)).await?;
+                    let mut c =
+                        Conn::connect(addr, cfg.connect_timeout.min(left), &self.inner.creds)
+                            .await?;
                     let r = c.call(bytes, left).await?;
                     (c, r)
                 }
                 Err(e) => return Err(e),
             },
             None => {
-                let mut c = Conn::connect(addr, cfg.connect_timeout.min(timeout)).await?;
+                let mut c =
+                    Conn::connect(addr, cfg.connect_timeout.min(timeout), &self.inner.creds)
+                        .await?;
                 let r = c.call(bytes, timeout).await?;
                 (c, r)
             }

@@ -49,6 +49,11 @@ pub enum MetaError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("handshake with {addr}: {error}")]
+    Auth {
+        addr: SocketAddr,
+        error: drs_proto::auth::AuthError,
+    },
     #[error("peer {addr} answered with an unexpected message: {what}")]
     Protocol { addr: SocketAddr, what: String },
     #[error("remote error: {0}")]

@@ -12,6 +12,10 @@
 //! body; `crc32` (IEEE, little-endian) covers the payload. A bad frame ends the
 //! connection.
 //!
+//! Every connection opens with the handshake of [`drs_proto::auth`] (purpose `Meta`),
+//! in which both ends prove the cluster key; every frame after it travels in an
+//! authenticated record ([`SealedMeta`]).
+//!
 //! A connection carries one request at a time: the caller sends a [`RequestEnvelope`]
 //! (cluster id, the time it will wait, the [`Request`]) and reads one [`Response`]. Raft
 //! traffic (AppendEntries, Vote, InstallSnapshot, and whole snapshots in one message) and
@@ -74,9 +78,22 @@ pub enum FrameError {
     Decode(postcard::Error),
     #[error("cannot encode message: {0}")]
     Encode(postcard::Error),
+    #[error("{0}")]
+    Auth(#[from] drs_proto::auth::AuthError),
     #[error("i/o: {0}")]
     Io(#[from] std::io::Error),
 }
+
+/// Metadata frames in authenticated records.
+pub type SealedMeta = drs_proto::SealedCodec<MetaCodec>;
+
+/// The metadata codec over an authenticated session.
+pub fn sealed(session: drs_proto::Session) -> SealedMeta {
+    session.codec(MetaCodec, HEADER_LEN + MAX_FRAME_LEN)
+}
+
+/// A connection's time to finish the handshake, at a replica.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Appends one frame holding `payload` to `dst`.
 pub fn encode_frame(payload: &[u8], dst: &mut BytesMut) -> Result<(), FrameError> {
@@ -318,22 +335,52 @@ pub enum WireError {
 /// One client connection: one request at a time.
 pub(crate) struct Conn {
     pub(crate) addr: SocketAddr,
-    framed: Framed<TcpStream, MetaCodec>,
+    framed: Framed<TcpStream, SealedMeta>,
+}
+
+/// What a connection proves in its handshake.
+#[derive(Debug, Clone)]
+pub(crate) struct Credentials {
+    pub(crate) key: drs_proto::ClusterKey,
+    pub(crate) cluster_id: u64,
 }
 
 impl Conn {
-    pub(crate) async fn connect(addr: SocketAddr, timeout: Duration) -> Result<Conn, MetaError> {
-        let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
+    /// Connects and runs the handshake, both within `timeout`.
+    pub(crate) async fn connect(
+        addr: SocketAddr,
+        timeout: Duration,
+        creds: &Credentials,
+    ) -> Result<Conn, MetaError> {
+        let open = async {
+            let mut stream = TcpStream::connect(addr)
+                .await
+                .map_err(|source| MetaError::Io { addr, source })?;
+            stream
+                .set_nodelay(true)
+                .map_err(|source| MetaError::Io { addr, source })?;
+            let session = drs_proto::auth::connect(
+                &mut stream,
+                &creds.key,
+                creds.cluster_id,
+                drs_proto::Purpose::Meta,
+            )
+            .await
+            .map_err(|error| match error {
+                drs_proto::auth::AuthError::Io(e) => MetaError::Io {
+                    addr,
+                    source: std::io::Error::other(e),
+                },
+                error => MetaError::Auth { addr, error },
+            })?;
+            Ok(Conn {
+                addr,
+                framed: Framed::new(stream, sealed(session)),
+            })
+        };
+        tokio::time::timeout(timeout, open)
             .await
             .map_err(|_| MetaError::Timeout(format!("connecting to {addr}")))?
-            .map_err(|source| MetaError::Io { addr, source })?;
-        stream
-            .set_nodelay(true)
-            .map_err(|source| MetaError::Io { addr, source })?;
-        Ok(Conn {
-            addr,
-            framed: Framed::new(stream, MetaCodec),
-        })
     }
 
     /// Sends one encoded envelope and reads the response. On any error the connection
@@ -379,14 +426,18 @@ pub(crate) fn envelope(
 
 /// Creates the per-peer Raft clients of one replica.
 pub struct NetworkFactory {
-    cluster_id: u64,
+    creds: Credentials,
     isolated: Arc<AtomicBool>,
 }
 
 impl NetworkFactory {
-    pub fn new(cluster_id: u64, isolated: Arc<AtomicBool>) -> NetworkFactory {
+    pub fn new(
+        cluster_id: u64,
+        key: drs_proto::ClusterKey,
+        isolated: Arc<AtomicBool>,
+    ) -> NetworkFactory {
         NetworkFactory {
-            cluster_id,
+            creds: Credentials { key, cluster_id },
             isolated,
         }
     }
@@ -399,7 +450,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
         PeerClient {
             target,
             addr: node.addr.clone(),
-            cluster_id: self.cluster_id,
+            creds: self.creds.clone(),
             isolated: self.isolated.clone(),
             conn: None,
         }
@@ -411,7 +462,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
 pub struct PeerClient {
     target: u64,
     addr: String,
-    cluster_id: u64,
+    creds: Credentials,
     isolated: Arc<AtomicBool>,
     conn: Option<Conn>,
 }
@@ -438,7 +489,7 @@ impl PeerClient {
                 self.target, self.addr
             )))
         })?;
-        let bytes = match envelope(self.cluster_id, ttl, body) {
+        let bytes = match envelope(self.creds.cluster_id, ttl, body) {
             Ok(b) => b,
             Err(FrameError::TooLarge { .. }) => return Err(PeerError::TooLarge),
             Err(e) => return Err(PeerError::Unreachable(e.into())),
@@ -450,7 +501,7 @@ impl PeerClient {
                 // The peer closed the idle connection (or restarted): once more on a new one.
                 Err(MetaError::Io { .. }) => {
                     let left = ttl.saturating_sub(started.elapsed());
-                    let mut c = Conn::connect(addr, left)
+                    let mut c = Conn::connect(addr, left, &self.creds)
                         .await
                         .map_err(PeerError::Unreachable)?;
                     let r = c.call(bytes, left).await.map_err(PeerError::Unreachable)?;
@@ -459,7 +510,7 @@ impl PeerClient {
                 Err(e) => return Err(PeerError::Unreachable(e)),
             },
             None => {
-                let mut c = Conn::connect(addr, ttl)
+                let mut c = Conn::connect(addr, ttl, &self.creds)
                     .await
                     .map_err(PeerError::Unreachable)?;
                 let r = c.call(bytes, ttl).await.map_err(PeerError::Unreachable)?;

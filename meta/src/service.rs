@@ -37,8 +37,8 @@ use tokio_util::sync::CancellationToken;
 use crate::client::{ClientConfig, MetaClient};
 use crate::error::MetaError;
 use crate::net::{
-    self, decode_message, encode_message, HeartbeatAck, MetaCodec, MetaStatus, NetworkFactory,
-    Request, RequestEnvelope, Response, WireError,
+    self, decode_message, encode_message, HeartbeatAck, MetaStatus, NetworkFactory, Request,
+    RequestEnvelope, Response, WireError,
 };
 use crate::state::{MetaCommand, MetaResponse, MetaState, NodeState, Proposal, Refusal, ReplicaId};
 use crate::store;
@@ -85,6 +85,8 @@ pub struct MetaConfig {
     /// Persist the state machine record every this many applied entries (the log
     /// holds the rest; see `StateMachine::set_persist_every`).
     pub sm_persist_every: u64,
+    /// The cluster key every connection proves (open: none).
+    pub key: drs_proto::ClusterKey,
 }
 
 impl MetaConfig {
@@ -103,6 +105,7 @@ impl MetaConfig {
             logs_kept_after_snapshot: 200,
             propose_timeout_ms: 5000,
             sm_persist_every: 256,
+            key: drs_proto::ClusterKey::open(),
         }
     }
 
@@ -188,7 +191,7 @@ impl MetaNode {
             source,
         })?;
         let isolated = Arc::new(AtomicBool::new(false));
-        let network = NetworkFactory::new(cfg.cluster_id, isolated.clone());
+        let network = NetworkFactory::new(cfg.cluster_id, cfg.key.clone(), isolated.clone());
         let raft = Raft::new(cfg.id, Arc::new(raft_config), network, log, sm)
             .await
             .map_err(|e| MetaError::Start(e.to_string()))?;
@@ -271,6 +274,7 @@ impl MetaNode {
             cfg.cluster_id,
             ClientConfig {
                 deadline: Duration::from_secs(15),
+                key: cfg.key.clone(),
                 ..ClientConfig::default()
             },
         );
@@ -714,8 +718,28 @@ async fn serve(inner: Arc<Inner>, listener: TcpListener) {
     }
 }
 
-async fn serve_conn(inner: &Inner, stream: TcpStream, peer: SocketAddr) {
-    let mut framed = Framed::new(stream, MetaCodec);
+async fn serve_conn(inner: &Inner, mut stream: TcpStream, peer: SocketAddr) {
+    let handshake = drs_proto::auth::accept(
+        &mut stream,
+        &inner.cfg.key,
+        inner.cfg.cluster_id,
+        drs_proto::Purpose::Meta,
+    );
+    let session = tokio::select! {
+        _ = inner.cancel.cancelled() => return,
+        r = tokio::time::timeout(net::HANDSHAKE_TIMEOUT, handshake) => match r {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                tracing::warn!(%peer, error = %e, "metadata handshake refused; closing the connection");
+                return;
+            }
+            Err(_) => {
+                tracing::warn!(%peer, "no metadata handshake within the time allowed; closing the connection");
+                return;
+            }
+        },
+    };
+    let mut framed = Framed::new(stream, net::sealed(session));
     loop {
         let next = tokio::select! {
             _ = inner.cancel.cancelled() => return,

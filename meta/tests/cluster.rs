@@ -127,10 +127,37 @@ async fn three_replicas_elect_a_leader_and_apply_proposals() {
     // Another cluster's client is refused, not retried until its deadline.
     let foreign = drs_meta::MetaClient::new(c.addrs.values().copied().collect(), 1);
     let t = Instant::now();
-    assert!(matches!(
-        foreign.read().await,
-        Err(MetaError::WrongCluster { .. })
-    ));
+    match foreign.read().await {
+        Err(e @ MetaError::Auth { .. }) => {
+            assert!(e.to_string().contains("another cluster"), "{e}")
+        }
+        other => panic!("expected a refused handshake, got {other:?}"),
+    }
+    // A client with another key, or with none, is refused at once, and a replica
+    // never answers it.
+    for (key, says) in [
+        (
+            drs_proto::ClusterKey::from_bytes([7; 32]),
+            "does not hold this cluster's key",
+        ),
+        (drs_proto::ClusterKey::open(), "requires the cluster key"),
+    ] {
+        let stranger = drs_meta::MetaClient::with_config(
+            c.addrs.values().copied().collect(),
+            CLUSTER_ID,
+            ClientConfig {
+                key,
+                ..ClientConfig::default()
+            },
+        );
+        let t = Instant::now();
+        match stranger.propose(add_node(60)).await {
+            Err(e @ MetaError::Auth { .. }) => assert!(e.to_string().contains(says), "{e}"),
+            other => panic!("expected a refused handshake, got {other:?}"),
+        }
+        assert!(t.elapsed() < Duration::from_secs(3));
+    }
+    assert!(!client.read().await.unwrap().nodes.contains_key(&60));
     assert!(t.elapsed() < Duration::from_secs(3));
 
     // Watch: the current state after the wait when nothing changes...
@@ -293,6 +320,7 @@ async fn an_isolated_minority_cannot_commit_and_catches_up_after_healing() {
         vec![isolated.local_addr()],
         CLUSTER_ID,
         ClientConfig {
+            key: test_key(),
             deadline: Duration::from_secs(2),
             rpc_timeout: Duration::from_secs(1),
             ..ClientConfig::default()

@@ -18,13 +18,26 @@ use tokio_util::codec::{Decoder, Encoder};
 /// "DRS1" read as a little-endian u32.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"DRS1");
 /// The protocol version this build speaks. A peer accepts exactly this version.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 /// Size of the fixed header.
 pub const HEADER_LEN: usize = 48;
 /// Largest control section (postcard-encoded message fields).
 pub const MAX_CTRL_LEN: usize = 64 * 1024;
 /// Largest raw payload: one block of the largest supported block size.
 pub const MAX_PAYLOAD_LEN: usize = 8 * 1024 * 1024;
+
+/// Largest encoded frame: what an authenticated record of node frames may hold.
+pub const MAX_FRAME_LEN: usize = HEADER_LEN + MAX_CTRL_LEN + MAX_PAYLOAD_LEN;
+
+/// Node frames in authenticated records.
+pub type SealedFrames = crate::auth::SealedCodec<FrameCodec>;
+
+impl crate::auth::Session {
+    /// The codec of node frames over this session.
+    pub fn frames(self) -> SealedFrames {
+        self.codec(FrameCodec, MAX_FRAME_LEN)
+    }
+}
 
 /// Whether a frame asks or answers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,6 +89,8 @@ pub enum FrameError {
     Checksum { expected: u32, actual: u32 },
     #[error("malformed control section: {0}")]
     Ctrl(#[from] postcard::Error),
+    #[error("{0}")]
+    Auth(#[from] crate::auth::AuthError),
     #[error("i/o: {0}")]
     Io(#[from] std::io::Error),
 }

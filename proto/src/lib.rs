@@ -1,9 +1,13 @@
 //! The DRS wire protocol, in one place.
 //!
 //! Everything that crosses a socket between a client and a storage node, or between
-//! two nodes, is defined here, and nothing else is: no I/O, no tasks, no business logic.
+//! two nodes, is defined here, and nothing else is: no sockets, no tasks, no business
+//! logic (the handshake helpers run on a stream the caller opened).
 //!
 //! # Layout
+//! - [`auth`]: the cluster key, the handshake that opens every connection (node and
+//!   metadata alike) and the authenticated records (HMAC-SHA256, per-connection keys,
+//!   implicit sequence numbers) that carry every frame after it.
 //! - [`frame`]: the fixed 48-byte frame header (magic, protocol version, cluster id,
 //!   epoch, request id, deadline, lengths, checksum), its validation before any
 //!   allocation, and a `tokio-util` codec.
@@ -16,11 +20,13 @@
 //! docs/PROTOCOL.md describes each message, who sends it, what each side persists and
 //! why the invariants hold.
 
+pub mod auth;
 pub mod error;
 pub mod frame;
 pub mod map;
 pub mod msg;
 
+pub use auth::{ClusterKey, Purpose, SealedCodec, Session};
 pub use error::WireError;
 pub use frame::{Frame, FrameCodec, FrameError, FrameHeader, FrameKind};
 pub use map::{ClusterMap, Geometry, MapError, MemberState, MetaReplica, NodeEntry, VolumeConfig};

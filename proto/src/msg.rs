@@ -74,6 +74,30 @@ pub enum Request {
     GetMap,
 }
 
+impl Request {
+    /// The request's kind, for logs and metrics.
+    pub fn kind_name(&self) -> &'static str {
+        match self {
+            Request::Ping => "ping",
+            Request::Read(_) => "read",
+            Request::Lock(_) => "lock",
+            Request::Unlock(_) => "unlock",
+            Request::Update(_) => "update",
+            Request::Repair(_) => "repair",
+            Request::List(_) => "list",
+            Request::Cancel(_) => "cancel",
+            Request::Heartbeat(_) => "heartbeat",
+            Request::CachePut(_) => "cache_put",
+            Request::CacheDrop(_) => "cache_drop",
+            Request::CacheGet(_) => "cache_get",
+            Request::PeerRead(_) => "peer_read",
+            Request::PeerWrite(_) => "peer_write",
+            Request::PeerRelease(_) => "peer_release",
+            Request::GetMap => "get_map",
+        }
+    }
+}
+
 /// A cached block's pending change, as a cache-group member keeps it: enough to write
 /// it back for the client with the client's own lock (the lock's owner, the version
 /// the update takes the block to, the update's id, the members that granted).
@@ -466,6 +490,17 @@ pub struct NodeStats {
     pub relayed: u64,
     /// Cached blocks this node wrote back for dead clients (as a cache group member).
     pub written_back: u64,
+    /// Background scrub passes completed.
+    pub scrub_passes: u64,
+    /// Blocks the background scrubber checked, over all passes.
+    pub scrub_checked: u64,
+    /// Blocks the background scrubber found corrupt (also in `corrupt_found`).
+    pub scrub_found: u64,
+    /// Corrupt blocks the background scrubber rebuilt (also in `repairs_installed`).
+    pub scrub_repaired: u64,
+    /// Blocks checked in the pass under way, of `scrub_total` (0 between passes).
+    pub scrub_position: u64,
+    pub scrub_total: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -494,8 +494,14 @@ fn a_copy_with_m_nodes_killed_during_it_verifies() {
         .unwrap()
         .expect("the copy sees no error with m nodes down");
     // Read back through a new mount (no page cache of the writer), with the nodes
-    // still dead: degraded reads.
-    let reader = Mount::new(&c, "reader", &[]);
+    // still dead: degraded reads, which its metrics count.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let metrics = format!("127.0.0.1:{port}");
+    let reader = Mount::new(&c, "reader", &["--metrics", &metrics]);
     let back = fs::read(reader.p("copy")).unwrap();
     assert_eq!(back.len(), data.len());
     assert!(
@@ -503,6 +509,17 @@ fn a_copy_with_m_nodes_killed_during_it_verifies() {
         "the copy differs from its source: {}",
         diff(&back, &data)
     );
+    let body = crate::metrics::scrape(&metrics).1;
+    for name in [
+        "drs_client_degraded_reads_total",
+        "drs_client_reconstructions_total",
+        "drs_fs_op_seconds_count{op=\"read\"}",
+    ] {
+        assert!(
+            crate::metrics::sample(&body, name).is_some_and(|v| v > 0.0),
+            "{name} not counted: {body}"
+        );
+    }
 }
 
 #[test]

@@ -13,6 +13,7 @@
 
 mod harness;
 
+mod auth;
 mod block;
 mod cachegroup;
 mod cluster;
@@ -20,5 +21,6 @@ mod crash;
 mod demo;
 mod errors;
 mod fuse;
+mod metrics;
 mod nodes;
 mod scrub;

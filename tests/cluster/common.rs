@@ -36,6 +36,9 @@ pub struct Setup {
     /// Start nodes with `--fault-signals` (SIGUSR1 / SIGUSR2 cut off / heal their
     /// metadata replicas).
     pub fault_signals: bool,
+    /// `--scrub-every-s` of the nodes (0: no background scrubbing, the default here,
+    /// so tests of other things count only their own repairs).
+    pub scrub_every_s: u64,
 }
 
 impl Default for Setup {
@@ -50,6 +53,7 @@ impl Default for Setup {
             meta_replicas: 0,
             down_after_ms: 3000,
             fault_signals: false,
+            scrub_every_s: 0,
         }
     }
 }
@@ -111,6 +115,9 @@ impl TestCluster {
             down_after_ms: setup.down_after_ms,
             rebuild_rate_mib: 0.0,
             fault_signals: setup.fault_signals,
+            scrub_every_s: setup.scrub_every_s,
+            scrub_rate_mib: 0.0,
+            metrics: false,
         };
         let local = LocalCluster::create(dir.path(), &spec, server(), options)
             .expect("create the local cluster");

@@ -1,6 +1,8 @@
-//! Hostile input at a real node process: ten thousand connections sending garbage,
-//! frames with a flipped byte, oversized length prefixes and truncated bodies. The
-//! node closes each with a logged reason, its memory grows by less than 16 MiB, and a
+//! Hostile input at a real node process: ten thousand connections sending garbage
+//! instead of a handshake, forged proofs of the key, and (after a good handshake)
+//! replayed records, records with a flipped byte, oversized length prefixes,
+//! truncated bodies and broken frames in well-sealed records. The node closes each
+//! with a logged reason, its memory grows by less than 16 MiB, and a
 //! client reading meanwhile is served throughout, every byte right.
 
 use std::sync::atomic::{AtomicBool, AtomicU64};
@@ -8,11 +10,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use drs_proto::{Frame, FrameHeader, FrameKind, Request};
+use drs_proto::{ClusterKey, Frame, FrameHeader, FrameKind, Purpose, Request};
+use futures::{SinkExt, StreamExt};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpSocket;
+use tokio_util::codec::Framed;
 
 use crate::common::*;
 
@@ -28,60 +32,113 @@ fn rss(pid: u32) -> u64 {
     kb * 1024
 }
 
-/// The bytes one hostile connection sends (four kinds in turn).
-fn garbage(i: u64, cluster_id: u64, rng: &mut StdRng) -> Vec<u8> {
-    let ping = || {
-        let header = FrameHeader {
-            kind: FrameKind::Request,
-            cluster_id,
-            epoch: 0,
-            request_id: i,
-            deadline_ms: 1000,
-        };
-        Frame::new(header, &Request::Ping, Bytes::new())
-            .expect("frame")
-            .to_bytes()
-            .to_vec()
-    };
-    match i % 4 {
-        // Random bytes, at least a header's worth.
-        0 => (0..rng.gen_range(48..4096)).map(|_| rng.gen()).collect(),
-        // A valid frame with one byte flipped: the checksum fails.
-        1 => {
-            let mut f = ping();
-            let at = rng.gen_range(0..f.len());
-            f[at] ^= 1 << rng.gen_range(0..8);
-            f
-        }
-        // A valid header whose control length is 4 GiB: refused before allocation.
-        2 => {
-            let mut f = ping();
-            f[36..40].copy_from_slice(&u32::MAX.to_le_bytes());
-            f
-        }
-        // A header announcing an 8 MiB payload, then 4 KiB of it and the end.
-        _ => {
-            let mut f = ping();
-            f[40..44].copy_from_slice(&(8u32 << 20).to_le_bytes());
-            f.extend((0..4096).map(|_| rng.gen::<u8>()));
-            f
-        }
+/// A codec sealing raw bytes, to put a broken frame inside a well-authenticated record.
+struct Raw;
+
+impl tokio_util::codec::Encoder<Vec<u8>> for Raw {
+    type Error = drs_proto::FrameError;
+
+    fn encode(&mut self, item: Vec<u8>, dst: &mut bytes::BytesMut) -> Result<(), Self::Error> {
+        dst.extend_from_slice(&item);
+        Ok(())
     }
 }
 
-/// `n` hostile connections to `addr`, 64 at a time; each sends its garbage, closes
-/// its side and waits (up to 5 s) for the node to close. Returns how many the node
-/// closed.
-async fn flood(addr: std::net::SocketAddr, cluster_id: u64, n: u64, seed: u64) -> u64 {
+fn ping_frame(i: u64, cluster_id: u64) -> Frame {
+    let header = FrameHeader {
+        kind: FrameKind::Request,
+        cluster_id,
+        epoch: 0,
+        request_id: i,
+        deadline_ms: 1000,
+    };
+    Frame::new(header, &Request::Ping, Bytes::new()).expect("frame")
+}
+
+/// What hostile connection `i` does (seven kinds in turn) before closing its side:
+/// garbage instead of a handshake, a handshake with a forged proof, and, after a good
+/// handshake (a client holding the key but broken), a replayed record, a record with
+/// a flipped byte, a 4 GiB length, a truncated 8 MiB record, and a well-sealed record
+/// holding a frame whose checksum is wrong.
+async fn misbehave(
+    i: u64,
+    s: &mut tokio::net::TcpStream,
+    cluster_id: u64,
+    key: &ClusterKey,
+    rng: &mut StdRng,
+) {
+    use tokio_util::codec::Encoder;
+    let kind = i % 7;
+    if kind == 0 {
+        let junk: Vec<u8> = (0..rng.gen_range(48..4096)).map(|_| rng.gen()).collect();
+        let _ = s.write_all(&junk).await;
+        return;
+    }
+    if kind == 1 {
+        let hs = drs_proto::auth::ClientHandshake::start(key, cluster_id, Purpose::Data);
+        let _ = s.write_all(hs.hello()).await;
+        let mut challenge = [0u8; drs_proto::auth::CHALLENGE_LEN];
+        if s.read_exact(&mut challenge).await.is_ok() {
+            let forged: [u8; 32] = rng.gen();
+            let _ = s.write_all(&forged).await;
+        }
+        return;
+    }
+    let Ok(session) = drs_proto::auth::connect(s, key, cluster_id, Purpose::Data).await else {
+        return;
+    };
+    let mut out = bytes::BytesMut::new();
+    let mut sealed = session.clone().frames();
+    let _ = sealed.encode(ping_frame(i, cluster_id), &mut out);
+    match kind {
+        // The same record twice: the second fails its tag.
+        2 => {
+            let again = out.clone();
+            out.extend_from_slice(&again);
+        }
+        // One bit flipped anywhere in the record.
+        3 => {
+            let at = rng.gen_range(0..out.len());
+            out[at] ^= 1 << rng.gen_range(0..8);
+        }
+        // A record length of 4 GiB: refused before allocation.
+        4 => out[..4].copy_from_slice(&u32::MAX.to_le_bytes()),
+        // A record announcing 8 MiB, then 4 KiB of it and the end.
+        5 => {
+            out.clear();
+            out.extend_from_slice(&(8u32 << 20).to_le_bytes());
+            out.extend((0..4096).map(|_| rng.gen::<u8>()));
+        }
+        // A well-sealed record whose frame has a flipped payload byte.
+        _ => {
+            out.clear();
+            let mut f = ping_frame(i, cluster_id).to_bytes().to_vec();
+            let last = f.len() - 1;
+            f[last / 2] ^= 0x40;
+            let _ = session.codec(Raw, 1 << 20).encode(f, &mut out);
+        }
+    }
+    let _ = s.write_all(&out).await;
+}
+
+/// `n` hostile connections to `addr`, 64 at a time; each misbehaves, closes its side
+/// and waits (up to 5 s) for the node to close. Returns how many the node closed.
+async fn flood(
+    addr: std::net::SocketAddr,
+    cluster_id: u64,
+    key: &ClusterKey,
+    n: u64,
+    seed: u64,
+) -> u64 {
     let closed = Arc::new(AtomicU64::new(0));
     let mut next = 0;
     while next < n {
         let batch: Vec<_> = (next..(next + 64).min(n))
             .map(|i| {
                 let closed = closed.clone();
+                let key = key.clone();
                 tokio::spawn(async move {
                     let mut rng = StdRng::seed_from_u64(seed ^ i);
-                    let bytes = garbage(i, cluster_id, &mut rng);
                     // From 127.0.0.2, so these ten thousand source ports never
                     // take a port another test's node is about to listen on.
                     let Ok(sock) = TcpSocket::new_v4() else {
@@ -93,7 +150,7 @@ async fn flood(addr: std::net::SocketAddr, cluster_id: u64, n: u64, seed: u64) -
                     let Ok(mut s) = sock.connect(addr).await else {
                         return;
                     };
-                    let _ = s.write_all(&bytes).await;
+                    misbehave(i, &mut s, cluster_id, &key, &mut rng).await;
                     let _ = s.shutdown().await;
                     let mut sink = [0u8; 4096];
                     let ended = tokio::time::timeout(Duration::from_secs(5), async {
@@ -132,7 +189,7 @@ async fn a_flood_of_garbage_connections_leaves_memory_and_service_intact() {
 
     // A first, small flood, so one-time allocations (thread stacks, pools) are in
     // the baseline.
-    flood(addr, cluster_id, 256, 1).await;
+    flood(addr, cluster_id, &tc.local.key, 256, 1).await;
     let before = rss(pid);
 
     // A reader of every block, all through the flood.
@@ -156,7 +213,7 @@ async fn a_flood_of_garbage_connections_leaves_memory_and_service_intact() {
             reads
         })
     };
-    let closed = flood(addr, cluster_id, FLOOD, 2).await;
+    let closed = flood(addr, cluster_id, &tc.local.key, FLOOD, 2).await;
     let after = rss(pid);
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let reads = reader.await.expect("the reader failed");
@@ -177,7 +234,13 @@ async fn a_flood_of_garbage_connections_leaves_memory_and_service_intact() {
         "the node restarted or died"
     );
     let log = std::fs::read_to_string(tc.local.log_path(victim)).expect("node log");
-    for reason in ["bad magic", "checksum mismatch", "exceeds the limit"] {
+    for reason in [
+        "not a DRS handshake",
+        "does not hold this cluster's key",
+        "failed authentication",
+        "checksum mismatch",
+        "exceeds the limit",
+    ] {
         assert!(
             log.contains(reason),
             "the node's log gives no '{reason}' reason"
@@ -186,36 +249,31 @@ async fn a_flood_of_garbage_connections_leaves_memory_and_service_intact() {
     verify(&tc.client, &blocks, "after the flood").await;
 }
 
-/// One Ping frame on a raw connection; true if a frame came back within 5 s.
-async fn ping(s: &mut tokio::net::TcpStream, cluster_id: u64) -> bool {
-    let header = FrameHeader {
-        kind: FrameKind::Request,
-        cluster_id,
-        epoch: 0,
-        request_id: 1,
-        deadline_ms: 1000,
-    };
-    let bytes = Frame::new(header, &Request::Ping, Bytes::new())
-        .expect("frame")
-        .to_bytes();
-    if s.write_all(&bytes).await.is_err() {
+/// A connection from 127.0.0.2 through the handshake, framed.
+async fn session_from_127_0_0_2(
+    addr: std::net::SocketAddr,
+    cluster_id: u64,
+    key: &ClusterKey,
+) -> Framed<tokio::net::TcpStream, drs_proto::frame::SealedFrames> {
+    let mut s = connect_from_127_0_0_2(addr).await;
+    let session = drs_proto::auth::connect(&mut s, key, cluster_id, Purpose::Data)
+        .await
+        .expect("handshake");
+    Framed::new(s, session.frames())
+}
+
+/// One Ping on an authenticated connection; true if an answer came back within 5 s.
+async fn ping(
+    s: &mut Framed<tokio::net::TcpStream, drs_proto::frame::SealedFrames>,
+    cluster_id: u64,
+) -> bool {
+    if s.send(ping_frame(1, cluster_id)).await.is_err() {
         return false;
     }
-    let mut buf = bytes::BytesMut::new();
-    tokio::time::timeout(Duration::from_secs(5), async {
-        loop {
-            if let Ok(Some(_)) = drs_proto::frame::decode_frame(&mut buf) {
-                return true;
-            }
-            let mut chunk = [0u8; 4096];
-            match s.read(&mut chunk).await {
-                Ok(0) | Err(_) => return false,
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            }
-        }
-    })
-    .await
-    .unwrap_or(false)
+    matches!(
+        tokio::time::timeout(Duration::from_secs(5), s.next()).await,
+        Ok(Some(Ok(_)))
+    )
 }
 
 async fn connect_from_127_0_0_2(addr: std::net::SocketAddr) -> tokio::net::TcpStream {
@@ -226,23 +284,35 @@ async fn connect_from_127_0_0_2(addr: std::net::SocketAddr) -> tokio::net::TcpSt
 }
 
 /// More connections than a node has slots (1024) each send the first 10 bytes of a
-/// frame and then nothing: the node closes every one once it has made no progress
-/// for `FRAME_STALL` (5 s), so its slots come back, while a connection idle between
-/// whole frames stays open and is answered.
+/// handshake, or a whole handshake and the first 10 bytes of a record, and then
+/// nothing: the node closes every one once it has made no progress for
+/// `HANDSHAKE_TIMEOUT` or `FRAME_STALL` (5 s each), so its slots come back, while a
+/// connection idle between whole frames stays open and is answered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn connections_stalled_mid_frame_are_closed() {
     const STALLED: usize = 1100;
     let tc = TestCluster::start("stalled").await;
     let addr = tc.local.map.node(0).expect("node").addr;
     let cluster_id = tc.local.map.cluster_id;
-    let mut idle = connect_from_127_0_0_2(addr).await;
+    let key = tc.local.key.clone();
+    let mut idle = session_from_127_0_0_2(addr, cluster_id, &key).await;
     assert!(ping(&mut idle, cluster_id).await, "no answer to a ping");
     let mut stalled = Vec::new();
-    for _ in 0..STALLED {
+    for i in 0..STALLED {
         let mut s = connect_from_127_0_0_2(addr).await;
-        s.write_all(b"DRS1\x01\x00\x01\x00\x07\x00")
+        // Half stall in the handshake (10 bytes of a Hello), half after it (10 bytes
+        // of a 100-byte record).
+        let part: &[u8] = if i % 2 == 1 {
+            drs_proto::auth::connect(&mut s, &key, cluster_id, Purpose::Data)
+                .await
+                .expect("handshake");
+            b"\x64\x00\x00\x00DRS1\x02\x00"
+        } else {
+            b"DRSA\x01\x00\x01\x00\x07\x00"
+        };
+        s.write_all(part)
             .await
-            .expect("write part of a header");
+            .expect("write part of a handshake or record");
         stalled.push(s);
     }
     let start = std::time::Instant::now();
@@ -263,14 +333,16 @@ async fn connections_stalled_mid_frame_are_closed() {
         ping(&mut idle, cluster_id).await,
         "a connection idle between frames was closed"
     );
-    let mut fresh = connect_from_127_0_0_2(addr).await;
+    let mut fresh = session_from_127_0_0_2(addr, cluster_id, &key).await;
     assert!(
         ping(&mut fresh, cluster_id).await,
         "a new connection got no answer"
     );
     let log = std::fs::read_to_string(tc.local.log_path(0)).expect("node log");
-    assert!(
-        log.contains("a frame stopped arriving half-way"),
-        "the node logged no reason"
-    );
+    for reason in [
+        "a frame stopped arriving half-way",
+        "no handshake within the time allowed",
+    ] {
+        assert!(log.contains(reason), "the node logged no '{reason}'");
+    }
 }

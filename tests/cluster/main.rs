@@ -12,6 +12,7 @@
 mod caches;
 mod common;
 mod deadclient;
+mod diskfaults;
 mod durability;
 mod failures;
 mod hostile;

@@ -20,7 +20,8 @@ fn setup() -> Setup {
 }
 
 fn meta(tc: &TestCluster) -> MetaClient {
-    drs_meta::MetaClient::for_map(&tc.local.map).expect("the cluster has a metadata service")
+    drs_meta::MetaClient::for_map(&tc.local.map, &tc.local.key)
+        .expect("the cluster has a metadata service")
 }
 
 /// Polls the metadata service until `pred` holds; the state that satisfied it.
@@ -414,8 +415,7 @@ async fn a_cut_off_minority_of_replicas_commits_nothing_and_catches_up() {
     eprintln!("majority leader after {:?}", start.elapsed());
 
     // The minority cannot commit: a change proposed to the old leader fails.
-    let cut = MetaClient::new(vec![old_leader.addr], tc.local.map.cluster_id)
-        .with_deadline(Duration::from_secs(4));
+    let cut = keyed_client(&tc, vec![old_leader.addr]).with_deadline(Duration::from_secs(4));
     let lost_id: NodeId = 300;
     let r = cut
         .propose(MetaCommand::AddNode {
@@ -427,12 +427,14 @@ async fn a_cut_off_minority_of_replicas_commits_nothing_and_catches_up() {
         !matches!(r, Ok(MetaResponse::Applied { .. })),
         "a cut-off minority committed a change: {r:?}"
     );
+    // Refused for lack of a quorum, not at the door.
+    assert!(
+        !matches!(r, Err(drs_meta::MetaError::Auth { .. })),
+        "the cut-off leader refused the client's key: {r:?}"
+    );
 
     // The majority commits.
-    let majority_client = MetaClient::new(
-        majority.iter().map(|r| r.addr).collect(),
-        tc.local.map.cluster_id,
-    );
+    let majority_client = keyed_client(&tc, majority.iter().map(|r| r.addr).collect());
     for i in 0..5u32 {
         let node = 200 + i;
         let addr = format!("127.0.0.2:{}", 21000 + i).parse().expect("addr");
@@ -586,4 +588,16 @@ async fn every_block_decodes_from_the_rest_of_its_stripe() {
         tc.client.reconstruct(geo.stripes(), 0).await.is_err(),
         "a stripe past the end is refused"
     );
+}
+
+/// A metadata client of `replicas` proving the cluster's key.
+fn keyed_client(tc: &TestCluster, replicas: Vec<std::net::SocketAddr>) -> MetaClient {
+    MetaClient::with_config(
+        replicas,
+        tc.local.map.cluster_id,
+        drs_meta::ClientConfig {
+            key: tc.local.key.clone(),
+            ..drs_meta::ClientConfig::default()
+        },
+    )
 }

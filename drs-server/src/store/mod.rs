@@ -211,6 +211,21 @@ pub struct StoreStats {
     pub fsyncs: AtomicU64,
 }
 
+/// What [`VolumeStore::check`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Check {
+    /// The bytes match their checksum.
+    Clean,
+    /// Marked corrupt: `found` by this check, or already marked before it.
+    Corrupt { found: bool },
+    /// Not verified yet (the node is rejoining): recovery compares it.
+    Unverified,
+    /// This node holds no block of the stripe.
+    NotMember,
+    /// The disk would not read (not a checksum question).
+    Error(String),
+}
+
 /// A read that cannot be answered yet: updates the read must see are still pending,
 /// or the versions asked for are not there yet. Wait for [`VolumeStore::applied`] to
 /// change and try again.
@@ -531,10 +546,13 @@ impl VolumeStore {
         }
         let mut block = vec![0u8; self.geo.block_size];
         let at = stripe * self.geo.block_size as u64;
-        if let Err(e) = self.data.read_exact_at(&mut block, at) {
-            return Err(io_wire(&e));
-        }
-        if crc32fast::hash(&block) != slot.crc {
+        let short = match self.data.read_exact_at(&mut block, at) {
+            Ok(()) => false,
+            // The data file ends before the block: truncated under the node.
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => true,
+            Err(e) => return Err(io_wire(&e)),
+        };
+        if short || crc32fast::hash(&block) != slot.crc {
             let versions = slot.versions.clone();
             drop(slot);
             self.mark_corrupt(stripe, &versions);
@@ -577,6 +595,40 @@ impl VolumeStore {
     pub fn is_zero(&self, stripe: StripeId) -> bool {
         let s = self.slot_read(stripe);
         !s.written && !s.corrupt && s.known.iter().all(|v| *v == 0)
+    }
+
+    /// Reads this node's block of `stripe` and compares it with its stored crc32, for
+    /// the background scrubber. A mismatch, or a data file cut short before the block
+    /// ends (a torn or truncated file), marks the slot corrupt, as a client read
+    /// would. Blocking (disk I/O).
+    pub fn check(&self, stripe: StripeId) -> Check {
+        if self.position(stripe).is_none() {
+            return Check::NotMember;
+        }
+        let slot = self.slot_read(stripe);
+        if slot.corrupt {
+            return Check::Corrupt { found: false };
+        }
+        if !slot.verified {
+            return Check::Unverified;
+        }
+        let mut block = vec![0u8; self.geo.block_size];
+        let at = stripe * self.geo.block_size as u64;
+        let bad = match self.data.read_exact_at(&mut block, at) {
+            Ok(()) => crc32fast::hash(&block) != slot.crc,
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => true,
+            Err(e) => return Check::Error(e.to_string()),
+        };
+        if !bad {
+            return Check::Clean;
+        }
+        let versions = slot.versions.clone();
+        drop(slot);
+        let before = self.stats.corrupt_found.load(Ordering::Relaxed);
+        self.mark_corrupt(stripe, &versions);
+        Check::Corrupt {
+            found: self.stats.corrupt_found.load(Ordering::Relaxed) != before,
+        }
     }
 
     fn mark_corrupt(&self, stripe: StripeId, seen: &[Version]) {

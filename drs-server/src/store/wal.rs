@@ -69,7 +69,7 @@ pub struct WalRecord {
 
 #[derive(Debug, thiserror::Error)]
 pub enum WalError {
-    #[error("write-ahead log {path}")]
+    #[error("write-ahead log {path}: {source}")]
     Io {
         path: PathBuf,
         source: std::io::Error,

@@ -57,6 +57,11 @@ pub fn node_addr(i: u32) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 2], 20_000 + i as u16))
 }
 
+/// The key every test replica and client proves (tests of other keys make their own).
+pub fn test_key() -> drs_proto::ClusterKey {
+    drs_proto::ClusterKey::from_bytes([0x42; 32])
+}
+
 /// Faster timings than the defaults, still far from the noise of a loaded machine.
 pub fn config(id: u64, dir: &std::path::Path) -> MetaConfig {
     let mut c = MetaConfig::new(
@@ -71,6 +76,7 @@ pub fn config(id: u64, dir: &std::path::Path) -> MetaConfig {
     // No heartbeats in most tests: keep the failure detector out of their way.
     c.down_after_ms = 3_600_000;
     c.propose_timeout_ms = 3000;
+    c.key = test_key();
     c
 }
 
@@ -150,10 +156,15 @@ impl Cluster {
     }
 
     pub fn client(&self) -> MetaClient {
-        MetaClient::new(self.addrs.values().copied().collect(), CLUSTER_ID)
+        self.client_with(ClientConfig::default())
     }
 
+    /// A client with `cfg` and the test key.
     pub fn client_with(&self, cfg: ClientConfig) -> MetaClient {
+        let cfg = ClientConfig {
+            key: test_key(),
+            ..cfg
+        };
         MetaClient::with_config(self.addrs.values().copied().collect(), CLUSTER_ID, cfg)
     }
 
