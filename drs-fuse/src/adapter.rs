@@ -14,8 +14,8 @@ use drs_meta::fs::{Attr, DirEntry, Kind, SetAttr, Time};
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
     KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
-    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request, TimeOrNow,
-    WriteFlags,
+    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr,
+    Request, TimeOrNow, WriteFlags,
 };
 
 use crate::errno::errno;
@@ -205,6 +205,51 @@ impl Filesystem for DrsFuse {
         };
         self.spawn("setattr", |ops| async move {
             attr(reply, &ops, ops.setattr(ino.0, set).await)
+        });
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        position: u32,
+        reply: ReplyEmpty,
+    ) {
+        if position != 0 {
+            reply.error(Errno::from_i32(libc::EINVAL));
+            return;
+        }
+        let (name, value) = (name.as_bytes().to_vec(), value.to_vec());
+        let create = flags & libc::XATTR_CREATE != 0;
+        let replace = flags & libc::XATTR_REPLACE != 0;
+        self.spawn("setxattr", |ops| async move {
+            empty(
+                reply,
+                ops.setxattr(ino.0, name, value, create, replace).await,
+            )
+        });
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let name = name.as_bytes().to_vec();
+        self.spawn("getxattr", |ops| async move {
+            xattr(reply, size, ops.getxattr(ino.0, name).await)
+        });
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        self.spawn("listxattr", |ops| async move {
+            xattr(reply, size, ops.listxattr(ino.0).await)
+        });
+    }
+
+    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let name = name.as_bytes().to_vec();
+        self.spawn("removexattr", |ops| async move {
+            empty(reply, ops.removexattr(ino.0, name).await)
         });
     }
 
@@ -601,6 +646,17 @@ fn attr(reply: ReplyAttr, ops: &Ops, r: Result<Attr, OpError>) {
 fn data(reply: ReplyData, r: Result<Vec<u8>, OpError>) {
     match r {
         Ok(d) => reply.data(&d),
+        Err(e) => reply.error(fail(&e)),
+    }
+}
+
+/// An extended attribute's value or list: its size when asked for the size (`size`
+/// 0), the bytes when they fit, ERANGE when they do not.
+fn xattr(reply: ReplyXattr, size: u32, r: Result<Vec<u8>, OpError>) {
+    match r {
+        Ok(d) if size == 0 => reply.size(u32::try_from(d.len()).unwrap_or(u32::MAX)),
+        Ok(d) if d.len() <= size as usize => reply.data(&d),
+        Ok(_) => reply.error(Errno::from_i32(libc::ERANGE)),
         Err(e) => reply.error(fail(&e)),
     }
 }

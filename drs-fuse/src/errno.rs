@@ -22,6 +22,9 @@ pub fn errno(e: &OpError) -> i32 {
             FsError::NotPermitted => libc::EPERM,
             FsError::TooLarge => libc::EFBIG,
             FsError::NotFormatted => libc::EIO,
+            FsError::NoXattr => libc::ENODATA,
+            FsError::XattrNotSupported => libc::EOPNOTSUPP,
+            FsError::XattrTooLarge => libc::ERANGE,
             _ => libc::EIO,
         },
         OpError::Meta(_) | OpError::Data(_) | OpError::Timeout(_) | OpError::Unexpected(_) => {
@@ -38,6 +41,11 @@ mod tests {
     fn namespace_refusals_keep_their_posix_meaning_and_the_rest_is_eio() {
         assert_eq!(errno(&OpError::Fs(FsError::NotFound)), libc::ENOENT);
         assert_eq!(errno(&OpError::Fs(FsError::NotEmpty)), libc::ENOTEMPTY);
+        assert_eq!(errno(&OpError::Fs(FsError::NoXattr)), libc::ENODATA);
+        assert_eq!(
+            errno(&OpError::Fs(FsError::XattrNotSupported)),
+            libc::EOPNOTSUPP
+        );
         assert_eq!(errno(&OpError::Fs(FsError::NoSpace)), libc::ENOSPC);
         assert_eq!(
             errno(&OpError::Timeout(std::time::Duration::from_secs(1))),

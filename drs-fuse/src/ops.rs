@@ -444,6 +444,54 @@ impl Ops {
         .await
     }
 
+    /// Sets an extended attribute (`create`: only if not set; `replace`: only if set).
+    pub async fn setxattr(
+        &self,
+        ino: Ino,
+        name: Vec<u8>,
+        value: Vec<u8>,
+        create: bool,
+        replace: bool,
+    ) -> OpResult<()> {
+        let cmd = FsCommand::SetXattr {
+            ino,
+            name,
+            value,
+            create,
+            replace,
+            now: now(),
+        };
+        self.attr_command(cmd).await.map(drop)
+    }
+
+    /// Removes an extended attribute.
+    pub async fn removexattr(&self, ino: Ino, name: Vec<u8>) -> OpResult<()> {
+        let cmd = FsCommand::RemoveXattr {
+            ino,
+            name,
+            now: now(),
+        };
+        self.attr_command(cmd).await.map(drop)
+    }
+
+    /// An extended attribute's value.
+    pub async fn getxattr(&self, ino: Ino, name: Vec<u8>) -> OpResult<Vec<u8>> {
+        self.bounded(async {
+            let r = self.query(FsQuery::GetXattr { ino, name }).await?;
+            expect_reply!(r, FsReply::Bytes(b) => b)
+        })
+        .await
+    }
+
+    /// The names of an inode's extended attributes, each ending in a zero byte.
+    pub async fn listxattr(&self, ino: Ino) -> OpResult<Vec<u8>> {
+        self.bounded(async {
+            let r = self.query(FsQuery::ListXattr { ino }).await?;
+            expect_reply!(r, FsReply::Bytes(b) => b)
+        })
+        .await
+    }
+
     /// Every entry of a directory, in name order.
     pub async fn readdir(&self, ino: Ino) -> OpResult<Vec<DirEntry>> {
         self.bounded(async {

@@ -11,65 +11,153 @@ use crate::NodeConfig;
 use drs_proto::ClusterMap;
 use tokio::sync::watch;
 
-/// Options of a node process.
-#[derive(Parser, Debug, Clone)]
+/// Options of a node process. Each comes from, in order: the command line, the
+/// environment variable named beside it, the `--config` file (the same name with `_`
+/// for `-`), the default. docs/CONFIG.md lists them all.
+#[derive(Parser, Debug, Clone, Default)]
 #[command(name = "drs-server", version, about = "A DRS storage node")]
 pub struct ServeArgs {
-    /// The cluster file (written by `drs-cli cluster up`).
-    #[arg(long)]
-    pub cluster: PathBuf,
-    /// This node's id in the cluster file.
-    #[arg(long)]
-    pub node: u32,
+    /// A TOML file of these options (keys as below with `_` for `-`).
+    #[arg(long, env = "DRS_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// The cluster file (written by `drs-cli cluster up`); required.
+    #[arg(long, env = "DRS_CLUSTER")]
+    pub cluster: Option<PathBuf>,
+    /// This node's id in the cluster file; required.
+    #[arg(long, env = "DRS_NODE")]
+    pub node: Option<u32>,
     /// Data directory (default: the node's `data_dir` in the cluster file).
-    #[arg(long)]
+    #[arg(long, env = "DRS_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
     /// Address to listen on (default: the node's `addr` in the cluster file).
-    #[arg(long)]
+    #[arg(long, env = "DRS_LISTEN")]
     pub listen: Option<SocketAddr>,
     /// Milliseconds to wait after start before verifying blocks against their stripes
-    /// (must exceed the clients' reconnect backoff, 1 s by default).
-    #[arg(long, default_value_t = 1500)]
-    pub settle_ms: u64,
+    /// (must exceed the clients' reconnect backoff, 1 s) [default: 1500].
+    #[arg(long, env = "DRS_SETTLE_MS")]
+    pub settle_ms: Option<u64>,
     /// Milliseconds a block may know of an update it has not applied before it is
-    /// rebuilt from its stripe.
-    #[arg(long, default_value_t = 5000)]
-    pub stuck_ms: u64,
-    /// Milliseconds between comparisons of every block with its stripe (0: never).
-    #[arg(long, default_value_t = 30000)]
-    pub verify_interval_ms: u64,
+    /// rebuilt from its stripe [default: 5000].
+    #[arg(long, env = "DRS_STUCK_MS")]
+    pub stuck_ms: Option<u64>,
+    /// Milliseconds between comparisons of every block with its stripe (0: never)
+    /// [default: 30000].
+    #[arg(long, env = "DRS_VERIFY_INTERVAL_MS")]
+    pub verify_interval_ms: Option<u64>,
     /// With a metadata service: milliseconds of silence after which a storage node
-    /// is marked down (by the replica this node may host).
-    #[arg(long, default_value_t = 3000)]
-    pub down_after_ms: u64,
+    /// is marked down (by the replica this node may host) [default: 3000].
+    #[arg(long, env = "DRS_DOWN_AFTER_MS")]
+    pub down_after_ms: Option<u64>,
     /// MiB per second this node rebuilds blocks at most when it rejoins or replaces
-    /// another (0: no limit).
-    #[arg(long, default_value_t = 0.0)]
-    pub rebuild_rate_mib: f64,
+    /// another (0: no limit) [default: 0].
+    #[arg(long, env = "DRS_REBUILD_RATE_MIB")]
+    pub rebuild_rate_mib: Option<f64>,
     /// Seconds between the starts of two background scrub passes, which read every
     /// block and check it against its checksum (0: never; the first pass starts at
-    /// most 5 minutes after the node).
-    #[arg(long, default_value_t = 86400)]
-    pub scrub_every_s: u64,
-    /// MiB per second the background scrubber reads at most (0: no limit).
-    #[arg(long, default_value_t = 8.0)]
-    pub scrub_rate_mib: f64,
+    /// most 5 minutes after the node) [default: 86400].
+    #[arg(long, env = "DRS_SCRUB_EVERY_S")]
+    pub scrub_every_s: Option<u64>,
+    /// MiB per second the background scrubber reads at most (0: no limit)
+    /// [default: 8].
+    #[arg(long, env = "DRS_SCRUB_RATE_MIB")]
+    pub scrub_rate_mib: Option<f64>,
     /// Run without a cluster key file: connections are not authenticated, and anyone
-    /// who can reach the node can read and write its blocks. Without this flag a node
+    /// who can reach the node can read and write its blocks. Without this a node
     /// whose cluster has no key file refuses to start.
-    #[arg(long)]
-    pub open: bool,
+    #[arg(long, env = "DRS_OPEN", num_args = 0..=1, default_missing_value = "true")]
+    pub open: Option<bool>,
     /// Serve Prometheus metrics at http://ADDR/metrics.
-    #[arg(long)]
+    #[arg(long, env = "DRS_METRICS")]
     pub metrics: Option<SocketAddr>,
-    /// Checkpoint the block store when its log exceeds this many MiB.
-    #[arg(long, default_value_t = 64)]
-    pub checkpoint_mib: u64,
+    /// Checkpoint the block store when its log exceeds this many MiB [default: 64].
+    #[arg(long, env = "DRS_CHECKPOINT_MIB")]
+    pub checkpoint_mib: Option<u64>,
     /// Fault injection, for tests of network partitions: SIGUSR1 cuts this node's
     /// metadata replica off from the other replicas, SIGUSR2 heals it. Never in
-    /// production.
+    /// production (command line only).
     #[arg(long)]
     pub fault_signals: bool,
+}
+
+/// The `--config` file: the options of [`ServeArgs`], every one optional.
+#[derive(serde::Deserialize, Debug, Default, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    pub cluster: Option<PathBuf>,
+    pub node: Option<u32>,
+    pub data_dir: Option<PathBuf>,
+    pub listen: Option<SocketAddr>,
+    pub settle_ms: Option<u64>,
+    pub stuck_ms: Option<u64>,
+    pub verify_interval_ms: Option<u64>,
+    pub down_after_ms: Option<u64>,
+    pub rebuild_rate_mib: Option<f64>,
+    pub scrub_every_s: Option<u64>,
+    pub scrub_rate_mib: Option<f64>,
+    pub open: Option<bool>,
+    pub metrics: Option<SocketAddr>,
+    pub checkpoint_mib: Option<u64>,
+}
+
+impl ConfigFile {
+    /// Reads and parses a config file; an error names the file and the line.
+    pub fn load(path: &std::path::Path) -> anyhow::Result<ConfigFile> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("read config file {}", path.display()))?;
+        toml::from_str(&text).map_err(|e| {
+            let at = e
+                .span()
+                .map(|span| {
+                    let before = &text[..span.start.min(text.len())];
+                    format!(" (line {})", before.matches('\n').count() + 1)
+                })
+                .unwrap_or_default();
+            anyhow::anyhow!(
+                "config file {}: {}{at}",
+                path.display(),
+                e.message().trim().replace('\n', " ")
+            )
+        })
+    }
+}
+
+impl ServeArgs {
+    /// Fills what the command line and the environment left unset from the config
+    /// file, if one is named.
+    pub fn merged(mut self) -> anyhow::Result<ServeArgs> {
+        let Some(path) = self.config.clone() else {
+            return Ok(self);
+        };
+        let f = ConfigFile::load(&path)?;
+        macro_rules! fill {
+            ($($field:ident),*) => { $( if self.$field.is_none() { self.$field = f.$field.clone(); } )* };
+        }
+        fill!(
+            cluster,
+            node,
+            data_dir,
+            listen,
+            settle_ms,
+            stuck_ms,
+            verify_interval_ms,
+            down_after_ms,
+            rebuild_rate_mib,
+            scrub_every_s,
+            scrub_rate_mib,
+            open,
+            metrics,
+            checkpoint_mib
+        );
+        Ok(self)
+    }
+}
+
+/// A rate in MiB per second as bytes per second, or a clear error.
+fn rate(name: &str, mib: f64) -> anyhow::Result<u64> {
+    if !(mib.is_finite() && mib >= 0.0) {
+        bail!("{name} must be a number of MiB per second, 0 or more (got {mib})");
+    }
+    Ok((mib * 1048576.0) as u64)
 }
 
 /// Runs a node until SIGTERM or SIGINT.
@@ -81,43 +169,39 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    let map = ClusterMap::load(&args.cluster)?;
-    let key = drs_proto::ClusterKey::for_cluster_file(&args.cluster)?;
-    let Some(entry) = map.node(args.node).cloned() else {
-        bail!(
-            "node {} is not in cluster file {}",
-            args.node,
-            args.cluster.display()
-        );
+    let args = args.merged()?;
+    let Some(cluster) = args.cluster.clone() else {
+        bail!("no cluster file: pass --cluster FILE, set DRS_CLUSTER, or set cluster in the --config file");
+    };
+    let Some(node) = args.node else {
+        bail!("no node id: pass --node ID, set DRS_NODE, or set node in the --config file");
+    };
+    let map = ClusterMap::load(&cluster)?;
+    let key = drs_proto::ClusterKey::for_cluster_file(&cluster)?;
+    let Some(entry) = map.node(node).cloned() else {
+        bail!("node {node} is not in cluster file {}", cluster.display());
     };
     let data_dir = match (args.data_dir, entry.data_dir) {
         (Some(d), _) | (None, Some(d)) => d,
         (None, None) => bail!(
-            "no data directory: pass --data-dir or set data_dir for node {} in the cluster file",
-            args.node
+            "no data directory: pass --data-dir or set data_dir for node {node} in the cluster file"
         ),
     };
     let listen = args.listen.unwrap_or(entry.addr);
-    let mut cfg = NodeConfig::new(args.node, data_dir);
-    cfg.settle = Duration::from_millis(args.settle_ms);
-    cfg.stuck_after = Duration::from_millis(args.stuck_ms);
-    cfg.verify_interval = Duration::from_millis(args.verify_interval_ms);
-    cfg.checkpoint_bytes = args.checkpoint_mib << 20;
-    cfg.meta_down_after = Duration::from_millis(args.down_after_ms.max(100));
-    if !(args.rebuild_rate_mib.is_finite() && args.rebuild_rate_mib >= 0.0) {
-        bail!("--rebuild-rate-mib must be a number of MiB per second, 0 or more");
-    }
-    cfg.rebuild_rate = (args.rebuild_rate_mib * 1048576.0) as u64;
-    if !(args.scrub_rate_mib.is_finite() && args.scrub_rate_mib >= 0.0) {
-        bail!("--scrub-rate-mib must be a number of MiB per second, 0 or more");
-    }
-    cfg.scrub_rate = (args.scrub_rate_mib * 1048576.0) as u64;
-    cfg.scrub_every = Duration::from_secs(args.scrub_every_s);
+    let mut cfg = NodeConfig::new(node, data_dir);
+    cfg.settle = Duration::from_millis(args.settle_ms.unwrap_or(1500));
+    cfg.stuck_after = Duration::from_millis(args.stuck_ms.unwrap_or(5000));
+    cfg.verify_interval = Duration::from_millis(args.verify_interval_ms.unwrap_or(30_000));
+    cfg.checkpoint_bytes = args.checkpoint_mib.unwrap_or(64) << 20;
+    cfg.meta_down_after = Duration::from_millis(args.down_after_ms.unwrap_or(3000).max(100));
+    cfg.rebuild_rate = rate("rebuild-rate-mib", args.rebuild_rate_mib.unwrap_or(0.0))?;
+    cfg.scrub_rate = rate("scrub-rate-mib", args.scrub_rate_mib.unwrap_or(8.0))?;
+    cfg.scrub_every = Duration::from_secs(args.scrub_every_s.unwrap_or(86_400));
     cfg.metrics = args.metrics;
     cfg.fault_signals = args.fault_signals;
     if key.is_open() {
-        let path = drs_proto::ClusterKey::path_for(&args.cluster);
-        if !args.open {
+        let path = drs_proto::ClusterKey::path_for(&cluster);
+        if !args.open.unwrap_or(false) {
             bail!(
                 "no cluster key at {} (`drs-cli cluster up` writes it; copy it there, or pass --open to run without authentication)",
                 path.display()

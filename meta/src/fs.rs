@@ -140,6 +140,9 @@ pub struct Inode {
     pub extents: BTreeMap<u64, Extent>,
     /// File blocks handed out and not yet named by a `Written` (read as zeros).
     pub unwritten: BTreeSet<u64>,
+    /// Extended attributes: name -> value (see [`XATTR_NAME_MAX`] and the limits
+    /// beside it).
+    pub xattrs: BTreeMap<Vec<u8>, Vec<u8>>,
 }
 
 /// Attribute changes (`setattr`); `None` leaves a field alone.
@@ -229,6 +232,18 @@ pub enum FsCommand {
     },
     /// Frees an orphan (no names left, closed).
     Drop { ino: Ino },
+    /// Sets extended attribute `name` to `value`: with `create`, `Exists` if it is
+    /// set; with `replace`, `NoXattr` if it is not. Changes ctime.
+    SetXattr {
+        ino: Ino,
+        name: Vec<u8>,
+        value: Vec<u8>,
+        create: bool,
+        replace: bool,
+        now: Time,
+    },
+    /// Removes extended attribute `name` (`NoXattr` if it is not set). Changes ctime.
+    RemoveXattr { ino: Ino, name: Vec<u8>, now: Time },
 }
 
 /// A read of the namespace.
@@ -257,6 +272,15 @@ pub enum FsQuery {
         count: u64,
     },
     StatFs,
+    /// The value of extended attribute `name` (`NoXattr` if it is not set).
+    GetXattr {
+        ino: Ino,
+        name: Vec<u8>,
+    },
+    /// The names of the extended attributes, each followed by a zero byte.
+    ListXattr {
+        ino: Ino,
+    },
 }
 
 /// The answer to a command or query.
@@ -270,6 +294,8 @@ pub enum FsReply {
     Entries(Vec<DirEntry>),
     Target(Vec<u8>),
     StatFs(FsStats),
+    /// An extended attribute's value, or the list of names.
+    Bytes(Vec<u8>),
     Done,
 }
 
@@ -301,6 +327,12 @@ pub enum FsError {
     NotPermitted,
     #[error("file too large")]
     TooLarge,
+    #[error("no such extended attribute")]
+    NoXattr,
+    #[error("extended attributes of this namespace are not supported")]
+    XattrNotSupported,
+    #[error("extended attribute name or value too large")]
+    XattrTooLarge,
 }
 
 type FsResult = Result<FsReply, FsError>;
@@ -316,6 +348,34 @@ pub struct FsState {
     inodes: BTreeMap<Ino, Inode>,
     /// Free data blocks: start -> count, non-adjacent runs.
     free: BTreeMap<u64, u64>,
+}
+
+/// Longest extended attribute name (as the kernel's `XATTR_NAME_MAX`).
+pub const XATTR_NAME_MAX: usize = 255;
+/// Largest value of one extended attribute.
+pub const XATTR_VALUE_MAX: usize = 64 * 1024;
+/// Most bytes of names and values one inode holds (the namespace is replicated as a
+/// whole: attributes are for labels, not data).
+pub const XATTR_TOTAL_MAX: usize = 64 * 1024;
+
+/// Checks an extended attribute name: `user.`, `trusted.` and `security.` names are
+/// kept (the kernel checks who may set each); `system.` names (POSIX ACLs) are not
+/// supported, as the file system does not enforce ACLs.
+fn check_xattr_name(name: &[u8]) -> Result<(), FsError> {
+    if name.is_empty() || name.contains(&0) {
+        return Err(FsError::Invalid);
+    }
+    if name.len() > XATTR_NAME_MAX {
+        return Err(FsError::XattrTooLarge);
+    }
+    if [&b"user."[..], b"trusted.", b"security."]
+        .iter()
+        .any(|p| name.starts_with(p) && name.len() > p.len())
+    {
+        Ok(())
+    } else {
+        Err(FsError::XattrNotSupported)
+    }
 }
 
 fn check_name(name: &[u8]) -> Result<(), FsError> {
@@ -420,6 +480,23 @@ impl FsState {
             FsQuery::Extents { ino, first, count } => {
                 let i = self.get(*ino)?;
                 Ok(FsReply::Mapped(mapped(i, *first, (*count).min(MAP_MAX))))
+            }
+            FsQuery::GetXattr { ino, name } => {
+                let i = self.get(*ino)?;
+                check_xattr_name(name)?;
+                i.xattrs
+                    .get(name)
+                    .map(|v| FsReply::Bytes(v.clone()))
+                    .ok_or(FsError::NoXattr)
+            }
+            FsQuery::ListXattr { ino } => {
+                let i = self.get(*ino)?;
+                let mut out = Vec::new();
+                for n in i.xattrs.keys() {
+                    out.extend_from_slice(n);
+                    out.push(0);
+                }
+                Ok(FsReply::Bytes(out))
             }
             FsQuery::StatFs => {
                 if !self.formatted {
@@ -586,6 +663,45 @@ impl FsState {
                 *now,
             ),
             FsCommand::SetAttr { ino, set, now } => self.set_attr(*ino, set, *now),
+            FsCommand::SetXattr {
+                ino,
+                name,
+                value,
+                create,
+                replace,
+                now,
+            } => {
+                check_xattr_name(name)?;
+                if value.len() > XATTR_VALUE_MAX {
+                    return Err(FsError::XattrTooLarge);
+                }
+                let i = self.get(*ino)?;
+                let old = i.xattrs.get(name);
+                match (old.is_some(), *create, *replace) {
+                    (true, true, _) => return Err(FsError::Exists),
+                    (false, _, true) => return Err(FsError::NoXattr),
+                    _ => {}
+                }
+                let total: usize = i.xattrs.iter().map(|(n, v)| n.len() + v.len()).sum();
+                let after =
+                    total - old.map_or(0, |v| name.len() + v.len()) + name.len() + value.len();
+                if after > XATTR_TOTAL_MAX {
+                    return Err(FsError::NoSpace);
+                }
+                let i = self.get_mut(*ino)?;
+                i.xattrs.insert(name.clone(), value.clone());
+                i.attr.ctime = *now;
+                Ok(FsReply::Attr(i.attr.clone()))
+            }
+            FsCommand::RemoveXattr { ino, name, now } => {
+                check_xattr_name(name)?;
+                let i = self.get_mut(*ino)?;
+                if i.xattrs.remove(name).is_none() {
+                    return Err(FsError::NoXattr);
+                }
+                i.attr.ctime = *now;
+                Ok(FsReply::Attr(i.attr.clone()))
+            }
             FsCommand::Map {
                 ino,
                 first,
@@ -1033,6 +1149,7 @@ fn new_inode(
         target: Vec::new(),
         extents: BTreeMap::new(),
         unwritten: BTreeSet::new(),
+        xattrs: BTreeMap::new(),
     }
 }
 

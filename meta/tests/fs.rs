@@ -2838,3 +2838,129 @@ proptest! {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------
+// Extended attributes.
+// ---------------------------------------------------------------------------------
+
+fn setx(ino: Ino, name: &[u8], value: &[u8], create: bool, replace: bool, now: Time) -> FsCommand {
+    FsCommand::SetXattr {
+        ino,
+        name: name.to_vec(),
+        value: value.to_vec(),
+        create,
+        replace,
+        now,
+    }
+}
+
+fn getx(fs: &FsState, ino: Ino, name: &[u8]) -> Result<Vec<u8>, FsError> {
+    match fs.query(&FsQuery::GetXattr {
+        ino,
+        name: name.to_vec(),
+    })? {
+        FsReply::Bytes(b) => Ok(b),
+        other => panic!("GetXattr answered {other:?}"),
+    }
+}
+
+fn listx(fs: &FsState, ino: Ino) -> Vec<u8> {
+    match fs.query(&FsQuery::ListXattr { ino }) {
+        Ok(FsReply::Bytes(b)) => b,
+        other => panic!("ListXattr answered {other:?}"),
+    }
+}
+
+/// Goal: extended attributes as setxattr(2) describes them: XATTR_CREATE refuses an
+/// existing name, XATTR_REPLACE a missing one, removal of a missing one is ENODATA,
+/// the list is the names each ending in a zero byte, ctime changes, `system.` names
+/// (POSIX ACLs, not enforced here) are refused, sizes are bounded, and the
+/// attributes go with the inode (kept across a rename, gone with the inode).
+#[test]
+fn extended_attributes_follow_setxattr_semantics() {
+    let mut fs = formatted(64);
+    let f = create(&mut fs, ROOT, b"f", Kind::File, t(1));
+    assert_eq!(listx(&fs, f), b"");
+    refused(
+        &mut fs,
+        &setx(f, b"user.a", b"1", false, true, t(2)),
+        FsError::NoXattr,
+    );
+    let a = ok_attr(
+        fs.apply(&setx(f, b"user.a", b"1", true, false, t(2))),
+        "set",
+    );
+    assert_eq!(a.ctime, t(2));
+    refused(
+        &mut fs,
+        &setx(f, b"user.a", b"2", true, false, t(3)),
+        FsError::Exists,
+    );
+    apply_ok(&mut fs, &setx(f, b"user.a", b"22", false, true, t(3)));
+    apply_ok(&mut fs, &setx(f, b"security.b", b"", false, false, t(3)));
+    assert_eq!(getx(&fs, f, b"user.a"), Ok(b"22".to_vec()));
+    assert_eq!(getx(&fs, f, b"security.b"), Ok(Vec::new()));
+    assert_eq!(getx(&fs, f, b"user.none"), Err(FsError::NoXattr));
+    assert_eq!(listx(&fs, f), b"security.b\0user.a\0");
+
+    for bad in [
+        &b"system.posix_acl_access"[..],
+        b"user.",
+        b"other.x",
+        b"noprefix",
+    ] {
+        refused(
+            &mut fs,
+            &setx(f, bad, b"v", false, false, t(4)),
+            FsError::XattrNotSupported,
+        );
+    }
+    refused(
+        &mut fs,
+        &setx(f, b"", b"v", false, false, t(4)),
+        FsError::Invalid,
+    );
+    let long = [b"user.".to_vec(), vec![b'n'; 300]].concat();
+    refused(
+        &mut fs,
+        &setx(f, &long, b"v", false, false, t(4)),
+        FsError::XattrTooLarge,
+    );
+    let big = vec![7u8; 64 * 1024 + 1];
+    refused(
+        &mut fs,
+        &setx(f, b"user.big", &big, false, false, t(4)),
+        FsError::XattrTooLarge,
+    );
+    // The total per inode is bounded too.
+    apply_ok(
+        &mut fs,
+        &setx(f, b"user.c", &vec![1u8; 60 * 1024], false, false, t(4)),
+    );
+    refused(
+        &mut fs,
+        &setx(f, b"user.d", &vec![1u8; 8 * 1024], false, false, t(4)),
+        FsError::NoSpace,
+    );
+
+    let rm = |name: &[u8], now| FsCommand::RemoveXattr {
+        ino: f,
+        name: name.to_vec(),
+        now,
+    };
+    let a = ok_attr(fs.apply(&rm(b"user.c", t(5))), "remove");
+    assert_eq!(a.ctime, t(5));
+    refused(&mut fs, &rm(b"user.c", t(6)), FsError::NoXattr);
+
+    // Directories and symlinks carry them too; a rename keeps them.
+    let d = create(&mut fs, ROOT, b"d", Kind::Dir, t(7));
+    apply_ok(&mut fs, &setx(d, b"user.dir", b"x", false, false, t(7)));
+    apply_ok(&mut fs, &mv(ROOT, b"f", d, b"g", t(8)));
+    assert_eq!(getx(&fs, f, b"user.a"), Ok(b"22".to_vec()));
+    assert_eq!(getx(&fs, d, b"user.dir"), Ok(b"x".to_vec()));
+    // An orphan (unlinked, maybe still open) keeps them; they go with the inode.
+    apply_ok(&mut fs, &unlink_cmd(d, b"g", false, t(9)));
+    assert_eq!(getx(&fs, f, b"user.a"), Ok(b"22".to_vec()));
+    apply_ok(&mut fs, &FsCommand::Drop { ino: f });
+    assert_eq!(getx(&fs, f, b"user.a"), Err(FsError::NotFound));
+}

@@ -231,6 +231,33 @@ fn files_directories_links_and_special_files() {
         .collect();
     names.sort();
     assert_eq!(names, ["a.txt", "d1", "fifo", "moved", "null", "sym"]);
+    // Extended attributes, seen through the other mount.
+    let f = m.p("d1/old");
+    xattr::set(&f, "user.colour", b"blue", 0).unwrap();
+    xattr::set(&f, "user.empty", b"", 0).unwrap();
+    assert_eq!(
+        xattr::get(&other.p("d1/old"), "user.colour").unwrap(),
+        b"blue"
+    );
+    assert_eq!(xattr::get(&other.p("d1/old"), "user.empty").unwrap(), b"");
+    assert_eq!(
+        xattr::list(&other.p("d1/old")).unwrap(),
+        b"user.colour\0user.empty\0"
+    );
+    assert_eq!(
+        xattr::set(&f, "user.colour", b"red", libc::XATTR_CREATE).unwrap_err(),
+        libc::EEXIST
+    );
+    assert_eq!(
+        xattr::set(&f, "user.none", b"x", libc::XATTR_REPLACE).unwrap_err(),
+        libc::ENODATA
+    );
+    assert_eq!(xattr::get(&f, "user.none").unwrap_err(), libc::ENODATA);
+    // POSIX ACLs are not kept (nor enforced): refused, by the kernel (a malformed
+    // ACL) or by the file system.
+    assert!(xattr::set(&f, "system.posix_acl_access", b"x", 0).is_err());
+    xattr::remove(&f, "user.empty").unwrap();
+    assert_eq!(xattr::list(&f).unwrap(), b"user.colour\0");
     // Unlink.
     fs::remove_file(m.p("a.txt")).unwrap();
     assert_eq!(fs::metadata(m.p("d1/link")).unwrap().nlink(), 1);
@@ -238,6 +265,43 @@ fn files_directories_links_and_special_files() {
         errno_of(&fs::metadata(m.p("a.txt")).unwrap_err()),
         libc::ENOENT
     );
+}
+
+/// Extended attribute calls (getxattr(2) and friends, by rustix), errors as errno
+/// values.
+mod xattr {
+    use rustix::fs::XattrFlags;
+    use std::path::Path;
+
+    fn flags(f: i32) -> XattrFlags {
+        match f {
+            libc::XATTR_CREATE => XattrFlags::CREATE,
+            libc::XATTR_REPLACE => XattrFlags::REPLACE,
+            _ => XattrFlags::empty(),
+        }
+    }
+
+    pub fn set(p: &Path, name: &str, value: &[u8], f: i32) -> Result<(), i32> {
+        rustix::fs::setxattr(p, name, value, flags(f)).map_err(|e| e.raw_os_error())
+    }
+
+    pub fn get(p: &Path, name: &str) -> Result<Vec<u8>, i32> {
+        let mut buf = vec![0u8; 65536];
+        let n = rustix::fs::getxattr(p, name, &mut buf[..]).map_err(|e| e.raw_os_error())?;
+        buf.truncate(n);
+        Ok(buf)
+    }
+
+    pub fn list(p: &Path) -> Result<Vec<u8>, i32> {
+        let mut buf = vec![0u8; 65536];
+        let n = rustix::fs::listxattr(p, &mut buf[..]).map_err(|e| e.raw_os_error())?;
+        buf.truncate(n);
+        Ok(buf)
+    }
+
+    pub fn remove(p: &Path, name: &str) -> Result<(), i32> {
+        rustix::fs::removexattr(p, name).map_err(|e| e.raw_os_error())
+    }
 }
 
 #[test]

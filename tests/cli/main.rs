@@ -17,6 +17,7 @@ mod auth;
 mod block;
 mod cachegroup;
 mod cluster;
+mod config;
 mod crash;
 mod demo;
 mod errors;
