@@ -805,8 +805,16 @@ async fn failure_detector(inner: Arc<Inner>) {
             (m.state == ServerState::Leader && m.current_leader == Some(inner.cfg.id))
                 .then_some(m.current_term)
         };
-        let Some(term) = term else {
-            leading = None;
+        // A leader cut off from its quorum cannot take heartbeats (they are refused
+        // until it has one again): it starts counting afresh once it has, so nodes
+        // are not marked down for the silence of its own outage.
+        let Some(term) = term.filter(|_| inner.leads_with_quorum()) else {
+            if leading.take().is_some() {
+                tracing::info!(
+                    replica = inner.cfg.id,
+                    "no quorum: failure detector disarmed"
+                );
+            }
             continue;
         };
         let now = Instant::now();

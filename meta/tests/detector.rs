@@ -164,3 +164,63 @@ async fn silent_nodes_are_marked_down_and_heartbeating_ones_stay_up() {
     }
     c.shutdown().await;
 }
+
+/// Goal: a leader that lost its quorum (so it refused heartbeats meanwhile) and got
+/// it back gives every node a fresh grace period, instead of marking down the nodes
+/// whose heartbeats it refused during its own outage.
+///
+/// Method: 3 replicas, nodes 0..3 heartbeating, the silent ones marked down first.
+/// Both followers are shut down for 2 x down_after (heartbeats fail meanwhile), then
+/// started again on their addresses. Once a leader has a quorum again, nodes 0..3
+/// must stay up for down_after + 1 s, and no epoch may pass.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_back_from_losing_its_quorum_marks_no_heartbeating_node_down() {
+    init_tracing();
+    let mut c = Cluster::start(3, 8, |cfg| cfg.down_after_ms = DOWN_AFTER_MS).await;
+    let leader = c.wait_leader(Duration::from_secs(10)).await;
+    let hb_client = c.client_with(ClientConfig {
+        deadline: Duration::from_secs(1),
+        rpc_timeout: Duration::from_millis(500),
+        ..ClientConfig::default()
+    });
+    let beating: Vec<watch::Sender<bool>> = (0..4)
+        .map(|n| heartbeater(hb_client.clone(), n, 1))
+        .collect();
+    let state = c.nodes[&leader].state();
+    wait_until(Duration::from_secs(10), "silent nodes marked down", || {
+        let s = state.borrow();
+        (4..8).all(|n| s.nodes[&n].state == NodeState::Down)
+    })
+    .await;
+
+    let followers: Vec<u64> = c.addrs.keys().copied().filter(|id| *id != leader).collect();
+    for id in &followers {
+        c.stop(*id).await;
+    }
+    tokio::time::sleep(Duration::from_millis(2 * DOWN_AFTER_MS)).await;
+    for id in &followers {
+        c.start_replica(*id, None).await;
+    }
+    let back = c.wait_leader(Duration::from_secs(10)).await;
+    let state = c.nodes[&back].state();
+    let epoch = state.borrow().epoch;
+    let watch_until = Instant::now() + Duration::from_millis(DOWN_AFTER_MS + 1000);
+    while Instant::now() < watch_until {
+        {
+            let s = state.borrow();
+            for n in 0..4 {
+                assert_eq!(
+                    s.nodes[&n].state,
+                    NodeState::Up,
+                    "node {n} marked down after the quorum came back (leader {back}, was {leader})"
+                );
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(state.borrow().epoch, epoch, "no state change");
+    for stop in beating {
+        let _ = stop.send(true);
+    }
+    c.shutdown().await;
+}

@@ -15,6 +15,7 @@ mod deadclient;
 mod diskfaults;
 mod durability;
 mod failures;
+mod fsops;
 mod hostile;
 mod membership;
 mod writes;
