@@ -49,11 +49,14 @@ pub struct ConnConfig {
 
 type Waiter = oneshot::Sender<Result<Frame, CallError>>;
 
-/// A live connection.
+/// A live connection. Dropping it (its `NodeConn` dropped, or replaced after a
+/// failure) closes the connection: the writer ends, which closes the socket for
+/// writing, and the peer's close ends the reader.
 struct Live {
     tx: mpsc::Sender<Frame>,
     waiters: Arc<Mutex<HashMap<u64, Waiter>>>,
     slots: Arc<Semaphore>,
+    _closer: oneshot::Sender<()>,
 }
 
 impl Live {
@@ -351,8 +354,16 @@ fn spawn_connection(stream: TcpStream, session: drs_proto::Session, node: NodeId
     let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
 
     let mut sink = FramedWrite::new(wr, session.clone().frames());
+    let (closer, mut closed) = oneshot::channel::<()>();
     tokio::spawn(async move {
-        while let Some(frame) = rx.recv().await {
+        loop {
+            let frame = tokio::select! {
+                f = rx.recv() => match f {
+                    Some(f) => f,
+                    None => return,
+                },
+                _ = &mut closed => return,
+            };
             if sink.feed(frame).await.is_err() {
                 return;
             }
@@ -398,7 +409,12 @@ fn spawn_connection(stream: TcpStream, session: drs_proto::Session, node: NodeId
             let _ = waiter.send(Err(CallError::Unreachable(reason.clone())));
         }
     });
-    Live { tx, waiters, slots }
+    Live {
+        tx,
+        waiters,
+        slots,
+        _closer: closer,
+    }
 }
 
 /// Connections to every node of a cluster map.
@@ -495,5 +511,71 @@ impl Pool {
     pub fn is_down(&self, node: NodeId) -> bool {
         let m = read(&self.members);
         m.down.contains(&node) || m.conns.get(&node).is_none_or(|c| c.is_down())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use tokio::io::AsyncReadExt;
+
+    const CLUSTER: u64 = 0xC4;
+
+    /// Goal: a connection goes away with its `NodeConn` (connections to other
+    /// clients' caches are made and dropped; a leak held the peer's slots for ever).
+    ///
+    /// Method: a server that completes the handshake, answers one Ping, then waits
+    /// for the end of the stream; the client calls once and drops its `NodeConn`: the
+    /// server must see the end within 2 s.
+    #[tokio::test]
+    async fn dropping_a_node_conn_closes_its_connection() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (mut sock, _) = listener.accept().await.unwrap();
+            let key = drs_proto::ClusterKey::open();
+            let session =
+                drs_proto::auth::accept(&mut sock, &key, CLUSTER, drs_proto::Purpose::Data)
+                    .await
+                    .unwrap();
+            let mut framed = tokio_util::codec::Framed::new(sock, session.frames());
+            let f = framed.next().await.unwrap().unwrap();
+            let h = FrameHeader {
+                kind: FrameKind::Response,
+                deadline_ms: 0,
+                ..f.header
+            };
+            let pong = Response::Error(drs_proto::WireError::Busy);
+            framed
+                .send(Frame::new(h, &pong, Bytes::new()).unwrap())
+                .await
+                .unwrap();
+            let mut sock = framed.into_inner();
+            let mut rest = Vec::new();
+            tokio::time::timeout(Duration::from_secs(2), sock.read_to_end(&mut rest))
+                .await
+                .is_ok()
+        });
+        let conn = NodeConn::new(
+            7,
+            addr,
+            ConnConfig {
+                cluster_id: CLUSTER,
+                epoch: Arc::new(AtomicU64::new(1)),
+                connect_timeout: Duration::from_secs(2),
+                reconnect_max: Duration::from_secs(1),
+                key: drs_proto::ClusterKey::open(),
+            },
+        );
+        let r = conn
+            .call(&Request::Ping, Bytes::new(), Duration::from_secs(2))
+            .await;
+        assert!(matches!(r, Err(CallError::Remote(_))), "{r:?}");
+        drop(conn);
+        assert!(
+            server.await.unwrap(),
+            "the connection stayed open after its NodeConn was dropped"
+        );
     }
 }

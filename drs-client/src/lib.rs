@@ -68,6 +68,8 @@ pub trait MapSource: Send + Sync + 'static {
 const STALE_EPOCH_WAIT: Duration = Duration::from_millis(300);
 /// How many times one request is sent again after stale-epoch refusals.
 const STALE_EPOCH_RETRIES: u32 = 8;
+/// Connections to other clients' caches kept open.
+const PEER_CONNS: usize = 16;
 
 /// Client settings. Every wait has a deadline.
 #[derive(Debug, Clone)]
@@ -145,6 +147,8 @@ struct Inner {
     epoch_seen: tokio::sync::watch::Sender<u64>,
     /// Whether a [`MapSource`] is followed.
     following: std::sync::atomic::AtomicBool,
+    /// Connections to other clients' caches (client-client interface), by contact.
+    peers: std::sync::Mutex<std::collections::HashMap<std::net::SocketAddr, Arc<conn::NodeConn>>>,
 }
 
 impl Client {
@@ -190,6 +194,7 @@ impl Client {
                 leases: lease::Leases::default(),
                 epoch_seen,
                 following: std::sync::atomic::AtomicBool::new(false),
+                peers: std::sync::Mutex::new(std::collections::HashMap::new()),
             }),
         })
     }
@@ -266,6 +271,31 @@ impl Client {
 
     pub fn codec(&self) -> &Codec {
         &self.inner.codec
+    }
+
+    /// The connection to the cache of another client at `contact` (kept for the next
+    /// call; at most [`PEER_CONNS`] are kept).
+    pub(crate) fn peer_conn(&self, contact: std::net::SocketAddr) -> Arc<conn::NodeConn> {
+        let mut peers = self.inner.peers.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = peers.get(&contact) {
+            return c.clone();
+        }
+        if peers.len() >= PEER_CONNS {
+            // Dropping a connection closes it; any one will do.
+            if let Some(k) = peers.keys().next().copied() {
+                peers.remove(&k);
+            }
+        }
+        let cfg = conn::ConnConfig {
+            cluster_id: self.map().cluster_id,
+            epoch: self.epoch_handle(),
+            connect_timeout: self.inner.cfg.connect_timeout,
+            reconnect_max: self.inner.cfg.reconnect_max,
+            key: self.inner.cfg.key.clone(),
+        };
+        let c = Arc::new(conn::NodeConn::new(u32::MAX, contact, cfg));
+        peers.insert(contact, c.clone());
+        c
     }
 
     pub fn config(&self) -> &ClientConfig {

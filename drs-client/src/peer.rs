@@ -28,7 +28,7 @@ use tokio::sync::watch;
 use tokio_util::codec::Framed;
 
 use crate::cache::CacheInner;
-use crate::conn::{ConnConfig, NodeConn};
+
 use crate::error::CallError;
 use crate::Client;
 
@@ -44,15 +44,10 @@ pub(crate) async fn call(
     req: &Request,
     payload: Bytes,
 ) -> Result<(Response, Bytes), CallError> {
-    let cfg = ConnConfig {
-        cluster_id: client.map().cluster_id,
-        epoch: client.epoch_handle(),
-        connect_timeout: client.config().connect_timeout,
-        reconnect_max: client.config().reconnect_max,
-        key: client.config().key.clone(),
-    };
-    let conn = NodeConn::new(u32::MAX, contact, cfg);
-    conn.call(req, payload, PEER_TIMEOUT).await
+    client
+        .peer_conn(contact)
+        .call(req, payload, PEER_TIMEOUT)
+        .await
 }
 
 /// Asks the holder at `contact` to write block `lba` back and release it. True if it
@@ -157,23 +152,17 @@ pub(crate) async fn serve(
 async fn connection(mut stream: TcpStream, cache: Arc<CacheInner>) {
     let _ = stream.set_nodelay(true);
     let peer = stream.peer_addr().ok();
-    let handshake = drs_proto::auth::accept(
+    let handshake = drs_proto::auth::accept_within(
         &mut stream,
         cache.key(),
         cache.cluster_id(),
         drs_proto::Purpose::Data,
+        PEER_TIMEOUT,
     );
-    let session = match tokio::time::timeout(PEER_TIMEOUT, handshake).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
+    let session = match handshake.await {
+        Ok(s) => s,
+        Err(e) => {
             tracing::warn!(?peer, error = %e, "peer handshake refused; closing the connection");
-            return;
-        }
-        Err(_) => {
-            tracing::warn!(
-                ?peer,
-                "no peer handshake within the time allowed; closing the connection"
-            );
             return;
         }
     };

@@ -106,23 +106,17 @@ async fn next_frame(
 
 async fn connection(node: Arc<Node>, mut stream: TcpStream, mut shutdown: watch::Receiver<bool>) {
     let peer = stream.peer_addr().ok();
-    let handshake = drs_proto::auth::accept(
+    let handshake = drs_proto::auth::accept_within(
         &mut stream,
         &node.cfg.key,
         node.map.cluster_id,
         Purpose::Data,
+        HANDSHAKE_TIMEOUT,
     );
-    let session = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
+    let session = match handshake.await {
+        Ok(s) => s,
+        Err(e) => {
             tracing::warn!(?peer, error = %e, "handshake refused; closing the connection");
-            return;
-        }
-        Err(_) => {
-            tracing::warn!(
-                ?peer,
-                "no handshake within the time allowed; closing the connection"
-            );
             return;
         }
     };

@@ -719,22 +719,19 @@ async fn serve(inner: Arc<Inner>, listener: TcpListener) {
 }
 
 async fn serve_conn(inner: &Inner, mut stream: TcpStream, peer: SocketAddr) {
-    let handshake = drs_proto::auth::accept(
+    let handshake = drs_proto::auth::accept_within(
         &mut stream,
         &inner.cfg.key,
         inner.cfg.cluster_id,
         drs_proto::Purpose::Meta,
+        net::HANDSHAKE_TIMEOUT,
     );
     let session = tokio::select! {
         _ = inner.cancel.cancelled() => return,
-        r = tokio::time::timeout(net::HANDSHAKE_TIMEOUT, handshake) => match r {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
+        r = handshake => match r {
+            Ok(s) => s,
+            Err(e) => {
                 tracing::warn!(%peer, error = %e, "metadata handshake refused; closing the connection");
-                return;
-            }
-            Err(_) => {
-                tracing::warn!(%peer, "no metadata handshake within the time allowed; closing the connection");
                 return;
             }
         },

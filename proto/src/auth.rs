@@ -101,6 +101,8 @@ pub enum AuthError {
     KeyFile { path: PathBuf, reason: String },
     #[error("handshake i/o: {0}")]
     Io(String),
+    #[error("no handshake within the time allowed ({0:?})")]
+    TimedOut(std::time::Duration),
 }
 
 /// The cluster key, or none (an open cluster). Cheap to clone; never printed.
@@ -595,6 +597,22 @@ pub async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
     let mut proof = [0u8; PROOF_LEN];
     stream.read_exact(&mut proof).await.map_err(io)?;
     hs.finish(&proof)
+}
+
+/// [`accept`] within `limit`: what every server runs on a new connection, so a peer
+/// that stalls in the handshake cannot hold it for long. Log a failure with the
+/// peer's address.
+pub async fn accept_within<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    key: &ClusterKey,
+    cluster_id: u64,
+    purpose: Purpose,
+    limit: std::time::Duration,
+) -> Result<Session, AuthError> {
+    match tokio::time::timeout(limit, accept(stream, key, cluster_id, purpose)).await {
+        Ok(r) => r,
+        Err(_) => Err(AuthError::TimedOut(limit)),
+    }
 }
 
 /// A codec that carries another codec's frames in authenticated records.

@@ -33,18 +33,7 @@ fn copy_files(c: &Cluster, dir: &Path, key: Option<&str>) -> std::path::PathBuf 
 /// handshakes.
 #[test]
 fn a_client_without_the_key_reads_and_changes_nothing() {
-    let (c, up) = Cluster::start(&[
-        "--nodes",
-        "6",
-        "-k",
-        "4",
-        "-m",
-        "2",
-        "--block-size",
-        "4KiB",
-        "--blocks",
-        "64",
-    ]);
+    let (c, up) = Cluster::start_sized(64, "4KiB", &[]);
     assert!(up.text().contains("cluster.key"), "{up}");
     let key_file = c.dir.join("cluster.key");
     let meta = std::fs::metadata(&key_file).expect("cluster up writes cluster.key");

@@ -20,12 +20,7 @@ use crate::metrics::{sample, scrape};
 #[test]
 fn a_node_runs_from_a_config_file_with_environment_overrides() {
     let c = Cluster::up(64);
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let metrics = format!("127.0.0.1:{port}");
+    let metrics = format!("127.0.0.1:{}", crate::harness::free_port());
     c.node("kill", 2).ok();
     let conf = c.dir.join("node-2.toml");
     std::fs::write(

@@ -553,18 +553,16 @@ fn a_copy_with_m_nodes_killed_during_it_verifies() {
     c.node("kill", 1).ok();
     thread::sleep(Duration::from_millis(300));
     c.node("kill", 4).ok();
-    copier
-        .join()
-        .unwrap()
-        .expect("the copy sees no error with m nodes down");
+    if let Err(e) = copier.join().unwrap() {
+        crate::harness::dump_logs(&c.dir);
+        panic!(
+            "the copy saw an error with m nodes down: {e}\n--- mount log ---\n{}",
+            m.stderr()
+        );
+    }
     // Read back through a new mount (no page cache of the writer), with the nodes
     // still dead: degraded reads, which its metrics count.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let metrics = format!("127.0.0.1:{port}");
+    let metrics = format!("127.0.0.1:{}", crate::harness::free_port());
     let reader = Mount::new(&c, "reader", &["--metrics", &metrics]);
     let back = fs::read(reader.p("copy")).unwrap();
     assert_eq!(back.len(), data.len());

@@ -198,6 +198,11 @@ impl Cluster {
     /// A started 6-node 4+2 cluster of `blocks` blocks of `block_size`, with `extra`
     /// options of `cluster up`.
     pub fn up_sized(blocks: u64, block_size: &str, extra: &[&str]) -> Cluster {
+        Cluster::start_sized(blocks, block_size, extra).0
+    }
+
+    /// [`Cluster::up_sized`], with the output of `cluster up`.
+    pub fn start_sized(blocks: u64, block_size: &str, extra: &[&str]) -> (Cluster, Out) {
         let blocks = blocks.to_string();
         let mut args = vec![
             "--nodes",
@@ -212,7 +217,7 @@ impl Cluster {
             &blocks,
         ];
         args.extend_from_slice(extra);
-        Cluster::start(&args).0
+        Cluster::start(&args)
     }
 
     /// `cluster up` with `args`, which must succeed. One that fails because a node's
@@ -428,6 +433,14 @@ pub fn kill_leftovers(dir: &Path) {
 }
 
 /// Polls `f` every 50 ms until it is true or `max` has passed; returns the last value.
+/// A port of 127.0.0.1 free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
 pub fn eventually(max: Duration, mut f: impl FnMut() -> bool) -> bool {
     let start = Instant::now();
     loop {

@@ -39,19 +39,7 @@ pub fn sample(body: &str, name: &str) -> Option<f64> {
 /// latency histograms of `read` and `update` requests; another path is a 404.
 #[test]
 fn nodes_serve_prometheus_metrics() {
-    let (c, up) = Cluster::start(&[
-        "--nodes",
-        "6",
-        "-k",
-        "4",
-        "-m",
-        "2",
-        "--block-size",
-        "4KiB",
-        "--blocks",
-        "64",
-        "--metrics",
-    ]);
+    let (c, up) = Cluster::start_sized(64, "4KiB", &["--metrics"]);
     let addrs: Vec<String> = up
         .text()
         .lines()

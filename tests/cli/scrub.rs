@@ -7,6 +7,29 @@ use crate::harness::{assert_same_bytes, data, Cluster, Model};
 const BS: usize = 4096;
 const K: u64 = 4;
 
+/// Inverts `len` bytes at `offset` of the block node `node` holds for `stripe`, in
+/// its `blocks.dat`, behind its back.
+fn invert(c: &Cluster, node: u32, stripe: u64, offset: u64, len: usize) {
+    let path = c
+        .node_dir(node)
+        .join("data")
+        .join("volume-1")
+        .join("blocks.dat");
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    let at = stripe * BS as u64 + offset;
+    let mut b = vec![0u8; len];
+    f.read_exact_at(&mut b, at).unwrap();
+    for x in &mut b {
+        *x = !*x;
+    }
+    f.write_all_at(&b, at).unwrap();
+    f.sync_all().unwrap();
+}
+
 /// Goal: `scrub --no-repair` reports corrupted blocks (data and parity) and leaves them
 /// (a second run finds them again, `status` shows them, exit 2); `scrub` repairs them
 /// (exit 0, "2 repaired", naming stripe, position and node); a further `scrub` is
@@ -34,24 +57,7 @@ fn scrub_finds_and_repairs_corruption() {
     let (s2, p2) = (3, 5);
     let n2 = node_of(s2, p2);
     for (node, stripe) in [(n1, s1), (n2, s2)] {
-        let path = c
-            .node_dir(node)
-            .join("data")
-            .join("volume-1")
-            .join("blocks.dat");
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&path)
-            .unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
-        let at = stripe * BS as u64 + 100;
-        let mut b = [0u8; 8];
-        f.read_exact_at(&mut b, at).unwrap();
-        for x in &mut b {
-            *x = !*x;
-        }
-        f.write_all_at(&b, at).unwrap();
-        f.sync_all().unwrap();
+        invert(&c, node, stripe, 100, 8);
     }
     let line1 = format!("stripe {s1} position {p1} (node {n1}): block failed its checksum");
     let line2 = format!("stripe {s2} position {p2} (node {n2}): block failed its checksum");
@@ -128,21 +134,7 @@ fn the_background_scrubber_repairs_without_a_reader() {
     let placement = c.placement();
     let (stripe, pos) = (6 / K, 6 % K);
     let node = placement[((stripe + pos) % 6) as usize];
-    let path = c
-        .node_dir(node)
-        .join("data")
-        .join("volume-1")
-        .join("blocks.dat");
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&path)
-        .unwrap();
-    let at = stripe * BS as u64 + 2000;
-    let mut b = [0u8; 4];
-    f.read_exact_at(&mut b, at).unwrap();
-    f.write_all_at(&b.map(|x| !x), at).unwrap();
-    f.sync_all().unwrap();
+    invert(&c, node, stripe, 2000, 4);
 
     let scrub_of = |v: &serde_json::Value| {
         v["nodes"]

@@ -153,7 +153,10 @@ async fn file_system_operations_without_the_kernel() {
     // the last close.
     a.open(f).await.expect("open");
     a.unlink(d, b"g", false).await.expect("unlink");
-    assert!(b.lookup(d, b"g").await.is_err(), "the name is gone for b too");
+    assert!(
+        b.lookup(d, b"g").await.is_err(),
+        "the name is gone for b too"
+    );
     assert!(
         read_all(&a, f).await == cut,
         "an unlinked open file reads to the end"
