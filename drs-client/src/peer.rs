@@ -162,7 +162,9 @@ async fn connection(mut stream: TcpStream, cache: Arc<CacheInner>) {
     let session = match handshake.await {
         Ok(s) => s,
         Err(e) => {
-            tracing::warn!(?peer, error = %e, "peer handshake refused; closing the connection");
+            if let Some(skipped) = cache.refusals.admit(e.kind()) {
+                tracing::warn!(?peer, error = %e, not_logged = skipped, "peer handshake refused; closing the connection");
+            }
             return;
         }
     };

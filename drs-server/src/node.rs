@@ -203,6 +203,8 @@ pub struct Node {
     pub scrub: crate::scrubber::ScrubStats,
     /// Time from a request's arrival to its answer, by request kind.
     pub latencies: drs_metrics::Latencies,
+    /// Refused handshakes logged at a bounded rate.
+    pub refusals: drs_proto::RefusalGate,
     /// Clients that keep a cache group (from their lock requests): when their lease
     /// runs out, their locks stay until the group wrote their cache back.
     pub cache_groups: Mutex<HashMap<ClientId, Vec<NodeId>>>,
@@ -270,6 +272,7 @@ impl Node {
             aon: AonStats::default(),
             scrub: Default::default(),
             latencies: drs_metrics::latencies(),
+            refusals: Default::default(),
             cache_groups: Mutex::new(HashMap::new()),
             copies: Mutex::new(crate::cachegroup::Copies::new(64 << 20)),
             relay_now: tokio::sync::Notify::new(),

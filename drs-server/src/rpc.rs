@@ -116,7 +116,9 @@ async fn connection(node: Arc<Node>, mut stream: TcpStream, mut shutdown: watch:
     let session = match handshake.await {
         Ok(s) => s,
         Err(e) => {
-            tracing::warn!(?peer, error = %e, "handshake refused; closing the connection");
+            if let Some(skipped) = node.refusals.admit(e.kind()) {
+                tracing::warn!(?peer, error = %e, not_logged = skipped, "handshake refused; closing the connection");
+            }
             return;
         }
     };

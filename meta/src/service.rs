@@ -148,6 +148,8 @@ struct Inner {
     tasks: Mutex<Vec<JoinHandle<()>>>,
     db: Weak<redb::Database>,
     connections: Arc<Semaphore>,
+    /// Refused handshakes logged at a bounded rate.
+    refusals: drs_proto::RefusalGate,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -208,6 +210,7 @@ impl MetaNode {
             tasks: Mutex::new(Vec::new()),
             db,
             connections: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
+            refusals: Default::default(),
         });
         let serve = tokio::spawn(serve(inner.clone(), listener));
         let detector = tokio::spawn(failure_detector(inner.clone()));
@@ -731,7 +734,9 @@ async fn serve_conn(inner: &Inner, mut stream: TcpStream, peer: SocketAddr) {
         r = handshake => match r {
             Ok(s) => s,
             Err(e) => {
-                tracing::warn!(%peer, error = %e, "metadata handshake refused; closing the connection");
+                if let Some(skipped) = inner.refusals.admit(e.kind()) {
+                    tracing::warn!(%peer, error = %e, not_logged = skipped, "metadata handshake refused; closing the connection");
+                }
                 return;
             }
         },

@@ -105,6 +105,77 @@ pub enum AuthError {
     TimedOut(std::time::Duration),
 }
 
+impl AuthError {
+    /// The kind of failure, for counting and rate-limiting logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            AuthError::BadMagic(_) => "bad_magic",
+            AuthError::BadVersion(_) => "bad_version",
+            AuthError::WrongPurpose { .. } => "wrong_purpose",
+            AuthError::WrongCluster { .. } => "wrong_cluster",
+            AuthError::KeyRequired => "key_required",
+            AuthError::NoKeyHere => "no_key_here",
+            AuthError::Refused(_) => "refused",
+            AuthError::BadProof => "bad_proof",
+            AuthError::RecordTooLarge { .. } => "record_too_large",
+            AuthError::BadTag { .. } => "bad_tag",
+            AuthError::BadRecord => "bad_record",
+            AuthError::KeyFile { .. } => "key_file",
+            AuthError::Io(_) => "io",
+            AuthError::TimedOut(_) => "timed_out",
+        }
+    }
+}
+
+/// How many refused handshakes of each kind a server logs per second: anyone can
+/// open connections, so a flood of them must not flood the log. Each kind's first
+/// refusals in a second are logged; the rest are counted, and the count goes with
+/// the next line of that kind.
+#[derive(Debug, Default)]
+pub struct RefusalGate {
+    kinds: std::sync::Mutex<std::collections::HashMap<&'static str, GateWindow>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct GateWindow {
+    started: std::time::Instant,
+    logged: u32,
+    skipped: u64,
+}
+
+/// Lines logged per kind per second.
+pub const REFUSALS_LOGGED_PER_SECOND: u32 = 10;
+
+impl RefusalGate {
+    /// Whether to log a refusal of `kind` now; `Some(n)`: log it, saying `n` more were
+    /// not logged since the last line of this kind.
+    pub fn admit(&self, kind: &'static str) -> Option<u64> {
+        self.admit_at(kind, std::time::Instant::now())
+    }
+
+    /// [`RefusalGate::admit`] at time `now`.
+    pub fn admit_at(&self, kind: &'static str, now: std::time::Instant) -> Option<u64> {
+        let mut kinds = self.kinds.lock().unwrap_or_else(|e| e.into_inner());
+        // Bounded: the kinds are the variants of AuthError.
+        let w = kinds.entry(kind).or_insert(GateWindow {
+            started: now,
+            logged: 0,
+            skipped: 0,
+        });
+        if now.saturating_duration_since(w.started) >= std::time::Duration::from_secs(1) {
+            w.started = now;
+            w.logged = 0;
+        }
+        if w.logged < REFUSALS_LOGGED_PER_SECOND {
+            w.logged += 1;
+            Some(std::mem::take(&mut w.skipped))
+        } else {
+            w.skipped += 1;
+            None
+        }
+    }
+}
+
 /// The cluster key, or none (an open cluster). Cheap to clone; never printed.
 #[derive(Clone)]
 pub struct ClusterKey {

@@ -26,7 +26,7 @@ pub mod frame;
 pub mod map;
 pub mod msg;
 
-pub use auth::{ClusterKey, Purpose, SealedCodec, Session};
+pub use auth::{ClusterKey, Purpose, RefusalGate, SealedCodec, Session};
 pub use error::WireError;
 pub use frame::{Frame, FrameCodec, FrameError, FrameHeader, FrameKind};
 pub use map::{ClusterMap, Geometry, MapError, MemberState, MetaReplica, NodeEntry, VolumeConfig};

@@ -363,30 +363,13 @@ pub fn dump_logs(dir: &Path) {
         let Ok(log) = std::fs::read_to_string(dir.join(format!("node-{id}")).join("log")) else {
             continue;
         };
-        let log = strip_ansi(&log);
+        let log = crate::ansi::strip_ansi(&log);
         let lines: Vec<&str> = log.lines().collect();
         eprintln!("--- node {id} log (last lines)");
         for l in &lines[lines.len().saturating_sub(12)..] {
             eprintln!("{l}");
         }
     }
-}
-
-fn strip_ansi(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut chars = s.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for d in chars.by_ref() {
-                if d.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 /// True while `pid` exists and is not a zombie.

@@ -11,6 +11,8 @@
 // Tests fail by panicking.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "../support/ansi.rs"]
+mod ansi;
 mod harness;
 
 mod auth;

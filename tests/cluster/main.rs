@@ -9,6 +9,8 @@
 // Helpers outside `#[test]` functions panic on purpose too: that is how a test fails.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "../support/ansi.rs"]
+mod ansi;
 mod caches;
 mod common;
 mod deadclient;

@@ -262,6 +262,25 @@ async fn handshake_over_a_stream() {
 }
 
 #[test]
+fn refusals_are_logged_at_a_bounded_rate_per_kind() {
+    let gate = RefusalGate::default();
+    let t0 = std::time::Instant::now();
+    for _ in 0..REFUSALS_LOGGED_PER_SECOND {
+        assert_eq!(gate.admit_at("bad_proof", t0), Some(0));
+    }
+    for _ in 0..5 {
+        assert_eq!(gate.admit_at("bad_proof", t0), None);
+    }
+    // Another kind is not held back by the first.
+    assert_eq!(gate.admit_at("bad_magic", t0), Some(0));
+    // A second later the next line says how many were not logged.
+    let t1 = t0 + std::time::Duration::from_secs(1);
+    assert_eq!(gate.admit_at("bad_proof", t1), Some(5));
+    assert_eq!(gate.admit_at("bad_proof", t1), Some(0));
+    assert_eq!(AuthError::BadProof.kind(), "bad_proof");
+}
+
+#[test]
 fn key_files_round_trip_owner_only() {
     use std::os::unix::fs::PermissionsExt;
     let dir = tempfile_dir();
