@@ -150,6 +150,21 @@ impl TestCluster {
             .unwrap_or_else(|e| panic!("kill node {id}: {e}"));
     }
 
+    /// SIGTERM, then waits (up to 10 s) until the node has exited (it checkpoints).
+    pub async fn terminate(&self, id: NodeId) {
+        self.local
+            .signal(id, nix::sys::signal::Signal::SIGTERM)
+            .unwrap_or_else(|e| panic!("SIGTERM node {id}: {e}"));
+        let until = std::time::Instant::now() + Duration::from_secs(10);
+        while self.local.pid(id).is_some() {
+            assert!(
+                std::time::Instant::now() < until,
+                "node {id} ignored SIGTERM"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Restarts a node that is not running (with the settle wait).
     pub fn restart(&self, id: NodeId) {
         self.local

@@ -255,14 +255,7 @@ async fn a_full_disk_refuses_writes_and_the_node_catches_up_after() {
     write_all(c, &data).await;
     let victim: NodeId = 3;
     let data_dir = tc.local.dir.join(format!("node-{victim}")).join("data");
-    tc.local
-        .signal(victim, nix::sys::signal::Signal::SIGTERM)
-        .expect("SIGTERM");
-    let until = Instant::now() + Duration::from_secs(10);
-    while tc.local.pid(victim).is_some() {
-        assert!(Instant::now() < until, "node {victim} ignored SIGTERM");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    tc.terminate(victim).await;
     let saved = tc.local.dir.join("node-3-saved");
     std::fs::rename(&data_dir, &saved).expect("move the data aside");
     let used: u64 = walk_size(&saved);

@@ -273,14 +273,7 @@ async fn damaged_node_files_are_rebuilt() {
     write_all(c, &data).await;
     let victim: NodeId = 3;
     let vol_dir = tc.block_file(victim).parent().unwrap().to_path_buf();
-    tc.local
-        .signal(victim, nix::sys::signal::Signal::SIGTERM)
-        .unwrap();
-    let until = Instant::now() + Duration::from_secs(10);
-    while tc.local.pid(victim).is_some() {
-        assert!(Instant::now() < until, "node {victim} ignored SIGTERM");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    tc.terminate(victim).await;
     assert!(vol_dir.join("headers").exists(), "no checkpoint at SIGTERM");
     tc.restart(victim);
     tc.wait_up(&[victim]).await;
