@@ -12,15 +12,22 @@
 //! - a member that did not answer makes the stripe `degraded` (checked as far as the
 //!   others allow).
 //!
-//! Scrub takes no locks: replies that disagree because an update is in flight are
-//! read again; repairs are conditional on versions at the node.
+//! - a member *ahead* of every state k members agree on, through every retry, holds
+//!   updates no decode reproduces: every node of the stripe crashed while they were
+//!   in flight, losing the set of updates each node keeps to pass on. With repair,
+//!   the stripe is settled under its locks ([`Client::void_ahead`]): a data member
+//!   ahead keeps its own bytes (rolled forward), and updates only parity members
+//!   held are *voided*, every member taking the newest versions.
+//!
+//! Scrub takes no locks, but to void: replies that disagree because an update is in
+//! flight are read again; repairs are conditional on versions at the node.
 
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use drs_proto::{
-    ListReq, NodeId, ReadMode, RepairReq, Request, Response, StripeId, Version, WireError,
+    ListReq, NodeId, ReadMode, RepairReq, Request, Response, SlotInfo, StripeId, Version, WireError,
 };
 use futures::future::join_all;
 use futures::stream::{self, StreamExt};
@@ -70,6 +77,9 @@ pub enum Problem {
     Busy,
     /// A repair was needed but failed.
     RepairFailed(String),
+    /// The block held updates that no k members agree on and that no member could
+    /// pass on any more (never acknowledged): they were voided.
+    Voided,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -101,6 +111,10 @@ impl std::fmt::Display for Finding {
             ),
             Problem::Busy => write!(f, ": kept changing under concurrent updates; not checked"),
             Problem::RepairFailed(e) => write!(f, ": repair failed ({e})"),
+            Problem::Voided => write!(
+                f,
+                ": held updates no other member had; never acknowledged, voided"
+            ),
         }
     }
 }
@@ -171,6 +185,18 @@ struct Got {
     position: usize,
     versions: Vec<Version>,
     data: Bytes,
+}
+
+impl Got {
+    /// What the selector needs of each reply.
+    fn seen(got: &[Got]) -> Vec<Seen> {
+        got.iter()
+            .map(|g| Seen {
+                position: g.position,
+                versions: g.versions.clone(),
+            })
+            .collect()
+    }
 }
 
 impl Client {
@@ -246,12 +272,8 @@ impl Client {
     async fn scrub_stripe(&self, stripe: StripeId, repair: bool) -> StripeScrub {
         let geo = &self.inner.geo;
         let (k, width, bs) = (geo.k, geo.width(), geo.block_size);
-        let finding = |position: Option<usize>, problem: Problem| Finding {
-            stripe,
-            position,
-            node: position.map(|p| geo.member(stripe, p)),
-            problem,
-        };
+        let finding =
+            |position: Option<usize>, problem: Problem| self.finding(stripe, position, problem);
         let mut out = StripeScrub::default();
         const ATTEMPTS: usize = 4;
         for attempt in 0..ATTEMPTS {
@@ -274,13 +296,7 @@ impl Client {
                 }
             }
             out.bytes += (got.len() * bs) as u64;
-            let seen: Vec<Seen> = got
-                .iter()
-                .map(|g| Seen {
-                    position: g.position,
-                    versions: g.versions.clone(),
-                })
-                .collect();
+            let seen = Got::seen(&got);
             let Some(choice) = select::choose(k, &seen) else {
                 if got.len() >= k && !last {
                     tokio::time::sleep(Duration::from_millis(10 << attempt)).await;
@@ -313,10 +329,18 @@ impl Client {
                             .all(|j| got[i].versions[j] <= v[j])
                 })
                 .collect();
-            if agree.len() + behind.len() < got.len() && !last {
-                // Someone is ahead of the chosen state: an update is in flight.
-                tokio::time::sleep(Duration::from_millis(10 << attempt)).await;
-                continue;
+            if agree.len() + behind.len() < got.len() {
+                if !last {
+                    // Someone is ahead of the chosen state: an update is in flight.
+                    tokio::time::sleep(Duration::from_millis(10 << attempt)).await;
+                    continue;
+                }
+                if repair {
+                    // Still ahead: void what no decode can reproduce, if nothing
+                    // is in flight.
+                    out.findings.extend(self.void_ahead(stripe).await);
+                    return out;
+                }
             }
             // A member behind on a block that is locked somewhere is most likely just
             // waiting for an update in flight: look again later rather than repair.
@@ -473,6 +497,26 @@ impl Client {
 
     /// Data indices of `stripe` locked at any member.
     async fn locked_indices(&self, stripe: StripeId) -> Vec<u8> {
+        self.stripe_slots(stripe)
+            .await
+            .iter()
+            .flatten()
+            .flat_map(|slot| slot.locks.iter().map(|l| l.index))
+            .collect()
+    }
+
+    fn finding(&self, stripe: StripeId, position: Option<usize>, problem: Problem) -> Finding {
+        Finding {
+            stripe,
+            position,
+            node: position.map(|p| self.inner.geo.member(stripe, p)),
+            problem,
+        }
+    }
+
+    /// Each member's listing of its block of `stripe`, by position (`None`: no
+    /// answer).
+    async fn stripe_slots(&self, stripe: StripeId) -> Vec<Option<SlotInfo>> {
         let req = Request::List(ListReq {
             volume: self.inner.volume.id,
             from_stripe: stripe,
@@ -482,14 +526,173 @@ impl Client {
             let req = req.clone();
             async move { self.call(node, &req, Bytes::new()).await }
         });
+        join_all(calls)
+            .await
+            .into_iter()
+            .map(|r| match r {
+                Ok((Response::List(l), _)) => l.slots.into_iter().find(|s| s.stripe == stripe),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Settles a stripe where members are ahead of every state k members agree on.
+    ///
+    /// Under locks on every data block of the stripe at every member (so no write is
+    /// in flight), and only if every member answers, none is corrupt, none holds an
+    /// update it may still pass on (unsettled) or has logged and not applied
+    /// (pending), and no other owner holds a lock: read every member again and take
+    /// the newest state V that k of them agree on. The content installed is the
+    /// stripe at V, except that each data block whose own member is ahead keeps that
+    /// member's bytes (its updates are rolled forward: a data member's block is its
+    /// own truth), with the parity blocks encoded from those data blocks. It is
+    /// installed with the newest versions W any member holds: the updates only a
+    /// parity member held, which no decode can reproduce, are *voided*. It goes first
+    /// to the members ahead of V (so no reader finds a member with the old bytes and
+    /// one with the new agreeing on W), then to the rest. Versions never go back, so
+    /// a later write takes each block past W as usual.
+    async fn void_ahead(&self, stripe: StripeId) -> Vec<(Finding, Kind)> {
+        let k = self.inner.geo.k;
+        let busy = || vec![(self.finding(stripe, None, Problem::Busy), Kind::Degraded)];
+        let blocks: Vec<(u8, usize, usize)> = (0..k).map(|i| (i as u8, 0, 0)).collect();
+        let owner = rand::random();
+        let locked = match self
+            .lock_stripe_with(
+                stripe,
+                &blocks,
+                &crate::write::LockOpts {
+                    owner,
+                    ..Default::default()
+                },
+            )
+            .await
+        {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::debug!(stripe, error = %e, "locking a stripe to void updates failed");
+                return busy();
+            }
+        };
+        let out = self.void_locked(stripe, owner).await;
+        self.unlock_stripe(&locked).await;
+        out.unwrap_or_else(busy)
+    }
+
+    /// [`Client::void_ahead`] once the locks are held; `None` when it must wait.
+    async fn void_locked(&self, stripe: StripeId, owner: u64) -> Option<Vec<(Finding, Kind)>> {
+        let geo = &self.inner.geo;
+        let (k, width, bs) = (geo.k, geo.width(), geo.block_size);
+        let slots = self.stripe_slots(stripe).await;
+        let settled = |s: &Option<SlotInfo>| {
+            s.as_ref().is_some_and(|s| {
+                s.unsettled.is_empty()
+                    && s.pending.is_empty()
+                    && s.state != drs_proto::SlotState::Corrupt
+                    && s.locks.iter().all(|l| l.owner == owner)
+            })
+        };
+        if !slots.iter().all(settled) {
+            return None;
+        }
+        let answers =
+            join_all((0..width).map(|p| self.read_member(stripe, p, 0, bs, ReadMode::Applied)))
+                .await;
+        let mut got = Vec::with_capacity(width);
+        for (p, a) in answers.into_iter().enumerate() {
+            let (versions, data) = a.ok()?;
+            got.push(Got {
+                position: p,
+                versions,
+                data,
+            });
+        }
+        let seen = Got::seen(&got);
+        let choice = select::choose(k, &seen)?;
+        let v = choice.versions;
+        let newest = select::newest(k, &seen);
+        let ahead: Vec<usize> = got
+            .iter()
+            .filter(|g| drs_proto::map::tracked(k, g.position).any(|j| g.versions[j] > v[j]))
+            .map(|g| g.position)
+            .collect();
+        if ahead.is_empty() {
+            // Settled meanwhile (a relay arrived): the next scrub finds it in order.
+            return Some(Vec::new());
+        }
+        let sources: Vec<(usize, &[u8])> = choice
+            .chosen
+            .iter()
+            .map(|&i| (got[i].position, &got[i].data[..]))
+            .collect();
+        let data_positions: Vec<usize> = (0..k).collect();
+        let mut content = self
+            .inner
+            .codec
+            .reconstruct(&sources, &data_positions)
+            .ok()?;
+        // Data members ahead keep their own bytes.
+        let mut rolled = Vec::new();
+        for g in got.iter().filter(|g| g.position < k) {
+            if g.versions[g.position] > v[g.position] {
+                content[g.position] = g.data.to_vec();
+                rolled.push(g.position);
+            }
+        }
+        let mut parity = vec![vec![0u8; bs]; width - k];
+        {
+            let data: Vec<&[u8]> = content.iter().map(|b| &b[..]).collect();
+            let mut out: Vec<&mut [u8]> = parity.iter_mut().map(|b| &mut b[..]).collect();
+            self.inner.codec.encode(&data, &mut out).ok()?;
+        }
+        content.extend(parity);
+        let differs = |p: usize| -> bool {
+            drs_proto::map::tracked(k, p).any(|j| got[p].versions[j] != newest[j])
+                || got[p].data[..] != content[p][..]
+        };
+        let order: Vec<usize> = ahead
+            .iter()
+            .copied()
+            .chain((0..width).filter(|p| !ahead.contains(p)))
+            .filter(|&p| differs(p))
+            .collect();
         let mut out = Vec::new();
-        for r in join_all(calls).await {
-            if let Ok((Response::List(l), _)) = r {
-                for slot in l.slots.iter().filter(|s| s.stripe == stripe) {
-                    out.extend(slot.locks.iter().map(|l| l.index));
+        for p in order {
+            let data = Bytes::from(content[p].clone());
+            let problem = if p < k && rolled.contains(&p) {
+                // Its own bytes stay; only versions another member gave out move.
+                Problem::Stale
+            } else if ahead.contains(&p) {
+                Problem::Voided
+            } else {
+                Problem::Stale
+            };
+            match self.install(stripe, p, newest.clone(), data, true).await {
+                Ok(_) => {
+                    self.inner.stats.repairs.fetch_add(1, Ordering::Relaxed);
+                    if problem == Problem::Voided {
+                        tracing::warn!(
+                            stripe,
+                            position = p,
+                            "voided updates no k members can reproduce"
+                        );
+                    }
+                    out.push((self.finding(stripe, Some(p), problem), Kind::Repaired));
+                }
+                Err(e) => {
+                    // Stop at the first failure: the members ahead go first, so what
+                    // is installed so far never lets a reader mix the two contents.
+                    out.push((
+                        self.finding(
+                            stripe,
+                            Some(p),
+                            Problem::RepairFailed(format!("{problem:?}: {e}")),
+                        ),
+                        Kind::Degraded,
+                    ));
+                    break;
                 }
             }
         }
-        out
+        Some(out)
     }
 }

@@ -11,7 +11,9 @@
 //! by version). So once any member took an update, every live member ends up taking
 //! it, with no coordinator and without the client. (A node that restarts has lost its
 //! unsettled set; rejoin then compares versions and scrubs the stripes where it is
-//! ahead, which rolls the update forward from the blocks' contents.)
+//! ahead, which rolls the update forward from the blocks' contents when k members
+//! agree on a state that includes it or its data member holds it, and otherwise
+//! voids it, see `drs_client::scrub` and the limits in docs/PROTOCOL.md.)
 //!
 //! **Leases and fencing.** A client renews its lease at a node with every lock request
 //! and heartbeat. When the lease runs out while the client holds locks here (or has
@@ -22,6 +24,10 @@
 //! locks. Another client can lock the blocks only once every member released them,
 //! so by then the dead client's updates are settled everywhere; and a paused client
 //! that wakes up is refused by every member that released its locks.
+//!
+//! A node that finds it was paused itself first extends every lease that was still
+//! running by the pause's length: the heartbeats it missed were not the clients'
+//! fault.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -55,12 +61,29 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let relays = Arc::new(Semaphore::new(RELAYS));
+    let mut last = node.now_ms();
     loop {
         tokio::select! {
             _ = tokio::time::sleep(TICK) => {}
             _ = node.relay_now.notified() => {}
             _ = shutdown.changed() => return,
         }
+        // This node was paused (SIGSTOP, a frozen VM, a long stall): the clients'
+        // heartbeats could not reach it meanwhile, so leases ran out here through no
+        // fault of theirs. Each lease still running when the pause began runs the
+        // pause's length longer; a client that is really gone still expires.
+        let now = node.now_ms();
+        let late = now.saturating_sub(last + TICK.as_millis() as u64);
+        if late > node.cfg.pause_threshold.as_millis() as u64 {
+            for vol in node.volumes.values() {
+                lock(&vol.locks).forgive_pause(last, late);
+            }
+            tracing::warn!(
+                paused_ms = late,
+                "this node was paused: the clients' leases here run that much longer"
+            );
+        }
+        last = now;
         for (vid, client) in &peers {
             let Some(vol) = node.volumes.get(vid) else {
                 continue;

@@ -473,7 +473,7 @@ impl Node {
             },
             Request::List(r) => self.volume(r.volume).map(|v| {
                 let now = self.now_ms();
-                let (slots, next) =
+                let (mut slots, next) =
                     v.store
                         .list(r.from_stripe, r.max.min(LIST_MAX) as usize, |s| {
                             lock(&v.locks)
@@ -487,6 +487,12 @@ impl Node {
                                 })
                                 .collect()
                         });
+                {
+                    let unsettled = lock(&v.unsettled);
+                    for s in &mut slots {
+                        s.unsettled = unsettled.indices(s.stripe);
+                    }
+                }
                 (Response::List(ListReply { slots, next }), Bytes::new())
             }),
             r @ (Request::CachePut(_) | Request::CacheDrop(_) | Request::CacheGet(_)) => {

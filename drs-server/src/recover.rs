@@ -19,7 +19,11 @@
 //!    include one that has it. A block whose stripe is locked is compared again later.
 //! 3. **Rebuild** a block that is behind or corrupt: scrub the stripe, which decodes
 //!    the block from k members agreeing on the newest state and installs it here.
-//!    Updates logged meanwhile wait and apply on top.
+//!    Updates logged meanwhile wait and apply on top. When another member is ahead
+//!    with updates no k members agree on (every node crashed while they were in
+//!    flight), the scrub settles the stripe under its locks (a data member's own
+//!    updates roll forward, those only parity members held are voided), so the
+//!    block can reach the newest versions (`drs_client::scrub`).
 //! 4. Mark it verified. The node is `Up` once all its blocks are.
 //!
 //! Afterwards [`lifecycle`] keeps the node honest:
@@ -299,7 +303,8 @@ async fn verify_slot(
                 .all(|i| s.versions[i] >= target[i])
     };
     // Ahead of the others on a block: this node holds an update they lack (taken
-    // just before a crash): a scrub rolls it forward from the blocks' contents.
+    // just before a crash): a scrub rolls it forward from the blocks' contents, or
+    // voids it if no k members can reproduce it and only parity members hold it.
     let ahead = geo
         .tracked(mine.position as usize)
         .any(|i| mine.versions[i] > target[i]);

@@ -194,6 +194,18 @@ impl LockGroup {
         self.fenced.contains_key(&client)
     }
 
+    /// For a node that finds it was paused from `since` for `pause_ms`, when no
+    /// client could renew: every lease still running at `since` runs `pause_ms`
+    /// longer. Leases that had run out before stay so; each pause extends a lease
+    /// by its own length only, so a client that is gone still expires.
+    pub fn forgive_pause(&mut self, since: u64, pause_ms: u64) {
+        for l in self.leases.values_mut() {
+            if l.expires_ms > since {
+                l.expires_ms = l.expires_ms.saturating_add(pause_ms);
+            }
+        }
+    }
+
     /// Clients whose lease ran out by `now`, oldest first.
     pub fn expired(&self, now: u64) -> Vec<ClientId> {
         let mut v: Vec<(u64, ClientId)> = self
@@ -450,6 +462,15 @@ impl<T> UnsettledSet<T> {
         Some(e)
     }
 
+    /// The data blocks of `stripe` with entries, ascending.
+    pub fn indices(&self, stripe: StripeId) -> Vec<u8> {
+        self.by_block
+            .range((stripe, 0)..=(stripe, u8::MAX))
+            .filter(|(_, keys)| !keys.is_empty())
+            .map(|((_, i), _)| *i)
+            .collect()
+    }
+
     /// Entries of block `index` of `stripe` not yet passed on to every recipient
     /// lacking them. A node grants no lock on the block while there are any: the next
     /// writer must build on updates every live member has, or will have without the
@@ -547,6 +568,31 @@ mod tests {
         assert_eq!(t.unlock(1, &[0, 2], 10), 2);
         assert!(t.is_empty());
         assert_eq!(t.lock(1, &[2, 3], h(11, 2), LEASE, 8), Ok(()));
+    }
+
+    #[test]
+    fn a_paused_node_extends_running_leases_by_the_pause() {
+        let mut t = LockGroup::new();
+        t.lock(1, &[0], h(10, 1), LEASE, 0).unwrap();
+        t.lock(2, &[1], h(20, 2), LEASE, 500).unwrap();
+        t.lock(3, &[2], h(30, 3), LEASE, 0).unwrap();
+        t.renew(3, LEASE, 0).unwrap();
+        // The node is paused from 1200 to 4200. Client 3's lease (to 1000) ran out
+        // before the pause; client 1's runs to 1300, client 2's to 1500.
+        t.renew(1, LEASE, 300).unwrap();
+        assert_eq!(t.expired(4200), vec![3, 1, 2]);
+        t.forgive_pause(1200, 3000);
+        assert_eq!(
+            t.expired(4200),
+            vec![3],
+            "only the lease that ran out before"
+        );
+        assert_eq!(t.expired(4299), vec![3]);
+        assert_eq!(t.expired(4300), vec![3, 1]);
+        assert_eq!(t.expired(4500), vec![3, 1, 2]);
+        // Repeated pauses extend by their own length only: a gone client expires.
+        t.forgive_pause(4400, 50);
+        assert_eq!(t.expired(4600), vec![3, 1, 2]);
     }
 
     #[test]

@@ -45,6 +45,11 @@ pub const LINK_MAX: u32 = 65_000;
 pub const READDIR_MAX: usize = 4096;
 /// Most blocks one `Map` may hand out (a few MiB of file at a time).
 pub const MAP_MAX: u64 = 4096;
+/// Blocks handed out ahead by one `Map` are at most 1 / this of the space still free
+/// after the requested ones. They stay with the file until its writer's last close,
+/// so without a bound a few sequential writers would take a small volume and the
+/// writers of other files would find it full.
+pub const AHEAD_SHARE: u64 = 4;
 
 /// What an inode is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -209,9 +214,9 @@ pub enum FsCommand {
     /// Changes attributes; a size change frees the blocks past the new end.
     SetAttr { ino: Ino, set: SetAttr, now: Time },
     /// Data blocks for file blocks `first .. first + count`, handing out blocks for
-    /// those without one (`NoSpace` if there are not enough), and, as far as free
-    /// blocks go, for the `ahead` file blocks after them (`count + ahead` at most
-    /// [`MAP_MAX`]). The answer covers `first .. first + count + ahead`; blocks handed
+    /// those without one (`NoSpace` if there are not enough), and, as far as a
+    /// quarter of the blocks then free goes ([`AHEAD_SHARE`]), for the `ahead` file
+    /// blocks after them (`count + ahead` at most [`MAP_MAX`]). The answer covers `first .. first + count + ahead`; blocks handed
     /// out are unwritten.
     Map {
         ino: Ino,
@@ -971,7 +976,7 @@ impl FsState {
             let have: BTreeSet<u64> = mapped(i, end, ahead).iter().map(|m| m.block).collect();
             (end..end + ahead)
                 .filter(|b| !have.contains(b))
-                .take((self.blocks - self.used - missing.len() as u64) as usize)
+                .take(((self.blocks - self.used - missing.len() as u64) / AHEAD_SHARE) as usize)
                 .collect()
         } else {
             Vec::new()

@@ -385,6 +385,12 @@ pub struct SlotInfo {
     pub state: SlotState,
     /// Locks held on the stripe's data blocks.
     pub locks: Vec<LockInfo>,
+    /// Data blocks with updates this node took and has not yet seen reach every
+    /// member that must hold them: it passes them on itself (all-or-nothing relays).
+    pub unsettled: Vec<u8>,
+    /// Data blocks with updates logged here and not yet applied (waiting for an
+    /// earlier version).
+    pub pending: Vec<u8>,
 }
 
 /// A lock held at a node.
@@ -724,6 +730,8 @@ mod tests {
                         client: 6,
                         lease_left_ms: 1200,
                     }],
+                    unsettled: vec![1],
+                    pending: vec![0],
                 }],
                 next: Some(2),
             }),

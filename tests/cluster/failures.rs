@@ -293,6 +293,48 @@ async fn min_write_k_plus_one() {
 /// client; then a *different* client writes every block of the stripes written
 /// while node 2 was stopped, with a short lock timeout: a lock node 2 granted after
 /// SIGCONT to a request whose client had given up must not block it. Scrub clean.
+/// Goal: a node paused (SIGSTOP) for longer than a lease does not fence the live
+/// clients whose heartbeats it could not receive meanwhile: a client holding a lock
+/// there writes under it once the node is back, and the node fences nobody.
+///
+/// Method: a client locks block 0 of stripe 2 at every member; the stripe's first
+/// parity node is SIGSTOPped for 2.5 leases, then SIGCONTed; after 1.5 s (a fresh
+/// heartbeat round), the client commits a delta under its lock: it must succeed, the
+/// node's `fenced` count must stay 0, and the block must read back new. Before the
+/// node renewed leases on finding itself paused, it fenced the client at once and the
+/// commit failed with `Fenced`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_node_fences_no_live_client() {
+    let tc = TestCluster::start("paused-node-no-fence").await;
+    let c = &tc.client;
+    let data = random_blocks(31, c.blocks());
+    write_all(c, &data).await;
+    let geo = c.geometry().clone();
+    let stripe = 2u64;
+    let bs = c.block_size();
+    let victim = geo.member(stripe, geo.k);
+    let locked = c
+        .lock_stripe(stripe, &[(0, 0, bs)], rand::random())
+        .await
+        .unwrap();
+    tc.stop(victim).await;
+    tokio::time::sleep(c.config().lease * 5 / 2).await;
+    tc.local.cont(victim).unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let delta = bytes::Bytes::from(vec![0x3cu8; BS]);
+    c.commit_stripe(&locked, vec![(0, 0, delta)])
+        .await
+        .expect("a write under a lock held at a node that was paused");
+    let info = tc.info(victim).await;
+    assert!(info.stats.pauses >= 1, "the node saw its pause: {info:?}");
+    assert_eq!(info.stats.fenced, 0, "the node fenced a live client");
+    let lba = geo.lba(stripe, 0);
+    let want: Vec<u8> = data[lba as usize].iter().map(|b| b ^ 0x3c).collect();
+    let got = read_ok(&tc.new_client(client_config()), lba, "after the commit").await;
+    assert!(got[..] == want[..], "{}", describe_diff(lba, &got, &want));
+    assert_scrub_clean(c, "after the paused node").await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stopped_node_does_not_hang_reads() {
     let cfg = ClientConfig {

@@ -510,6 +510,82 @@ async fn crash_of_every_node_mid_stream() {
     }
 }
 
+/// Goal: updates that only one parity member took, when every node then crashes (so
+/// no member can pass them on any more), do not leave the stripe's other members
+/// recovering forever: the updates were never acknowledged, no k members can decode
+/// a state that includes them, and they are voided, so every node comes up, the
+/// blocks read exactly their old bytes, scrub is clean and the blocks take new
+/// writes.
+///
+/// Method: lock data blocks 0 and 1 of stripe 5 at every member; SIGKILL every member
+/// but the first parity node; commit a delta to both blocks (only that parity node
+/// takes them: `NotDurable`); SIGKILL it too; restart all. Without voiding, the data
+/// nodes of blocks 0 and 1 and the other parity node never reach the versions the
+/// parity node holds, and are never up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreproducible_updates_of_one_member_are_voided_after_a_crash_of_all() {
+    let tc = TestCluster::start("void-ahead").await;
+    let c = &tc.client;
+    let data = random_blocks(23, c.blocks());
+    write_all(c, &data).await;
+    let geo = c.geometry().clone();
+    let stripe = 5u64;
+    let bs = c.block_size();
+    let before = c
+        .list_node(geo.member(stripe, 0))
+        .await
+        .and_then(|(_, slots)| slots.into_iter().find(|s| s.stripe == stripe))
+        .expect("data node 0 lists the stripe");
+    assert_eq!(before.versions[0], 1, "one write so far");
+    let locked = c
+        .lock_stripe(stripe, &[(0, 0, bs), (1, 0, bs)], rand::random())
+        .await
+        .unwrap();
+    let parity = geo.member(stripe, geo.k);
+    for id in tc.ids().into_iter().filter(|id| *id != parity) {
+        tc.kill(id);
+    }
+    let delta = |b: u8| bytes::Bytes::from(vec![b; BS]);
+    match c
+        .commit_stripe(&locked, vec![(0, 0, delta(0x5a)), (1, 0, delta(0xc3))])
+        .await
+    {
+        Err(ClientError::NotDurable { acked, .. }) => assert_eq!(acked, 1),
+        other => panic!("commit with one member alive: {other:?}"),
+    }
+    let versions = |slots: Option<(NodeId, Vec<drs_proto::SlotInfo>)>| {
+        let slots = slots.expect("the parity node lists its blocks").1;
+        let slot = slots.into_iter().find(|s| s.stripe == stripe).unwrap();
+        (slot.versions[0], slot.versions[1])
+    };
+    let (v0, v1) = versions(c.list_node(parity).await);
+    assert!(
+        v0 >= 2 && v1 >= 2,
+        "the parity node took both updates on top of the initial write: ({v0}, {v1})"
+    );
+    tc.kill(parity);
+    tc.local.start_all(false).unwrap();
+    tc.wait_all_up().await;
+    let reader = tc.new_client(client_config());
+    for index in 0..2 {
+        let lba = geo.lba(stripe, index);
+        let got = read_ok(&reader, lba, "a voided block").await;
+        assert!(
+            got[..] == data[lba as usize][..],
+            "block {lba}: {}",
+            describe_diff(lba, &got, &data[lba as usize])
+        );
+    }
+    verify(&reader, &data, "after voiding").await;
+    assert_scrub_clean(&reader, "after voiding").await;
+    let lba = geo.lba(stripe, 0);
+    let new = bytes(77, BS);
+    reader.write_blocks(lba, &new).await.unwrap();
+    let got = read_ok(&tc.new_client(client_config()), lba, "rewritten").await;
+    assert!(got[..] == new[..], "{}", describe_diff(lba, &got, &new));
+    assert_scrub_clean(&reader, "after a new write").await;
+}
+
 /// Sum of the updates every node applied or logged (node stats).
 async fn total_updates(tc: &TestCluster) -> u64 {
     let mut n = 0;

@@ -887,6 +887,15 @@ impl VolumeStore {
                     known: slot.known.clone(),
                     state,
                     locks: locks(s),
+                    // The node's all-or-nothing state, not the store's: filled in
+                    // by the node.
+                    unsettled: Vec::new(),
+                    pending: {
+                        let mut p: Vec<u8> = slot.pending.iter().map(|p| p.index).collect();
+                        p.sort_unstable();
+                        p.dedup();
+                        p
+                    },
                 });
             }
             s += 1;
