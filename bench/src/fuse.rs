@@ -13,7 +13,7 @@ use anyhow::{bail, Context};
 /// Bytes per read(2) / write(2).
 pub const IO: usize = 1 << 20;
 
-fn mounted(path: &Path) -> bool {
+pub fn mounted(path: &Path) -> bool {
     let want = path.to_string_lossy();
     fs::read_to_string("/proc/self/mountinfo")
         .map(|info| {
@@ -35,6 +35,16 @@ fn wait_mounted(path: &Path, child: &mut Child, what: &str) -> anyhow::Result<()
         std::thread::sleep(Duration::from_millis(50));
     }
     Ok(())
+}
+
+/// True when bindfs can be run.
+pub fn bindfs_installed() -> bool {
+    Command::new("bindfs")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok()
 }
 
 /// A mount served by a child process; dropping it unmounts it and waits for the
@@ -67,13 +77,7 @@ impl Mount {
 
     /// A passthrough FUSE mount of `source` (bindfs), if bindfs is installed.
     pub fn bindfs(source: &Path, path: &Path) -> anyhow::Result<Option<Mount>> {
-        if Command::new("bindfs")
-            .arg("--version")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_err()
-        {
+        if !bindfs_installed() {
             return Ok(None);
         }
         fs::create_dir_all(path)?;

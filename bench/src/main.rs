@@ -26,12 +26,17 @@
 //! `drs-server`), so a plain `cargo run --release -p bench` never runs a stale server.
 //! See README.md.
 
+mod chart;
 mod clients;
 mod drs;
+mod fio;
 mod fuse;
+mod gluster;
 mod local_file;
 mod memory;
 mod report;
+mod timeline;
+mod timeline_run;
 
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -195,6 +200,14 @@ fn main() {
         };
         if let Err(e) = drs_fuse::mount(&cfg) {
             eprintln!("bench fuse-mount: {e:#}");
+            std::process::exit(1);
+        }
+        return;
+    }
+    if args.get(1).is_some_and(|a| a == "timeline") {
+        // Throughput over time with faults (see `timeline_run`).
+        if let Err(e) = timeline_run::main(&args[2..]) {
+            eprintln!("bench timeline: error: {e:#}");
             std::process::exit(1);
         }
         return;

@@ -186,6 +186,15 @@ pub fn loadavg() -> String {
         .unwrap_or_else(|| "unknown".into())
 }
 
+/// The 1-minute load average (0 if unknown).
+pub fn loadavg_1m() -> f64 {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .as_deref()
+        .and_then(parse_loadavg)
+        .map_or(0.0, |[a, _, _]| a)
+}
+
 /// The first `model name` of a `/proc/cpuinfo`.
 pub fn cpu_model(cpuinfo: &str) -> Option<String> {
     cpuinfo
