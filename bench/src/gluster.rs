@@ -38,6 +38,9 @@ pub struct Gluster {
     client: Option<u32>,
     /// Every process id seen (bricks, self-heal daemon), stopped at the end.
     seen: Vec<u32>,
+    /// Each brick's process as last seen, by brick path: a planned signal goes out
+    /// at once, without asking glusterd first.
+    pids: std::collections::HashMap<String, u32>,
     /// Bricks added by replacements.
     replaced: usize,
 }
@@ -134,6 +137,7 @@ impl Gluster {
             glusterd: None,
             client: None,
             seen: Vec::new(),
+            pids: Default::default(),
             replaced: 0,
         };
         let pidfile = dir.join("glusterd.pid");
@@ -223,24 +227,24 @@ impl Gluster {
     }
 
     fn note_pids(&mut self) -> anyhow::Result<()> {
-        for (_, pid) in self.status()? {
+        for (brick, pid) in self.status()? {
             if let Some(p) = pid {
                 if !self.seen.contains(&p) {
                     self.seen.push(p);
                 }
+                self.pids.insert(brick, p);
             }
         }
         Ok(())
     }
 
-    /// The pid of brick `i` (in creation order).
+    /// The pid of brick `i` (in creation order), as last seen.
     fn brick_pid(&self, i: usize) -> anyhow::Result<u32> {
         let path = self.bricks.get(i).context("no such brick")?;
         let want = path.display().to_string();
-        self.status()?
-            .into_iter()
-            .find(|(b, _)| *b == want)
-            .and_then(|(_, p)| p)
+        self.pids
+            .get(&want)
+            .copied()
             .with_context(|| format!("brick {i} ({want}) is not running"))
     }
 

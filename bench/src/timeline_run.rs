@@ -885,7 +885,7 @@ pub async fn run_one(
     drop(teardown);
     let mut events = events.lock().map(|e| e.clone()).unwrap_or_default();
     events.sort_by(|a, b| a.t.total_cmp(&b.t));
-    Ok(Timeline {
+    let t = Timeline {
         scenario,
         workload,
         system: system.name(),
@@ -902,7 +902,41 @@ pub async fn run_one(
             };
             written / system.k as u64
         }),
-    })
+    };
+    if t.total_errors() > 0 {
+        // The logs of a run that failed are kept beside its chart.
+        let to = opts.out.join(format!("{}-logs", t.stem()));
+        if let Err(e) = keep_logs(dir, &to) {
+            eprintln!("keeping the logs of {}: {e:#}", t.stem());
+        }
+    }
+    Ok(t)
+}
+
+/// Copies the log files under `from` (node logs, the mount's, fio's and
+/// GlusterFS's) to `to`, keeping their relative paths.
+fn keep_logs(from: &Path, to: &Path) -> anyhow::Result<()> {
+    let mut dirs = vec![from.to_path_buf()];
+    while let Some(d) = dirs.pop() {
+        for e in std::fs::read_dir(&d)?.flatten() {
+            let path = e.path();
+            let name = e.file_name().to_string_lossy().to_string();
+            let Ok(ft) = e.file_type() else { continue };
+            if ft.is_dir() && !name.starts_with("mnt") && !name.starts_with("brick") {
+                dirs.push(path);
+            } else if ft.is_file()
+                && (name == "log" || name.ends_with(".log") || name.starts_with("fio."))
+            {
+                let rel = path.strip_prefix(from).unwrap_or(&path);
+                let dst = to.join(rel);
+                if let Some(parent) = dst.parent() {
+                    std::fs::create_dir_all(parent)?;
+                }
+                std::fs::copy(&path, &dst).with_context(|| format!("copy {}", path.display()))?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// `bench timeline`: every case of the plan, then the summary.
@@ -1078,6 +1112,35 @@ mod tests {
         assert!(check_page(&[0u8; PAGE], 0, 0)
             .unwrap_err()
             .contains("header"));
+    }
+
+    #[test]
+    fn failed_runs_keep_their_logs_only() {
+        let root = std::env::temp_dir().join(format!("drs-keep-logs-{}", std::process::id()));
+        let run = root.join("run");
+        for d in ["cluster/node-0/data", "mnt", "fio-logs"] {
+            std::fs::create_dir_all(run.join(d)).unwrap();
+        }
+        for (f, text) in [
+            ("cluster/node-0/log", "node"),
+            ("cluster/node-0/data/blocks", "data"),
+            ("mount.log", "mount"),
+            ("mnt/file.log", "inside the mount"),
+            ("fio-logs/fio.stderr", "fio"),
+            ("fio-logs/fio_bw.1.log", "250, 1, 0, 0, 0"),
+        ] {
+            std::fs::write(run.join(f), text).unwrap();
+        }
+        let kept = root.join("kept");
+        keep_logs(&run, &kept).unwrap();
+        let read = |f: &str| std::fs::read_to_string(kept.join(f)).ok();
+        assert_eq!(read("cluster/node-0/log").as_deref(), Some("node"));
+        assert_eq!(read("mount.log").as_deref(), Some("mount"));
+        assert_eq!(read("fio-logs/fio.stderr").as_deref(), Some("fio"));
+        assert!(read("fio-logs/fio_bw.1.log").is_some());
+        assert_eq!(read("cluster/node-0/data/blocks"), None);
+        assert_eq!(read("mnt/file.log"), None, "never into a mount");
+        std::fs::remove_dir_all(&root).unwrap();
     }
 
     fn opts(args: &[&str]) -> TimelineOpts {
