@@ -55,22 +55,22 @@ pub fn draw(t: &Timeline, path: &Path) -> anyhow::Result<()> {
     font()?;
     let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
     match ext {
-        "svg" => {
-            let root = SVGBackend::new(path, SIZE).into_drawing_area();
-            plot(t, &root)?;
-            root.present()
-                .map_err(|e| anyhow!("{e}"))
-                .with_context(|| format!("write {}", path.display()))
-        }
-        "png" => {
-            let root = BitMapBackend::new(path, SIZE).into_drawing_area();
-            plot(t, &root)?;
-            root.present()
-                .map_err(|e| anyhow!("{e}"))
-                .with_context(|| format!("write {}", path.display()))
-        }
+        "svg" => write(t, path, SVGBackend::new(path, SIZE)),
+        "png" => write(t, path, BitMapBackend::new(path, SIZE)),
         _ => bail!("{}: a chart is .svg or .png", path.display()),
     }
+}
+
+/// Plots `t` on `backend` and writes it out.
+fn write<DB: DrawingBackend>(t: &Timeline, path: &Path, backend: DB) -> anyhow::Result<()>
+where
+    DB::ErrorType: 'static,
+{
+    let root = backend.into_drawing_area();
+    plot(t, &root)?;
+    root.present()
+        .map_err(|e| anyhow!("{e}"))
+        .with_context(|| format!("write {}", path.display()))
 }
 
 fn plot<DB: DrawingBackend>(t: &Timeline, root: &DrawingArea<DB, Shift>) -> anyhow::Result<()>

@@ -23,12 +23,7 @@ pub fn job_file(w: Workload) -> PathBuf {
 
 /// True when fio can be run.
 pub fn available() -> bool {
-    Command::new("fio")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
+    crate::report::runs("fio")
 }
 
 /// What a job file needs from the environment.

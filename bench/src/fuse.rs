@@ -39,12 +39,7 @@ fn wait_mounted(path: &Path, child: &mut Child, what: &str) -> anyhow::Result<()
 
 /// True when bindfs can be run.
 pub fn bindfs_installed() -> bool {
-    Command::new("bindfs")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok()
+    crate::report::runs("bindfs")
 }
 
 /// A mount served by a child process; dropping it unmounts it and waits for the

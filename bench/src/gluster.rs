@@ -19,14 +19,9 @@ use nix::unistd::Pid;
 const VOLUME: &str = "drsbench";
 
 pub fn available() -> bool {
-    ["glusterd", "gluster", "glusterfs"].iter().all(|p| {
-        Command::new(p)
-            .arg("--version")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
-    })
+    ["glusterd", "gluster", "glusterfs"]
+        .iter()
+        .all(|p| crate::report::runs(p))
 }
 
 pub struct Gluster {

@@ -186,6 +186,16 @@ pub fn loadavg() -> String {
         .unwrap_or_else(|| "unknown".into())
 }
 
+/// True when `program --version` runs and succeeds (the tool is installed).
+pub fn runs(program: &str) -> bool {
+    std::process::Command::new(program)
+        .arg("--version")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
 /// The 1-minute load average (0 if unknown).
 pub fn loadavg_1m() -> f64 {
     std::fs::read_to_string("/proc/loadavg")

@@ -327,6 +327,14 @@ fn check_blocks(data: &[u8], lba: u64, bs: usize) -> Result<(), String> {
     Ok(())
 }
 
+/// Checks the blocks a `read_blocks(lba, ..)` returned, each where it is.
+fn check_read(blocks: &[bytes::Bytes], lba: u64, bs: usize) -> Result<(), String> {
+    for (j, b) in blocks.iter().enumerate() {
+        check_blocks(b, lba + j as u64, bs)?;
+    }
+    Ok(())
+}
+
 /// `len` bytes of pages from block `lba` on, all of generation `gen`.
 fn pages(lba: u64, len: usize, bs: usize, gen: u64) -> Vec<u8> {
     let mut buf = vec![0u8; len];
@@ -389,8 +397,7 @@ async fn worker(
                             .read_blocks(lba, chunk_blocks)
                             .await
                             .map_err(|e| format!("read of blocks {lba}..: {e}"))?;
-                        let data: Vec<u8> = got.iter().flat_map(|b| b.iter().copied()).collect();
-                        check_blocks(&data, lba, bs)?;
+                        check_read(&got, lba, bs)?;
                     } else {
                         gen += 1;
                         let data = pages(lba, 1 << 20, bs, gen);
@@ -864,10 +871,7 @@ pub async fn run_one(
         for i in 0..total_mib {
             let lba = i * mib_blocks;
             let res = match check.read_blocks(lba, mib_blocks).await {
-                Ok(got) => {
-                    let data: Vec<u8> = got.iter().flat_map(|b| b.iter().copied()).collect();
-                    check_blocks(&data, lba, bs)
-                }
+                Ok(got) => check_read(&got, lba, bs),
                 Err(e) => Err(format!("final read of blocks {lba}..: {e}")),
             };
             if let Err(e) = res {
@@ -1099,6 +1103,15 @@ mod tests {
         let data = pages(8, 2 * bs, bs, 7);
         assert_eq!(check_blocks(&data, 8, bs), Ok(()));
         assert_eq!(check_page(&data[PAGE..2 * PAGE], 8, 1), Ok(7));
+        // Blocks as a read returns them, each checked where it is.
+        let (b0, b1) = (
+            bytes::Bytes::copy_from_slice(&data[..bs]),
+            bytes::Bytes::copy_from_slice(&data[bs..]),
+        );
+        assert_eq!(check_read(&[b0.clone(), b1.clone()], 8, bs), Ok(()));
+        assert!(check_read(&[b1, b0], 8, bs)
+            .unwrap_err()
+            .contains("holds block 9"));
         // A page of another block.
         assert!(check_blocks(&data, 9, bs)
             .unwrap_err()
