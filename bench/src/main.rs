@@ -205,7 +205,14 @@ fn main() {
         return;
     }
     if args.get(1).is_some_and(|a| a == "timeline") {
-        // Throughput over time with faults (see `timeline_run`).
+        // Throughput over time with faults (see `timeline_run`). With RUST_LOG set, the
+        // workers' clients log to stderr (why an operation failed or waited).
+        if std::env::var_os("RUST_LOG").is_some() {
+            tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+                .with_writer(std::io::stderr)
+                .init();
+        }
         if let Err(e) = timeline_run::main(&args[2..]) {
             eprintln!("bench timeline: error: {e:#}");
             std::process::exit(1);

@@ -847,6 +847,11 @@ pub async fn run_one(
             for w in workers {
                 let _ = w.await;
             }
+            // Operations that were under way at the end and failed count too.
+            let tail = counters.errors.load(Ordering::Relaxed) - last.2;
+            if let Some(s) = samples.last_mut() {
+                s.errors += tail;
+            }
         }
         Driver::Fio(run) => {
             let limit = Duration::from_secs(120);

@@ -249,146 +249,20 @@ impl Client {
 
 #[cfg(test)]
 mod tests {
-    //! Against fake nodes that keep a lock table and answer locks, unlocks and
-    //! heartbeats (nothing else is needed to lock a stripe).
+    //! Against fake nodes ([`crate::fakenode`]).
 
     #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-    use std::collections::HashMap;
-    use std::sync::Arc;
-
-    use drs_proto::{
-        ClusterMap, Frame, FrameHeader, FrameKind, LockReply, MemberState, NodeEntry, Response,
-        VolumeConfig, WireError,
-    };
-    use futures::{SinkExt, StreamExt};
-    use tokio::net::TcpListener;
-    use tokio_util::codec::Framed;
-
     use super::*;
+    use crate::fakenode::{self, lock};
     use crate::ClientConfig;
-
-    const CLUSTER: u64 = 0xC3;
-
-    /// (stripe, index) -> owner.
-    type Table = Arc<Mutex<HashMap<(StripeId, u8), ClientId>>>;
-
-    fn answer(table: &Table, req: Request) -> Response {
-        let mut t = lock(table);
-        match req {
-            Request::Lock(r) => {
-                if let Some((&(_, index), &holder)) = t
-                    .iter()
-                    .find(|((s, i), o)| *s == r.stripe && r.indices.contains(i) && **o != r.owner)
-                {
-                    return Response::Error(WireError::Locked {
-                        stripe: r.stripe,
-                        index,
-                        holder,
-                        client: holder,
-                        contact: None,
-                    });
-                }
-                for i in &r.indices {
-                    t.insert((r.stripe, *i), r.owner);
-                }
-                Response::Lock(LockReply {
-                    known: r.indices.iter().map(|i| (*i, 0)).collect(),
-                    fenced: vec![],
-                    read: None,
-                })
-            }
-            Request::Unlock(r) => {
-                for (i, _) in &r.blocks {
-                    if t.get(&(r.stripe, *i)) == Some(&r.owner) {
-                        t.remove(&(r.stripe, *i));
-                    }
-                }
-                Response::Unlocked
-            }
-            Request::Heartbeat(h) => Response::Alive {
-                lease_ms: h.lease_ms,
-            },
-            _ => Response::Error(WireError::Busy),
-        }
-    }
-
-    async fn fake_node() -> (std::net::SocketAddr, Table) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let table: Table = Default::default();
-        let t = table.clone();
-        tokio::spawn(async move {
-            while let Ok((mut sock, _)) = listener.accept().await {
-                let t = t.clone();
-                tokio::spawn(async move {
-                    let key = drs_proto::ClusterKey::open();
-                    let Ok(session) =
-                        drs_proto::auth::accept(&mut sock, &key, CLUSTER, drs_proto::Purpose::Data)
-                            .await
-                    else {
-                        return;
-                    };
-                    let mut conn = Framed::new(sock, session.frames());
-                    while let Some(Ok(f)) = conn.next().await {
-                        let req: Request = f.decode_ctrl().unwrap();
-                        let resp = answer(&t, req);
-                        let h = FrameHeader {
-                            kind: FrameKind::Response,
-                            cluster_id: CLUSTER,
-                            epoch: 1,
-                            request_id: f.header.request_id,
-                            deadline_ms: 0,
-                        };
-                        if conn
-                            .send(Frame::new(h, &resp, Bytes::new()).unwrap())
-                            .await
-                            .is_err()
-                        {
-                            return;
-                        }
-                    }
-                });
-            }
-        });
-        (addr, table)
-    }
 
     #[tokio::test]
     async fn a_queued_unlock_reaches_the_node_before_the_same_owners_next_lock() {
         // A release unlock of owner O at node 2 got no answer and is queued. O locks
         // the stripe again (a retry, or a cache locking another block of it). The
         // queued unlock must not release the new lock when the backlog delivers it.
-        let mut nodes = Vec::new();
-        let mut tables = Vec::new();
-        for id in 0..3 {
-            let (addr, table) = fake_node().await;
-            nodes.push(NodeEntry {
-                id,
-                addr,
-                data_dir: None,
-                state: MemberState::Up,
-                incarnation: 0,
-            });
-            tables.push(table);
-        }
-        let coef = drs_codec::Coefficients::default_for(2, 1).unwrap();
-        let map = ClusterMap {
-            cluster_id: CLUSTER,
-            epoch: 1,
-            nodes,
-            volumes: vec![VolumeConfig {
-                id: 1,
-                k: 2,
-                m: 1,
-                block_size: 4096,
-                blocks: 16,
-                min_write: 3,
-                coefficients: coef.rows().to_vec(),
-                nodes: vec![0, 1, 2],
-            }],
-            meta: Vec::new(),
-        };
+        let (map, fakes) = fakenode::cluster(false).await;
         let client = Client::new(map, 1, ClientConfig::default()).unwrap();
         let owner = 0x0E;
         let node = client.geometry().member(0, 2);
@@ -398,14 +272,14 @@ mod tests {
         // Past several rounds of the backlog.
         tokio::time::sleep(ROUND * 3).await;
         assert_eq!(client.pending_unlocks(), 0);
-        for (p, t) in tables.iter().enumerate() {
+        for (p, f) in fakes.iter().enumerate() {
             assert_eq!(
-                lock(t).get(&(0, 0)),
+                lock(&f.table).get(&(0, 0)),
                 Some(&owner),
                 "the lock at position {p} was released by the queued unlock"
             );
         }
         client.unlock_stripe(&locked).await;
-        assert!(tables.iter().all(|t| lock(t).is_empty()));
+        assert!(fakes.iter().all(|f| lock(&f.table).is_empty()));
     }
 }

@@ -1,5 +1,11 @@
-//! Connections to nodes: one multiplexed TCP connection per node, many requests in
-//! flight on it, each with a deadline.
+//! Connections to nodes: a multiplexed TCP connection per node for data, many
+//! requests in flight on it, each with a deadline, and a second one for heartbeats.
+//!
+//! Each node has a second, *control* connection for lease heartbeats: a data
+//! connection can queue many MiB of updates (at the client, in the socket, and
+//! behind a busy node's reader), and a heartbeat queued behind them could arrive
+//! after the lease ran out, fencing a live client. Locks, unlocks and updates stay on
+//! the data connection, whose arrival order the node's lock table relies on.
 //!
 //! A connection that fails marks its node down for a backoff (doubling from 50 ms up
 //! to `reconnect_max`); requests in that window fail at once with `Unreachable`, so
@@ -417,6 +423,15 @@ fn spawn_connection(stream: TcpStream, session: drs_proto::Session, node: NodeId
     }
 }
 
+/// Which of a node's connections a request travels on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lane {
+    /// Locks, unlocks, updates, reads: everything whose order matters.
+    Data,
+    /// Lease heartbeats, which must never wait behind data.
+    Control,
+}
+
 /// Connections to every node of a cluster map.
 pub struct Pool {
     members: RwLock<Members>,
@@ -426,6 +441,8 @@ pub struct Pool {
 #[derive(Default)]
 struct Members {
     conns: HashMap<NodeId, Arc<NodeConn>>,
+    /// The control connections (heartbeats), opened on first use.
+    control: HashMap<NodeId, Arc<NodeConn>>,
     /// Nodes the cluster map says are down: not called at all, so a dead node costs
     /// nothing once the metadata service noticed it.
     down: HashSet<NodeId>,
@@ -437,13 +454,17 @@ fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
 
 impl Pool {
     pub fn new(nodes: impl IntoIterator<Item = (NodeId, SocketAddr)>, cfg: ConnConfig) -> Pool {
-        let conns = nodes
-            .into_iter()
-            .map(|(id, a)| (id, Arc::new(NodeConn::new(id, a, cfg.clone()))))
-            .collect();
+        let nodes: Vec<(NodeId, SocketAddr)> = nodes.into_iter().collect();
+        let conns = |nodes: &[(NodeId, SocketAddr)]| {
+            nodes
+                .iter()
+                .map(|&(id, a)| (id, Arc::new(NodeConn::new(id, a, cfg.clone()))))
+                .collect()
+        };
         Pool {
             members: RwLock::new(Members {
-                conns,
+                conns: conns(&nodes),
+                control: conns(&nodes),
                 down: HashSet::new(),
             }),
             cfg,
@@ -458,17 +479,21 @@ impl Pool {
     /// Follows a new cluster map: its epoch, new addresses (a replaced node) and which
     /// nodes are down.
     pub fn update(&self, map: &ClusterMap) {
-        let mut m = self.members.write().unwrap_or_else(|e| e.into_inner());
+        let mut guard = self.members.write().unwrap_or_else(|e| e.into_inner());
+        let m = &mut *guard;
         for n in &map.nodes {
             let moved = m.conns.get(&n.id).is_none_or(|c| c.addr != n.addr);
             if moved {
-                m.conns.insert(
-                    n.id,
-                    Arc::new(NodeConn::new(n.id, n.addr, self.cfg.clone())),
-                );
+                for conns in [&mut m.conns, &mut m.control] {
+                    conns.insert(
+                        n.id,
+                        Arc::new(NodeConn::new(n.id, n.addr, self.cfg.clone())),
+                    );
+                }
             }
         }
         m.conns.retain(|id, _| map.node(*id).is_some());
+        m.control.retain(|id, _| map.node(*id).is_some());
         m.down = map
             .nodes
             .iter()
@@ -482,10 +507,12 @@ impl Pool {
         read(&self.members).conns.get(&node).cloned()
     }
 
-    /// Calls `node`, failing with `Unreachable` for a node not in the map or down in it.
+    /// Calls `node` on `lane`, failing with `Unreachable` for a node not in the map or
+    /// down in it.
     pub async fn call(
         &self,
         node: NodeId,
+        lane: Lane,
         req: &Request,
         payload: Bytes,
         timeout: Duration,
@@ -497,7 +524,10 @@ impl Pool {
                     "node {node} is down in the cluster map"
                 )));
             }
-            m.conns.get(&node).cloned()
+            match lane {
+                Lane::Data => m.conns.get(&node).cloned(),
+                Lane::Control => m.control.get(&node).cloned(),
+            }
         };
         match conn {
             Some(c) => c.call(req, payload, timeout).await,

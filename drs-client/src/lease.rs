@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use drs_proto::{ClientId, HeartbeatReq, NodeId, Request, Response, StripeId, UpdateId, WireError};
 
+use crate::conn::Lane;
 use crate::error::CallError;
 use crate::Client;
 
@@ -193,7 +194,9 @@ impl Client {
             completed: completed.clone(),
         });
         let sent = Instant::now();
-        let r = self.call(node, &req, Bytes::new()).await;
+        // On the control connection: behind a data connection's queued updates it
+        // could arrive after the lease ran out.
+        let r = self.call_on(node, Lane::Control, &req, Bytes::new()).await;
         if let Some(n) = lock(&self.inner.leases.nodes).get_mut(&node) {
             n.heartbeat_out = false;
             if matches!(r, Ok((Response::Alive { .. }, _))) {
@@ -255,6 +258,44 @@ impl Client {
                     return;
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+    use crate::fakenode;
+    use crate::ClientConfig;
+
+    #[tokio::test]
+    async fn heartbeats_reach_a_node_that_stopped_reading_the_data_connection() {
+        // Each node grants the lock and then reads nothing more on that connection,
+        // like a node whose reader waits behind a busy store, with the client's
+        // updates queued before any heartbeat. The heartbeats must still arrive, or
+        // the node fences a live client when the lease runs out.
+        let (map, fakes) = fakenode::cluster(true).await;
+        let cfg = ClientConfig {
+            lease: Duration::from_millis(600),
+            ..ClientConfig::default()
+        };
+        let client = Client::new(map, 1, cfg).unwrap();
+        let locked = client.lock_stripe(0, &[(0, 0, 0)], 0x0E).await.unwrap();
+        assert_eq!(locked.live(), 3);
+        // Two and a half leases: a heartbeat is due every 200 ms.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        for (p, f) in fakes.iter().enumerate() {
+            let beats = f.heartbeats.load(Ordering::Relaxed);
+            assert!(
+                beats >= 3,
+                "position {p} got {beats} heartbeats in 2.5 leases"
+            );
+        }
+        for p in 0..3 {
+            let node = client.geometry().member(0, p);
+            assert!(client.lease_ok(node), "lease at position {p} not confirmed");
         }
     }
 }

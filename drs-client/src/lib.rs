@@ -29,6 +29,8 @@ mod backlog;
 pub mod cache;
 pub mod conn;
 pub mod error;
+#[cfg(test)]
+mod fakenode;
 pub mod fault;
 mod lease;
 mod peer;
@@ -325,13 +327,24 @@ impl Client {
         req: &Request,
         payload: Bytes,
     ) -> Result<(Response, Bytes), CallError> {
+        self.call_on(node, conn::Lane::Data, req, payload).await
+    }
+
+    /// [`Client::call`] on one of the node's connections.
+    pub(crate) async fn call_on(
+        &self,
+        node: NodeId,
+        lane: conn::Lane,
+        req: &Request,
+        payload: Bytes,
+    ) -> Result<(Response, Bytes), CallError> {
         let timeout = self.inner.cfg.request_timeout;
         let mut retries = 0;
         loop {
             let r = self
                 .inner
                 .pool
-                .call(node, req, payload.clone(), timeout)
+                .call(node, lane, req, payload.clone(), timeout)
                 .await;
             match r {
                 // The node refused the request on arrival, before doing anything: once
@@ -341,7 +354,7 @@ impl Client {
                     if retries < STALE_EPOCH_RETRIES =>
                 {
                     retries += 1;
-                    if !self.catch_up(node, node_epoch).await {
+                    if !self.catch_up(node, lane, node_epoch).await {
                         return r;
                     }
                 }
@@ -353,7 +366,7 @@ impl Client {
     /// Brings this client's map to `epoch` at least: from the followed source if it
     /// answers quickly, else from `node`, which refused this client for a stale
     /// epoch (so it works with the metadata service down too). True if caught up.
-    async fn catch_up(&self, node: NodeId, epoch: u64) -> bool {
+    async fn catch_up(&self, node: NodeId, lane: conn::Lane, epoch: u64) -> bool {
         let mut seen = self.inner.epoch_seen.subscribe();
         if self.inner.following.load(Ordering::Acquire) {
             let from_source =
@@ -366,7 +379,7 @@ impl Client {
         match self
             .inner
             .pool
-            .call(node, &Request::GetMap, Bytes::new(), timeout)
+            .call(node, lane, &Request::GetMap, Bytes::new(), timeout)
             .await
         {
             Ok((Response::Map { toml }, _)) => match ClusterMap::from_toml(&toml) {

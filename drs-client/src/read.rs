@@ -39,6 +39,10 @@ struct Want {
     len: usize,
     mode: ReadMode,
     ask_own: bool,
+    /// The oldest version of block `index` the caller takes: a writer holding the
+    /// block's lock knows the version it must read, and older replies (a member an
+    /// update has not reached yet) must not be decoded, however quickly they come.
+    at_least: Version,
 }
 
 impl Client {
@@ -123,6 +127,29 @@ impl Client {
             len,
             mode,
             ask_own: true,
+            at_least: 0,
+        })
+        .await
+    }
+
+    /// [`Client::read_range`] of block `index` as of version `version` at least (its
+    /// reader holds the block's lock, so it is exactly that version).
+    pub(crate) async fn read_range_at(
+        &self,
+        stripe: StripeId,
+        index: usize,
+        offset: usize,
+        len: usize,
+        version: Version,
+    ) -> Result<Versioned, ClientError> {
+        self.read_range_from(Want {
+            stripe,
+            index,
+            offset,
+            len,
+            mode: ReadMode::Current,
+            ask_own: true,
+            at_least: version,
         })
         .await
     }
@@ -152,6 +179,7 @@ impl Client {
             len: bs,
             mode: ReadMode::Applied,
             ask_own: false,
+            at_least: 0,
         })
         .await
     }
@@ -171,11 +199,29 @@ impl Client {
     }
 
     async fn read_range_once(&self, want: &Want) -> Result<Versioned, ClientError> {
-        let (stripe, index, offset, len, ask_own) =
-            (want.stripe, want.index, want.offset, want.len, want.ask_own);
+        let (stripe, index, offset, len, ask_own, at_least) = (
+            want.stripe,
+            want.index,
+            want.offset,
+            want.len,
+            want.ask_own,
+            want.at_least,
+        );
+        // The block's own node answering with an older version is behind.
+        let own_answer = |r: Result<Versioned, CallError>| match r {
+            Ok(v) if v.0.get(index).is_some_and(|&x| x < at_least) => {
+                Err(CallError::Protocol(format!(
+                    "the block's own node is at version {:?}, {at_least} is needed",
+                    v.0.get(index)
+                )))
+            }
+            r => r,
+        };
         let mode = want.mode.clone();
         let geo = &self.inner.geo;
         let mut transient = false;
+        // The last round ended with k members answering but disagreeing.
+        let mut disagreed = false;
         let primary_node = geo.member(stripe, index);
         let mut primary = pin!(self.read_member(stripe, index, offset, len, mode.clone()));
         let mut primary_done = false;
@@ -186,7 +232,7 @@ impl Client {
             tokio::select! {
                 r = &mut primary => {
                     primary_done = true;
-                    match r {
+                    match own_answer(r) {
                         Ok(v) => return Ok(v),
                         Err(e) => primary_err = Some(e),
                     }
@@ -232,7 +278,7 @@ impl Client {
                 tokio::select! {
                     r = &mut primary, if !primary_done => {
                         primary_done = true;
-                        match r {
+                        match own_answer(r) {
                             Ok(v) => return Ok(v),
                             Err(e) => primary_err = Some(e),
                         }
@@ -243,7 +289,7 @@ impl Client {
                             Ok((versions, data)) => {
                                 seen.push(Seen { position: p, versions });
                                 bytes.push(data);
-                                if let Some(out) = self.try_decode(stripe, index, &seen, &bytes, primary_err.as_ref()) {
+                                if let Some(out) = self.try_decode(stripe, index, at_least, &seen, &bytes, primary_err.as_ref()) {
                                     return out;
                                 }
                             }
@@ -286,7 +332,7 @@ impl Client {
                     }
                 }
                 if let Some(out) =
-                    self.try_decode(stripe, index, &seen, &bytes, primary_err.as_ref())
+                    self.try_decode(stripe, index, at_least, &seen, &bytes, primary_err.as_ref())
                 {
                     return out;
                 }
@@ -302,7 +348,8 @@ impl Client {
                     _ => false,
                 });
             // Only disagreement is worth another round; missing nodes stay missing.
-            if seen.len() < geo.k {
+            disagreed = seen.len() >= geo.k;
+            if !disagreed {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(5 << round)).await;
@@ -313,21 +360,26 @@ impl Client {
             need: geo.k,
             width: geo.width(),
             detail: last_detail,
-            transient,
+            // k members answered but disagree: an update is still being passed on
+            // between them (9.2), which settles, so a read may be tried again until
+            // its deadline. (A rebuild has its own retries.)
+            transient: transient || (disagreed && ask_own),
         })
     }
 
-    /// Decodes the wanted range if k replies agree.
+    /// Decodes the wanted range if k replies agree on a state with block `index` at
+    /// version `at_least` or newer.
     fn try_decode(
         &self,
         stripe: StripeId,
         index: usize,
+        at_least: Version,
         seen: &[Seen],
         bytes: &[Bytes],
         primary_err: Option<&CallError>,
     ) -> Option<Result<Versioned, ClientError>> {
         let k = self.inner.geo.k;
-        let choice = select::choose(k, seen)?;
+        let choice = select::choose_at_least(k, seen, index, at_least)?;
         let present: Vec<(usize, &[u8])> = choice
             .chosen
             .iter()

@@ -84,6 +84,29 @@ pub fn choose(k: usize, seen: &[Seen]) -> Option<Choice> {
     None
 }
 
+/// [`choose`], for a reader that needs data block `index` at version `at_least` or
+/// newer: replies that track it at an older version (its own data reply, parity
+/// replies) are left out, however many agree. `chosen` indexes `seen`.
+pub fn choose_at_least(k: usize, seen: &[Seen], index: usize, at_least: Version) -> Option<Choice> {
+    // Versions are kept for data blocks only: a parity block (index >= k) has none.
+    if at_least == 0 || index >= k {
+        return choose(k, seen);
+    }
+    let usable: Vec<usize> = (0..seen.len())
+        .filter(|&i| {
+            let s = &seen[i];
+            let tracks = s.position >= k || s.position == index;
+            !tracks || s.versions.get(index).is_some_and(|&v| v >= at_least)
+        })
+        .collect();
+    let subset: Vec<Seen> = usable.iter().map(|&i| seen[i].clone()).collect();
+    let mut c = choose(k, &subset)?;
+    for i in &mut c.chosen {
+        *i = usable[*i];
+    }
+    Some(c)
+}
+
 /// The newest version of each data index any reply knows of: what a lagging node
 /// must reach for the replies to agree.
 pub fn newest(k: usize, seen: &[Seen]) -> Vec<Version> {
@@ -151,6 +174,29 @@ mod tests {
         let c = choose(2, &seen).unwrap();
         assert_eq!(c.versions, vec![2, 0]);
         assert_eq!(c.chosen, vec![0, 2]);
+    }
+
+    #[test]
+    fn a_locked_reader_never_takes_an_older_version_of_its_block() {
+        // k = 4, m = 2, data 0 down. An update of block 0 to v3 reached parity 4 but
+        // not yet parity 5. The other data blocks and parity 5 agree on a state with
+        // block 0 at v2, and they answered first: a reader holding block 0's lock at
+        // v3 must not decode that.
+        let seen = vec![d(1, 0, 4), d(2, 0, 4), d(3, 0, 4), p(5, &[2, 0, 0, 0])];
+        assert_eq!(choose(4, &seen).unwrap().versions, vec![2, 0, 0, 0]);
+        assert_eq!(choose_at_least(4, &seen, 0, 3), None);
+        let mut seen = seen;
+        seen.push(p(4, &[3, 0, 0, 0]));
+        let c = choose_at_least(4, &seen, 0, 3).unwrap();
+        assert_eq!(c.versions, vec![3, 0, 0, 0]);
+        assert_eq!(c.chosen, vec![0, 1, 2, 4], "indices into the replies given");
+        // Block 0's own reply at an older version is left out too.
+        let own = vec![d(0, 2, 2), d(1, 4, 2), p(2, &[3, 4])];
+        assert_eq!(choose_at_least(2, &own, 0, 3).unwrap().chosen, vec![1, 2]);
+        // No bound, or a parity block (which has no version of its own): as choose.
+        assert_eq!(choose_at_least(4, &seen, 0, 0), choose(4, &seen));
+        assert_eq!(choose_at_least(4, &seen, 5, 0), choose(4, &seen));
+        assert_eq!(choose_at_least(4, &seen, 5, 9), choose(4, &seen));
     }
 
     #[test]

@@ -35,8 +35,8 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use drs_codec::Codec;
 use drs_proto::{
-    BlockUpdate, ClientId, LockRead, LockReq, NodeId, ReadMode, Request, Response, StripeId,
-    UnlockReq, UpdateId, UpdateReq, Version, WireError,
+    BlockUpdate, ClientId, LockRead, LockReq, NodeId, Request, Response, StripeId, UnlockReq,
+    UpdateId, UpdateReq, Version, WireError,
 };
 use futures::future::join_all;
 use futures::stream::{self, StreamExt};
@@ -500,21 +500,28 @@ impl Client {
             }
             Err(CallError::Remote(WireError::Locked {
                 index,
+                holder,
                 client,
                 contact,
                 ..
-            })) => LockAnswer::Held {
-                index,
-                client,
-                contact,
-            },
+            })) => {
+                tracing::trace!(stripe, node, index, holder, client, "lock held");
+                LockAnswer::Held {
+                    index,
+                    client,
+                    contact,
+                }
+            }
             // An update of the block is being passed on between the members: as good
             // as held for a moment.
-            Err(CallError::Remote(WireError::Settling { index, client, .. })) => LockAnswer::Held {
-                index,
-                client,
-                contact: None,
-            },
+            Err(CallError::Remote(WireError::Settling { index, client, .. })) => {
+                tracing::trace!(stripe, node, index, client, "lock refused: settling");
+                LockAnswer::Held {
+                    index,
+                    client,
+                    contact: None,
+                }
+            }
             Err(e) => {
                 if e.is_unreachable() {
                     self.return_completed(node, completed);
@@ -552,27 +559,37 @@ impl Client {
             _ => {}
         }
         // The data node could not give it: decode it from the stripe. We hold the
-        // lock, so the block's version is our base.
+        // lock, so the block's version is our base. A member an update of it has not
+        // reached yet (the update is being relayed) answers with an older version:
+        // those replies are not decoded, and the read waits for the others.
+        // All of it within one request deadline: the stripe stays locked meanwhile.
         let want = locked.base_version(index).unwrap_or(0);
+        let until = Instant::now() + self.inner.cfg.request_timeout;
         let mut last = None;
-        for _ in 0..3 {
-            let (versions, data) = self
-                .read_range(locked.stripe, index, offset, len, ReadMode::Current)
-                .await?;
-            if versions.get(index) == Some(&want) {
-                return Ok(data);
+        while Instant::now() < until {
+            let read = self.read_range_at(locked.stripe, index, offset, len, want);
+            match tokio::time::timeout_at(until.into(), read).await {
+                Ok(Ok((versions, data))) if versions.get(index) == Some(&want) => return Ok(data),
+                Ok(Ok((versions, _))) => last = Some(versions),
+                Ok(Err(e)) => return Err(e),
+                Err(_) => break,
             }
-            last = Some(versions);
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
         Err(ClientError::Unavailable {
             stripe: locked.stripe,
             have: 0,
             need: self.inner.geo.k,
             width: self.inner.geo.width(),
-            detail: format!(
-                " (block {index} should be at version {want}, the stripe shows {last:?})"
-            ),
+            detail: match last {
+                Some(v) => format!(
+                    " (block {index} should be at version {want}, the stripe shows {v:?})"
+                ),
+                None => format!(
+                    " (block {index} should be at version {want}; no {} members agreed on it within {:?})",
+                    self.inner.geo.k, self.inner.cfg.request_timeout
+                ),
+            },
             transient: true,
         })
     }

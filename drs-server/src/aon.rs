@@ -15,9 +15,9 @@
 //! agree on a state that includes it or its data member holds it, and otherwise
 //! voids it, see `drs_client::scrub` and the limits in docs/PROTOCOL.md.)
 //!
-//! **Leases and fencing.** A client renews its lease at a node with every lock request
-//! and heartbeat. When the lease runs out while the client holds locks here (or has
-//! unsettled updates here), the node *fences* it: from then on it refuses the
+//! **Leases and fencing.** A client renews its lease at a node with every lock request,
+//! update and heartbeat. When the lease runs out while the client holds locks (or
+//! cache copies) here, the node *fences* it: from then on it refuses the
 //! client's locks, heartbeats and updates. It then waits for the client's admitted
 //! updates to finish, passes on every unsettled update of the client (so they reach
 //! every member, or were never taken anywhere), and only then releases the client's
@@ -92,10 +92,14 @@ pub async fn run(
             // Leases that ran out.
             let expired = lock(&vol.locks).expired(now);
             for c in expired {
+                // Only a client holding locks (or cache copies) here is fenced: those
+                // are what its release hands on to others. One whose updates are
+                // merely unsettled here (a member was down when it wrote, so they
+                // never completed) may be idle or waiting, alive: its updates are
+                // relayed on their own schedule, and any later update of it needs a
+                // new lock, which renews its lease.
                 let copies = lock(&node.copies).holds(c);
-                let holds = copies
-                    || lock(&vol.locks).holds_any(c)
-                    || !lock(&vol.unsettled).of_client(c).is_empty();
+                let holds = copies || lock(&vol.locks).holds_any(c);
                 if holds {
                     lock(&vol.locks).fence(c, now);
                     node.aon.fenced.fetch_add(1, Ordering::Relaxed);

@@ -85,7 +85,7 @@ impl NodeConfig {
             checkpoint_bytes: 64 << 20,
             max_pending: 4096,
             undo_bytes: 64 << 20,
-            max_connections: 1024,
+            max_connections: 2048,
             relay_after: Duration::from_secs(2),
             unsettled_bytes: 256 << 20,
             meta_down_after: Duration::from_secs(3),
@@ -394,7 +394,10 @@ impl Node {
         if let Request::GetMap = req {
             return Admitted::Answer(self.map_answer());
         }
-        if header.epoch < epoch {
+        // A heartbeat only says the client is alive, whatever map it has: refusing it
+        // for a stale epoch would let the lease of a live client run out while it
+        // catches up with the map (its data requests are refused meanwhile).
+        if header.epoch < epoch && !matches!(req, Request::Heartbeat(_)) {
             return Admitted::Answer(Response::Error(WireError::StaleEpoch {
                 node_epoch: epoch,
                 request_epoch: header.epoch,
@@ -784,7 +787,7 @@ impl Node {
         };
         self.complete(client, &r.completed);
         {
-            let group = lock(&v.locks);
+            let mut group = lock(&v.locks);
             for u in &r.updates {
                 // A cache-group member writing back for a fenced client: the client's
                 // lock must still be here (the node keeps it for the write-back).
@@ -811,6 +814,11 @@ impl Node {
                         })
                     }
                 }
+            }
+            // The client was alive when it sent this: its lease runs on, even if its
+            // heartbeats are late (report 5.3.3).
+            if !r.on_behalf {
+                group.touch(client, self.now_ms());
             }
         }
         for u in &r.updates {

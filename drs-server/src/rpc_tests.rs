@@ -206,6 +206,16 @@ async fn requests_that_do_not_fit_get_typed_errors() {
     h.epoch = 7;
     let (r, _) = ask_with(&mut c, h, &Request::Ping, Bytes::new()).await;
     assert!(matches!(r, Response::Pong(_)), "{r:?}");
+    // Except a heartbeat: a live client catching up with the map keeps its lease.
+    let mut h = header(5);
+    h.epoch = 0;
+    let hb = Request::Heartbeat(HeartbeatReq {
+        client: 9,
+        lease_ms: 3000,
+        completed: vec![],
+    });
+    let (r, _) = ask_with(&mut c, h, &hb, Bytes::new()).await;
+    assert_eq!(r, Response::Alive { lease_ms: 3000 });
     let read = |volume, stripe, position| {
         Request::Read(ReadReq {
             volume,
@@ -581,4 +591,89 @@ async fn updates_need_the_lock_and_a_live_lease() {
         matches!(pong, Response::Pong(ref i) if i.stats.fenced == 1),
         "{pong:?}"
     );
+}
+
+#[tokio::test]
+async fn updates_keep_a_lease_running_without_heartbeats() {
+    // A client busy sending updates whose heartbeats are late (queued behind them)
+    // is alive: each update it sent renews its lease.
+    let n = start().await;
+    let mut c = connect(&n).await;
+    assert!(matches!(
+        ask(&mut c, 1, &lock_req(3, vec![0], 50, 5, 400)).await,
+        Response::Lock(_)
+    ));
+    // Two and a half leases of updates, one every 100 ms, and no heartbeat.
+    for seq in 1..=10u64 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let (r, _) = ask_with(
+            &mut c,
+            header(1 + seq),
+            &update(3, seq, seq, 50, false),
+            Bytes::from_static(b"a"),
+        )
+        .await;
+        assert!(first(&r).is_ok(), "update {seq} refused: {r:?}");
+    }
+    let hb = Request::Heartbeat(HeartbeatReq {
+        client: 5,
+        lease_ms: 400,
+        completed: vec![],
+    });
+    assert_eq!(
+        ask(&mut c, 20, &hb).await,
+        Response::Alive { lease_ms: 400 }
+    );
+    let pong = ask(&mut c, 21, &Request::Ping).await;
+    assert!(
+        matches!(pong, Response::Pong(ref i) if i.stats.fenced == 0),
+        "{pong:?}"
+    );
+}
+
+#[tokio::test]
+async fn an_idle_client_whose_updates_are_unsettled_is_not_fenced() {
+    // Client 5 writes block 0 of stripe 3 and unlocks. The other members are
+    // unreachable, so its update never completes and stays unsettled here. Idle
+    // past its lease, it holds nothing here: it must not be fenced.
+    let n = start().await;
+    let mut c = connect(&n).await;
+    assert!(matches!(
+        ask(&mut c, 1, &lock_req(3, vec![0], 50, 5, 300)).await,
+        Response::Lock(_)
+    ));
+    let (r, _) = ask_with(
+        &mut c,
+        header(2),
+        &update(3, 1, 1, 50, false),
+        Bytes::from_static(b"a"),
+    )
+    .await;
+    assert!(first(&r).is_ok(), "{r:?}");
+    let unlock = Request::Unlock(UnlockReq {
+        volume: 1,
+        stripe: 3,
+        owner: 50,
+        blocks: vec![(0, 1)],
+    });
+    assert_eq!(ask(&mut c, 3, &unlock).await, Response::Unlocked);
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    let pong = ask(&mut c, 4, &Request::Ping).await;
+    assert!(
+        matches!(pong, Response::Pong(ref i) if i.stats.fenced == 0),
+        "{pong:?}"
+    );
+    // Its next write goes on: a lock on another stripe, and an update under it.
+    assert!(matches!(
+        ask(&mut c, 5, &lock_req(6, vec![0], 51, 5, 300)).await,
+        Response::Lock(_)
+    ));
+    let (r, _) = ask_with(
+        &mut c,
+        header(6),
+        &update(6, 2, 1, 51, false),
+        Bytes::from_static(b"b"),
+    )
+    .await;
+    assert!(first(&r).is_ok(), "{r:?}");
 }

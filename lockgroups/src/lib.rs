@@ -4,8 +4,9 @@
 //! Every member of a stripe keeps the same table for the stripe's data blocks: a lock
 //! multicast goes to all members, and a client holds a block only when every live
 //! member granted it. On top of the table, each node watches the *lease* of every
-//! client holding a lock: a client renews it with each lock request and heartbeat;
-//! when it runs out the node *fences* the client (refuses its requests from then on),
+//! client holding a lock: a client renews it with each lock request, update and
+//! heartbeat; when it runs out while the client holds locks there, the node *fences*
+//! the client (refuses its requests from then on),
 //! settles its updates in flight, and releases its locks, so a crashed client never
 //! keeps a block locked, and a paused one that wakes up cannot write.
 //!
@@ -105,6 +106,15 @@ impl LockGroup {
         l.lease_ms = lease_ms;
         l.expires_ms = l.expires_ms.max(now.saturating_add(lease_ms));
         Ok(())
+    }
+
+    /// Extends `client`'s running lease by its own length from `now`: any request the
+    /// client sent (an update, say) shows it was alive when it sent it, as a heartbeat
+    /// does. Does nothing for a client without a lease here or a fenced one.
+    pub fn touch(&mut self, client: ClientId, now: u64) {
+        if let Some(l) = self.leases.get_mut(&client) {
+            l.expires_ms = l.expires_ms.max(now.saturating_add(l.lease_ms));
+        }
     }
 
     /// Grants all of `indices` to `owner` (on behalf of `client`, whose lease this
@@ -593,6 +603,27 @@ mod tests {
         // Repeated pauses extend by their own length only: a gone client expires.
         t.forgive_pause(4400, 50);
         assert_eq!(t.expired(4600), vec![3, 1, 2]);
+    }
+
+    #[test]
+    fn any_request_of_a_client_extends_its_lease() {
+        let mut t = LockGroup::new();
+        t.lock(1, &[0], h(10, 1), LEASE, 0).unwrap();
+        t.touch(1, 800);
+        assert!(
+            t.expired(1000).is_empty(),
+            "an update at 800 keeps it to 1800"
+        );
+        assert_eq!(t.expired(1800), vec![1]);
+        // Never shortens, never creates a lease, and a fenced client stays fenced.
+        t.touch(1, 100);
+        assert_eq!(t.expired(1800), vec![1]);
+        t.touch(7, 500);
+        assert!(!t.clients().contains(&7));
+        t.fence(1, 1800);
+        t.touch(1, 1900);
+        assert!(t.is_fenced(1));
+        assert!(t.expired(5000).is_empty());
     }
 
     #[test]

@@ -14,7 +14,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
-use drs_client::select::{choose, Seen};
+use drs_client::select::{choose_at_least, Seen};
 use drs_codec::Codec;
 use drs_lockgroups::UpdateKey;
 use rand::Rng;
@@ -744,21 +744,23 @@ impl World {
     fn old_read_decide(&mut self, c: usize, mut w: Box<Write>, replies: Vec<(usize, ReadReply)>) {
         let want = w.base;
         let i = w.index as usize;
-        match self.decode(c, w.stripe, w.index, &replies) {
+        match self.decode(c, w.stripe, w.index, want, &replies) {
             Some((versions, value)) if versions.get(i) == Some(&want) => {
                 w.old = Some(value[w.offset..w.offset + w.data.len()].to_vec());
                 self.after_old(c, w);
             }
-            Some(_) => {
+            // No k replies agree on the block at the base yet (an update of it is
+            // being relayed): try again, for one request timeout in all.
+            _ => {
                 w.old_tries += 1;
-                if w.old_tries < real::OLD_READ_TRIES {
+                let tries = (self.cfg.request_timeout_ms / real::OLD_READ_SLEEP).max(1);
+                if u64::from(w.old_tries) < tries {
                     self.clients[c].phase = Phase::OldReadSleep(w);
                     self.wake_after(c, real::OLD_READ_SLEEP);
                 } else {
                     self.start_release(c, w, After::Fail("Unavailable"));
                 }
             }
-            None => self.start_release(c, w, After::Fail("Unavailable")),
         }
     }
 
@@ -969,13 +971,15 @@ impl World {
 
     // ----- reads -----
 
-    /// Decodes data block `index` from the k replies `select::choose` picks, and
-    /// checks the value against the block's history (I3).
+    /// Decodes data block `index` from the k replies `select::choose_at_least` picks
+    /// (with block `index` at `at_least` or newer), and checks the value against the
+    /// block's history (I3).
     fn decode(
         &mut self,
         c: usize,
         stripe: u64,
         index: u8,
+        at_least: u64,
         replies: &[(usize, ReadReply)],
     ) -> Option<(Vec<u64>, Vec<u8>)> {
         let mut seen = Vec::new();
@@ -989,7 +993,7 @@ impl World {
                 datas.push(data);
             }
         }
-        let choice = choose(self.cfg.k, &seen)?;
+        let choice = choose_at_least(self.cfg.k, &seen, index as usize, at_least)?;
         let present: Vec<(usize, &[u8])> = choice
             .chosen
             .iter()
@@ -1008,7 +1012,7 @@ impl World {
 
     fn read_decide(&mut self, c: usize, stripe: u64, index: u8, replies: Vec<(usize, ReadReply)>) {
         let what = format!("read s{stripe} b{index}");
-        let result = match self.decode(c, stripe, index, &replies) {
+        let result = match self.decode(c, stripe, index, 0, &replies) {
             Some(_) => Ok(()),
             None => Err("Unavailable (no k replies agree)".to_string()),
         };

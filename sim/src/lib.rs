@@ -18,8 +18,8 @@
 //!   update-and-unlock releases after the update is durable, completion notices),
 //!   lock-and-read and `Current` reads that wait for pending
 //!   updates, and the all-or-nothing loop of `aon.rs` (every 100 ms, or at once when
-//!   woken: fence clients whose lease ran out while holding locks or unsettled
-//!   updates, wait up to 2 s for their admitted updates, relay their unsettled
+//!   woken: fence clients whose lease ran out while holding locks there (a direct
+//!   update renews the lease like a heartbeat), wait up to 2 s for their admitted updates, relay their unsettled
 //!   updates, release their locks and note the versions they may have given out;
 //!   relay every update unsettled for longer than `relay_after`; a recipient confirms
 //!   with Ok or `StaleVersion`; an update passed on to every recipient is *offered*).
@@ -27,14 +27,15 @@
 //!   `write_stripe` for one block (lock everywhere under a fresh owner, back off and
 //!   retry while held or settling, base = highest known, next version = one past the
 //!   highest known or fenced, old bytes at the base by lock-and-read / zeros /
-//!   decoding under the lock, delta = old XOR new, update-and-unlock to every
+//!   decoding under the lock (replies with the block older than the base left out,
+//!   tried again for one request timeout), delta = old XOR new, update-and-unlock to every
 //!   member that granted, `commit_stripe`'s acknowledgement rules, completion
 //!   notices once every member that must hold the update acknowledged it, catch-up
 //!   unlocks from a background backlog, delivered at a node before the same owner's
 //!   next lock there); leases with heartbeats every lease/3, the
 //!   `lease_ok` check before sending, completion notices piggybacked or in
 //!   heartbeats, a new identity when fenced. Degraded reads ask k..k+m-1 members and
-//!   decode with the *real* `drs_client::select::choose` and the *real*
+//!   decode with the *real* `drs_client::select::choose_at_least` and the *real*
 //!   [`drs_codec::Codec`] (8-byte blocks).
 //! * **Faults** ([`scenario`]): per seed, message loss, duplication, reordering
 //!   (random and occasionally long delays; channels FIFO or not), request timeouts

@@ -530,6 +530,8 @@ impl World {
                         }
                     }
                     self.check_i4_direct_update_admitted(n, stripe, &update, owner);
+                    // The client was alive when it sent this: its lease runs on.
+                    self.nodes[n].locks.touch(client, self.now);
                     *self.nodes[n].inflight.entry(client).or_default() += 1;
                     // store/mod.rs `note_owner_update`: its base says which versions
                     // its grant here really skipped.
@@ -1246,8 +1248,9 @@ impl World {
         let now = self.now;
         let expired = self.nodes[n].locks.expired(now);
         for c in expired {
-            let holds = self.nodes[n].locks.holds_any(c)
-                || !self.nodes[n].unsettled.of_client(c).is_empty();
+            // Fenced only with locks held here; unsettled updates of an idle client
+            // are relayed on their own schedule.
+            let holds = self.nodes[n].locks.holds_any(c);
             if holds {
                 self.nodes[n].locks.fence(c, now);
                 self.stats.fenced += 1;

@@ -23,9 +23,9 @@ pub mod real {
     pub const BACKLOG_ROUND: Time = 250;
     /// store/mod.rs: update ids remembered per slot.
     pub const RECENT_IDS: usize = 32;
-    /// write.rs: tries of decoding the old bytes from the stripe, and the sleep between.
-    pub const OLD_READ_TRIES: u32 = 3;
-    pub const OLD_READ_SLEEP: Time = 20;
+    /// write.rs: the pause between tries of decoding the old bytes from the stripe
+    /// (they go on for one request timeout).
+    pub const OLD_READ_SLEEP: Time = 50;
     /// recover.rs: how often stuck blocks are looked for.
     pub const STUCK_CHECK: Time = 1000;
     /// scrub.rs: attempts at reading a stripe that agrees.

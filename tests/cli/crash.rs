@@ -593,7 +593,7 @@ fn crashed_client_under_load_leaves_nothing_behind() {
             (killed + Duration::from_millis(1500)).saturating_duration_since(Instant::now()),
         );
         assert_scrub_clean(&c, BLOCKS / K);
-        // Fences at the nodes: the killed clients held locks or unsettled updates.
+        // Fences at the nodes: the killed clients held locks there.
         let fenced = counter(&c, "clients_fenced") - fenced_before;
         let checked = c
             .cmd(
