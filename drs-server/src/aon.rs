@@ -206,11 +206,19 @@ async fn relay(node: &Node, peer: &Client, vid: VolumeId, key: UpdateKey) {
     };
     let geo = vol.store.geometry();
     let (update, delta): (BlockUpdate, Bytes) = e.payload.clone();
+    // A member the map does not say is up is not sent it: a down one cannot take it,
+    // and a recovering one compares every block with its stripe before it is up, so
+    // it takes this update's version from the members holding it. Sending it there
+    // anyway (as a pending update, behind the member's own rebuild) kept the update
+    // unoffered for seconds, and locks on its block refused (`Settling`) meanwhile.
+    // It is passed on to that member once the map says it is up.
+    let map = node.live_map();
     let todo: Vec<u8> = e
         .recipients
         .iter()
         .copied()
         .filter(|p| !e.confirmed.contains(p))
+        .filter(|p| map.node_state(geo.member(e.stripe, *p as usize)).is_up())
         .collect();
     let sends = todo.into_iter().map(|position| {
         let req = Request::Update(UpdateReq {

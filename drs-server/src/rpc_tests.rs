@@ -69,10 +69,16 @@ pub(crate) fn map_2_1(cluster_id: u64, node0: std::net::SocketAddr) -> ClusterMa
 }
 
 async fn start() -> TestNode {
+    start_with(|_| {}).await
+}
+
+/// [`start`], with the map changed by `edit` first.
+async fn start_with(edit: impl FnOnce(&mut ClusterMap)) -> TestNode {
     let dir = tempfile::tempdir().unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let map = map_2_1(CLUSTER, addr);
+    let mut map = map_2_1(CLUSTER, addr);
+    edit(&mut map);
     let mut cfg = NodeConfig::new(0, dir.path().to_owned());
     cfg.settle = Duration::ZERO;
     let (stop, rx) = watch::channel(false);
@@ -676,4 +682,93 @@ async fn an_idle_client_whose_updates_are_unsettled_is_not_fenced() {
     )
     .await;
     assert!(first(&r).is_ok(), "{r:?}");
+}
+
+/// A member that completes the handshake, then reads requests and never answers;
+/// counts the updates it receives.
+async fn silent_member() -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let updates = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = updates.clone();
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let key = drs_proto::ClusterKey::open();
+                let Ok(session) =
+                    drs_proto::auth::accept(&mut sock, &key, CLUSTER, drs_proto::Purpose::Data)
+                        .await
+                else {
+                    return;
+                };
+                let mut conn = Framed::new(sock, session.frames());
+                while let Some(Ok(f)) = conn.next().await {
+                    if let Ok(Request::Update(_)) = f.decode_ctrl::<Request>() {
+                        seen.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+            });
+        }
+    });
+    (addr, updates)
+}
+
+#[tokio::test]
+async fn an_update_is_not_relayed_to_a_recovering_member() {
+    // Nodes 1 and 2 are recovering and never answer. Client 5 writes block 0 of
+    // stripe 3; its update stays unsettled here. Client 6 then locks the block: the
+    // node refuses (`Settling`) until the update was passed on to every member that
+    // may take it, and a recovering member is not one (it rebuilds from the stripe):
+    // the lock is granted without anything sent to nodes 1 and 2, instead of after
+    // their relays time out.
+    let (silent, updates) = silent_member().await;
+    let n = start_with(|map| {
+        for e in map.nodes.iter_mut().filter(|e| e.id != 0) {
+            e.addr = silent;
+            e.state = drs_proto::MemberState::Recovering;
+        }
+    })
+    .await;
+    let mut c = connect(&n).await;
+    assert!(matches!(
+        ask(&mut c, 1, &lock_req(3, vec![0], 50, 5, 3000)).await,
+        Response::Lock(_)
+    ));
+    let (r, _) = ask_with(
+        &mut c,
+        header(2),
+        &update(3, 1, 1, 50, false),
+        Bytes::from_static(b"a"),
+    )
+    .await;
+    assert!(first(&r).is_ok(), "{r:?}");
+    let unlock = Request::Unlock(UnlockReq {
+        volume: 1,
+        stripe: 3,
+        owner: 50,
+        blocks: vec![(0, 1)],
+    });
+    assert_eq!(ask(&mut c, 3, &unlock).await, Response::Unlocked);
+    let until = std::time::Instant::now() + Duration::from_secs(10);
+    let mut id = 10;
+    loop {
+        id += 1;
+        match ask(&mut c, id, &lock_req(3, vec![0], 60, 6, 3000)).await {
+            Response::Lock(l) => {
+                assert_eq!(l.known, vec![(0, 1)]);
+                break;
+            }
+            Response::Error(WireError::Settling { .. }) => {
+                assert!(std::time::Instant::now() < until, "never granted");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            other => panic!("unexpected answer {other:?}"),
+        }
+    }
+    assert_eq!(
+        updates.load(std::sync::atomic::Ordering::Relaxed),
+        0,
+        "an update was relayed to a recovering member"
+    );
 }
