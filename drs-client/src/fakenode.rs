@@ -1,19 +1,19 @@
 //! Fake nodes for the client's unit tests: each keeps a lock table and answers
-//! locks, unlocks and heartbeats (nothing else is needed to lock a stripe), and
-//! counts the heartbeats it answered. One can be told to stop reading a connection
-//! once it granted a lock on it, as a node does whose reader waits behind a busy
-//! store.
+//! locks, unlocks, updates (taken, not stored) and heartbeats, and counts the
+//! heartbeats it answered. One can be told to stop reading a connection once it
+//! granted a lock on it, as a node does whose reader waits behind a busy store, or
+//! to go silent (answer nothing, as a hung node).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use drs_proto::{
-    ClientId, ClusterMap, Frame, FrameHeader, FrameKind, LockReply, MemberState, NodeEntry,
-    Request, Response, StripeId, VolumeConfig, WireError,
+    Applied, ClientId, ClusterMap, Frame, FrameHeader, FrameKind, LockReply, MemberState,
+    NodeEntry, Request, Response, StripeId, UpdateReply, VolumeConfig, WireError,
 };
 use futures::{SinkExt, StreamExt};
 use tokio::net::TcpListener;
@@ -29,6 +29,8 @@ pub type Table = Arc<Mutex<HashMap<(StripeId, u8), ClientId>>>;
 pub struct FakeNode {
     pub table: Table,
     pub heartbeats: Arc<AtomicUsize>,
+    /// Set: reads requests and answers none.
+    pub silent: Arc<AtomicBool>,
 }
 
 pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -68,6 +70,25 @@ fn answer(node: &FakeNode, req: Request) -> Response {
             }
             Response::Unlocked
         }
+        Request::Update(r) => {
+            for (i, _) in &r.unlock {
+                if t.get(&(r.stripe, *i)) == Some(&r.owner) {
+                    t.remove(&(r.stripe, *i));
+                }
+            }
+            Response::Updated(UpdateReply {
+                results: r
+                    .updates
+                    .iter()
+                    .map(|_| {
+                        Ok(Applied {
+                            applied: true,
+                            duplicate: false,
+                        })
+                    })
+                    .collect(),
+            })
+        }
         Request::Heartbeat(h) => {
             node.heartbeats.fetch_add(1, Ordering::Relaxed);
             Response::Alive {
@@ -98,6 +119,9 @@ pub async fn start(stall_after_lock: bool) -> (std::net::SocketAddr, FakeNode) {
                 };
                 let mut conn = Framed::new(sock, session.frames());
                 while let Some(Ok(f)) = conn.next().await {
+                    if n.silent.load(Ordering::Relaxed) {
+                        continue;
+                    }
                     let req: Request = f.decode_ctrl().unwrap();
                     let locked = matches!(req, Request::Lock(_));
                     let resp = answer(&n, req);
@@ -126,8 +150,14 @@ pub async fn start(stall_after_lock: bool) -> (std::net::SocketAddr, FakeNode) {
     (addr, node)
 }
 
-/// Three fake nodes and the cluster map of a 2+1 volume on them.
+/// Three fake nodes and the cluster map of a 2+1 volume on them (every member must
+/// take a write).
 pub async fn cluster(stall_after_lock: bool) -> (ClusterMap, Vec<FakeNode>) {
+    cluster_with(stall_after_lock, 3).await
+}
+
+/// [`cluster`], with a write durable once `min_write` members took it.
+pub async fn cluster_with(stall_after_lock: bool, min_write: u8) -> (ClusterMap, Vec<FakeNode>) {
     let mut nodes = Vec::new();
     let mut fakes = Vec::new();
     for id in 0..3 {
@@ -152,7 +182,7 @@ pub async fn cluster(stall_after_lock: bool) -> (ClusterMap, Vec<FakeNode>) {
             m: 1,
             block_size: 4096,
             blocks: 16,
-            min_write: 3,
+            min_write,
             coefficients: coef.rows().to_vec(),
             nodes: vec![0, 1, 2],
         }],

@@ -8,8 +8,10 @@
 //!   releases its locks.
 //! - The client knows when its lease was last confirmed at each node (the send time
 //!   of the last request the node renewed it with). Before it sends updates it checks
-//!   every member still has a lease well within its length; otherwise it stops with
-//!   `LeaseExpired` instead of sending updates the nodes would refuse.
+//!   that `min_write` of the members that granted the lock still have a lease well
+//!   within its length (a hung member cannot confirm it; it checks the lock itself
+//!   when it takes its part); otherwise it stops with `LeaseExpired` instead of
+//!   sending updates the nodes would refuse.
 //! - When every member that must hold an update (its data node and every parity
 //!   node) acknowledged it, its id is *complete*: the client tells those members
 //!   (piggybacked on its next lock or update to the node, or with the next
@@ -297,5 +299,43 @@ mod tests {
             let node = client.geometry().member(0, p);
             assert!(client.lease_ok(node), "lease at position {p} not confirmed");
         }
+    }
+
+    #[tokio::test]
+    async fn a_write_goes_on_while_enough_members_confirm_the_lease() {
+        // 2+1, durable on 2. One member goes silent (hung) after granting the locks:
+        // the lease there is no longer confirmed, but the other two still hold the
+        // locks under a confirmed lease, so the write goes on. With two silent, the
+        // client cannot know its locks still hold: nothing is sent.
+        let (map, fakes) = fakenode::cluster_with(false, 2).await;
+        let cfg = ClientConfig {
+            lease: Duration::from_millis(600),
+            request_timeout: Duration::from_millis(800),
+            ..ClientConfig::default()
+        };
+        let client = Client::new(map, 1, cfg).unwrap();
+        let geo = client.geometry().clone();
+        let a = client.lock_stripe(0, &[(0, 0, 16)], 0x0E).await.unwrap();
+        let b = client.lock_stripe(1, &[(0, 0, 16)], 0x0F).await.unwrap();
+        let silence = |p: usize| {
+            let node = geo.member(0, p);
+            fakes[node as usize].silent.store(true, Ordering::Relaxed);
+            node
+        };
+        let hung = silence(2);
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        assert!(!client.lease_ok(hung));
+        let delta = Bytes::from(vec![1u8; 16]);
+        client
+            .commit_stripe(&a, vec![(0, 0, delta.clone())])
+            .await
+            .unwrap();
+        silence(1);
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        let r = client.commit_stripe(&b, vec![(0, 0, delta)]).await;
+        assert!(
+            matches!(r, Err(crate::ClientError::LeaseExpired { .. })),
+            "{r:?}"
+        );
     }
 }

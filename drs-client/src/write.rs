@@ -605,13 +605,29 @@ impl Client {
         let geo = &self.inner.geo;
         let k = geo.k;
         let stripe = locked.stripe;
-        // A stalled client must not send updates under a lease that may be gone.
-        if let Some(p) =
-            (0..geo.width()).find(|&p| locked.granted[p] && !self.lease_ok(geo.member(stripe, p)))
-        {
-            let node = geo.member(stripe, p);
-            self.unlock_stripe(locked).await;
-            return Err(ClientError::LeaseExpired { node });
+        // A stalled client must not send updates under a lease that may be gone: at
+        // least `min_write` members that granted the lock must have confirmed the
+        // lease recently. A member that has not (it is hung, say: its heartbeats go
+        // unanswered) still gets its part: it checks the lock itself when it takes
+        // it, and one that misses it learns from the unlock, as when any member
+        // fails its part. The members with a confirmed lease still hold the lock, so
+        // no other writer can get in meanwhile.
+        let stale: Vec<NodeId> = (0..geo.width())
+            .filter(|&p| locked.granted[p])
+            .map(|p| geo.member(stripe, p))
+            .filter(|n| !self.lease_ok(*n))
+            .collect();
+        let confirmed = locked.granted.iter().filter(|g| **g).count() - stale.len();
+        if let Some(&node) = stale.first() {
+            if confirmed < self.inner.volume.min_write as usize {
+                self.unlock_stripe(locked).await;
+                return Err(ClientError::LeaseExpired { node });
+            }
+            tracing::debug!(
+                stripe,
+                node,
+                "lease not confirmed at a member: it must check its lock itself"
+            );
         }
         crate::fault::at(crate::fault::Step::BeforeSend);
         // The versions given out: only the blocks updated (a locked block left as it

@@ -777,16 +777,15 @@ impl World {
         let mut delta = old;
         let r = Codec::xor_into(&w.data, &mut delta);
         debug_assert!(r.is_ok());
-        // commit_stripe: a stalled client must not send under a lease that may be gone.
+        // commit_stripe: a stalled client must not send under a lease that may be gone:
+        // min_write of the members that granted must have confirmed it recently.
         let n = self.width();
-        for p in 0..n {
-            if w.granted[p] {
-                let node = self.member(w.stripe, p);
-                if !self.lease_ok(c, node) {
-                    self.start_release(c, w, After::Fail("LeaseExpired"));
-                    return;
-                }
-            }
+        let confirmed = (0..n)
+            .filter(|&p| w.granted[p] && self.lease_ok(c, self.member(w.stripe, p)))
+            .count();
+        if confirmed < self.cfg.min_write {
+            self.start_release(c, w, After::Fail("LeaseExpired"));
+            return;
         }
         if let Some(Hook::PauseBeforeSend(ms)) = self.hook(c, w.number) {
             self.clients[c].phase = Phase::PausedBeforeSend(w, delta);

@@ -33,7 +33,7 @@
 //!   notices once every member that must hold the update acknowledged it, catch-up
 //!   unlocks from a background backlog, delivered at a node before the same owner's
 //!   next lock there); leases with heartbeats every lease/3, the
-//!   `lease_ok` check before sending, completion notices piggybacked or in
+//!   `lease_ok` check before sending (at `min_write` of the members that granted), completion notices piggybacked or in
 //!   heartbeats, a new identity when fenced. Degraded reads ask k..k+m-1 members and
 //!   decode with the *real* `drs_client::select::choose_at_least` and the *real*
 //!   [`drs_codec::Codec`] (8-byte blocks).
