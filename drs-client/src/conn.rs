@@ -39,6 +39,18 @@ const BACKOFF_MIN: Duration = Duration::from_millis(50);
 /// of a whole request deadline. Any answer clears the suspicion.
 const SUSPECT_FOR: Duration = Duration::from_secs(10);
 const SUSPECT_WAIT: Duration = Duration::from_millis(500);
+/// A request unanswered this long, on a connection that has answered nothing
+/// meanwhile, makes the client ask the node's control connection whether the node is
+/// alive (a `Ping`, [`PROBE_WAIT`] to answer). A node that is not (SIGSTOPped, a
+/// frozen VM) is *hung*: its requests wait at most [`HUNG_WAIT`] from then on, for
+/// [`HUNG_FOR`] or until it answers again. So a hung node costs the requests in
+/// flight about a second, instead of a whole request deadline (5 s by default),
+/// before the metadata service declares it down. A busy node answers the probe on
+/// its control connection, whatever is queued on the data one, and is waited for.
+const PROBE_AFTER: Duration = Duration::from_millis(500);
+const PROBE_WAIT: Duration = Duration::from_millis(500);
+const HUNG_WAIT: Duration = Duration::from_millis(100);
+const HUNG_FOR: Duration = Duration::from_secs(2);
 
 /// Connection settings.
 #[derive(Debug, Clone)]
@@ -91,6 +103,15 @@ pub struct NodeConn {
     connecting: tokio::sync::Mutex<()>,
     next_id: AtomicU64,
     suspect_until: Mutex<Option<Instant>>,
+    /// The node's control connection, asked whether the node is alive when this one
+    /// goes silent (none for a control connection itself, or a peer's).
+    probe: Option<Arc<NodeConn>>,
+    /// When this connection last brought an answer.
+    answered_at: Mutex<Option<Instant>>,
+    /// Until when the node is taken as hung (its probe went unanswered).
+    hung_until: Mutex<Option<Instant>>,
+    /// One probe at a time.
+    probing: tokio::sync::Mutex<()>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -108,7 +129,67 @@ impl NodeConn {
             connecting: tokio::sync::Mutex::new(()),
             next_id: AtomicU64::new(1),
             suspect_until: Mutex::new(None),
+            probe: None,
+            answered_at: Mutex::new(None),
+            hung_until: Mutex::new(None),
+            probing: tokio::sync::Mutex::new(()),
         }
+    }
+
+    /// A data connection that probes the node through `control` when it goes silent.
+    pub fn with_probe(
+        node: NodeId,
+        addr: SocketAddr,
+        cfg: ConnConfig,
+        control: Arc<NodeConn>,
+    ) -> NodeConn {
+        NodeConn {
+            probe: Some(control),
+            ..NodeConn::new(node, addr, cfg)
+        }
+    }
+
+    /// True while the node is taken as hung (it did not answer a probe).
+    pub fn is_hung(&self) -> bool {
+        lock(&self.hung_until).is_some_and(|t| Instant::now() < t)
+    }
+
+    /// Whether the node answers on its control connection. Called when a request has
+    /// waited [`PROBE_AFTER`] on a connection that answered nothing meanwhile; one
+    /// probe at a time (a caller finding one under way goes on waiting).
+    ///
+    /// Boxed: a request's wait may probe, and the probe is a request.
+    fn probe_alive(
+        &self,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send + '_>> {
+        Box::pin(self.probe_alive_inner())
+    }
+
+    async fn probe_alive_inner(&self) -> bool {
+        let Some(control) = &self.probe else {
+            return true;
+        };
+        let Ok(_one) = self.probing.try_lock() else {
+            return !self.is_hung();
+        };
+        if lock(&self.answered_at).is_some_and(|t| t.elapsed() < PROBE_AFTER) {
+            return true;
+        }
+        let r = control
+            .call_once(&Request::Ping, Bytes::new(), PROBE_WAIT)
+            .await;
+        let alive = !matches!(r, Err(CallError::Timeout(_) | CallError::Unreachable(_)));
+        if alive {
+            *lock(&self.hung_until) = None;
+        } else {
+            tracing::debug!(
+                node = self.node,
+                "node does not answer on its control connection either: hung"
+            );
+            *lock(&self.hung_until) = Some(Instant::now() + HUNG_FOR);
+            *lock(&self.suspect_until) = Some(Instant::now() + SUSPECT_FOR);
+        }
+        alive
     }
 
     /// True while the node is in its backoff after a failure.
@@ -223,7 +304,9 @@ impl NodeConn {
         payload: Bytes,
         timeout: Duration,
     ) -> Result<(Response, Bytes), CallError> {
-        let timeout = if self.is_suspect() {
+        let timeout = if self.is_hung() {
+            timeout.min(HUNG_WAIT)
+        } else if self.is_suspect() {
             timeout.min(SUSPECT_WAIT)
         } else {
             timeout
@@ -283,8 +366,29 @@ impl NodeConn {
                 _ => CallError::Unreachable("connection closed".into()),
             });
         }
-        let answer = tokio::time::timeout_at(deadline.into(), rx).await;
+        // Waits for the answer; past PROBE_AFTER of silence, asks whether the node is
+        // alive at all, and waits only a moment more if not.
+        let mut rx = rx;
+        let mut deadline = deadline;
+        let answer = loop {
+            let check = (Instant::now() + PROBE_AFTER).min(deadline);
+            match tokio::time::timeout_at(check.into(), &mut rx).await {
+                Ok(a) => break Ok(a),
+                Err(_) if Instant::now() >= deadline => break Err(()),
+                Err(_) => {
+                    let silent =
+                        !lock(&self.answered_at).is_some_and(|t| t.elapsed() < PROBE_AFTER);
+                    if silent && !self.probe_alive().await {
+                        deadline = deadline.min(Instant::now() + HUNG_WAIT);
+                    }
+                }
+            }
+        };
         drop(permit);
+        if matches!(answer, Ok(Ok(Ok(_)))) {
+            *lock(&self.answered_at) = Some(Instant::now());
+            *lock(&self.hung_until) = None;
+        }
         if answer.is_ok() {
             guard.disarm();
         }
@@ -300,7 +404,7 @@ impl NodeConn {
                 self.mark_down("connection closed".into());
                 return Err(CallError::Unreachable("connection closed".into()));
             }
-            Err(_) => return Err(CallError::Timeout(timeout.as_millis() as u64)),
+            Err(()) => return Err(CallError::Timeout(timeout.as_millis() as u64)),
         };
         let resp: Response = frame
             .decode_ctrl()
@@ -448,25 +552,29 @@ struct Members {
     down: HashSet<NodeId>,
 }
 
+impl Members {
+    /// New connections to `node` at `addr`: the data one probes through the control
+    /// one.
+    fn connect(&mut self, node: NodeId, addr: SocketAddr, cfg: &ConnConfig) {
+        let control = Arc::new(NodeConn::new(node, addr, cfg.clone()));
+        let data = NodeConn::with_probe(node, addr, cfg.clone(), control.clone());
+        self.conns.insert(node, Arc::new(data));
+        self.control.insert(node, control);
+    }
+}
+
 fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
     l.read().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Pool {
     pub fn new(nodes: impl IntoIterator<Item = (NodeId, SocketAddr)>, cfg: ConnConfig) -> Pool {
-        let nodes: Vec<(NodeId, SocketAddr)> = nodes.into_iter().collect();
-        let conns = |nodes: &[(NodeId, SocketAddr)]| {
-            nodes
-                .iter()
-                .map(|&(id, a)| (id, Arc::new(NodeConn::new(id, a, cfg.clone()))))
-                .collect()
-        };
+        let mut members = Members::default();
+        for (id, addr) in nodes {
+            members.connect(id, addr, &cfg);
+        }
         Pool {
-            members: RwLock::new(Members {
-                conns: conns(&nodes),
-                control: conns(&nodes),
-                down: HashSet::new(),
-            }),
+            members: RwLock::new(members),
             cfg,
         }
     }
@@ -484,12 +592,7 @@ impl Pool {
         for n in &map.nodes {
             let moved = m.conns.get(&n.id).is_none_or(|c| c.addr != n.addr);
             if moved {
-                for conns in [&mut m.conns, &mut m.control] {
-                    conns.insert(
-                        n.id,
-                        Arc::new(NodeConn::new(n.id, n.addr, self.cfg.clone())),
-                    );
-                }
+                m.connect(n.id, n.addr, &self.cfg);
             }
         }
         m.conns.retain(|id, _| map.node(*id).is_some());
@@ -537,10 +640,14 @@ impl Pool {
         }
     }
 
-    /// True while `node` is down in the map or in its reconnect backoff.
+    /// True while `node` is down in the map, in its reconnect backoff, or hung (it
+    /// did not answer a probe).
     pub fn is_down(&self, node: NodeId) -> bool {
         let m = read(&self.members);
-        m.down.contains(&node) || m.conns.get(&node).is_none_or(|c| c.is_down())
+        m.down.contains(&node)
+            || m.conns
+                .get(&node)
+                .is_none_or(|c| c.is_down() || c.is_hung())
     }
 }
 
@@ -607,5 +714,93 @@ mod tests {
             server.await.unwrap(),
             "the connection stayed open after its NodeConn was dropped"
         );
+    }
+
+    fn cfg() -> ConnConfig {
+        ConnConfig {
+            cluster_id: CLUSTER,
+            epoch: Arc::new(AtomicU64::new(1)),
+            connect_timeout: Duration::from_secs(2),
+            reconnect_max: Duration::from_secs(1),
+            key: drs_proto::ClusterKey::open(),
+        }
+    }
+
+    /// A node that completes handshakes and reads requests; it answers `Ping` (with
+    /// `Busy`: any answer shows it is alive) only if `alive`, and nothing else ever.
+    async fn unanswering_node(alive: bool) -> SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut sock, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let key = drs_proto::ClusterKey::open();
+                    let Ok(session) =
+                        drs_proto::auth::accept(&mut sock, &key, CLUSTER, drs_proto::Purpose::Data)
+                            .await
+                    else {
+                        return;
+                    };
+                    let mut framed = tokio_util::codec::Framed::new(sock, session.frames());
+                    while let Some(Ok(f)) = framed.next().await {
+                        if alive && matches!(f.decode_ctrl::<Request>(), Ok(Request::Ping)) {
+                            let h = FrameHeader {
+                                kind: FrameKind::Response,
+                                deadline_ms: 0,
+                                ..f.header
+                            };
+                            let busy = Response::Error(drs_proto::WireError::Busy);
+                            let _ = framed
+                                .send(Frame::new(h, &busy, Bytes::new()).unwrap())
+                                .await;
+                        }
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    /// Goal: a hung node (it answers nothing, not even on its control connection)
+    /// costs a request about a second, not its whole deadline; a node that is only
+    /// slow to answer a request, but answers the probe, is waited for.
+    ///
+    /// Method: a 6 s request to each kind of node, through a data connection that
+    /// probes through a control one. The hung node's must fail as a timeout within
+    /// 3 s (probe after 0.5 s, 0.5 s for its answer, 0.1 s more), and the node is then
+    /// hung: the next request waits 0.1 s at most. The slow node's must wait past 5 s.
+    #[tokio::test]
+    async fn a_hung_node_is_found_by_a_probe_and_a_slow_one_is_waited_for() {
+        let read = Request::Read(drs_proto::ReadReq {
+            volume: 1,
+            stripe: 0,
+            position: 0,
+            offset: 0,
+            len: 16,
+            mode: drs_proto::ReadMode::Current,
+        });
+        for alive in [false, true] {
+            let addr = unanswering_node(alive).await;
+            let control = Arc::new(NodeConn::new(7, addr, cfg()));
+            let conn = NodeConn::with_probe(7, addr, cfg(), control);
+            let started = Instant::now();
+            let r = conn.call(&read, Bytes::new(), Duration::from_secs(6)).await;
+            let took = started.elapsed();
+            assert!(matches!(r, Err(CallError::Timeout(_))), "{r:?}");
+            if alive {
+                assert!(
+                    took >= Duration::from_secs(5),
+                    "a live node was cut short: {took:?}"
+                );
+                assert!(!conn.is_hung());
+            } else {
+                assert!(took < Duration::from_secs(3), "a hung node cost {took:?}");
+                assert!(conn.is_hung());
+                let started = Instant::now();
+                let r = conn.call(&read, Bytes::new(), Duration::from_secs(6)).await;
+                assert!(matches!(r, Err(CallError::Timeout(_))), "{r:?}");
+                assert!(started.elapsed() < Duration::from_secs(1));
+            }
+        }
     }
 }
