@@ -41,7 +41,7 @@ const SUSPECT_FOR: Duration = Duration::from_secs(10);
 const SUSPECT_WAIT: Duration = Duration::from_millis(500);
 /// A request unanswered this long, on a connection that has answered nothing
 /// meanwhile, makes the client ask the node's control connection whether the node is
-/// alive (a `Ping`, [`PROBE_WAIT`] to answer). A node that is not (SIGSTOPped, a
+/// alive (a `GetMap`, [`PROBE_WAIT`] to answer). A node that is not (SIGSTOPped, a
 /// frozen VM) is *hung*: its requests wait at most [`HUNG_WAIT`] from then on, for
 /// [`HUNG_FOR`] or until it answers again. So a hung node costs the requests in
 /// flight about a second, instead of a whole request deadline (5 s by default),
@@ -104,7 +104,8 @@ pub struct NodeConn {
     next_id: AtomicU64,
     suspect_until: Mutex<Option<Instant>>,
     /// The node's control connection, asked whether the node is alive when this one
-    /// goes silent (none for a control connection itself, or a peer's).
+    /// goes silent (none for a control connection itself, or one to another
+    /// client's cache).
     probe: Option<Arc<NodeConn>>,
     /// When this connection last brought an answer.
     answered_at: Mutex<Option<Instant>>,
@@ -172,13 +173,20 @@ impl NodeConn {
         let Ok(_one) = self.probing.try_lock() else {
             return !self.is_hung();
         };
+        if self.is_hung() {
+            return false;
+        }
         if lock(&self.answered_at).is_some_and(|t| t.elapsed() < PROBE_AFTER) {
             return true;
         }
-        let r = control
-            .call_once(&Request::Ping, Bytes::new(), PROBE_WAIT)
-            .await;
-        let alive = !matches!(r, Err(CallError::Timeout(_) | CallError::Unreachable(_)));
+        // `GetMap`: answered on arrival, whatever the epoch, at the cost of encoding
+        // the map. The whole probe (a connection to open included) takes PROBE_WAIT
+        // at most.
+        let ask = control.call_once(&Request::GetMap, Bytes::new(), PROBE_WAIT, PROBE_WAIT);
+        let alive = match tokio::time::timeout(PROBE_WAIT, ask).await {
+            Ok(r) => !matches!(r, Err(CallError::Timeout(_) | CallError::Unreachable(_))),
+            Err(_) => false,
+        };
         if alive {
             *lock(&self.hung_until) = None;
         } else {
@@ -296,22 +304,24 @@ impl NodeConn {
         lock(&self.suspect_until).is_some_and(|t| Instant::now() < t)
     }
 
-    /// Sends `req` with `payload` and waits up to `timeout` (less for a suspect node)
-    /// for the answer.
+    /// Sends `req` with `payload` and waits up to `timeout` (less for a suspect or
+    /// hung node) for the answer. The node is given the whole `timeout` whatever
+    /// this client waits: a node only slow goes on with the request (and a cancel
+    /// withdraws a read the client stopped waiting for).
     pub async fn call(
         &self,
         req: &Request,
         payload: Bytes,
         timeout: Duration,
     ) -> Result<(Response, Bytes), CallError> {
-        let timeout = if self.is_hung() {
+        let wait = if self.is_hung() {
             timeout.min(HUNG_WAIT)
         } else if self.is_suspect() {
             timeout.min(SUSPECT_WAIT)
         } else {
             timeout
         };
-        let r = self.call_once(req, payload, timeout).await;
+        let r = self.call_once(req, payload, timeout, wait).await;
         match &r {
             Err(CallError::Timeout(_)) => {
                 *lock(&self.suspect_until) = Some(Instant::now() + SUSPECT_FOR)
@@ -322,10 +332,12 @@ impl NodeConn {
         r
     }
 
+    /// One request: the node is told it has `budget`; this client waits `timeout`.
     async fn call_once(
         &self,
         req: &Request,
         payload: Bytes,
+        budget: Duration,
         timeout: Duration,
     ) -> Result<(Response, Bytes), CallError> {
         let deadline = Instant::now() + timeout;
@@ -343,7 +355,7 @@ impl NodeConn {
             cluster_id: self.cfg.cluster_id,
             epoch: self.cfg.epoch.load(Ordering::Acquire),
             request_id: id,
-            deadline_ms: timeout.as_millis().min(u32::MAX as u128) as u32,
+            deadline_ms: budget.as_millis().min(u32::MAX as u128) as u32,
         };
         let frame =
             Frame::new(header, req, payload).map_err(|e| CallError::Protocol(e.to_string()))?;
@@ -726,7 +738,7 @@ mod tests {
         }
     }
 
-    /// A node that completes handshakes and reads requests; it answers `Ping` (with
+    /// A node that completes handshakes and reads requests; it answers `GetMap` (with
     /// `Busy`: any answer shows it is alive) only if `alive`, and nothing else ever.
     async fn unanswering_node(alive: bool) -> SocketAddr {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -743,7 +755,7 @@ mod tests {
                     };
                     let mut framed = tokio_util::codec::Framed::new(sock, session.frames());
                     while let Some(Ok(f)) = framed.next().await {
-                        if alive && matches!(f.decode_ctrl::<Request>(), Ok(Request::Ping)) {
+                        if alive && matches!(f.decode_ctrl::<Request>(), Ok(Request::GetMap)) {
                             let h = FrameHeader {
                                 kind: FrameKind::Response,
                                 deadline_ms: 0,

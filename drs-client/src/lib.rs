@@ -399,7 +399,8 @@ impl Client {
         self.inner.pool.epoch()
     }
 
-    /// True while `node` is down in the cluster map or in its reconnect backoff.
+    /// True while `node` is down in the cluster map, in its reconnect backoff, or hung
+    /// (it answered no probe).
     pub fn is_down(&self, node: NodeId) -> bool {
         self.inner.pool.is_down(node)
     }

@@ -22,8 +22,9 @@
 //! updates to finish, passes on every unsettled update of the client (so they reach
 //! every member, or were never taken anywhere), and only then releases the client's
 //! locks. Another client can lock the blocks only once every member released them,
-//! so by then the dead client's updates are settled everywhere; and a paused client
-//! that wakes up is refused by every member that released its locks.
+//! so by then the dead client's updates are settled at every member the map says is
+//! up (a recovering member is sent them too, and takes them behind its rebuild); and
+//! a paused client that wakes up is refused by every member that released its locks.
 //!
 //! A node that finds it was paused itself first extends every lease that was still
 //! running by the pause's length: the heartbeats it missed were not the clients'
@@ -153,7 +154,7 @@ fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// Settles a fenced client: waits for its admitted updates, passes on its unsettled
 /// ones, then releases its locks.
-async fn settle(node: &Node, peer: &Client, vid: VolumeId, client: u64) {
+async fn settle(node: &Arc<Node>, peer: &Client, vid: VolumeId, client: u64) {
     let until = Instant::now() + INFLIGHT_WAIT;
     while node.inflight(client) > 0 && Instant::now() < until {
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -197,7 +198,7 @@ async fn settle(node: &Node, peer: &Client, vid: VolumeId, client: u64) {
 }
 
 /// Passes an unsettled update on to every member that has not confirmed it.
-async fn relay(node: &Node, peer: &Client, vid: VolumeId, key: UpdateKey) {
+async fn relay(node: &Arc<Node>, peer: &Client, vid: VolumeId, key: UpdateKey) {
     let Some(vol) = node.volumes.get(&vid) else {
         return;
     };
@@ -206,21 +207,7 @@ async fn relay(node: &Node, peer: &Client, vid: VolumeId, key: UpdateKey) {
     };
     let geo = vol.store.geometry();
     let (update, delta): (BlockUpdate, Bytes) = e.payload.clone();
-    // A member the map does not say is up is not sent it: a down one cannot take it,
-    // and a recovering one compares every block with its stripe before it is up, so
-    // it takes this update's version from the members holding it. Sending it there
-    // anyway (as a pending update, behind the member's own rebuild) kept the update
-    // unoffered for seconds, and locks on its block refused (`Settling`) meanwhile.
-    // It is passed on to that member once the map says it is up.
-    let map = node.live_map();
-    let todo: Vec<u8> = e
-        .recipients
-        .iter()
-        .copied()
-        .filter(|p| !e.confirmed.contains(p))
-        .filter(|p| map.node_state(geo.member(e.stripe, *p as usize)).is_up())
-        .collect();
-    let sends = todo.into_iter().map(|position| {
+    let send = |position: u8| {
         let req = Request::Update(UpdateReq {
             volume: vid,
             stripe: e.stripe,
@@ -234,29 +221,64 @@ async fn relay(node: &Node, peer: &Client, vid: VolumeId, key: UpdateKey) {
         });
         let target = geo.member(e.stripe, position as usize);
         let payload = delta.clone();
+        let peer = peer.clone();
         async move { (position, peer.call(target, &req, payload).await) }
-    });
-    for (position, r) in futures::future::join_all(sends).await {
-        let held = match r {
-            Ok((Response::Updated(rep), _)) => match rep.results.first() {
-                Some(Ok(a)) => {
-                    if !a.duplicate {
-                        node.aon.relayed.fetch_add(1, Ordering::Relaxed);
-                    }
-                    true
-                }
-                // It is past this version already (it rebuilt the block).
-                Some(Err(WireError::StaleVersion { .. })) => true,
-                _ => false,
-            },
-            Err(CallError::Remote(WireError::StaleVersion { .. })) => true,
-            _ => false,
-        };
-        if held {
-            lock(&vol.unsettled).confirm(&key, position);
-        }
+    };
+    // Every member lacking it is sent it. Those the map says are up are waited for
+    // before locks on the block may go ahead. The others are not: a recovering
+    // member takes it as a pending update behind its own rebuild, which under load
+    // took seconds, and writers of the block were refused (`Settling`) all that
+    // time. It still gets the update (and confirms it when it answers); a down one
+    // fails at once.
+    let map = node.live_map();
+    let (up, others): (Vec<u8>, Vec<u8>) = e
+        .recipients
+        .iter()
+        .copied()
+        .filter(|p| !e.confirmed.contains(p))
+        .partition(|p| map.node_state(geo.member(e.stripe, *p as usize)).is_up());
+    let others: Vec<_> = others.into_iter().map(send).collect();
+    if !others.is_empty() {
+        let node = node.clone();
+        tokio::spawn(async move {
+            for (position, r) in futures::future::join_all(others).await {
+                confirm_relay(&node, vid, &key, position, r);
+            }
+        });
+    }
+    for (position, r) in futures::future::join_all(up.into_iter().map(send)).await {
+        confirm_relay(node, vid, &key, position, r);
     }
     // Every member lacking it was offered it: a lock on the block may go ahead (a
     // member that did not answer catches up by rejoin or rebuild).
     lock(&vol.unsettled).mark_offered(&key);
+}
+
+/// Records that the member at `position` holds the relayed update, if its answer
+/// says so.
+fn confirm_relay(
+    node: &Node,
+    vid: VolumeId,
+    key: &UpdateKey,
+    position: u8,
+    r: Result<(Response, Bytes), CallError>,
+) {
+    let held = match r {
+        Ok((Response::Updated(rep), _)) => match rep.results.first() {
+            Some(Ok(a)) => {
+                if !a.duplicate {
+                    node.aon.relayed.fetch_add(1, Ordering::Relaxed);
+                }
+                true
+            }
+            // It is past this version already (it rebuilt the block).
+            Some(Err(WireError::StaleVersion { .. })) => true,
+            _ => false,
+        },
+        Err(CallError::Remote(WireError::StaleVersion { .. })) => true,
+        _ => false,
+    };
+    if let (true, Some(vol)) = (held, node.volumes.get(&vid)) {
+        lock(&vol.unsettled).confirm(key, position);
+    }
 }
