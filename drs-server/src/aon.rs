@@ -48,6 +48,8 @@ use crate::node::Node;
 const TICK: Duration = Duration::from_millis(100);
 /// Relays in flight at once.
 const RELAYS: usize = 32;
+/// Relays in flight at once to members not waited for (recovering or down).
+const RELAYS_BACKGROUND: usize = 8;
 /// Longest a fenced client's admitted updates are waited for before settling.
 const INFLIGHT_WAIT: Duration = Duration::from_secs(2);
 /// Times an unsettled update is passed on to a member that never confirms it (it is
@@ -62,6 +64,7 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let relays = Arc::new(Semaphore::new(RELAYS));
+    let background = Arc::new(Semaphore::new(RELAYS_BACKGROUND));
     let mut last = node.now_ms();
     loop {
         tokio::select! {
@@ -115,7 +118,8 @@ pub async fn run(
                         });
                     }
                     let (node, peer, vid) = (node.clone(), client.clone(), *vid);
-                    tokio::spawn(async move { settle(&node, &peer, vid, c).await });
+                    let background = background.clone();
+                    tokio::spawn(async move { settle(&node, &peer, vid, c, &background).await });
                 } else {
                     lock(&vol.locks).forget(c);
                     lock(&node.cache_groups).remove(&c);
@@ -139,8 +143,9 @@ pub async fn run(
                 };
                 lock(&vol.unsettled).touch(&key, now);
                 let (node, peer, vid) = (node.clone(), client.clone(), *vid);
+                let background = background.clone();
                 tokio::spawn(async move {
-                    relay(&node, &peer, vid, key).await;
+                    relay(&node, &peer, vid, key, &background).await;
                     drop(permit);
                 });
             }
@@ -154,7 +159,13 @@ fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// Settles a fenced client: waits for its admitted updates, passes on its unsettled
 /// ones, then releases its locks.
-async fn settle(node: &Arc<Node>, peer: &Client, vid: VolumeId, client: u64) {
+async fn settle(
+    node: &Arc<Node>,
+    peer: &Client,
+    vid: VolumeId,
+    client: u64,
+    background: &Arc<Semaphore>,
+) {
     let until = Instant::now() + INFLIGHT_WAIT;
     while node.inflight(client) > 0 && Instant::now() < until {
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -163,7 +174,11 @@ async fn settle(node: &Arc<Node>, peer: &Client, vid: VolumeId, client: u64) {
         return;
     };
     let keys = lock(&vol.unsettled).of_client(client);
-    futures::future::join_all(keys.into_iter().map(|k| relay(node, peer, vid, k))).await;
+    futures::future::join_all(
+        keys.into_iter()
+            .map(|k| relay(node, peer, vid, k, background)),
+    )
+    .await;
     // A client with a cache group: its group writes its cache back under its locks
     // (cachegroup.rs), so they stay until every member of the group says it keeps no
     // copy for the client any more (written back, or there never was one), or for a
@@ -198,7 +213,15 @@ async fn settle(node: &Arc<Node>, peer: &Client, vid: VolumeId, client: u64) {
 }
 
 /// Passes an unsettled update on to every member that has not confirmed it.
-async fn relay(node: &Arc<Node>, peer: &Client, vid: VolumeId, key: UpdateKey) {
+/// Sends to members not waited for take a slot of `background` each; with none
+/// free, they wait for the next pass.
+async fn relay(
+    node: &Arc<Node>,
+    peer: &Client,
+    vid: VolumeId,
+    key: UpdateKey,
+    background: &Arc<Semaphore>,
+) {
     let Some(vol) = node.volumes.get(&vid) else {
         return;
     };
@@ -237,13 +260,15 @@ async fn relay(node: &Arc<Node>, peer: &Client, vid: VolumeId, key: UpdateKey) {
         .copied()
         .filter(|p| !e.confirmed.contains(p))
         .partition(|p| map.node_state(geo.member(e.stripe, *p as usize)).is_up());
-    let others: Vec<_> = others.into_iter().map(send).collect();
-    if !others.is_empty() {
-        let node = node.clone();
+    for position in others {
+        let Ok(slot) = background.clone().try_acquire_owned() else {
+            break;
+        };
+        let (node, one) = (node.clone(), send(position));
         tokio::spawn(async move {
-            for (position, r) in futures::future::join_all(others).await {
-                confirm_relay(&node, vid, &key, position, r);
-            }
+            let (position, r) = one.await;
+            confirm_relay(&node, vid, &key, position, r);
+            drop(slot);
         });
     }
     for (position, r) in futures::future::join_all(up.into_iter().map(send)).await {
