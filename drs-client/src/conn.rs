@@ -728,9 +728,9 @@ mod tests {
         );
     }
 
-    fn cfg() -> ConnConfig {
+    fn cfg(cluster_id: u64) -> ConnConfig {
         ConnConfig {
-            cluster_id: CLUSTER,
+            cluster_id,
             epoch: Arc::new(AtomicU64::new(1)),
             connect_timeout: Duration::from_secs(2),
             reconnect_max: Duration::from_secs(1),
@@ -741,36 +741,13 @@ mod tests {
     /// A node that completes handshakes and reads requests; it answers `GetMap` (with
     /// `Busy`: any answer shows it is alive) only if `alive`, and nothing else ever.
     async fn unanswering_node(alive: bool) -> SocketAddr {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move {
-            while let Ok((mut sock, _)) = listener.accept().await {
-                tokio::spawn(async move {
-                    let key = drs_proto::ClusterKey::open();
-                    let Ok(session) =
-                        drs_proto::auth::accept(&mut sock, &key, CLUSTER, drs_proto::Purpose::Data)
-                            .await
-                    else {
-                        return;
-                    };
-                    let mut framed = tokio_util::codec::Framed::new(sock, session.frames());
-                    while let Some(Ok(f)) = framed.next().await {
-                        if alive && matches!(f.decode_ctrl::<Request>(), Ok(Request::GetMap)) {
-                            let h = FrameHeader {
-                                kind: FrameKind::Response,
-                                deadline_ms: 0,
-                                ..f.header
-                            };
-                            let busy = Response::Error(drs_proto::WireError::Busy);
-                            let _ = framed
-                                .send(Frame::new(h, &busy, Bytes::new()).unwrap())
-                                .await;
-                        }
-                    }
-                });
+        crate::fakenode::serve(move |req| match req {
+            Request::GetMap if alive => {
+                crate::fakenode::Reply::Answer(Response::Error(drs_proto::WireError::Busy))
             }
-        });
-        addr
+            _ => crate::fakenode::Reply::Ignore,
+        })
+        .await
     }
 
     /// Goal: a hung node (it answers nothing, not even on its control connection)
@@ -793,8 +770,8 @@ mod tests {
         });
         for alive in [false, true] {
             let addr = unanswering_node(alive).await;
-            let control = Arc::new(NodeConn::new(7, addr, cfg()));
-            let conn = NodeConn::with_probe(7, addr, cfg(), control);
+            let control = Arc::new(NodeConn::new(7, addr, cfg(crate::fakenode::CLUSTER)));
+            let conn = NodeConn::with_probe(7, addr, cfg(crate::fakenode::CLUSTER), control);
             let started = Instant::now();
             let r = conn.call(&read, Bytes::new(), Duration::from_secs(6)).await;
             let took = started.elapsed();

@@ -99,16 +99,28 @@ fn answer(node: &FakeNode, req: Request) -> Response {
     }
 }
 
-/// A fake node on loopback; with `stall_after_lock`, a connection that was granted
-/// a lock is never read again (its frames queue in the socket).
-pub async fn start(stall_after_lock: bool) -> (std::net::SocketAddr, FakeNode) {
+/// What a fake node does with one request.
+pub enum Reply {
+    /// Answers it.
+    Answer(Response),
+    /// Answers it, then never reads that connection again (its frames queue in the
+    /// socket).
+    AnswerThenStall(Response),
+    /// Answers nothing.
+    Ignore,
+}
+
+/// Serves the node protocol on loopback (cluster [`CLUSTER`], open key), each
+/// request as `handle` says.
+pub async fn serve(
+    handle: impl Fn(Request) -> Reply + Send + Sync + 'static,
+) -> std::net::SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let node = FakeNode::default();
-    let n = node.clone();
+    let handle = Arc::new(handle);
     tokio::spawn(async move {
         while let Ok((mut sock, _)) = listener.accept().await {
-            let n = n.clone();
+            let handle = handle.clone();
             tokio::spawn(async move {
                 let key = drs_proto::ClusterKey::open();
                 let Ok(session) =
@@ -119,12 +131,11 @@ pub async fn start(stall_after_lock: bool) -> (std::net::SocketAddr, FakeNode) {
                 };
                 let mut conn = Framed::new(sock, session.frames());
                 while let Some(Ok(f)) = conn.next().await {
-                    if n.silent.load(Ordering::Relaxed) {
-                        continue;
-                    }
-                    let req: Request = f.decode_ctrl().unwrap();
-                    let locked = matches!(req, Request::Lock(_));
-                    let resp = answer(&n, req);
+                    let (resp, stall) = match handle(f.decode_ctrl().unwrap()) {
+                        Reply::Answer(r) => (r, false),
+                        Reply::AnswerThenStall(r) => (r, true),
+                        Reply::Ignore => continue,
+                    };
                     let h = FrameHeader {
                         kind: FrameKind::Response,
                         cluster_id: CLUSTER,
@@ -139,14 +150,32 @@ pub async fn start(stall_after_lock: bool) -> (std::net::SocketAddr, FakeNode) {
                     {
                         return;
                     }
-                    if locked && stall_after_lock {
-                        // Hold the connection open, unread.
+                    if stall {
                         std::future::pending::<()>().await;
                     }
                 }
             });
         }
     });
+    addr
+}
+
+/// A fake node on loopback; with `stall_after_lock`, a connection that was granted
+/// a lock is never read again (its frames queue in the socket).
+pub async fn start(stall_after_lock: bool) -> (std::net::SocketAddr, FakeNode) {
+    let node = FakeNode::default();
+    let n = node.clone();
+    let addr = serve(move |req| {
+        if n.silent.load(Ordering::Relaxed) {
+            return Reply::Ignore;
+        }
+        let locked = matches!(req, Request::Lock(_));
+        match answer(&n, req) {
+            r if locked && stall_after_lock => Reply::AnswerThenStall(r),
+            r => Reply::Answer(r),
+        }
+    })
+    .await;
     (addr, node)
 }
 

@@ -27,6 +27,8 @@ use crate::store::{Known, ReadOutcome, StoreConfig, VolumeStore};
 const LOCK_READ_WAIT: Duration = Duration::from_secs(2);
 /// Most entries in one listing page.
 const LIST_MAX: u32 = 4096;
+/// How often the pause watcher (`recover::watch_for_pauses`) wakes up.
+pub const PAUSE_TICK: Duration = Duration::from_millis(100);
 
 /// Settings of a node process.
 #[derive(Debug, Clone)]
@@ -193,6 +195,9 @@ pub struct Node {
     lock_stats: LockStats,
     /// Times the process found it had been paused.
     pub pauses: AtomicU64,
+    /// When the pause watcher last ran on time (`now_ms`; `u64::MAX` while no watcher
+    /// runs): see [`Node::may_have_been_paused`].
+    pub pause_tick: AtomicU64,
     /// The incarnation the metadata service gave this start (0: not registered).
     pub registered: AtomicU64,
     /// Direct updates admitted and not yet answered, per client (fencing waits for
@@ -267,6 +272,7 @@ impl Node {
             started: Instant::now(),
             lock_stats: LockStats::default(),
             pauses: AtomicU64::new(0),
+            pause_tick: AtomicU64::new(u64::MAX),
             registered: AtomicU64::new(0),
             inflight: Mutex::new(HashMap::new()),
             aon: AonStats::default(),
@@ -281,6 +287,41 @@ impl Node {
 
     pub fn now_ms(&self) -> u64 {
         self.started.elapsed().as_millis() as u64
+    }
+
+    /// Whether the pause watcher (`recover::watch_for_pauses`) is overdue: the process
+    /// may just have come back from a pause (SIGSTOP, a frozen VM) that the watcher has
+    /// not counted yet. Clients may have written around the node meanwhile, so no
+    /// `Current` read is served until the watcher has marked every block unverified.
+    pub fn may_have_been_paused(&self) -> bool {
+        let tick = self.pause_tick.load(Ordering::Acquire);
+        tick != u64::MAX
+            && self.now_ms().saturating_sub(tick)
+                > (PAUSE_TICK + self.cfg.pause_threshold).as_millis() as u64
+    }
+
+    /// [`read_waiting`] for a client: a `Current` read is refused (`Recovering`) when
+    /// the process may have been paused before or while it read.
+    async fn read_for_client(
+        &self,
+        store: &Arc<VolumeStore>,
+        r: (StripeId, u8, u32, u32),
+        mode: ReadMode,
+        deadline: Instant,
+    ) -> Result<(Vec<Version>, Bytes), WireError> {
+        let (stripe, position, offset, len) = r;
+        let current = matches!(mode, ReadMode::Current);
+        let pauses = self.pauses.load(Ordering::Acquire);
+        let paused =
+            || self.may_have_been_paused() || self.pauses.load(Ordering::Acquire) != pauses;
+        if current && paused() {
+            return Err(WireError::Recovering { stripe });
+        }
+        let out = read_waiting(store, stripe, position, offset, len, mode, deadline).await?;
+        if current && paused() {
+            return Err(WireError::Recovering { stripe });
+        }
+        Ok(out)
     }
 
     fn volume(&self, id: VolumeId) -> Result<&Volume, WireError> {
@@ -459,8 +500,11 @@ impl Node {
                     Ok(v) => (v.store.clone(), r.mode),
                     Err(e) => return err(e),
                 };
-                read_waiting(
-                    &store, r.stripe, r.position, r.offset, r.len, mode, deadline,
+                self.read_for_client(
+                    &store,
+                    (r.stripe, r.position, r.offset, r.len),
+                    mode,
+                    deadline,
                 )
                 .await
                 .map(|(versions, data)| (Response::Read(ReadReply { versions }), data))
@@ -689,16 +733,14 @@ impl Node {
             ));
         }
         let wait_until = deadline.min(Instant::now() + LOCK_READ_WAIT);
-        let (read, data) = match read_waiting(
-            &v.store,
-            r.stripe,
-            position,
-            offset,
-            len,
-            ReadMode::Current,
-            wait_until,
-        )
-        .await
+        let (read, data) = match self
+            .read_for_client(
+                &v.store,
+                (r.stripe, position, offset, len),
+                ReadMode::Current,
+                wait_until,
+            )
+            .await
         {
             Ok((versions, data)) => (LockRead::Block { versions }, data),
             Err(e) => (LockRead::Failed(e), Bytes::new()),
@@ -1294,5 +1336,47 @@ mod tests {
         let reply = granted(n.admit(&header(), lock_req(0xB0, b)));
         assert_eq!((reply.known, reply.fenced), (vec![(0, 1)], vec![]));
         assert_eq!(version_here(&n).await, vec![1, 0]);
+    }
+
+    /// A process back from a pause may run requests that queued meanwhile before its
+    /// pause watcher notices the pause. While the watcher is overdue, no `Current` read
+    /// is served (clients may have written around the node); `Applied` reads, which
+    /// carry their versions for the reader to check, still are.
+    #[tokio::test]
+    async fn no_current_read_while_the_pause_watcher_is_overdue() {
+        let dir = tempfile::tempdir().unwrap();
+        let n = node(dir.path());
+        let read = |mode| {
+            Request::Read(drs_proto::ReadReq {
+                volume: 1,
+                stripe: 0,
+                position: 0,
+                offset: 0,
+                len: 16,
+                mode,
+            })
+        };
+        let ask = |mode| {
+            let admitted = n.admit(&header(), read(mode));
+            async { n.run(admitted, Bytes::new(), deadline()).await.0 }
+        };
+        let served = |r: &Response| matches!(r, Response::Read(_));
+        // No watcher runs (as here, in a unit test): reads are served.
+        assert!(served(&ask(ReadMode::Current).await));
+        // The watcher ran on time.
+        n.pause_tick.store(n.now_ms(), Ordering::Release);
+        assert!(served(&ask(ReadMode::Current).await));
+        assert!(!n.may_have_been_paused());
+        // It has not run since, for longer than a pause it would count.
+        tokio::time::sleep(PAUSE_TICK + n.cfg.pause_threshold + Duration::from_millis(50)).await;
+        assert!(n.may_have_been_paused());
+        assert_eq!(
+            ask(ReadMode::Current).await,
+            Response::Error(WireError::Recovering { stripe: 0 })
+        );
+        assert!(served(&ask(ReadMode::Applied).await));
+        // Back on time: served again.
+        n.pause_tick.store(n.now_ms(), Ordering::Release);
+        assert!(served(&ask(ReadMode::Current).await));
     }
 }

@@ -31,7 +31,9 @@
 //!   it (the node missed the update: an unlock told it the version) is rebuilt;
 //! - if the node finds it was paused (SIGSTOP, a frozen VM: a 100 ms sleep of its own
 //!   ends more than `pause_threshold` late), clients may have written around it, so
-//!   it goes through steps 1-4 again;
+//!   it goes through steps 1-4 again; from the moment it resumes until the watcher
+//!   has marked every block unverified, it serves no `Current` read
+//!   (`Node::may_have_been_paused`);
 //! - every `verify_interval` it compares all its blocks with their stripes again and
 //!   rebuilds any that fell behind without it noticing (a dropped connection).
 
@@ -151,8 +153,14 @@ pub async fn lifecycle(
 
 /// Counts the times this process was paused (SIGSTOP, a frozen VM) in `node.pauses`:
 /// a 100 ms sleep that ended more than `pause_threshold` late.
+///
+/// Every block is marked unverified here, at once, before the pause is counted and
+/// before the watcher says it is on time again (`Node::pause_tick`): until then
+/// `Node::may_have_been_paused` holds and no `Current` read is served, so a block
+/// that clients wrote around during the pause is never read from this node.
 async fn watch_for_pauses(node: Arc<Node>, mut shutdown: watch::Receiver<bool>) {
-    let tick = Duration::from_millis(100);
+    let tick = crate::node::PAUSE_TICK;
+    node.pause_tick.store(node.now_ms(), Ordering::Release);
     loop {
         let t = Instant::now();
         tokio::select! {
@@ -161,9 +169,13 @@ async fn watch_for_pauses(node: Arc<Node>, mut shutdown: watch::Receiver<bool>) 
         }
         let late = t.elapsed().saturating_sub(tick);
         if late > node.cfg.pause_threshold {
+            for v in node.volumes.values() {
+                v.store.all_unverified();
+            }
             tracing::warn!(paused_ms = late.as_millis() as u64, "process was paused");
             node.pauses.fetch_add(1, Ordering::Release);
         }
+        node.pause_tick.store(node.now_ms(), Ordering::Release);
     }
 }
 

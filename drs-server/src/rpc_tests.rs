@@ -182,6 +182,32 @@ fn first(r: &Response) -> Result<Applied, WireError> {
     }
 }
 
+/// Client 5 locks block 0 of `stripe` for `owner` (with `lease_ms`) and writes one
+/// byte to it as update `seq` giving `version` (request ids `id` and `id + 1`); both
+/// must be taken.
+async fn lock_and_write(
+    c: &mut Conn,
+    id: u64,
+    stripe: u64,
+    owner: u64,
+    lease_ms: u32,
+    seq: u64,
+    version: u64,
+) {
+    assert!(matches!(
+        ask(c, id, &lock_req(stripe, vec![0], owner, 5, lease_ms)).await,
+        Response::Lock(_)
+    ));
+    let (r, _) = ask_with(
+        c,
+        header(id + 1),
+        &update(stripe, seq, version, owner, false),
+        Bytes::from_static(b"a"),
+    )
+    .await;
+    assert!(first(&r).is_ok(), "{r:?}");
+}
+
 #[tokio::test]
 async fn requests_that_do_not_fit_get_typed_errors() {
     let n = start().await;
@@ -644,18 +670,7 @@ async fn an_idle_client_whose_updates_are_unsettled_is_not_fenced() {
     // past its lease, it holds nothing here: it must not be fenced.
     let n = start().await;
     let mut c = connect(&n).await;
-    assert!(matches!(
-        ask(&mut c, 1, &lock_req(3, vec![0], 50, 5, 300)).await,
-        Response::Lock(_)
-    ));
-    let (r, _) = ask_with(
-        &mut c,
-        header(2),
-        &update(3, 1, 1, 50, false),
-        Bytes::from_static(b"a"),
-    )
-    .await;
-    assert!(first(&r).is_ok(), "{r:?}");
+    lock_and_write(&mut c, 1, 3, 50, 300, 1, 1).await;
     let unlock = Request::Unlock(UnlockReq {
         volume: 1,
         stripe: 3,
@@ -670,18 +685,7 @@ async fn an_idle_client_whose_updates_are_unsettled_is_not_fenced() {
         "{pong:?}"
     );
     // Its next write goes on: a lock on another stripe, and an update under it.
-    assert!(matches!(
-        ask(&mut c, 5, &lock_req(6, vec![0], 51, 5, 300)).await,
-        Response::Lock(_)
-    ));
-    let (r, _) = ask_with(
-        &mut c,
-        header(6),
-        &update(6, 2, 1, 51, false),
-        Bytes::from_static(b"b"),
-    )
-    .await;
-    assert!(first(&r).is_ok(), "{r:?}");
+    lock_and_write(&mut c, 5, 6, 51, 300, 2, 1).await;
 }
 
 /// A member that completes the handshake, then reads requests and never answers an
@@ -745,18 +749,7 @@ async fn a_lock_does_not_wait_for_a_relay_to_a_recovering_member() {
     })
     .await;
     let mut c = connect(&n).await;
-    assert!(matches!(
-        ask(&mut c, 1, &lock_req(3, vec![0], 50, 5, 3000)).await,
-        Response::Lock(_)
-    ));
-    let (r, _) = ask_with(
-        &mut c,
-        header(2),
-        &update(3, 1, 1, 50, false),
-        Bytes::from_static(b"a"),
-    )
-    .await;
-    assert!(first(&r).is_ok(), "{r:?}");
+    lock_and_write(&mut c, 1, 3, 50, 3000, 1, 1).await;
     let unlock = Request::Unlock(UnlockReq {
         volume: 1,
         stripe: 3,
