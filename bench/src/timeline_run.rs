@@ -363,6 +363,30 @@ impl Counters {
 }
 
 /// One worker's loop until `stop`.
+/// For a write refused because a block stayed locked: who holds the locks of its
+/// stripe at each member, beside this client's own id.
+async fn explain(client: &Client, e: &drs_client::ClientError) -> String {
+    let drs_client::ClientError::Locked { lba, .. } = e else {
+        return String::new();
+    };
+    let geo = client.geometry();
+    let (stripe, _) = geo.locate(*lba);
+    let mut out = format!(" [this client {:#018x}; stripe {stripe}:", client.id());
+    for (p, node) in geo.members(stripe).into_iter().enumerate() {
+        let locks = match client.list_node(node).await {
+            Some((_, slots)) => slots
+                .iter()
+                .find(|s| s.stripe == stripe)
+                .map(|s| format!("{:?}", s.locks))
+                .unwrap_or_else(|| "no slot".into()),
+            None => "no answer".into(),
+        };
+        out.push_str(&format!(" position {p} node {node}: {locks};"));
+    }
+    out.push(']');
+    out
+}
+
 async fn worker(
     client: Client,
     workload: Workload,
@@ -401,10 +425,10 @@ async fn worker(
                     } else {
                         gen += 1;
                         let data = pages(lba, 1 << 20, bs, gen);
-                        client
-                            .write_blocks(lba, &data)
-                            .await
-                            .map_err(|e| format!("write of blocks {lba}..: {e}"))?;
+                        if let Err(e) = client.write_blocks(lba, &data).await {
+                            let why = explain(&client, &e).await;
+                            return Err(format!("write of blocks {lba}..: {e}{why}"));
+                        }
                     }
                     Ok::<usize, String>(1 << 20)
                 }
@@ -421,10 +445,10 @@ async fn worker(
                         gen += 1;
                         let mut p = vec![0u8; PAGE];
                         fill_page(&mut p, lba, page as u32, gen);
-                        client
-                            .write(lba, page * PAGE, &p)
-                            .await
-                            .map_err(|e| format!("write of block {lba}: {e}"))?;
+                        if let Err(e) = client.write(lba, page * PAGE, &p).await {
+                            let why = explain(&client, &e).await;
+                            return Err(format!("write of block {lba}: {e}{why}"));
+                        }
                     }
                     Ok(PAGE)
                 }

@@ -622,8 +622,11 @@ impl Pool {
         read(&self.members).conns.get(&node).cloned()
     }
 
-    /// Calls `node` on `lane`, failing with `Unreachable` for a node not in the map or
-    /// down in it.
+    /// Calls `node` on `lane`, failing with `Unreachable` for a node not in the map or,
+    /// on the data lane, down in it. The control lane (heartbeats) still reaches a
+    /// node declared down: one declared down while alive (paused, cut off) may hold
+    /// this client's locks, and without heartbeats its lease there runs out and it
+    /// fences a live client when it comes back.
     pub async fn call(
         &self,
         node: NodeId,
@@ -634,7 +637,7 @@ impl Pool {
     ) -> Result<(Response, Bytes), CallError> {
         let conn = {
             let m = read(&self.members);
-            if m.down.contains(&node) {
+            if lane == Lane::Data && m.down.contains(&node) {
                 return Err(CallError::Unreachable(format!(
                     "node {node} is down in the cluster map"
                 )));

@@ -45,10 +45,18 @@ pub enum ClientError {
         acked: usize,
         need: usize,
     },
-    #[error("block {lba} is locked by client {holder:#018x} (waited {waited_ms} ms)")]
+    #[error(
+        "block {lba} is locked by client {holder:#018x} at node {node}{} (waited {waited_ms} ms)",
+        settling_note(settling)
+    )]
     Locked {
         lba: u64,
         holder: ClientId,
+        /// The member that refused the lock last.
+        node: NodeId,
+        /// The refusal was `Settling`: an update of the block (by `holder`) is still
+        /// being passed on between the members, not a lock held.
+        settling: bool,
         waited_ms: u64,
         /// Where the holder's cache can be reached (client-client interface).
         contact: Option<std::net::SocketAddr>,
@@ -96,5 +104,14 @@ impl CallError {
             self,
             CallError::Unreachable(_) | CallError::Timeout(_) | CallError::Auth(_)
         )
+    }
+}
+
+/// The words [`ClientError::Locked`] adds when its refusal was `Settling`.
+fn settling_note(settling: &bool) -> &'static str {
+    if *settling {
+        " (an update of it is still being passed on between the members)"
+    } else {
+        ""
     }
 }

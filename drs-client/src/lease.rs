@@ -302,6 +302,41 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn heartbeats_reach_a_node_declared_down_that_holds_a_lock() {
+        // A node declared down while alive (stopped past the failure detector, then
+        // continued) still holds this client's lock. Heartbeats must reach it, or the
+        // lease there runs out and it fences a live client; data requests do not go.
+        let (map, fakes) = fakenode::cluster(false).await;
+        let cfg = ClientConfig {
+            lease: Duration::from_millis(600),
+            ..ClientConfig::default()
+        };
+        let client = Client::new(map.clone(), 1, cfg).unwrap();
+        let _locked = client.lock_stripe(0, &[(0, 0, 0)], 0x0E).await.unwrap();
+        let node = client.geometry().member(0, 0);
+        let mut down = map.clone();
+        down.epoch += 1;
+        for n in &mut down.nodes {
+            if n.id == node {
+                n.state = drs_proto::MemberState::Down;
+            }
+        }
+        assert!(client.set_map(down));
+        let before = fakes[node as usize].heartbeats.load(Ordering::Relaxed);
+        // A heartbeat is due every 200 ms (a third of the lease).
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        let beats = fakes[node as usize].heartbeats.load(Ordering::Relaxed) - before;
+        assert!(
+            beats >= 3,
+            "{beats} heartbeats in 1 s to the node declared down"
+        );
+        assert!(matches!(
+            client.call(node, &Request::Ping, Bytes::new()).await,
+            Err(CallError::Unreachable(_))
+        ));
+    }
+
+    #[tokio::test]
     async fn a_write_goes_on_while_enough_members_confirm_the_lease() {
         // 2+1, durable on 2. One member goes silent (hung) after granting the locks:
         // the lease there is no longer confirmed, but the other two still hold the

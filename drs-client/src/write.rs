@@ -153,6 +153,8 @@ enum LockAnswer {
         index: u8,
         client: u64,
         contact: Option<std::net::SocketAddr>,
+        /// `Settling`: an update of the block is being passed on, no lock held.
+        settling: bool,
     },
     Failed(CallError),
 }
@@ -325,25 +327,28 @@ impl Client {
                 self.fenced(node);
                 return Err(ClientError::Fenced { node });
             }
-            let held = answers.iter().find_map(|a| match a {
+            let held = answers.iter().enumerate().find_map(|(p, a)| match a {
                 LockAnswer::Held {
                     index,
                     client,
                     contact,
-                } => Some((*index, *client, *contact)),
+                    settling,
+                } => Some((*index, *client, *contact, geo.member(stripe, p), *settling)),
                 _ => None,
             });
             let granted: Vec<bool> = answers
                 .iter()
                 .map(|a| matches!(a, LockAnswer::Granted { .. }))
                 .collect();
-            if let Some((index, holder, contact)) = held {
+            if let Some((index, holder, contact, node, settling)) = held {
                 self.release(stripe, &indices, owner).await;
                 let lba = geo.lba(stripe, index as usize);
                 if !opts.wait || Instant::now() >= deadline {
                     return Err(ClientError::Locked {
                         lba,
                         holder,
+                        node,
+                        settling,
                         waited_ms: started.elapsed().as_millis() as u64,
                         contact,
                     });
@@ -510,6 +515,7 @@ impl Client {
                     index,
                     client,
                     contact,
+                    settling: false,
                 }
             }
             // An update of the block is being passed on between the members: as good
@@ -520,6 +526,7 @@ impl Client {
                     index,
                     client,
                     contact: None,
+                    settling: true,
                 }
             }
             Err(e) => {

@@ -635,7 +635,9 @@ impl Node {
                 });
             }
             let mut unsettled = lock(&v.unsettled);
-            let waiting: Vec<(u8, drs_lockgroups::UpdateKey)> = r
+            let map = self.live_map();
+            let geo = v.store.geometry();
+            let (waiting, moot): (Vec<_>, Vec<_>) = r
                 .indices
                 .iter()
                 .flat_map(|i| {
@@ -644,7 +646,22 @@ impl Node {
                         .into_iter()
                         .map(|k| (*i, k))
                 })
-                .collect();
+                .partition(|(_, k)| {
+                    unsettled.get(k).is_some_and(|e| {
+                        e.recipients.iter().any(|p| {
+                            !e.confirmed.contains(p)
+                                && map.node_state(geo.member(r.stripe, *p as usize)).is_up()
+                        })
+                    })
+                });
+            // An update that only members the map does not say are up still lack
+            // needs no pass before the lock: a pass would not wait for them either
+            // (aon.rs), and they rebuild from the stripe when they come back. Under
+            // sustained writes with m members down, waiting for the pass left writers
+            // refused for seconds behind thousands of such updates.
+            for (_, k) in &moot {
+                unsettled.mark_offered(k);
+            }
             if let Some(&(index, (client, _))) = waiting.first() {
                 for (_, k) in &waiting {
                     unsettled.hurry(k);
@@ -1220,6 +1237,40 @@ mod tests {
         let reply = granted(n.admit(&header(), lock_req(0xB0, b)));
         assert_eq!(reply.known, vec![(0, 1)], "B builds on A's version 1");
         assert!(n.volumes[&1].admitted.lock().unwrap().is_empty());
+    }
+
+    /// An update a member lacks holds locks on its block until it was passed on
+    /// (`Settling`). When the only members lacking it are down in the map, nothing is
+    /// waited for: a pass would not wait for them either, and under sustained writes
+    /// with m members down, writers were refused for seconds behind thousands of
+    /// such updates.
+    #[tokio::test]
+    async fn an_update_only_down_members_lack_does_not_hold_the_next_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let n = node(dir.path());
+        let (a, b) = (0xA, 0xB);
+        granted(n.admit(&header(), lock_req(0xA0, a)));
+        let mut up = update(0xA0, a, (0, 1), false);
+        if let Request::Update(u) = &mut up {
+            u.unlock = vec![(0, 1)];
+        }
+        assert_eq!(applied(&ask(&n, up).await).map(|x| x.applied), Ok(true));
+        // The parity node (node 2) lacks it and is up: B waits for the pass.
+        assert!(matches!(
+            refused(n.admit(&header(), lock_req(0xB0, b))),
+            WireError::Settling { client: 0xA, .. }
+        ));
+        // Node 2 is declared down.
+        let mut map = n.live_map().as_ref().clone();
+        map.epoch += 1;
+        map.nodes[2].state = drs_proto::MemberState::Down;
+        n.set_live_map(map);
+        let mut h = header();
+        h.epoch = n.epoch();
+        let reply = granted(n.admit(&h, lock_req(0xB0, b)));
+        assert_eq!(reply.known, vec![(0, 1)], "B builds on A's version 1");
+        // The update stays unsettled here, to be passed on when node 2 is back.
+        assert_eq!(n.volumes[&1].unsettled.lock().unwrap().len(), 1);
     }
 
     #[tokio::test]

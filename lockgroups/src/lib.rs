@@ -409,14 +409,18 @@ impl<T> UnsettledSet<T> {
         done
     }
 
-    /// Entries taken (or last passed on) at least `after_ms` before `now`, and every
-    /// hurried entry, whatever `now` is.
+    /// Every hurried entry, whatever `now` is, then the entries taken (or last passed
+    /// on) at least `after_ms` before `now`: someone waits for the hurried ones, so a
+    /// caller that passes on only the first few never leaves them behind a backlog.
     pub fn due(&self, now: u64, after_ms: u64) -> Vec<UpdateKey> {
-        self.entries
+        let late = self
+            .entries
             .iter()
-            .filter(|(k, e)| self.hurried.contains(k) || e.since_ms.saturating_add(after_ms) <= now)
-            .map(|(k, _)| *k)
-            .collect()
+            .filter(|(k, e)| {
+                !self.hurried.contains(k) && e.since_ms.saturating_add(after_ms) <= now
+            })
+            .map(|(k, _)| *k);
+        self.hurried.iter().copied().chain(late).collect()
     }
 
     /// Entries of `client`.
@@ -719,6 +723,22 @@ mod tests {
         u.mark_offered(&(3, 1));
         u.add((3, 1), unsettled(9, 0, 10));
         assert_eq!(u.unoffered(9, 0), vec![(3, 1)]);
+    }
+
+    #[test]
+    fn hurried_entries_come_before_a_backlog_of_due_ones() {
+        // A caller passes on only the first few due entries per round. One a writer
+        // waits for, late in key order behind many entries due by age, comes first.
+        let mut u = UnsettledSet::new(1 << 20);
+        for seq in 0..100 {
+            u.add((1, seq), unsettled(7, 0, 10));
+        }
+        u.add((2, 1), unsettled(8, 5000, 10));
+        u.hurry(&(2, 1));
+        let due = u.due(5000, 2000);
+        assert_eq!(due.len(), 101);
+        assert_eq!(due[0], (2, 1), "the hurried entry first");
+        assert_eq!(&due[1..3], &[(1, 0), (1, 1)], "then the rest in key order");
     }
 
     #[test]

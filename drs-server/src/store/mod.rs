@@ -54,6 +54,8 @@ const BATCH_BYTES: usize = 32 * 1024 * 1024;
 const QUEUE: usize = 1024;
 /// Skipped version ranges remembered per slot (see [`Skip`]); beyond, the oldest go.
 const SKIPS_PER_SLOT: usize = 16;
+/// Version ranges installs jumped over, remembered per slot (`Slot::installed`).
+const INSTALLS_PER_SLOT: usize = 4;
 
 /// Settings of one store.
 #[derive(Debug, Clone)]
@@ -174,6 +176,12 @@ struct Slot {
     /// Versions the locks granted here with a `fenced` hint skipped; memory only,
     /// changed only under the slot's lock (never by the writer's copy).
     skipped: Vec<Skip>,
+    /// `(index, from, to)`: an install (a rebuild) took data block `index` from
+    /// version `from` to `to`, so the installed bytes reflect the updates with the
+    /// versions between. One of them arriving afterwards is a duplicate, not stale:
+    /// its writer's lock still holds and the members the rebuild decoded from had
+    /// applied it. Memory only; the newest [`INSTALLS_PER_SLOT`].
+    installed: Vec<(u8, Version, Version)>,
     crc: u32,
     written: bool,
     corrupt: bool,
@@ -328,6 +336,7 @@ impl VolumeStore {
                     known: vec![0; geo.k],
                     fenced: vec![0; geo.k],
                     skipped: Vec::new(),
+                    installed: Vec::new(),
                     crc: zero_crc,
                     written: false,
                     corrupt: false,
@@ -1424,6 +1433,20 @@ impl Writer {
         }
         let i = u.index as usize;
         let cur = slot.versions[i];
+        // A rebuild installed a state that holds this update (it reached the members
+        // the rebuild read from first): answered as a duplicate, or the writer would
+        // count this member as failing its part of a write it holds.
+        let reflected = slot
+            .installed
+            .iter()
+            .any(|&(ix, from, to)| ix == u.index && from < u.version && u.version <= to);
+        if u.version <= cur && reflected && !store.is_skipped(stripe, u.index, u.version) {
+            push_recent(&mut slot.recent, u.id);
+            return Ok(Applied {
+                applied: true,
+                duplicate: true,
+            });
+        }
         if u.version <= cur {
             return Err(WireError::StaleVersion {
                 stripe,
@@ -1644,6 +1667,12 @@ impl Writer {
         let mut vs = w.slot.versions.clone();
         for i in tracked.clone() {
             vs[i] = versions[i];
+            if vs[i] > w.slot.versions[i] {
+                if w.slot.installed.len() >= INSTALLS_PER_SLOT {
+                    w.slot.installed.remove(0);
+                }
+                w.slot.installed.push((i as u8, w.slot.versions[i], vs[i]));
+            }
         }
         let crc = crc32fast::hash(&data);
         let rec = WalRecord {

@@ -499,6 +499,73 @@ async fn corruption_is_detected_never_returned_and_repaired() {
         .unwrap());
 }
 
+/// A recovering node rebuilds a block from members that already applied an update
+/// whose own copy for this node is still on its way. When it arrives, the installed
+/// bytes hold it: it is a duplicate, not stale, or the writer would count this node as
+/// failing its part of a write that it holds. Versions the install did not jump over
+/// stay stale.
+#[tokio::test]
+async fn an_update_an_install_jumped_over_is_a_duplicate() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = VolumeStore::open(cfg(dir.path(), 0)).unwrap();
+    verify_all(&s);
+    put(
+        &s,
+        upd(0, 0, 1, (0, 1), 0),
+        Bytes::from_static(b"\x01"),
+        far(),
+    )
+    .await
+    .unwrap();
+    // The rebuild: versions 2 and 3 applied elsewhere (bytes 1 ^ 2 ^ 3).
+    let mut block = vec![0u8; BS];
+    block[0] = 1 ^ 2 ^ 3;
+    assert!(s
+        .install(0, 0, vec![3, 0], Bytes::from(block), false)
+        .await
+        .unwrap());
+    for v in [2u64, 3] {
+        let r = put(
+            &s,
+            upd(0, 0, 10 + v, (0, v), 0),
+            Bytes::from(vec![v as u8]),
+            far(),
+        )
+        .await
+        .unwrap();
+        assert!(r.applied && r.duplicate, "version {v}: {r:?}");
+    }
+    let (v, d) = read_all(&s, 0, 0, ReadMode::Current);
+    assert_eq!((v[0], d[0]), (3, 1 ^ 2 ^ 3), "nothing applied twice");
+    // Version 1 was applied here before the install: another update with it is stale.
+    assert!(matches!(
+        put(
+            &s,
+            upd(0, 0, 99, (0, 1), 0),
+            Bytes::from_static(b"\x09"),
+            far()
+        )
+        .await,
+        Err(WireError::StaleVersion {
+            current: 3,
+            got: 1,
+            ..
+        })
+    ));
+    // And the next version applies on top.
+    put(
+        &s,
+        upd(0, 0, 4, (0, 4), 0),
+        Bytes::from_static(b"\x04"),
+        far(),
+    )
+    .await
+    .unwrap();
+    let (v, d) = read_all(&s, 0, 0, ReadMode::Current);
+    let all = [1u8, 2, 3, 4].iter().fold(0, |a, b| a ^ b);
+    assert_eq!((v[0], d[0]), (4, all));
+}
+
 #[tokio::test]
 async fn install_drops_pending_updates_it_covers() {
     let dir = tempfile::tempdir().unwrap();
