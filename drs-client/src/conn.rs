@@ -10,7 +10,8 @@
 //! A connection that fails marks its node down for a backoff (doubling from 50 ms up
 //! to `reconnect_max`); requests in that window fail at once with `Unreachable`, so
 //! reads go straight to the rest of the stripe instead of waiting on a dead node. A
-//! node the cluster map says is down is not called at all.
+//! node the cluster map says is down is sent heartbeats only (it may be alive and
+//! hold this client's locks).
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -559,8 +560,8 @@ struct Members {
     conns: HashMap<NodeId, Arc<NodeConn>>,
     /// The control connections (heartbeats), opened on first use.
     control: HashMap<NodeId, Arc<NodeConn>>,
-    /// Nodes the cluster map says are down: not called at all, so a dead node costs
-    /// nothing once the metadata service noticed it.
+    /// Nodes the cluster map says are down: sent heartbeats only, so a dead node
+    /// costs next to nothing once the metadata service noticed it.
     down: HashSet<NodeId>,
 }
 

@@ -17,7 +17,7 @@
 //!   equations), repair what can be repaired (5.7).
 //! - **Status** ([`status`]): nodes up or down, stripes healthy or degraded.
 //! - **Cluster map**: a client follows the metadata service's map through a
-//!   [`MapSource`] ([`Client::follow`]): nodes down in it are not called, and a
+//!   [`MapSource`] ([`Client::follow`]): nodes down in it get heartbeats only, and a
 //!   request a node refuses as from a stale epoch is sent again once the client has
 //!   the node's epoch.
 //!
@@ -216,8 +216,8 @@ impl Client {
     }
 
     /// Follows a newer cluster map (from the metadata service): its epoch goes on every
-    /// later frame, nodes down in it are not called, a replaced node is reached at its
-    /// new address. An older or equal epoch, or another cluster's map, is ignored;
+    /// later frame, nodes down in it get heartbeats only, a replaced node is reached at
+    /// its new address. An older or equal epoch, or another cluster's map, is ignored;
     /// true if the map was taken.
     pub fn set_map(&self, map: ClusterMap) -> bool {
         let mut cur = self.inner.map.write().unwrap_or_else(|e| e.into_inner());
