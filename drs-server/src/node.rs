@@ -637,7 +637,7 @@ impl Node {
             let mut unsettled = lock(&v.unsettled);
             let map = self.live_map();
             let geo = v.store.geometry();
-            let (waiting, moot): (Vec<_>, Vec<_>) = r
+            let waiting: Vec<(u8, drs_lockgroups::UpdateKey)> = r
                 .indices
                 .iter()
                 .flat_map(|i| {
@@ -646,22 +646,22 @@ impl Node {
                         .into_iter()
                         .map(|k| (*i, k))
                 })
-                .partition(|(_, k)| {
+                .filter(|(_, k)| {
                     unsettled.get(k).is_some_and(|e| {
                         e.recipients.iter().any(|p| {
                             !e.confirmed.contains(p)
                                 && map.node_state(geo.member(r.stripe, *p as usize)).is_up()
                         })
                     })
-                });
+                })
+                .collect();
             // An update that only members the map does not say are up still lack
             // needs no pass before the lock: a pass would not wait for them either
-            // (aon.rs), and they rebuild from the stripe when they come back. Under
-            // sustained writes with m members down, waiting for the pass left writers
-            // refused for seconds behind thousands of such updates.
-            for (_, k) in &moot {
-                unsettled.mark_offered(k);
-            }
+            // (aon.rs), and they compare every block with its stripe before they are
+            // up. Under sustained writes with m members down, waiting for the pass
+            // left writers refused for seconds behind thousands of such updates.
+            // Decided at each grant against the map of the moment: once such a
+            // member is up again, the pass is waited for.
             if let Some(&(index, (client, _))) = waiting.first() {
                 for (_, k) in &waiting {
                     unsettled.hurry(k);
@@ -1271,6 +1271,26 @@ mod tests {
         assert_eq!(reply.known, vec![(0, 1)], "B builds on A's version 1");
         // The update stays unsettled here, to be passed on when node 2 is back.
         assert_eq!(n.volumes[&1].unsettled.lock().unwrap().len(), 1);
+        let unlock = Request::Unlock(drs_proto::UnlockReq {
+            volume: 1,
+            stripe: 0,
+            owner: 0xB0,
+            blocks: vec![(0, 0)],
+        });
+        assert!(matches!(
+            n.handle(&h, unlock, Bytes::new(), deadline()).await.0,
+            Response::Unlocked
+        ));
+        // Node 2 is up again: the next lock waits for the pass once more.
+        let mut map = n.live_map().as_ref().clone();
+        map.epoch += 1;
+        map.nodes[2].state = drs_proto::MemberState::Up;
+        n.set_live_map(map);
+        h.epoch = n.epoch();
+        assert!(matches!(
+            refused(n.admit(&h, lock_req(0xC0, 0xC))),
+            WireError::Settling { client: 0xA, .. }
+        ));
     }
 
     #[tokio::test]

@@ -160,22 +160,28 @@ pub async fn lifecycle(
 /// that clients wrote around during the pause is never read from this node.
 async fn watch_for_pauses(node: Arc<Node>, mut shutdown: watch::Receiver<bool>) {
     let tick = crate::node::PAUSE_TICK;
+    let threshold = (tick + node.cfg.pause_threshold).as_millis() as u64;
     node.pause_tick.store(node.now_ms(), Ordering::Release);
     loop {
-        let t = Instant::now();
         tokio::select! {
             _ = tokio::time::sleep(tick) => {}
             _ = shutdown.changed() => return,
         }
-        let late = t.elapsed().saturating_sub(tick);
-        if late > node.cfg.pause_threshold {
+        // One clock for both: the gap since the tick the reads compare with, so a
+        // pause anywhere in the loop is either counted here or still ahead.
+        let now = node.now_ms();
+        let gap = now.saturating_sub(node.pause_tick.load(Ordering::Acquire));
+        if gap > threshold {
             for v in node.volumes.values() {
                 v.store.all_unverified();
             }
-            tracing::warn!(paused_ms = late.as_millis() as u64, "process was paused");
+            tracing::warn!(
+                paused_ms = gap - tick.as_millis() as u64,
+                "process was paused"
+            );
             node.pauses.fetch_add(1, Ordering::Release);
         }
-        node.pause_tick.store(node.now_ms(), Ordering::Release);
+        node.pause_tick.store(now, Ordering::Release);
     }
 }
 
@@ -231,6 +237,7 @@ async fn verify_round(
     all: bool,
 ) -> usize {
     let geo = store.geometry().clone();
+    let gen = store.unverified_generation();
     let (own, _) = store.list(0, usize::MAX, |_| Vec::new());
     let todo: Vec<SlotInfo> = own
         .into_iter()
@@ -258,7 +265,7 @@ async fn verify_round(
     let results: Vec<bool> = stream::iter(todo)
         .map(|mine| {
             let theirs = peers.get(&mine.stripe).cloned().unwrap_or_default();
-            async move { verify_slot(store, client, pace, &mine, &theirs).await }
+            async move { verify_slot(store, client, pace, &mine, &theirs, gen).await }
         })
         .buffer_unordered(CONCURRENCY)
         .collect()
@@ -284,6 +291,7 @@ async fn verify_slot(
     pace: &Pace,
     mine: &SlotInfo,
     theirs: &[SlotInfo],
+    gen: u64,
 ) -> bool {
     let geo = store.geometry();
     if theirs.len() < geo.m {
@@ -352,8 +360,7 @@ async fn verify_slot(
             }
         }
     }
-    store.set_verified(mine.stripe, true);
-    true
+    store.set_verified_since(mine.stripe, gen)
 }
 
 /// Decodes this node's block of `mine.stripe` from the other members and installs it

@@ -177,10 +177,9 @@ struct Slot {
     /// changed only under the slot's lock (never by the writer's copy).
     skipped: Vec<Skip>,
     /// `(index, from, to)`: an install (a rebuild) took data block `index` from
-    /// version `from` to `to`, so the installed bytes reflect the updates with the
-    /// versions between. One of them arriving afterwards is a duplicate, not stale:
-    /// its writer's lock still holds and the members the rebuild decoded from had
-    /// applied it. Memory only; the newest [`INSTALLS_PER_SLOT`].
+    /// version `from` to `to`, so the installed bytes hold the update with version
+    /// `to`: arriving afterwards, it is a duplicate, not stale. Memory only; the
+    /// newest [`INSTALLS_PER_SLOT`].
     installed: Vec<(u8, Version, Version)>,
     crc: u32,
     written: bool,
@@ -285,6 +284,9 @@ pub struct VolumeStore {
     applied: watch::Sender<u64>,
     /// Bytes of undo deltas held by all slots (bounded by `undo_bytes`).
     undo_total: std::sync::atomic::AtomicUsize,
+    /// Raised by every [`VolumeStore::all_unverified`]: a verification that began
+    /// before it must not mark a block verified after it.
+    unverified_gen: AtomicU64,
     pub stats: StoreStats,
 }
 
@@ -418,6 +420,7 @@ impl VolumeStore {
             jobs: tx,
             applied,
             undo_total: Default::default(),
+            unverified_gen: AtomicU64::new(0),
             stats: StoreStats::default(),
         });
         store.stats.pending.store(pending as u64, Ordering::Relaxed);
@@ -833,11 +836,32 @@ impl VolumeStore {
         self.slot_write(stripe).verified = verified;
     }
 
-    /// Marks every slot unverified (restart).
+    /// Marks every slot unverified (restart, a pause, declared down).
     pub fn all_unverified(&self) {
+        self.unverified_gen.fetch_add(1, Ordering::AcqRel);
         for s in 0..self.geo.stripes() {
             self.set_verified(s, false);
         }
+    }
+
+    /// Taken before a verification looks at a block and its stripe: see
+    /// [`VolumeStore::set_verified_since`].
+    pub fn unverified_generation(&self) -> u64 {
+        self.unverified_gen.load(Ordering::Acquire)
+    }
+
+    /// Marks a slot verified unless every slot was marked unverified since `gen` was
+    /// taken (the node was paused or declared down meanwhile: what the verification
+    /// saw may be old). True if marked. Checked under the slot's lock, so a
+    /// concurrent [`VolumeStore::all_unverified`] either sees the mark and undoes it,
+    /// or comes first and the mark is refused.
+    pub fn set_verified_since(&self, stripe: StripeId, gen: u64) -> bool {
+        let mut s = self.slot_write(stripe);
+        if self.unverified_gen.load(Ordering::Acquire) != gen {
+            return false;
+        }
+        s.verified = true;
+        true
     }
 
     /// (verified, member slots).
@@ -1433,13 +1457,16 @@ impl Writer {
         }
         let i = u.index as usize;
         let cur = slot.versions[i];
-        // A rebuild installed a state that holds this update (it reached the members
-        // the rebuild read from first): answered as a duplicate, or the writer would
-        // count this member as failing its part of a write it holds.
+        // A rebuild installed the state this update made (it reached the members the
+        // rebuild read from first): answered as a duplicate, or the writer would count
+        // this member as failing its part of a write it holds. Only the version the
+        // install brought the block to: each version is given out once, so the
+        // installed bytes hold exactly that update. A version it jumped over may be a
+        // void one (a fenced holder's, skipped by the next writer) that no block holds.
         let reflected = slot
             .installed
             .iter()
-            .any(|&(ix, from, to)| ix == u.index && from < u.version && u.version <= to);
+            .any(|&(ix, from, to)| ix == u.index && from < u.version && u.version == to);
         if u.version <= cur && reflected && !store.is_skipped(stripe, u.index, u.version) {
             push_recent(&mut slot.recent, u.id);
             return Ok(Applied {
