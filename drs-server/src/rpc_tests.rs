@@ -618,11 +618,15 @@ async fn updates_need_the_lock_and_a_live_lease() {
             }
         }
     }
-    let pong = ask(&mut c, 9, &Request::Ping).await;
-    assert!(
-        matches!(pong, Response::Pong(ref i) if i.stats.fenced == 1),
-        "{pong:?}"
-    );
+    assert_eq!(fenced_count(&mut c, 9).await, 1);
+}
+
+/// The clients the node has fenced so far (its `Pong` stats).
+async fn fenced_count(c: &mut Conn, id: u64) -> u64 {
+    match ask(c, id, &Request::Ping).await {
+        Response::Pong(i) => i.stats.fenced,
+        other => panic!("ping answered {other:?}"),
+    }
 }
 
 #[tokio::test]
@@ -656,11 +660,7 @@ async fn updates_keep_a_lease_running_without_heartbeats() {
         ask(&mut c, 20, &hb).await,
         Response::Alive { lease_ms: 400 }
     );
-    let pong = ask(&mut c, 21, &Request::Ping).await;
-    assert!(
-        matches!(pong, Response::Pong(ref i) if i.stats.fenced == 0),
-        "{pong:?}"
-    );
+    assert_eq!(fenced_count(&mut c, 21).await, 0);
 }
 
 #[tokio::test]
@@ -679,11 +679,7 @@ async fn an_idle_client_whose_updates_are_unsettled_is_not_fenced() {
     });
     assert_eq!(ask(&mut c, 3, &unlock).await, Response::Unlocked);
     tokio::time::sleep(Duration::from_millis(900)).await;
-    let pong = ask(&mut c, 4, &Request::Ping).await;
-    assert!(
-        matches!(pong, Response::Pong(ref i) if i.stats.fenced == 0),
-        "{pong:?}"
-    );
+    assert_eq!(fenced_count(&mut c, 4).await, 0);
     // Its next write goes on: a lock on another stripe, and an update under it.
     lock_and_write(&mut c, 5, 6, 51, 300, 2, 1).await;
 }
