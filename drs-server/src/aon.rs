@@ -99,9 +99,11 @@ pub async fn run(
                 // Only a client holding locks (or cache copies) here is fenced: those
                 // are what its release hands on to others. One whose updates are
                 // merely unsettled here (a member was down when it wrote, so they
-                // never completed) may be idle or waiting, alive: its updates are
-                // relayed on their own schedule, and any later update of it needs a
-                // new lock, which renews its lease.
+                // never completed; or it died after this member's part of its last
+                // write) may be idle or waiting, alive: it is not fenced, and any
+                // later update of it needs a new lock, which renews its lease. Its
+                // unsettled updates are passed on now, not at their time: it may be
+                // dead, and the members it did not reach lack them until then.
                 let copies = lock(&node.copies).holds(c);
                 let holds = copies || lock(&vol.locks).holds_any(c);
                 if holds {
@@ -123,6 +125,10 @@ pub async fn run(
                 } else {
                     lock(&vol.locks).forget(c);
                     lock(&node.cache_groups).remove(&c);
+                    let mut unsettled = lock(&vol.unsettled);
+                    for key in unsettled.of_client(c) {
+                        unsettled.hurry(&key);
+                    }
                 }
             }
             // Updates some member never confirmed, passed on too often.

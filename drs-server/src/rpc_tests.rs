@@ -730,6 +730,40 @@ async fn silent_member() -> (SocketAddr, std::sync::Arc<std::sync::atomic::Atomi
 }
 
 #[tokio::test]
+async fn an_expired_clients_unsettled_updates_are_passed_on_at_once() {
+    // Client 5 writes block 0 of stripe 3 here and dies before reaching the other
+    // members (up, and never answering an update). Its lease (300 ms) runs out: it
+    // held no lock here, so it is not fenced, but its update is passed on now, not
+    // when it is due (2 s after it was taken): the members it did not reach lack it
+    // until then.
+    let (silent, updates) = silent_member().await;
+    let n = start_with(|map| {
+        for e in map.nodes.iter_mut().filter(|e| e.id != 0) {
+            e.addr = silent;
+        }
+    })
+    .await;
+    let mut c = connect(&n).await;
+    lock_and_write(&mut c, 1, 3, 50, 300, 1, 1).await;
+    let unlock = Request::Unlock(UnlockReq {
+        volume: 1,
+        stripe: 3,
+        owner: 50,
+        blocks: vec![(0, 1)],
+    });
+    assert_eq!(ask(&mut c, 3, &unlock).await, Response::Unlocked);
+    let written = std::time::Instant::now();
+    while updates.load(std::sync::atomic::Ordering::Relaxed) == 0 {
+        assert!(
+            written.elapsed() < Duration::from_millis(1500),
+            "the expired client's update was not passed on within 1.5 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(fenced_count(&mut c, 4).await, 0);
+}
+
+#[tokio::test]
 async fn a_lock_does_not_wait_for_a_relay_to_a_recovering_member() {
     // Nodes 1 and 2 are recovering and never answer an update. Client 5 writes block 0 of
     // stripe 3; its update stays unsettled here. Client 6 then locks the block: the

@@ -1249,7 +1249,7 @@ impl World {
         let expired = self.nodes[n].locks.expired(now);
         for c in expired {
             // Fenced only with locks held here; unsettled updates of an idle client
-            // are relayed on their own schedule.
+            // are passed on at once (hurried), without fencing it.
             let holds = self.nodes[n].locks.holds_any(c);
             if holds {
                 self.nodes[n].locks.fence(c, now);
@@ -1269,6 +1269,9 @@ impl World {
                 self.settle_poll(n, id);
             } else {
                 self.nodes[n].locks.forget(c);
+                for key in self.nodes[n].unsettled.of_client(c) {
+                    self.nodes[n].unsettled.hurry(&key);
+                }
             }
         }
         let worn = self.nodes[n].unsettled.worn_out(real::RELAY_PASSES);
