@@ -621,6 +621,19 @@ async fn updates_need_the_lock_and_a_live_lease() {
     assert_eq!(fenced_count(&mut c, 9).await, 1);
 }
 
+/// Client 5 (owner 50, the lease given) writes version 1 of block 0 of stripe 3
+/// and unlocks (request ids 1 to 3).
+async fn write_and_unlock(c: &mut Conn, lease_ms: u32) {
+    lock_and_write(c, 1, 3, 50, lease_ms, 1, 1).await;
+    let unlock = Request::Unlock(UnlockReq {
+        volume: 1,
+        stripe: 3,
+        owner: 50,
+        blocks: vec![(0, 1)],
+    });
+    assert_eq!(ask(c, 3, &unlock).await, Response::Unlocked);
+}
+
 /// The clients the node has fenced so far (its `Pong` stats).
 async fn fenced_count(c: &mut Conn, id: u64) -> u64 {
     match ask(c, id, &Request::Ping).await {
@@ -670,14 +683,7 @@ async fn an_idle_client_whose_updates_are_unsettled_is_not_fenced() {
     // past its lease, it holds nothing here: it must not be fenced.
     let n = start().await;
     let mut c = connect(&n).await;
-    lock_and_write(&mut c, 1, 3, 50, 300, 1, 1).await;
-    let unlock = Request::Unlock(UnlockReq {
-        volume: 1,
-        stripe: 3,
-        owner: 50,
-        blocks: vec![(0, 1)],
-    });
-    assert_eq!(ask(&mut c, 3, &unlock).await, Response::Unlocked);
+    write_and_unlock(&mut c, 300).await;
     tokio::time::sleep(Duration::from_millis(900)).await;
     assert_eq!(fenced_count(&mut c, 4).await, 0);
     // Its next write goes on: a lock on another stripe, and an update under it.
@@ -744,14 +750,7 @@ async fn an_expired_clients_unsettled_updates_are_passed_on_at_once() {
     })
     .await;
     let mut c = connect(&n).await;
-    lock_and_write(&mut c, 1, 3, 50, 300, 1, 1).await;
-    let unlock = Request::Unlock(UnlockReq {
-        volume: 1,
-        stripe: 3,
-        owner: 50,
-        blocks: vec![(0, 1)],
-    });
-    assert_eq!(ask(&mut c, 3, &unlock).await, Response::Unlocked);
+    write_and_unlock(&mut c, 300).await;
     let written = std::time::Instant::now();
     while updates.load(std::sync::atomic::Ordering::Relaxed) == 0 {
         assert!(
@@ -779,14 +778,7 @@ async fn a_lock_does_not_wait_for_a_relay_to_a_recovering_member() {
     })
     .await;
     let mut c = connect(&n).await;
-    lock_and_write(&mut c, 1, 3, 50, 3000, 1, 1).await;
-    let unlock = Request::Unlock(UnlockReq {
-        volume: 1,
-        stripe: 3,
-        owner: 50,
-        blocks: vec![(0, 1)],
-    });
-    assert_eq!(ask(&mut c, 3, &unlock).await, Response::Unlocked);
+    write_and_unlock(&mut c, 3000).await;
     let started = std::time::Instant::now();
     let mut id = 10;
     loop {
