@@ -56,6 +56,11 @@ pub async fn scrub_with_progress(
             }
         })
         .await;
+    // A repair unlocks as it goes, without waiting for the answers: let them reach
+    // the nodes before the command exits.
+    client
+        .settle_unlocks(std::time::Duration::from_secs(5))
+        .await;
     if let Some(b) = bar {
         b.finish_and_clear();
     }

@@ -1,4 +1,9 @@
-//! Unlocks that could not be delivered, kept and retried in the background.
+//! Unlocks on their way, and those that could not be delivered, kept and retried in
+//! the background.
+//!
+//! A release does not wait for the members' answers: its unlocks are queued here as
+//! *on their way*, handed to each member's connection, and answered in a background
+//! task ([`Client::release`]). One a member does not acknowledge stays queued.
 //!
 //! A member that did not answer a lock may still grant it later (it was slow or
 //! paused), and a member that missed an update must learn the versions given out so it
@@ -53,10 +58,39 @@ struct Queue {
 pub(crate) struct Backlog {
     queue: Mutex<Queue>,
     running: AtomicBool,
+    /// Woken whenever a delivery on its way ends.
+    ended: tokio::sync::Notify,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Merges `blocks` into the entry for `key` (highest version per block); beyond
+/// `MAX_ENTRIES`, the oldest entry is dropped.
+fn merge(q: &mut Queue, key: Key, blocks: &[(u8, Version)]) {
+    let e = &mut q.entries;
+    let entry = e.entry(key).or_insert_with(|| Entry {
+        blocks: Vec::new(),
+        since: Instant::now(),
+    });
+    for &(i, v) in blocks {
+        match entry.blocks.iter_mut().find(|(j, _)| *j == i) {
+            Some(b) => b.1 = b.1.max(v),
+            None => entry.blocks.push((i, v)),
+        }
+    }
+    while e.len() > MAX_ENTRIES {
+        let oldest = e.iter().min_by_key(|(_, v)| v.since).map(|(k, _)| *k);
+        if let Some(k) = oldest {
+            tracing::warn!(
+                node = k.0,
+                stripe = k.1,
+                "unlock backlog full; dropping the oldest entry"
+            );
+            e.remove(&k);
+        }
+    }
 }
 
 impl Backlog {
@@ -74,35 +108,61 @@ impl Client {
         owner: ClientId,
         blocks: Vec<(u8, Version)>,
     ) {
-        let backlog = &self.inner.backlog;
-        {
-            let mut q = lock(&backlog.queue);
-            let e = &mut q.entries;
-            let entry = e.entry((node, stripe, owner)).or_insert_with(|| Entry {
-                blocks: Vec::new(),
-                since: Instant::now(),
-            });
-            for (i, v) in blocks {
-                match entry.blocks.iter_mut().find(|(j, _)| *j == i) {
-                    Some(b) => b.1 = b.1.max(v),
-                    None => entry.blocks.push((i, v)),
-                }
-            }
-            while e.len() > MAX_ENTRIES {
-                let oldest = e.iter().min_by_key(|(_, v)| v.since).map(|(k, _)| *k);
-                if let Some(k) = oldest {
-                    tracing::warn!(
-                        node = k.0,
-                        stripe = k.1,
-                        "unlock backlog full; dropping the oldest entry"
-                    );
-                    e.remove(&k);
-                }
-            }
-        }
-        if !backlog.running.swap(true, Ordering::AcqRel) {
+        merge(
+            &mut lock(&self.inner.backlog.queue),
+            (node, stripe, owner),
+            &blocks,
+        );
+        self.start_draining();
+    }
+
+    fn start_draining(&self) {
+        if !self.inner.backlog.running.swap(true, Ordering::AcqRel) {
             let me = self.clone();
             tokio::spawn(async move { me.drain_backlog().await });
+        }
+    }
+
+    /// Queues an unlock that the caller is about to send itself, marked as on its
+    /// way, and returns what to send: `blocks` merged with anything queued for the
+    /// key. None if another delivery for the key is on its way: the blocks are
+    /// merged into the entry, which that one leaves queued, and the caller sends
+    /// nothing.
+    pub(crate) fn begin_unlock(
+        &self,
+        key: Key,
+        blocks: &[(u8, Version)],
+    ) -> Option<Vec<(u8, Version)>> {
+        let mut q = lock(&self.inner.backlog.queue);
+        merge(&mut q, key, blocks);
+        if q.sending.insert(key) {
+            return q.entries.get(&key).map(|e| e.blocks.clone());
+        }
+        drop(q);
+        self.start_draining();
+        None
+    }
+
+    /// A delivery of `blocks` on its way ended (`delivered`: the node acknowledged
+    /// it). Removes the entry unless something newer was merged in meanwhile; one
+    /// not delivered stays queued for the background.
+    pub(crate) fn end_unlock(&self, key: Key, blocks: &[(u8, Version)], delivered: bool) {
+        let (node, stripe, owner) = key;
+        if delivered {
+            self.note_unlocked(node, stripe, owner);
+        }
+        let backlog = &self.inner.backlog;
+        let left = {
+            let mut q = lock(&backlog.queue);
+            q.sending.remove(&key);
+            if delivered && q.entries.get(&key).is_some_and(|x| x.blocks == blocks) {
+                q.entries.remove(&key);
+            }
+            q.entries.contains_key(&key)
+        };
+        backlog.ended.notify_waiters();
+        if left {
+            self.start_draining();
         }
     }
 
@@ -130,6 +190,9 @@ impl Client {
         // A delivery on its way ends within a request's time.
         let patience = Instant::now() + self.inner.cfg.request_timeout + ROUND;
         loop {
+            // Registered before looking, so an end between the look and the wait
+            // is not missed.
+            let ended = backlog.ended.notified();
             let blocks = {
                 let mut q = lock(&backlog.queue);
                 if q.sending.contains(&key) {
@@ -151,7 +214,7 @@ impl Client {
                         "an earlier unlock of this lock owner is still on its way".into(),
                     ));
                 }
-                tokio::time::sleep(Duration::from_millis(5)).await;
+                let _ = tokio::time::timeout_at(patience.into(), ended).await;
                 continue;
             };
             let r = self.send_unlock(key, blocks).await;
@@ -170,14 +233,7 @@ impl Client {
             blocks: blocks.clone(),
         });
         let r = self.call(node, &req, Bytes::new()).await.map(|_| ());
-        if r.is_ok() {
-            self.note_unlocked(node, stripe, owner);
-        }
-        let mut q = lock(&self.inner.backlog.queue);
-        q.sending.remove(&key);
-        if r.is_ok() && q.entries.get(&key).is_some_and(|x| x.blocks == blocks) {
-            q.entries.remove(&key);
-        }
+        self.end_unlock(key, &blocks, r.is_ok());
         r
     }
 
@@ -280,6 +336,56 @@ mod tests {
             );
         }
         client.unlock_stripe(&locked).await;
+        assert_eq!(client.settle_unlocks(Duration::from_secs(5)).await, 0);
         assert!(fakes.iter().all(|f| lock(&f.table).is_empty()));
+    }
+
+    #[tokio::test]
+    async fn a_release_does_not_wait_for_the_answers() {
+        // Node 2 stops answering unlocks (it answers the rest, so it is not taken as
+        // hung): an unlock that waited for its answer would take the whole request
+        // timeout.
+        let (map, fakes) = fakenode::cluster(false).await;
+        let cfg = ClientConfig {
+            request_timeout: Duration::from_secs(6),
+            ..ClientConfig::default()
+        };
+        let client = Client::new(map, 1, cfg).unwrap();
+        let owner = 0x0F;
+        let locked = client.lock_stripe(0, &[(0, 0, 0)], owner).await.unwrap();
+        let slow = client.geometry().member(0, 2) as usize;
+        fakes[slow].drop_unlocks.store(true, Ordering::Relaxed);
+        tokio::time::timeout(Duration::from_secs(2), client.unlock_stripe(&locked))
+            .await
+            .expect("the release waited for a member's answer");
+        // The others answer in the background; node 2's unlock stays queued until
+        // it is acknowledged.
+        tokio::time::sleep(ROUND).await;
+        assert_eq!(client.pending_unlocks(), 1);
+        for (n, f) in fakes.iter().enumerate() {
+            assert_eq!(lock(&f.table).is_empty(), n != slow, "node {n}");
+        }
+        fakes[slow].drop_unlocks.store(false, Ordering::Relaxed);
+        assert_eq!(client.settle_unlocks(Duration::from_secs(10)).await, 0);
+        assert!(lock(&fakes[slow].table).is_empty());
+    }
+
+    #[tokio::test]
+    async fn the_same_owner_locks_again_right_after_a_release() {
+        // The unlocks' answers are still on their way when the owner locks the
+        // same blocks again: the new lock must hold at every member afterwards.
+        let (map, fakes) = fakenode::cluster(false).await;
+        let client = Client::new(map, 1, ClientConfig::default()).unwrap();
+        let owner = 0x10;
+        for _ in 0..20 {
+            let locked = client.lock_stripe(0, &[(0, 0, 0)], owner).await.unwrap();
+            client.unlock_stripe(&locked).await;
+        }
+        let locked = client.lock_stripe(0, &[(0, 0, 0)], owner).await.unwrap();
+        assert_eq!(locked.live(), 3);
+        assert_eq!(client.settle_unlocks(Duration::from_secs(5)).await, 0);
+        for (p, f) in fakes.iter().enumerate() {
+            assert_eq!(lock(&f.table).get(&(0, 0)), Some(&owner), "position {p}");
+        }
     }
 }

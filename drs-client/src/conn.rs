@@ -183,7 +183,12 @@ impl NodeConn {
         // `GetMap`: answered on arrival, whatever the epoch, at the cost of encoding
         // the map. The whole probe (a connection to open included) takes PROBE_WAIT
         // at most.
-        let ask = control.call_once(&Request::GetMap, Bytes::new(), PROBE_WAIT, PROBE_WAIT);
+        let ask = async {
+            let sent = control
+                .send_with(&Request::GetMap, Bytes::new(), PROBE_WAIT, PROBE_WAIT)
+                .await?;
+            control.answer(sent).await
+        };
         let alive = match tokio::time::timeout(PROBE_WAIT, ask).await {
             Ok(r) => !matches!(r, Err(CallError::Timeout(_) | CallError::Unreachable(_))),
             Err(_) => false,
@@ -315,32 +320,53 @@ impl NodeConn {
         payload: Bytes,
         timeout: Duration,
     ) -> Result<(Response, Bytes), CallError> {
-        let wait = if self.is_hung() {
-            timeout.min(HUNG_WAIT)
-        } else if self.is_suspect() {
-            timeout.min(SUSPECT_WAIT)
-        } else {
-            timeout
+        let r = match self.send(req, payload, timeout).await {
+            Ok(sent) => self.answer(sent).await,
+            Err(e) => Err(e),
         };
-        let r = self.call_once(req, payload, timeout, wait).await;
-        match &r {
+        self.note_outcome(&r);
+        r
+    }
+
+    /// A request's outcome makes the node suspect (a timeout) or clears that.
+    fn note_outcome<T>(&self, r: &Result<T, CallError>) {
+        match r {
             Err(CallError::Timeout(_)) => {
                 *lock(&self.suspect_until) = Some(Instant::now() + SUSPECT_FOR)
             }
             Ok(_) | Err(CallError::Remote(_)) => *lock(&self.suspect_until) = None,
             Err(_) => {}
         }
-        r
     }
 
-    /// One request: the node is told it has `budget`; this client waits `timeout`.
-    async fn call_once(
+    /// The first half of [`NodeConn::call`]: hands the request to the connection
+    /// (connecting first if needed). Requests sent one after the other reach the
+    /// node in that order, whenever their answers are awaited.
+    async fn send(
+        &self,
+        req: &Request,
+        payload: Bytes,
+        budget: Duration,
+    ) -> Result<Sent, CallError> {
+        let timeout = if self.is_hung() {
+            budget.min(HUNG_WAIT)
+        } else if self.is_suspect() {
+            budget.min(SUSPECT_WAIT)
+        } else {
+            budget
+        };
+        self.send_with(req, payload, budget, timeout).await
+    }
+
+    /// [`NodeConn::send`]: the node is told it has `budget`; this client waits
+    /// `timeout`.
+    async fn send_with(
         &self,
         req: &Request,
         payload: Bytes,
         budget: Duration,
         timeout: Duration,
-    ) -> Result<(Response, Bytes), CallError> {
+    ) -> Result<Sent, CallError> {
         let deadline = Instant::now() + timeout;
         let live = self.live().await?;
         let permit = tokio::time::timeout_at(deadline.into(), live.slots.clone().acquire_owned())
@@ -362,16 +388,15 @@ impl NodeConn {
             Frame::new(header, req, payload).map_err(|e| CallError::Protocol(e.to_string()))?;
         let (tx, rx) = oneshot::channel();
         lock(&live.waiters).insert(id, tx);
-        // If the caller stops waiting (a hedged read that got its answer elsewhere),
-        // the guard withdraws the request and tells the node.
+        // Withdraws the request if the caller stops waiting before it is handed over.
         let mut guard = CancelOnDrop {
             conn: self,
             live: Some(live.clone()),
             id,
         };
         let sent = tokio::time::timeout_at(deadline.into(), live.tx.send(frame)).await;
+        guard.disarm();
         if !matches!(sent, Ok(Ok(()))) {
-            guard.disarm();
             lock(&live.waiters).remove(&id);
             self.mark_down("connection closed".into());
             return Err(match sent {
@@ -379,10 +404,35 @@ impl NodeConn {
                 _ => CallError::Unreachable("connection closed".into()),
             });
         }
-        // Waits for the answer; past PROBE_AFTER of silence, asks whether the node is
-        // alive at all, and waits only a moment more if not.
-        let mut rx = rx;
-        let mut deadline = deadline;
+        Ok(Sent {
+            live,
+            rx,
+            permit,
+            id,
+            deadline,
+            timeout,
+        })
+    }
+
+    /// The second half of [`NodeConn::call`]: waits for the answer to a sent
+    /// request; past PROBE_AFTER of silence, asks whether the node is alive at all,
+    /// and waits only a moment more if not.
+    async fn answer(&self, sent: Sent) -> Result<(Response, Bytes), CallError> {
+        let Sent {
+            live,
+            mut rx,
+            permit,
+            id,
+            mut deadline,
+            timeout,
+        } = sent;
+        // If the caller stops waiting (a hedged read that got its answer elsewhere),
+        // the guard withdraws the request and tells the node.
+        let mut guard = CancelOnDrop {
+            conn: self,
+            live: Some(live),
+            id,
+        };
         let answer = loop {
             let check = (Instant::now() + PROBE_AFTER).min(deadline);
             match tokio::time::timeout_at(check.into(), &mut rx).await {
@@ -444,6 +494,33 @@ impl NodeConn {
         ) {
             let _ = live.tx.try_send(frame);
         }
+    }
+}
+
+/// A request handed to its connection, its answer not yet awaited. Dropped without
+/// [`InFlight::answer`], its waiter goes when the answer comes or the connection ends.
+struct Sent {
+    live: Arc<Live>,
+    rx: oneshot::Receiver<Result<Frame, CallError>>,
+    permit: tokio::sync::OwnedSemaphorePermit,
+    id: u64,
+    deadline: Instant,
+    timeout: Duration,
+}
+
+/// A request sent by [`Pool::send`]: its place in the connection's order is taken;
+/// its answer can be awaited elsewhere (a spawned task, say).
+pub struct InFlight {
+    conn: Arc<NodeConn>,
+    sent: Sent,
+}
+
+impl InFlight {
+    /// Waits for the answer, as [`NodeConn::call`] would have.
+    pub async fn answer(self) -> Result<(Response, Bytes), CallError> {
+        let r = self.conn.answer(self.sent).await;
+        self.conn.note_outcome(&r);
+        r
     }
 }
 
@@ -636,24 +713,44 @@ impl Pool {
         payload: Bytes,
         timeout: Duration,
     ) -> Result<(Response, Bytes), CallError> {
-        let conn = {
-            let m = read(&self.members);
-            if lane == Lane::Data && m.down.contains(&node) {
-                return Err(CallError::Unreachable(format!(
-                    "node {node} is down in the cluster map"
-                )));
-            }
-            match lane {
-                Lane::Data => m.conns.get(&node).cloned(),
-                Lane::Control => m.control.get(&node).cloned(),
-            }
-        };
-        match conn {
-            Some(c) => c.call(req, payload, timeout).await,
-            None => Err(CallError::Unreachable(format!(
-                "node {node} is not in the cluster map"
-            ))),
+        self.data_conn(node, lane)?
+            .call(req, payload, timeout)
+            .await
+    }
+
+    /// `node`'s connection on `lane`; none for a node not in the map or, on the data
+    /// lane, down in it.
+    fn data_conn(&self, node: NodeId, lane: Lane) -> Result<Arc<NodeConn>, CallError> {
+        let m = read(&self.members);
+        if lane == Lane::Data && m.down.contains(&node) {
+            return Err(CallError::Unreachable(format!(
+                "node {node} is down in the cluster map"
+            )));
         }
+        let conn = match lane {
+            Lane::Data => m.conns.get(&node),
+            Lane::Control => m.control.get(&node),
+        };
+        conn.cloned()
+            .ok_or_else(|| CallError::Unreachable(format!("node {node} is not in the cluster map")))
+    }
+
+    /// Hands a request to `node`'s data connection and returns once it is queued
+    /// there, before its answer: a request sent later on the same lane reaches the
+    /// node after it. Fails as [`Pool::call`] does.
+    pub async fn send(
+        &self,
+        node: NodeId,
+        req: &Request,
+        payload: Bytes,
+        timeout: Duration,
+    ) -> Result<InFlight, CallError> {
+        let conn = self.data_conn(node, Lane::Data)?;
+        let sent = conn.send(req, payload, timeout).await;
+        if let Err(e) = &sent {
+            conn.note_outcome::<()>(&Err(e.clone()));
+        }
+        Ok(InFlight { conn, sent: sent? })
     }
 
     /// True while `node` is down in the map, in its reconnect backoff, or hung (it

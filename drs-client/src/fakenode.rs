@@ -1,8 +1,8 @@
 //! Fake nodes for the client's unit tests: each keeps a lock table and answers
 //! locks, unlocks, updates (taken, not stored) and heartbeats, and counts the
 //! heartbeats it answered. One can be told to stop reading a connection once it
-//! granted a lock on it, as a node does whose reader waits behind a busy store, or
-//! to go silent (answer nothing, as a hung node).
+//! granted a lock on it, as a node does whose reader waits behind a busy store, to
+//! go silent (answer nothing, as a hung node), or to drop unlocks.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -31,6 +31,9 @@ pub struct FakeNode {
     pub heartbeats: Arc<AtomicUsize>,
     /// Set: reads requests and answers none.
     pub silent: Arc<AtomicBool>,
+    /// Set: takes unlocks but neither applies nor answers them (a node that is
+    /// alive, slow with them).
+    pub drop_unlocks: Arc<AtomicBool>,
 }
 
 pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -166,7 +169,9 @@ pub async fn start(stall_after_lock: bool) -> (std::net::SocketAddr, FakeNode) {
     let node = FakeNode::default();
     let n = node.clone();
     let addr = serve(move |req| {
-        if n.silent.load(Ordering::Relaxed) {
+        if n.silent.load(Ordering::Relaxed)
+            || (matches!(req, Request::Unlock(_)) && n.drop_unlocks.load(Ordering::Relaxed))
+        {
             return Reply::Ignore;
         }
         let locked = matches!(req, Request::Lock(_));

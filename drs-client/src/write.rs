@@ -482,9 +482,10 @@ impl Client {
             stripe,
             owner,
             indices: blocks.iter().map(|b| b.0).collect(),
+            // Nothing to read: the lock alone (every member answers it at once).
             read: blocks
                 .iter()
-                .find(|b| b.0 as usize == position)
+                .find(|b| b.0 as usize == position && b.2 > 0)
                 .map(|b| (b.1 as u32, b.2 as u32)),
             client,
             lease_ms: self.lease_ms(),
@@ -556,6 +557,9 @@ impl Client {
         offset: usize,
         len: usize,
     ) -> Result<Bytes, ClientError> {
+        if len == 0 {
+            return Ok(Bytes::new());
+        }
         match locked.old.get(&(index as u8)) {
             Some(Old::Range { offset: o, data })
                 if *o <= offset && offset + len <= o + data.len() =>
@@ -844,33 +848,66 @@ impl Client {
         Ok(())
     }
 
-    /// Releases locks without an update.
+    /// Releases locks without an update. Returns once the unlocks are on their way
+    /// (see `release`); [`Client::settle_unlocks`] waits for their answers.
     pub async fn unlock_stripe(&self, locked: &LockedStripe) {
         let indices: Vec<u8> = locked.next.iter().map(|(i, _)| *i).collect();
         self.release(locked.stripe, &indices, locked.owner).await;
     }
 
     /// Unlocks `indices` at every member (one that did not answer the lock may still
-    /// grant it late); members that do not answer get it retried in the background.
+    /// grant it late). Returns once every member's unlock is queued on its
+    /// connection: whatever this client sends a member next reaches it after the
+    /// unlock. The answers are awaited in the background; an unlock a member does
+    /// not acknowledge stays in the backlog, which delivers it before this owner's
+    /// next lock there.
     async fn release(&self, stripe: StripeId, indices: &[u8], owner: ClientId) {
         let blocks: Vec<(u8, Version)> = indices.iter().map(|i| (*i, 0)).collect();
-        let req = Request::Unlock(UnlockReq {
-            volume: self.inner.volume.id,
-            stripe,
-            owner,
-            blocks: blocks.clone(),
-        });
-        let calls = self.inner.geo.members(stripe).into_iter().map(|node| {
-            let req = req.clone();
-            async move { (node, self.call(node, &req, Bytes::new()).await) }
-        });
-        for (node, r) in join_all(calls).await {
-            if r.is_err() {
-                self.defer_unlock(node, stripe, owner, blocks.clone());
-            } else {
-                self.note_unlocked(node, stripe, owner);
+        let timeout = self.inner.cfg.request_timeout;
+        let sends = self.inner.geo.members(stripe).into_iter().map(|node| {
+            let key = (node, stripe, owner);
+            let blocks = &blocks;
+            async move {
+                let blocks = self.begin_unlock(key, blocks)?;
+                let req = Request::Unlock(UnlockReq {
+                    volume: self.inner.volume.id,
+                    stripe,
+                    owner,
+                    blocks: blocks.clone(),
+                });
+                match self
+                    .inner
+                    .pool
+                    .send(node, &req, Bytes::new(), timeout)
+                    .await
+                {
+                    Ok(sent) => Some((key, blocks, sent)),
+                    Err(_) => {
+                        self.end_unlock(key, &blocks, false);
+                        None
+                    }
+                }
             }
+        });
+        let sent: Vec<_> = join_all(sends).await.into_iter().flatten().collect();
+        if sent.is_empty() {
+            return;
         }
+        let me = self.clone();
+        tokio::spawn(async move {
+            join_all(sent.into_iter().map(|(key, blocks, sent)| {
+                let me = &me;
+                async move {
+                    let r = sent.answer().await;
+                    me.end_unlock(key, &blocks, r.is_ok());
+                    // A node with a newer map: deliver it at once, with the map.
+                    if let Err(CallError::Remote(WireError::StaleEpoch { .. })) = r {
+                        let _ = me.deliver_unlocks(key.0, key.1, key.2).await;
+                    }
+                }
+            }))
+            .await;
+        });
     }
 }
 

@@ -128,7 +128,7 @@ pub fn mount(cfg: &MountConfig) -> anyhow::Result<()> {
         rt.spawn(drs_metrics::serve(listener, render, metrics_rx));
         tracing::info!(%addr, "serving metrics at /metrics");
     }
-    let fs = adapter::DrsFuse::new(ops, rt.handle().clone(), cfg.writeback_cache);
+    let fs = adapter::DrsFuse::new(ops.clone(), rt.handle().clone(), cfg.writeback_cache);
     let mut options = fuser::Config::default();
     options.mount_options = vec![
         fuser::MountOption::FSName("drs".into()),
@@ -163,7 +163,15 @@ pub fn mount(cfg: &MountConfig) -> anyhow::Result<()> {
         }
     });
     tracing::info!(mountpoint = %cfg.mountpoint.display(), "mounted");
-    session.run().context("serve the mount")?;
+    let served = session.run().context("serve the mount");
+    let left = rt.block_on(ops.settle_unlocks(std::time::Duration::from_secs(5)));
+    if left > 0 {
+        tracing::warn!(
+            left,
+            "unlocks not acknowledged: their locks go when the lease runs out"
+        );
+    }
+    served?;
     tracing::info!("unmounted");
     Ok(())
 }

@@ -108,6 +108,14 @@ pub struct Ops {
     latencies: drs_metrics::Latencies,
 }
 
+impl Ops {
+    /// Waits up to `max` for unlocks still on their way to the nodes; called when
+    /// the mount ends, so it leaves no lock to a lease. Returns how many are left.
+    pub async fn settle_unlocks(&self, max: std::time::Duration) -> usize {
+        self.data.settle_unlocks(max).await
+    }
+}
+
 /// The current time as the namespace stores it.
 pub fn now() -> Time {
     time_of(SystemTime::now())

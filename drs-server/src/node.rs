@@ -448,6 +448,14 @@ impl Node {
             Request::Lock(r) => {
                 self.complete(r.client, &r.completed);
                 match self.grant(&r) {
+                    // Most members read nothing: answered at once, with no task.
+                    Ok((known, fenced)) if self.lock_read_range(&r).is_none() => {
+                        Admitted::Answer(Response::Lock(LockReply {
+                            known,
+                            fenced,
+                            read: None,
+                        }))
+                    }
                     Ok(known) => Admitted::Locked(r, known),
                     Err(e) => Admitted::Answer(Response::Error(e)),
                 }
@@ -457,6 +465,7 @@ impl Node {
                 Err(e) => Response::Error(e),
             }),
             Request::Heartbeat(h) => Admitted::Answer(self.heartbeat(&h)),
+            Request::Ping => Admitted::Answer(Response::Pong(self.info())),
             Request::Update(r) => match self.admit_update(&r) {
                 Ok(()) => Admitted::Run(Request::Update(r)),
                 Err(e) => Admitted::Answer(Response::Error(e)),
@@ -719,6 +728,15 @@ impl Node {
     }
 
     /// The read half of lock-and-read (report 5.6), after the lock was granted.
+    /// The range of its own block this member returns with a lock it granted: only
+    /// the data node of a locked block that the lock asks to read.
+    fn lock_read_range(&self, r: &LockReq) -> Option<(u32, u32)> {
+        let v = self.volume(r.volume).ok()?;
+        let position = self.member(v, r.stripe).ok()?;
+        let mine = (position as usize) < v.store.geometry().k && r.indices.contains(&position);
+        r.read.filter(|_| mine)
+    }
+
     async fn lock_read(
         &self,
         r: LockReq,
@@ -727,9 +745,7 @@ impl Node {
     ) -> Result<(Response, Bytes), WireError> {
         let v = self.volume(r.volume)?;
         let position = self.member(v, r.stripe)?;
-        let k = v.store.geometry().k;
-        let mine = (position as usize) < k && r.indices.contains(&position);
-        let Some((offset, len)) = r.read.filter(|_| mine) else {
+        let Some((offset, len)) = self.lock_read_range(&r) else {
             return Ok((
                 Response::Lock(LockReply {
                     known,
@@ -1171,6 +1187,7 @@ mod tests {
                 fenced,
                 read: None,
             },
+            Admitted::Answer(Response::Lock(r)) => r,
             Admitted::Answer(r) => panic!("lock refused: {r:?}"),
             Admitted::Run(_) => panic!("a lock to run"),
         }
@@ -1179,7 +1196,7 @@ mod tests {
     fn refused(a: Admitted) -> WireError {
         match a {
             Admitted::Answer(Response::Error(e)) => e,
-            Admitted::Locked(..) => panic!("lock granted"),
+            Admitted::Locked(..) | Admitted::Answer(Response::Lock(_)) => panic!("lock granted"),
             _ => panic!("not an error"),
         }
     }

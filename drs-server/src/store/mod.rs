@@ -287,6 +287,10 @@ pub struct VolumeStore {
     /// Raised by every [`VolumeStore::all_unverified`]: a verification that began
     /// before it must not mark a block verified after it.
     unverified_gen: AtomicU64,
+    /// Member slots, and how many of them are verified (kept with every change of
+    /// `Slot::verified`, so a ping or a heartbeat need not scan the slots).
+    members: u64,
+    verified: AtomicU64,
     pub stats: StoreStats,
 }
 
@@ -410,6 +414,7 @@ impl VolumeStore {
 
         let (tx, rx) = mpsc::channel(QUEUE);
         let (applied, _) = watch::channel(0u64);
+        let members = slots.iter().filter(|s| s.member).count() as u64;
         let store = Arc::new(VolumeStore {
             cfg,
             geo,
@@ -421,6 +426,8 @@ impl VolumeStore {
             applied,
             undo_total: Default::default(),
             unverified_gen: AtomicU64::new(0),
+            members,
+            verified: AtomicU64::new(0),
             stats: StoreStats::default(),
         });
         store.stats.pending.store(pending as u64, Ordering::Relaxed);
@@ -833,7 +840,23 @@ impl VolumeStore {
 
     /// Marks a slot verified (it is known to be up to date with its stripe).
     pub fn set_verified(&self, stripe: StripeId, verified: bool) {
-        self.slot_write(stripe).verified = verified;
+        let mut s = self.slot_write(stripe);
+        self.mark_verified(&mut s, verified);
+    }
+
+    /// Sets a slot's `verified` under its lock, keeping the count.
+    fn mark_verified(&self, s: &mut Slot, verified: bool) {
+        if s.verified == verified {
+            return;
+        }
+        s.verified = verified;
+        if s.member {
+            if verified {
+                self.verified.fetch_add(1, Ordering::AcqRel);
+            } else {
+                self.verified.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
     }
 
     /// Marks every slot unverified (restart, a pause, declared down).
@@ -860,24 +883,13 @@ impl VolumeStore {
         if self.unverified_gen.load(Ordering::Acquire) != gen {
             return false;
         }
-        s.verified = true;
+        self.mark_verified(&mut s, true);
         true
     }
 
     /// (verified, member slots).
     pub fn verified_count(&self) -> (u64, u64) {
-        let mut v = 0;
-        let mut t = 0;
-        for s in 0..self.geo.stripes() {
-            let slot = self.slot_read(s);
-            if slot.member {
-                t += 1;
-                if slot.verified {
-                    v += 1;
-                }
-            }
-        }
-        (v, t)
+        (self.verified.load(Ordering::Acquire), self.members)
     }
 
     /// Stripes whose block has known of an unapplied version for longer than `age`:

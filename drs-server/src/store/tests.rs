@@ -583,6 +583,33 @@ fn a_verification_older_than_an_unverify_marks_nothing() {
     assert_ne!(s.check(0), Check::Unverified);
 }
 
+#[test]
+fn the_verified_count_follows_every_change_of_a_slot() {
+    let dir = tempfile::tempdir().unwrap();
+    // Four nodes for a stripe of three: node 0 holds no block of some stripes.
+    let mut c = cfg(dir.path(), 0);
+    c.volume.nodes = vec![0, 1, 2, 3];
+    let s = VolumeStore::open(c).unwrap();
+    let (held, other): (Vec<StripeId>, Vec<StripeId>) =
+        (0..s.geometry().stripes()).partition(|st| s.position(*st).is_some());
+    let members = held.len() as u64;
+    assert!(members > 1 && !other.is_empty());
+    assert_eq!(s.verified_count(), (0, members));
+    verify_all(&s);
+    assert_eq!(s.verified_count(), (members, members));
+    // Marking twice counts once; a stripe the node holds no block of is not counted.
+    s.set_verified(held[0], false);
+    s.set_verified(held[0], false);
+    s.set_verified(other[0], false);
+    assert_eq!(s.verified_count(), (members - 1, members));
+    let gen = s.unverified_generation();
+    assert!(s.set_verified_since(held[0], gen));
+    assert!(s.set_verified_since(held[0], gen));
+    assert_eq!(s.verified_count(), (members, members));
+    s.all_unverified();
+    assert_eq!(s.verified_count(), (0, members));
+}
+
 #[tokio::test]
 async fn install_drops_pending_updates_it_covers() {
     let dir = tempfile::tempdir().unwrap();
