@@ -360,12 +360,21 @@ fn run(opts: Opts, rt: &tokio::runtime::Runtime) -> anyhow::Result<()> {
         remove: !opts.keep,
     };
     {
-        // Ctrl-C reaches only this process (the nodes have their own process group).
+        // Ctrl-C and SIGTERM reach only this process (the nodes have their own
+        // process group).
         let local = Arc::clone(&local);
         let dir = dir.clone();
         let keep = opts.keep;
         rt.spawn(async move {
-            if tokio::signal::ctrl_c().await.is_ok() {
+            use tokio::signal::unix::{signal, SignalKind};
+            let Ok(mut term) = signal(SignalKind::terminate()) else {
+                return;
+            };
+            let stop = tokio::select! {
+                r = tokio::signal::ctrl_c() => r.is_ok(),
+                r = term.recv() => r.is_some(),
+            };
+            if stop {
                 eprintln!("bench: interrupted; stopping the nodes");
                 let _ = local.down(Duration::from_secs(5));
                 if !keep {
