@@ -66,6 +66,23 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// An unlock on its way (see [`Client::begin_unlock`]): dropped, it ends the
+/// delivery, as acknowledged if `delivered` was set, else left queued. So a release
+/// dropped half-way (an operation's timeout) leaves no key marked on its way for ever.
+pub(crate) struct OnItsWay {
+    pub(crate) client: Client,
+    pub(crate) key: Key,
+    pub(crate) blocks: Vec<(u8, Version)>,
+    pub(crate) delivered: bool,
+}
+
+impl Drop for OnItsWay {
+    fn drop(&mut self) {
+        self.client
+            .end_unlock(self.key, &self.blocks, self.delivered);
+    }
+}
+
 /// Merges `blocks` into the entry for `key` (highest version per block); beyond
 /// `MAX_ENTRIES`, the oldest entry is dropped.
 fn merge(q: &mut Queue, key: Key, blocks: &[(u8, Version)]) {
@@ -81,7 +98,11 @@ fn merge(q: &mut Queue, key: Key, blocks: &[(u8, Version)]) {
         }
     }
     while e.len() > MAX_ENTRIES {
-        let oldest = e.iter().min_by_key(|(_, v)| v.since).map(|(k, _)| *k);
+        let oldest = e
+            .iter()
+            .filter(|(k, _)| **k != key)
+            .min_by_key(|(_, v)| v.since)
+            .map(|(k, _)| *k);
         if let Some(k) = oldest {
             tracing::warn!(
                 node = k.0,
@@ -117,9 +138,17 @@ impl Client {
     }
 
     fn start_draining(&self) {
-        if !self.inner.backlog.running.swap(true, Ordering::AcqRel) {
-            let me = self.clone();
-            tokio::spawn(async move { me.drain_backlog().await });
+        let backlog = &self.inner.backlog;
+        if !backlog.running.swap(true, Ordering::AcqRel) {
+            // Outside a runtime (a guard dropped as the program ends) there is no one
+            // to drain: the next caller inside one starts it.
+            match tokio::runtime::Handle::try_current() {
+                Ok(rt) => {
+                    let me = self.clone();
+                    rt.spawn(async move { me.drain_backlog().await });
+                }
+                Err(_) => backlog.running.store(false, Ordering::Release),
+            }
         }
     }
 
@@ -136,7 +165,12 @@ impl Client {
         let mut q = lock(&self.inner.backlog.queue);
         merge(&mut q, key, blocks);
         if q.sending.insert(key) {
-            return q.entries.get(&key).map(|e| e.blocks.clone());
+            // `merge` never drops the entry it merged into.
+            let blocks = q.entries.get(&key).map(|e| e.blocks.clone());
+            if blocks.is_none() {
+                q.sending.remove(&key);
+            }
+            return blocks;
         }
         drop(q);
         self.start_draining();
@@ -368,6 +402,23 @@ mod tests {
         fakes[slow].drop_unlocks.store(false, Ordering::Relaxed);
         assert_eq!(client.settle_unlocks(Duration::from_secs(10)).await, 0);
         assert!(lock(&fakes[slow].table).is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_release_dropped_half_way_leaves_its_unlocks_to_the_backlog() {
+        // A release given up before its unlocks were handed over (an operation's
+        // timeout): they must still be delivered, not left marked on their way.
+        let (map, fakes) = fakenode::cluster(false).await;
+        let holder = Client::new(map.clone(), 1, ClientConfig::default()).unwrap();
+        let owner = 0x11;
+        let locked = holder.lock_stripe(0, &[(0, 0, 0)], owner).await.unwrap();
+        // A second client of the owner has no connection yet: its first poll waits
+        // for the connections, and the release is dropped there.
+        let other = Client::new(map, 1, ClientConfig::default()).unwrap();
+        assert!(futures::FutureExt::now_or_never(other.unlock_stripe(&locked)).is_none());
+        assert_eq!(other.pending_unlocks(), 3);
+        assert_eq!(other.settle_unlocks(Duration::from_secs(5)).await, 0);
+        assert!(fakes.iter().all(|f| lock(&f.table).is_empty()));
     }
 
     #[tokio::test]

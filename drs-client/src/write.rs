@@ -42,6 +42,7 @@ use futures::future::join_all;
 use futures::stream::{self, StreamExt};
 use rand::Rng;
 
+use crate::backlog::OnItsWay;
 use crate::error::{CallError, ClientError};
 use crate::Client;
 
@@ -856,11 +857,12 @@ impl Client {
     }
 
     /// Unlocks `indices` at every member (one that did not answer the lock may still
-    /// grant it late). Returns once every member's unlock is queued on its
-    /// connection: whatever this client sends a member next reaches it after the
-    /// unlock. The answers are awaited in the background; an unlock a member does
-    /// not acknowledge stays in the backlog, which delivers it before this owner's
-    /// next lock there.
+    /// grant it late). Returns once each member's unlock is queued on its
+    /// connection, or left in the backlog (its connection could not take it, or
+    /// another unlock of the same owner there is on its way and takes it in): either
+    /// way, it reaches the member before this owner's next lock there. The answers
+    /// are awaited in the background; an unlock a member does not acknowledge stays
+    /// in the backlog.
     async fn release(&self, stripe: StripeId, indices: &[u8], owner: ClientId) {
         let blocks: Vec<(u8, Version)> = indices.iter().map(|i| (*i, 0)).collect();
         let timeout = self.inner.cfg.request_timeout;
@@ -875,39 +877,37 @@ impl Client {
                     owner,
                     blocks: blocks.clone(),
                 });
-                match self
+                // Ends the delivery if this future is dropped, or the send fails.
+                let way = OnItsWay {
+                    client: self.clone(),
+                    key,
+                    blocks,
+                    delivered: false,
+                };
+                let sent = self
                     .inner
                     .pool
                     .send(node, &req, Bytes::new(), timeout)
-                    .await
-                {
-                    Ok(sent) => Some((key, blocks, sent)),
-                    Err(_) => {
-                        self.end_unlock(key, &blocks, false);
-                        None
-                    }
-                }
+                    .await;
+                sent.ok().map(|sent| (way, sent))
             }
         });
         let sent: Vec<_> = join_all(sends).await.into_iter().flatten().collect();
         if sent.is_empty() {
             return;
         }
-        let me = self.clone();
-        tokio::spawn(async move {
-            join_all(sent.into_iter().map(|(key, blocks, sent)| {
-                let me = &me;
-                async move {
-                    let r = sent.answer().await;
-                    me.end_unlock(key, &blocks, r.is_ok());
-                    // A node with a newer map: deliver it at once, with the map.
-                    if let Err(CallError::Remote(WireError::StaleEpoch { .. })) = r {
-                        let _ = me.deliver_unlocks(key.0, key.1, key.2).await;
-                    }
+        tokio::spawn(join_all(sent.into_iter().map(
+            |(mut way, sent)| async move {
+                let r = sent.answer().await;
+                way.delivered = r.is_ok();
+                let (client, (node, stripe, owner)) = (way.client.clone(), way.key);
+                drop(way);
+                // A node with a newer map: deliver it at once, with the map.
+                if let Err(CallError::Remote(WireError::StaleEpoch { .. })) = r {
+                    let _ = client.deliver_unlocks(node, stripe, owner).await;
                 }
-            }))
-            .await;
-        });
+            },
+        )));
     }
 }
 
