@@ -121,6 +121,22 @@ impl Backlog {
 }
 
 impl Client {
+    /// The `Unlock` of `owner`'s locks on `blocks` of `stripe`, recording the
+    /// versions given out.
+    pub(crate) fn unlock_request(
+        &self,
+        stripe: StripeId,
+        owner: ClientId,
+        blocks: Vec<(u8, Version)>,
+    ) -> Request {
+        Request::Unlock(UnlockReq {
+            volume: self.inner.volume.id,
+            stripe,
+            owner,
+            blocks,
+        })
+    }
+
     /// Queues an unlock of `blocks` at `node` for background delivery.
     pub(crate) fn defer_unlock(
         &self,
@@ -260,12 +276,7 @@ impl Client {
     /// answered, unless something newer was merged in meanwhile.
     async fn send_unlock(&self, key: Key, blocks: Vec<(u8, Version)>) -> Result<(), CallError> {
         let (node, stripe, owner) = key;
-        let req = Request::Unlock(UnlockReq {
-            volume: self.inner.volume.id,
-            stripe,
-            owner,
-            blocks: blocks.clone(),
-        });
+        let req = self.unlock_request(stripe, owner, blocks.clone());
         let r = self.call(node, &req, Bytes::new()).await.map(|_| ());
         self.end_unlock(key, &blocks, r.is_ok());
         r

@@ -35,8 +35,8 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use drs_codec::Codec;
 use drs_proto::{
-    BlockUpdate, ClientId, LockRead, LockReq, NodeId, Request, Response, StripeId, UnlockReq,
-    UpdateId, UpdateReq, Version, WireError,
+    BlockUpdate, ClientId, LockRead, LockReq, NodeId, Request, Response, StripeId, UpdateId,
+    UpdateReq, Version, WireError,
 };
 use futures::future::join_all;
 use futures::stream::{self, StreamExt};
@@ -685,12 +685,7 @@ impl Client {
                 .filter(|(u, _)| p >= k || u.index as usize == p)
                 .collect();
             let (req, payload) = if mine.is_empty() {
-                let req = Request::Unlock(UnlockReq {
-                    volume: self.inner.volume.id,
-                    stripe,
-                    owner: locked.owner,
-                    blocks: unlock.clone(),
-                });
+                let req = self.unlock_request(stripe, locked.owner, unlock.clone());
                 (req, Bytes::new())
             } else {
                 let mut payload = BytesMut::with_capacity(mine.iter().map(|(_, d)| d.len()).sum());
@@ -871,12 +866,7 @@ impl Client {
             let blocks = &blocks;
             async move {
                 let blocks = self.begin_unlock(key, blocks)?;
-                let req = Request::Unlock(UnlockReq {
-                    volume: self.inner.volume.id,
-                    stripe,
-                    owner,
-                    blocks: blocks.clone(),
-                });
+                let req = self.unlock_request(stripe, owner, blocks.clone());
                 // Ends the delivery if this future is dropped, or the send fails.
                 let way = OnItsWay {
                     client: self.clone(),
