@@ -190,9 +190,11 @@ pub async fn run(
                 }
             }
             if record.state == NodeState::Recovering && !all_verified(&node) {
-                // Not yet: look again soon rather than at the next epoch.
+                // Not yet: look again when recovery says so, or soon (a block
+                // verified by other means), rather than at the next epoch.
                 epoch = state.epoch.saturating_sub(1);
                 tokio::select! {
+                    _ = node.all_verified.notified() => {}
                     _ = tokio::time::sleep(Duration::from_millis(250)) => {}
                     _ = shutdown.changed() => return,
                 }

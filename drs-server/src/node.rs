@@ -200,6 +200,9 @@ pub struct Node {
     pub pause_tick: AtomicU64,
     /// The incarnation the metadata service gave this start (0: not registered).
     pub registered: AtomicU64,
+    /// Told when recovery has verified every block, so the membership loop reports
+    /// the node up at once rather than at its next look.
+    pub all_verified: tokio::sync::Notify,
     /// Direct updates admitted and not yet answered, per client (fencing waits for
     /// them before settling the client's updates).
     inflight: Mutex<HashMap<ClientId, u32>>,
@@ -274,6 +277,7 @@ impl Node {
             pauses: AtomicU64::new(0),
             pause_tick: AtomicU64::new(u64::MAX),
             registered: AtomicU64::new(0),
+            all_verified: tokio::sync::Notify::new(),
             inflight: Mutex::new(HashMap::new()),
             aon: AonStats::default(),
             scrub: Default::default(),

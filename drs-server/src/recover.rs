@@ -224,6 +224,7 @@ async fn recover(
     }
     let (v, t) = node.verified();
     tracing::info!(verified = v, total = t, "all blocks verified; node is up");
+    node.all_verified.notify_one();
     true
 }
 
