@@ -71,7 +71,7 @@ impl DrsFuse {
 }
 
 fn fail(e: &OpError) -> Errno {
-    if !matches!(e, OpError::Fs(_)) {
+    if !matches!(e, OpError::Fs(_) | OpError::Unsupported(_)) {
         tracing::warn!(error = %e, "operation failed");
     }
     Errno::from_i32(errno(e))
@@ -469,6 +469,21 @@ impl Filesystem for DrsFuse {
     ) {
         self.spawn("fsync", |ops| async move {
             empty(reply, ops.fsync(ino.0).await)
+        });
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        self.spawn("fallocate", |ops| async move {
+            empty(reply, ops.fallocate(ino.0, offset, length, mode).await)
         });
     }
 

@@ -27,6 +27,7 @@ pub fn errno(e: &OpError) -> i32 {
             FsError::XattrTooLarge => libc::ERANGE,
             _ => libc::EIO,
         },
+        OpError::Unsupported(_) => libc::EOPNOTSUPP,
         OpError::Meta(_) | OpError::Data(_) | OpError::Timeout(_) | OpError::Unexpected(_) => {
             libc::EIO
         }
@@ -47,6 +48,7 @@ mod tests {
             libc::EOPNOTSUPP
         );
         assert_eq!(errno(&OpError::Fs(FsError::NoSpace)), libc::ENOSPC);
+        assert_eq!(errno(&OpError::Unsupported("x")), libc::EOPNOTSUPP);
         assert_eq!(
             errno(&OpError::Timeout(std::time::Duration::from_secs(1))),
             libc::EIO

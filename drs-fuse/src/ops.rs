@@ -50,6 +50,9 @@ pub enum OpError {
     Timeout(Duration),
     #[error("the metadata service answered {0}")]
     Unexpected(String),
+    /// Not something this file system does (EOPNOTSUPP).
+    #[error("not supported: {0}")]
+    Unsupported(&'static str),
 }
 
 pub type OpResult<T> = Result<T, OpError>;
@@ -430,16 +433,24 @@ impl Ops {
     /// Zeroes the bytes from `size` to the end of its block, if that block is mapped,
     /// so that bytes past the end of file stay zero.
     async fn zero_tail(&self, ino: Ino, size: u64) -> OpResult<()> {
-        let within = (size % self.block_size) as usize;
+        let within = size % self.block_size;
         if within == 0 {
             return Ok(());
         }
-        let block = size / self.block_size;
+        self.zero_within(ino, size / self.block_size, within, self.block_size)
+            .await
+    }
+
+    /// Zeroes bytes `from .. to` of file block `block`, if it holds data (a hole or
+    /// an unwritten block reads as zeros already).
+    async fn zero_within(&self, ino: Ino, block: u64, from: u64, to: u64) -> OpResult<()> {
+        if from >= to {
+            return Ok(());
+        }
         let maps = self.mappings(ino, block, 1).await?;
-        // An unwritten block reads as zeros already, and is written whole.
         if let Some((lba, false)) = maps.get(&block) {
-            let zeros = vec![0u8; self.block_size as usize - within];
-            self.data.write(*lba, within, &zeros).await?;
+            let zeros = vec![0u8; (to - from) as usize];
+            self.data.write(*lba, from as usize, &zeros).await?;
         }
         Ok(())
     }
@@ -737,6 +748,17 @@ impl Ops {
     /// blocks where needed (and, for a writer at the end of the file, [`AHEAD`]
     /// blocks more); unwritten ones are marked fresh.
     async fn map_for_write(&self, ino: Ino, first: u64, count: u64) -> OpResult<Vec<Mapping>> {
+        self.map_blocks(ino, first, count, true).await
+    }
+
+    /// As [`Ops::map_for_write`]; blocks ahead only with `may_take_ahead`.
+    async fn map_blocks(
+        &self,
+        ino: Ino,
+        first: u64,
+        count: u64,
+        may_take_ahead: bool,
+    ) -> OpResult<Vec<Mapping>> {
         let end = first + count;
         let (known, appending) = lock(&self.open)
             .get(&ino)
@@ -750,7 +772,7 @@ impl Ops {
                         fresh: o.fresh.contains(b),
                     })
                     .collect();
-                (known, first * self.block_size >= o.size)
+                (known, may_take_ahead && first * self.block_size >= o.size)
             })
             .unwrap_or_default();
         if known.len() as u64 == count {
@@ -954,6 +976,87 @@ impl Ops {
                 o.settled.insert(m.block);
             }
             Ok(data.len())
+        })
+        .await
+    }
+
+    /// `fallocate(2)` on `offset .. offset + length`:
+    /// - mode 0 gives every file block of the range a data block (ENOSPC if the
+    ///   volume has too few; new ones are unwritten, so they read as zeros) and grows
+    ///   the size to cover the range; with `FALLOC_FL_KEEP_SIZE` the size stays;
+    /// - `FALLOC_FL_PUNCH_HOLE` (with `KEEP_SIZE`, as Linux requires) frees the whole
+    ///   blocks of the range, which become holes, and zeroes its bytes in the blocks
+    ///   at either end;
+    /// - `FALLOC_FL_ZERO_RANGE` zeroes the range and leaves it allocated.
+    ///
+    /// mtime and ctime change. Collapsing, inserting and unsharing ranges are
+    /// [`OpError::Unsupported`].
+    pub async fn fallocate(&self, ino: Ino, offset: u64, length: u64, mode: i32) -> OpResult<()> {
+        let keep = mode & libc::FALLOC_FL_KEEP_SIZE != 0;
+        let punch = mode & libc::FALLOC_FL_PUNCH_HOLE != 0;
+        let zero = mode & libc::FALLOC_FL_ZERO_RANGE != 0;
+        let known =
+            libc::FALLOC_FL_KEEP_SIZE | libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE;
+        if mode & !known != 0 {
+            return Err(OpError::Unsupported("this fallocate mode"));
+        }
+        if length == 0 || (punch && (!keep || zero)) {
+            return Err(FsError::Invalid.into());
+        }
+        let end = offset
+            .checked_add(length)
+            .ok_or(OpError::Fs(FsError::TooLarge))?;
+        self.bounded(async {
+            // This mount's writes first, so the blocks below are the file's.
+            self.commit(ino, false).await?;
+            let bs = self.block_size;
+            let (first, last) = (offset / bs, (end - 1) / bs);
+            if punch || zero {
+                // The bytes of the range in the blocks at its ends, unless whole.
+                for b in BTreeSet::from([first, last]) {
+                    let from = offset.max(b * bs) - b * bs;
+                    let to = end.min((b + 1) * bs) - b * bs;
+                    if to - from < bs {
+                        self.zero_within(ino, b, from, to).await?;
+                    }
+                }
+                let (whole, whole_end) = (offset.div_ceil(bs), end / bs);
+                if whole < whole_end {
+                    self.command(FsCommand::Punch {
+                        ino,
+                        first: whole,
+                        count: whole_end - whole,
+                        now: now(),
+                    })
+                    .await?;
+                    if let Some(o) = lock(&self.open).get_mut(&ino) {
+                        // Known holes now: the window still covers them.
+                        let gone: Vec<u64> =
+                            o.blocks.range(whole..whole_end).map(|(b, _)| *b).collect();
+                        for b in gone {
+                            o.blocks.remove(&b);
+                            o.fresh.remove(&b);
+                            o.settled.remove(&b);
+                        }
+                    }
+                }
+            }
+            if !punch {
+                self.map_blocks(ino, first, last - first + 1, false).await?;
+            }
+            let size = if keep { 0 } else { end };
+            self.command(FsCommand::Written {
+                ino,
+                size,
+                now: now(),
+                written: Vec::new(),
+                trim: false,
+            })
+            .await?;
+            if let Some(o) = lock(&self.open).get_mut(&ino) {
+                o.size = o.size.max(size);
+            }
+            Ok(())
         })
         .await
     }

@@ -249,6 +249,15 @@ pub enum FsCommand {
     },
     /// Removes extended attribute `name` (`NoXattr` if it is not set). Changes ctime.
     RemoveXattr { ino: Ino, name: Vec<u8>, now: Time },
+    /// Frees file blocks `first .. first + count` of a regular file, which become
+    /// holes (read as zeros); the size stays. mtime and ctime become `now`
+    /// (`fallocate` with `FALLOC_FL_PUNCH_HOLE`).
+    Punch {
+        ino: Ino,
+        first: u64,
+        count: u64,
+        now: Time,
+    },
 }
 
 /// A read of the namespace.
@@ -446,6 +455,9 @@ impl FsState {
                 let ino = match name.as_slice() {
                     b"." => *parent,
                     b".." => d.parent,
+                    // A name no entry can have is too long, not missing (as
+                    // a local file system answers).
+                    n if n.len() > NAME_MAX => return Err(FsError::NameTooLong),
                     n => *d.entries.get(n).ok_or(FsError::NotFound)?,
                 };
                 self.attr(ino)
@@ -720,6 +732,30 @@ impl FsState {
                 written,
                 trim,
             } => self.written(*ino, *size, *now, written, *trim),
+            FsCommand::Punch {
+                ino,
+                first,
+                count,
+                now,
+            } => {
+                let i = self.get_mut(*ino)?;
+                if i.attr.kind != Kind::File {
+                    return Err(FsError::Invalid);
+                }
+                let end = first.saturating_add(*count);
+                let freed = cut_range(i, *first, end);
+                let gone: Vec<u64> = i.unwritten.range(*first..end).copied().collect();
+                for b in gone {
+                    i.unwritten.remove(&b);
+                }
+                i.attr.mtime = *now;
+                i.attr.ctime = *now;
+                let attr = i.attr.clone();
+                for e in freed {
+                    self.release(e);
+                }
+                Ok(FsReply::Attr(attr))
+            }
             FsCommand::Drop { ino } => {
                 let i = self.get(*ino)?;
                 if i.attr.nlink != 0 || *ino == ROOT {
@@ -1217,25 +1253,52 @@ fn insert_block(extents: &mut BTreeMap<u64, Extent>, b: u64, lba: u64) {
 
 /// Drops every file block from `keep` on; the runs of data blocks freed.
 fn cut_extents(i: &mut Inode, keep: u64) -> Vec<Extent> {
+    cut_range(i, keep, u64::MAX)
+}
+
+/// Removes file blocks `from .. to` from `i`'s extents; returns their data blocks.
+fn cut_range(i: &mut Inode, from: u64, to: u64) -> Vec<Extent> {
     let mut freed = Vec::new();
-    let tail: Vec<u64> = i.extents.range(..).map(|(b, _)| *b).collect();
-    for b in tail {
-        let Some(e) = i.extents.get(&b).copied() else {
+    if from >= to {
+        return freed;
+    }
+    // The extent holding `from`, if one does, and every one starting before `to`.
+    let start = i
+        .extents
+        .range(..=from)
+        .next_back()
+        .map(|(b, _)| *b)
+        .unwrap_or(from);
+    let hit: Vec<(u64, Extent)> = i.extents.range(start..to).map(|(b, e)| (*b, *e)).collect();
+    for (b, e) in hit {
+        let end = b + e.count;
+        let (lo, hi) = (b.max(from), end.min(to));
+        if lo >= hi {
             continue;
-        };
-        if b >= keep {
-            i.extents.remove(&b);
-            freed.push(e);
-        } else if b + e.count > keep {
-            let kept = keep - b;
-            freed.push(Extent {
-                lba: e.lba + kept,
-                count: e.count - kept,
-            });
-            if let Some(e) = i.extents.get_mut(&b) {
-                e.count = kept;
-            }
         }
+        i.extents.remove(&b);
+        if b < lo {
+            i.extents.insert(
+                b,
+                Extent {
+                    lba: e.lba,
+                    count: lo - b,
+                },
+            );
+        }
+        if hi < end {
+            i.extents.insert(
+                hi,
+                Extent {
+                    lba: e.lba + (hi - b),
+                    count: end - hi,
+                },
+            );
+        }
+        freed.push(Extent {
+            lba: e.lba + (lo - b),
+            count: hi - lo,
+        });
     }
     i.attr.blocks = i.extents.values().map(|e| e.count).sum();
     freed

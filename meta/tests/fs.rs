@@ -423,6 +423,9 @@ fn bad_names_are_refused_everywhere() {
     apply_ok(&mut fs, &mv(ROOT, &max, d, &max, t(7)));
     assert_eq!(lookup(&fs, d, &max), Ok(e));
     assert_eq!(lookup(&fs, ROOT, &max), Err(FsError::NotFound));
+    // Looking up a name longer than any entry may have is ENAMETOOLONG, not ENOENT.
+    assert_eq!(lookup(&fs, ROOT, &long), Err(FsError::NameTooLong));
+    assert_eq!(lookup(&fs, d, &long), Err(FsError::NameTooLong));
 }
 
 #[test]
@@ -1190,6 +1193,72 @@ fn truncate_down_frees_the_tail_and_up_keeps_blocks() {
     assert_eq!((a.perm, a.uid, a.gid), (0o1700, 5, 6));
     assert_eq!(a.ctime, t(10));
     assert_eq!(a.mtime, t(8));
+}
+
+fn punch_cmd(ino: Ino, first: u64, count: u64, now: Time) -> FsCommand {
+    FsCommand::Punch {
+        ino,
+        first,
+        count,
+        now,
+    }
+}
+
+/// A punched range becomes holes: its data blocks are free again, the blocks around
+/// it keep theirs (an extent split in two), and the size stays.
+#[test]
+fn punch_frees_the_range_and_keeps_the_rest() {
+    let mut fs = formatted(64);
+    let f = create(&mut fs, ROOT, b"f", Kind::File, t(2));
+    let m = map(&mut fs, f, 0, 10).unwrap();
+    written(&mut fs, f, 10 * BSZ, t(3), &[(0, 10)], false);
+    assert_eq!(fs.inode(f).unwrap().extents.len(), 1);
+
+    let a = ok_attr(Ok(apply_ok(&mut fs, &punch_cmd(f, 2, 3, t(4)))), "punch");
+    fs.check().unwrap();
+    assert_eq!((a.size, a.blocks), (10 * BSZ, 7));
+    assert_eq!((a.mtime, a.ctime), (t(4), t(4)));
+    let kept: Vec<Mapping> = m
+        .iter()
+        .filter(|x| !(2..5).contains(&x.block))
+        .map(|x| Mapping { fresh: false, ..*x })
+        .collect();
+    assert_eq!(extents(&fs, f), kept);
+    assert_eq!(
+        fs.inode(f).unwrap().extents.len(),
+        2,
+        "split around the hole"
+    );
+    assert_eq!(statfs(&fs).free, 57);
+
+    // Across the hole and into both neighbours; a range past every block is fine.
+    apply_ok(&mut fs, &punch_cmd(f, 1, 5, t(5)));
+    apply_ok(&mut fs, &punch_cmd(f, 100, 50, t(5)));
+    apply_ok(&mut fs, &punch_cmd(f, 3, 0, t(5)));
+    fs.check().unwrap();
+    assert_eq!(
+        extents(&fs, f).iter().map(|x| x.block).collect::<Vec<_>>(),
+        vec![0, 6, 7, 8, 9]
+    );
+    assert_eq!(attr(&fs, f).blocks, 5);
+    assert_eq!(statfs(&fs).free, 59);
+
+    // A punched block is handed out fresh when written again; unwritten blocks
+    // punched are forgotten as unwritten too.
+    assert!(map(&mut fs, f, 3, 1).unwrap()[0].fresh);
+    apply_ok(&mut fs, &punch_cmd(f, 3, 1, t(6)));
+    assert!(fresh_blocks(&fs, f).is_empty());
+    fs.check().unwrap();
+
+    // To the end: as a truncate, but the size stays.
+    apply_ok(&mut fs, &punch_cmd(f, 0, u64::MAX, t(7)));
+    fs.check().unwrap();
+    assert_eq!((attr(&fs, f).size, attr(&fs, f).blocks), (10 * BSZ, 0));
+    assert_eq!(statfs(&fs).free, 64);
+
+    let d = create(&mut fs, ROOT, b"d", Kind::Dir, t(8));
+    refused(&mut fs, &punch_cmd(d, 0, 1, t(9)), FsError::Invalid);
+    refused(&mut fs, &punch_cmd(999, 0, 1, t(9)), FsError::NotFound);
 }
 
 /// Freed blocks merge with their free neighbours whatever the order they come back

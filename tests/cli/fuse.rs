@@ -389,6 +389,213 @@ fn truncate_sparse_append_and_unlinked_open_files() {
     }
 }
 
+/// fallocate(2): mode 0 takes blocks and grows the size, `KEEP_SIZE` takes blocks
+/// past the end and leaves the size, `PUNCH_HOLE` frees the whole blocks of a range
+/// and zeroes the rest of it, `ZERO_RANGE` zeroes a range and leaves it allocated;
+/// more than the volume holds is ENOSPC and changes nothing. Contents are read back
+/// through a second mount.
+#[test]
+fn fallocate_reserves_punches_and_zeroes() {
+    use nix::errno::Errno;
+    use nix::fcntl::{fallocate, FallocateFlags as F};
+    let c = cluster(2048);
+    let m = Mount::new(&c, "mnt", &[]);
+    let other = Mount::new(&c, "mnt2", &[]);
+    let bs = 64 * 1024u64;
+    let free = |p: &Path| {
+        let st = statvfs(p);
+        st.blocks_free() * st.fragment_size()
+    };
+    let used = |p: &Path| fs::metadata(p).unwrap().blocks() * 512;
+
+    // Mode 0: 11 blocks taken, the size grown, zeros to read. (Block counts are
+    // read through the writing mount: the other one caches attributes for a second.)
+    let free0 = free(&m.path);
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(m.p("pre"))
+        .unwrap();
+    let size = 10 * bs + 100;
+    fallocate(&f, F::empty(), 0, size as i64).unwrap();
+    assert_eq!(fs::metadata(other.p("pre")).unwrap().len(), size);
+    assert_eq!(used(&m.p("pre")), 11 * bs);
+    assert_eq!(free0 - free(&m.path), 11 * bs, "the blocks are taken");
+    let got = fs::read(other.p("pre")).unwrap();
+    assert!(got.len() as u64 == size && got.iter().all(|b| *b == 0));
+
+    // KEEP_SIZE: 4 blocks past the end, the size stays; they stay after the close.
+    fallocate(
+        &f,
+        F::FALLOC_FL_KEEP_SIZE,
+        (20 * bs) as i64,
+        (4 * bs) as i64,
+    )
+    .unwrap();
+    assert_eq!(fs::metadata(other.p("pre")).unwrap().len(), size);
+    assert_eq!(used(&m.p("pre")), 15 * bs);
+
+    // A punched hole: the whole blocks in it are freed, the ends of it zeroed.
+    let data = random_bytes(7, size as usize);
+    f.write_all_at(&data, 0).unwrap();
+    f.sync_all().unwrap();
+    let (at, len) = (bs + 100, 3 * bs);
+    fallocate(
+        &f,
+        F::FALLOC_FL_PUNCH_HOLE | F::FALLOC_FL_KEEP_SIZE,
+        at as i64,
+        len as i64,
+    )
+    .unwrap();
+    let mut want = data.clone();
+    want[at as usize..(at + len) as usize].fill(0);
+    assert_eq!(used(&m.p("pre")), 13 * bs, "blocks 2 and 3 are holes");
+    let got = fs::read(other.p("pre")).unwrap();
+    assert!(got == want, "after the punch: {}", diff(&got, &want));
+
+    // ZERO_RANGE across two whole blocks and parts of two more: zeros, still
+    // allocated.
+    let (at, len) = (6 * bs - 10, 2 * bs + 20);
+    fallocate(&f, F::FALLOC_FL_ZERO_RANGE, at as i64, len as i64).unwrap();
+    want[at as usize..(at + len) as usize].fill(0);
+    assert_eq!(used(&m.p("pre")), 13 * bs);
+    let got = fs::read(other.p("pre")).unwrap();
+    assert!(got == want, "after the zeroing: {}", diff(&got, &want));
+    // ZERO_RANGE past the end grows the file.
+    fallocate(&f, F::FALLOC_FL_ZERO_RANGE, size as i64, 100).unwrap();
+    want.extend_from_slice(&[0u8; 100]);
+    let got = fs::read(other.p("pre")).unwrap();
+    assert!(
+        got == want,
+        "after zeroing past the end: {}",
+        diff(&got, &want)
+    );
+
+    // More than the volume holds: ENOSPC, nothing taken.
+    let before = free(&m.path);
+    assert_eq!(
+        fallocate(&f, F::empty(), 0, (8192 * bs) as i64),
+        Err(Errno::ENOSPC)
+    );
+    assert_eq!(free(&m.path), before);
+    // Modes it does not do are EOPNOTSUPP (the kernel's own answer for some).
+    assert_eq!(
+        fallocate(&f, F::FALLOC_FL_COLLAPSE_RANGE, 0, bs as i64),
+        Err(Errno::EOPNOTSUPP)
+    );
+    drop(f);
+    // Past the attribute cache's second, the other mount sees the same.
+    thread::sleep(Duration::from_millis(1100));
+    assert_eq!(used(&other.p("pre")), 13 * bs, "kept after the last close");
+    let got = fs::read(other.p("pre")).unwrap();
+    assert!(got == want, "after the close: {}", diff(&got, &want));
+}
+
+/// The pjdfstest binary `tests/posix/install.sh` puts under the target directory.
+fn pjdfstest() -> Option<PathBuf> {
+    let target = Path::new(CLI).parent()?.parent()?;
+    let bin = target.join("pjdfstest").join("bin").join("pjdfstest");
+    bin.is_file().then_some(bin)
+}
+
+/// The pjdfstest POSIX conformance suite (the Rust rewrite of the FreeBSD suite:
+/// about 400 cases over chmod, chown, link, mkdir, mkfifo, mknod, open, rename, rmdir,
+/// symlink, truncate, unlink, utimensat and posix_fallocate, their errors, times and
+/// permission checks for other users), run as root on a mount with `allow_other`;
+/// every case must pass. Only the EROFS cases are left out: they remount read-only
+/// with `mount -o remount,ro`, which goes through a FUSE helper that does not know
+/// DRS (the kernel's own remount, `mount -i -o remount,ro`, works).
+///
+/// Needs root and the suite (`bash tests/posix/install.sh`; `.ci/run` does it). It is
+/// skipped without them, unless `DRS_POSIX_SUITE=1` (set by `.ci/run`) makes that a
+/// failure.
+#[test]
+fn posix_conformance_suite() {
+    let required = std::env::var("DRS_POSIX_SUITE").is_ok_and(|v| v == "1");
+    let root = fs::metadata("/proc/self")
+        .map(|m| m.uid() == 0)
+        .unwrap_or(false);
+    let Some(bin) = pjdfstest().filter(|_| root) else {
+        assert!(
+            !required,
+            "DRS_POSIX_SUITE=1 but {} (run tests/posix/install.sh as root)",
+            if root {
+                "pjdfstest is not installed"
+            } else {
+                "not root"
+            }
+        );
+        eprintln!("skipped: needs root and pjdfstest (bash tests/posix/install.sh)");
+        return;
+    };
+    let c = cluster(4096);
+    let m = Mount::new(&c, "mnt", &["-o", "allow_other"]);
+    // Every directory on the way is searchable by the suite's other users.
+    for dir in [&c.dir, &m.path] {
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let work = m.p("t");
+    fs::create_dir(&work).unwrap();
+    fs::set_permissions(&work, fs::Permissions::from_mode(0o777)).unwrap();
+    let second = c.dir.join("second");
+    fs::create_dir(&second).unwrap();
+    let groups = fs::read_to_string("/etc/group").unwrap_or_default();
+    let nogroup = if groups.lines().any(|l| l.starts_with("nogroup:")) {
+        "nogroup"
+    } else {
+        "nobody"
+    };
+    let config = c.dir.join("pjdfstest.toml");
+    fs::write(
+        &config,
+        format!(
+            "[features]\nposix_fallocate = {{}}\nrename_ctime = {{}}\nutime_now = {{}}\n\
+             utimensat = {{}}\n\n[settings]\nnaptime = 0.01\nallow_remount = false\n\n\
+             [dummy_auth]\nentries = [[\"nobody\", \"{nogroup}\"], [\"tests\", \"tests\"]]\n"
+        ),
+    )
+    .unwrap();
+    let out = Command::new(&bin)
+        .args(["-c", s(&config), "-p", s(&work), "-s", s(&second)])
+        .current_dir(&work)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let failed: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.trim_end().ends_with("FAILED"))
+        .collect();
+    let summary = stdout
+        .lines()
+        .rfind(|l| l.starts_with("Summary"))
+        .unwrap_or("no summary");
+    eprintln!("pjdfstest: {summary}");
+    assert!(
+        out.status.success() && failed.is_empty() && summary.contains(" 0 failed"),
+        "pjdfstest failed ({}): {summary}\n{}\n--- output (last 80 lines)\n{}\n{}",
+        out.status,
+        failed.join("\n"),
+        stdout
+            .lines()
+            .rev()
+            .take(80)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect::<Vec<_>>()
+            .join("\n"),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The suite ran its cases: a run that skipped them all would pass too.
+    let passed: u32 = summary
+        .split(',')
+        .find_map(|p| p.trim().strip_suffix(" passed")?.parse().ok())
+        .unwrap_or(0);
+    assert!(passed >= 350, "only {passed} cases passed: {summary}");
+}
+
 #[test]
 fn permissions_ownership_and_times() {
     let c = cluster(1024);

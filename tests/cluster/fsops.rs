@@ -167,6 +167,68 @@ async fn file_system_operations_without_the_kernel() {
     assert_eq!(free, free_at_start, "blocks leaked");
 }
 
+/// Goal: `fallocate` keeps the mount's own uncommitted writes, frees exactly the
+/// whole blocks of a punched range, and refuses the modes it does not do.
+///
+/// Method: `a` writes 6 blocks and, before any close, punches from the middle of
+/// block 1 to the middle of block 4; `b` reads the written bytes with zeros in the
+/// punched range, and the volume has 2 more free blocks. Zeroing a range past the end
+/// grows the file; a mode it does not do is `Unsupported`, a punch that would
+/// change the size or a zero length `Invalid`. Removing the file gives every block
+/// back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fallocate_without_the_kernel() {
+    let tc = cluster("fsops-fallocate").await;
+    let (a, b) = (mount(&tc).await, mount(&tc).await);
+    let free_at_start = a.statfs().await.expect("statfs").free;
+    let bs = a.block_size();
+
+    let f = create(&a, ROOT, b"f").await;
+    let mut want = bytes(3, 6 * bs as usize);
+    write(&a, f, 0, &want).await;
+    let taken = free_at_start - a.statfs().await.expect("statfs").free;
+    let (at, len) = (bs + bs / 2, 3 * bs);
+    let (keep, punch, zero) = (
+        libc::FALLOC_FL_KEEP_SIZE,
+        libc::FALLOC_FL_PUNCH_HOLE,
+        libc::FALLOC_FL_ZERO_RANGE,
+    );
+    a.fallocate(f, at, len, punch | keep).await.expect("punch");
+    want[at as usize..(at + len) as usize].fill(0);
+    assert_eq!(
+        free_at_start - a.statfs().await.expect("statfs").free,
+        taken - 2,
+        "blocks 2 and 3 freed, no other"
+    );
+    assert_eq!(a.getattr(f).await.expect("getattr").size, 6 * bs);
+    assert!(read_all(&a, f).await == want, "a reads the hole");
+    a.release(f).await.expect("close");
+    b.open(f).await.expect("open");
+    assert!(read_all(&b, f).await == want, "b reads the hole");
+
+    b.fallocate(f, 6 * bs, 10, zero).await.expect("zero range");
+    want.extend_from_slice(&[0u8; 10]);
+    assert!(read_all(&b, f).await == want, "zeroed past the end");
+    for (mode, len) in [(punch, bs), (punch | zero | keep, bs), (0, 0)] {
+        assert!(
+            matches!(
+                b.fallocate(f, 0, len, mode).await,
+                Err(drs_fuse::OpError::Fs(drs_meta::fs::FsError::Invalid))
+            ),
+            "mode {mode:#x}, length {len}"
+        );
+    }
+    assert!(matches!(
+        b.fallocate(f, 0, bs, libc::FALLOC_FL_COLLAPSE_RANGE).await,
+        Err(drs_fuse::OpError::Unsupported(_))
+    ));
+    assert!(read_all(&b, f).await == want, "refusals changed nothing");
+    b.release(f).await.expect("close");
+    b.unlink(ROOT, b"f", false).await.expect("unlink");
+    let free = a.statfs().await.expect("statfs").free;
+    assert_eq!(free, free_at_start, "blocks leaked");
+}
+
 /// Goal: file data written and read through the file system's operations survives
 /// m = 2 storage nodes SIGKILLed mid-way, with no error.
 ///
