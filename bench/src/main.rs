@@ -692,6 +692,7 @@ fn run(opts: Opts, rt: &tokio::runtime::Runtime) -> anyhow::Result<()> {
     let reader = local.client(cfg.clone())?;
     let t0 = Instant::now();
     let new_addr = rt.block_on(again.replace(victim, None))?;
+    let cpu = Cpu::now(&again);
     let fg = {
         let data = data.clone();
         rt.spawn(
@@ -715,6 +716,7 @@ fn run(opts: Opts, rt: &tokio::runtime::Runtime) -> anyhow::Result<()> {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     })?;
+    let rebuild_cpu = cpu.since(&again);
     let fg = rt.block_on(fg)??;
     read_failures(&fg, "read during a rebuild", &mut warnings);
     let fresh = local.client(cfg.clone())?;
@@ -748,6 +750,9 @@ fn run(opts: Opts, rt: &tokio::runtime::Runtime) -> anyhow::Result<()> {
         row.baseline,
         K + 1
     );
+    println!(
+        "    from the replacement until it is up (the foreground read included): {rebuild_cpu}"
+    );
     rows.push(row);
     let row = Row {
         name: "sequential read during the rebuild".into(),
@@ -775,6 +780,18 @@ fn run(opts: Opts, rt: &tokio::runtime::Runtime) -> anyhow::Result<()> {
     let down_after = Duration::from_millis(local.options.down_after_ms);
     let victim = ids[0];
     let watcher = local.client(cfg.clone())?;
+    // Whether the victim hosts the metadata leader: then a new leader must be
+    // elected before anyone can mark it down.
+    let leader_host = rt.block_on(async {
+        for r in &local.map.meta {
+            if let Ok(st) = meta.status_of(r.addr).await {
+                let leader = st.leader?;
+                return local.map.meta.iter().find(|r| r.id == leader)?.host;
+            }
+        }
+        None
+    });
+    let hosted_leader = leader_host == Some(victim);
     local.kill(victim)?;
     let t0 = Instant::now();
     let routed = rt.block_on(async {
@@ -805,8 +822,14 @@ fn run(opts: Opts, rt: &tokio::runtime::Runtime) -> anyhow::Result<()> {
         target: Some(0.67),
     };
     println!(
-        "[11] node {victim} SIGKILLed: down in a client's map after {:.0} ms (timeout {:.0} ms); from then on no request waits on it",
-        row.drs, row.baseline
+        "[11] node {victim} SIGKILLed ({}): down in a client's map after {:.0} ms (timeout {:.0} ms); from then on no request waits on it",
+        if hosted_leader {
+            "it hosted the metadata leader"
+        } else {
+            "not the metadata leader's host"
+        },
+        row.drs,
+        row.baseline
     );
     rows.push(row);
 

@@ -257,6 +257,10 @@ async fn heartbeats(
         if incarnation == 0 {
             continue;
         }
+        // To every replica too, in the background (each bounded by a beat): a replica
+        // that becomes leader then knows who was alive just before.
+        let all = meta.clone();
+        tokio::spawn(async move { all.heartbeat_every_replica(id, incarnation, beat).await });
         // Bounded by the client's deadline; a slow answer delays the next beat only.
         if let Err(e) = meta.heartbeat(id, incarnation).await {
             tracing::debug!(error = %e, "heartbeat to the metadata service failed");

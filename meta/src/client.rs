@@ -238,6 +238,31 @@ impl MetaClient {
         }
     }
 
+    /// Sends `node`'s heartbeat to every replica at once, each given at most `timeout`
+    /// (a slow replica delays none of the others). A follower keeps it, so a replica
+    /// that becomes leader knows which nodes were alive just before; the leader's
+    /// answer is returned if it came. [`MetaClient::heartbeat`] still goes to the
+    /// leader as well, following its hints.
+    pub async fn heartbeat_every_replica(
+        &self,
+        node: NodeId,
+        incarnation: u64,
+        timeout: Duration,
+    ) -> Option<HeartbeatAck> {
+        let req = Request::Heartbeat { node, incarnation };
+        let calls = self
+            .replicas()
+            .into_iter()
+            .map(|addr| self.call(addr, req.clone(), timeout));
+        futures::future::join_all(calls)
+            .await
+            .into_iter()
+            .find_map(|r| match r {
+                Ok(Response::HeartbeatAck(a)) => Some(a),
+                _ => None,
+            })
+    }
+
     /// Adds metadata replica `id` at `addr` (started, with an empty directory): first as
     /// a learner that catches up, then as a voter. Returns the voters.
     pub async fn add_replica(

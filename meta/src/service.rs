@@ -7,12 +7,16 @@
 //! a connection by an idle timeout, the number of connections by a semaphore.
 //!
 //! Failure detector (run by whichever replica leads): heartbeat arrival times are kept in
-//! memory per node and incarnation. Every [`DETECTOR_TICK`], a node that is `Up` or
-//! `Recovering` and has not been heard from for `down_after_ms` is proposed `MarkDown`
-//! at its current incarnation. "Heard from" counts from the latest of: its last heartbeat
-//! at its current incarnation, the moment this leader first saw that incarnation, and
-//! the moment this replica became leader (so a new leader gives every node a full grace
-//! period).
+//! memory per node and incarnation, by every replica (nodes send heartbeats to all of
+//! them). Every [`DETECTOR_TICK`], a node that is `Up` or `Recovering` and has not been
+//! heard from for `down_after_ms` is proposed `MarkDown` at its current incarnation.
+//! "Heard from" counts from the latest of: its last heartbeat at its current
+//! incarnation (taken as leader or as follower), the moment this leader first saw that
+//! incarnation, and two thirds of `down_after_ms` before this replica became leader. So
+//! a node that dies with the leader is marked down about `down_after_ms` after its last
+//! heartbeat (or a third of it after the election, if later), and every node has at
+//! least a third of `down_after_ms` (two heartbeats) after an election to reach the
+//! new leader.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
@@ -483,9 +487,8 @@ impl Inner {
     }
 
     fn heartbeat(&self, node: NodeId, incarnation: u64) -> Result<HeartbeatAck, MetaError> {
-        if !self.leads_with_quorum() {
-            return Err(self.forward(None));
-        }
+        // Kept by every replica, leading or not: one that becomes leader counts a
+        // node's silence from its last heartbeat, not from its own election.
         let state = self.state_rx.borrow().clone();
         let record = state.nodes.get(&node).cloned();
         if record.is_some() {
@@ -494,6 +497,9 @@ impl Inner {
             if newer {
                 hb.insert(node, (incarnation, Instant::now()));
             }
+        }
+        if !self.leads_with_quorum() {
+            return Err(self.forward(None));
         }
         Ok(HeartbeatAck {
             epoch: state.epoch,
@@ -820,8 +826,8 @@ async fn failure_detector(inner: Arc<Inner>) {
             continue;
         };
         let now = Instant::now();
-        let since = match leading {
-            Some((t, since)) if t == term => since,
+        let (since, new_term) = match leading {
+            Some((t, since)) if t == term => (since, false),
             _ => {
                 tracing::info!(
                     replica = inner.cfg.id,
@@ -829,9 +835,19 @@ async fn failure_detector(inner: Arc<Inner>) {
                     "leading: failure detector armed"
                 );
                 leading = Some((term, now));
-                now
+                seen.clear();
+                (now, true)
             }
         };
+        // Nodes heartbeat every replica (every sixth of `down_after`), so this one
+        // heard them while it followed, and a node that died with the old leader is
+        // marked down `down_after` after its last heartbeat. But what it heard may be
+        // old (it may have been cut off from some nodes), so every node gets a third
+        // of `down_after` (two heartbeats) from the election to reach it: silence
+        // counts from no earlier than `since - 2/3 down_after`.
+        let floor = since
+            .checked_sub(down_after - down_after / 3)
+            .unwrap_or(since);
         let state = inner.state_rx.borrow().clone();
         seen.retain(|n, _| state.nodes.contains_key(n));
         proposed.retain(|_, (_, at)| now.duration_since(*at) < repropose_after);
@@ -841,7 +857,9 @@ async fn failure_detector(inner: Arc<Inner>) {
             if rec.state == NodeState::Down {
                 continue;
             }
-            let first = seen.entry(*node).or_insert((rec.incarnation, now));
+            let first = seen
+                .entry(*node)
+                .or_insert((rec.incarnation, if new_term { floor } else { now }));
             if first.0 != rec.incarnation {
                 *first = (rec.incarnation, now);
             }
@@ -849,11 +867,11 @@ async fn failure_detector(inner: Arc<Inner>) {
                 .get(node)
                 .filter(|(inc, _)| *inc == rec.incarnation)
                 .map(|(_, at)| *at);
-            let last = [Some(since), Some(first.1), heard]
+            let last = [Some(floor), Some(first.1), heard]
                 .into_iter()
                 .flatten()
                 .max()
-                .unwrap_or(since);
+                .unwrap_or(floor);
             let silent = now.saturating_duration_since(last);
             let already = proposed
                 .get(node)

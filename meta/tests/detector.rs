@@ -1,5 +1,6 @@
 //! The leader's failure detector: nodes that heartbeat stay up, a silent one is marked
-//! down within down_after + 1 s, and a new leader gives everyone a grace period.
+//! down within down_after + 1 s, also when it went silent with the leader, and a new
+//! leader gives everyone a grace period.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -14,7 +15,8 @@ use tokio::sync::watch;
 
 const DOWN_AFTER_MS: u64 = 2000;
 
-/// Heartbeats `node` at `incarnation` every 300 ms until told to stop.
+/// Heartbeats `node` at `incarnation` every 300 ms until told to stop, as a storage
+/// node does: to every replica, and to the leader.
 fn heartbeater(client: MetaClient, node: u32, incarnation: u64) -> watch::Sender<bool> {
     let (stop_tx, mut stop_rx) = watch::channel(false);
     tokio::spawn(async move {
@@ -22,6 +24,11 @@ fn heartbeater(client: MetaClient, node: u32, incarnation: u64) -> watch::Sender
             if *stop_rx.borrow() {
                 return;
             }
+            let all = client.clone();
+            tokio::spawn(async move {
+                all.heartbeat_every_replica(node, incarnation, Duration::from_millis(300))
+                    .await
+            });
             let _ = client.heartbeat(node, incarnation).await;
             tokio::select! {
                 _ = stop_rx.changed() => {}
@@ -109,24 +116,47 @@ async fn silent_nodes_are_marked_down_and_heartbeating_ones_stay_up() {
     }
     assert_eq!(s.nodes[&3].state, NodeState::Recovering);
 
-    // A new leader gives every node a grace period: the heartbeating ones stay up
-    // through the change even though it has never heard from them.
+    // The leader's replica stops, and node 1 goes silent with it (a storage node
+    // hosting the leader, SIGKILLed): the new leader heard node 1 as a follower, so it
+    // marks it down within down_after + 1 s of its last heartbeat, not an election
+    // later. The heartbeating nodes stay up through the change.
     let old = leader;
+    let silent_at = Instant::now();
+    let _ = beating.remove(&1).unwrap().send(true);
     c.stop(old).await;
     let new = c.wait_leader(Duration::from_secs(10)).await;
     let state = c.nodes[&new].state();
+    let t = wait_until(
+        Duration::from_millis(2 * DOWN_AFTER_MS + 5000),
+        "node 1 to be marked down by the new leader",
+        || state.borrow().nodes[&1].state == NodeState::Down,
+    )
+    .await;
+    let silent = silent_at.elapsed();
+    let elected = silent.saturating_sub(t);
+    eprintln!(
+        "node 1, silent with the old leader, marked down {silent:?} after its last heartbeat ({elected:?} to elect a new leader)"
+    );
+    // Down after_ms from its last heartbeat, or a third of it from the election if
+    // that is later; not the whole down_after from the election (before nodes
+    // heartbeat every replica, it took elected + down_after).
+    let bound = Duration::from_millis(DOWN_AFTER_MS)
+        .max(elected + Duration::from_millis(DOWN_AFTER_MS / 3))
+        + Duration::from_millis(750);
+    assert!(
+        silent <= bound,
+        "node 1 marked down {silent:?} after it went silent (bound {bound:?})"
+    );
     let epoch = state.borrow().epoch;
     let watch_until = Instant::now() + Duration::from_millis(2 * DOWN_AFTER_MS + 500);
     while Instant::now() < watch_until {
         {
             let s = state.borrow();
-            for n in [0, 1] {
-                assert_eq!(
-                    s.nodes[&n].state,
-                    NodeState::Up,
-                    "node {n} under leader {new}"
-                );
-            }
+            assert_eq!(
+                s.nodes[&0].state,
+                NodeState::Up,
+                "node 0 under leader {new}"
+            );
             assert_eq!(s.nodes[&3].state, NodeState::Recovering);
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
