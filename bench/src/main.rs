@@ -196,6 +196,7 @@ fn main() {
             op_timeout: Duration::from_secs(30),
             threads: 4,
             writeback_cache: false,
+            noatime: false,
             metrics: None,
         };
         if let Err(e) = drs_fuse::mount(&cfg) {

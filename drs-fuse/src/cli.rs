@@ -16,7 +16,8 @@ pub struct MountArgs {
     /// Mount options, comma-separated: `allow_other` lets other users in;
     /// `writeback_cache` lets the kernel cache writes (faster small writes, for a file
     /// system used through this mount only: other mounts' changes to files this mount
-    /// has cached are then not seen).
+    /// has cached are then not seen); `noatime` does not update files' access times
+    /// (by default a read updates them by relatime's rule).
     #[arg(short = 'o', value_delimiter = ',')]
     pub options: Vec<String>,
     /// Seconds an operation may take before it fails with EIO (when more than m nodes
@@ -40,6 +41,7 @@ impl MountArgs {
             op_timeout: Duration::from_secs(self.timeout.max(1)),
             threads: self.threads.clamp(1, 64),
             writeback_cache: self.options.iter().any(|o| o == "writeback_cache"),
+            noatime: self.options.iter().any(|o| o == "noatime"),
             metrics: self.metrics,
         }
     }

@@ -42,6 +42,9 @@ pub struct MountConfig {
     /// mtime, so other mounts' changes to a file this mount has cached are not seen:
     /// for a file system used through one mount only.
     pub writeback_cache: bool,
+    /// Never update files' access times (`-o noatime`); by default the first read
+    /// after an open updates a file's atime by relatime's rule.
+    pub noatime: bool,
     /// Where to serve Prometheus metrics (`GET /metrics`), if anywhere.
     pub metrics: Option<std::net::SocketAddr>,
 }
@@ -114,6 +117,7 @@ pub fn mount(cfg: &MountConfig) -> anyhow::Result<()> {
         .context("start the runtime")?;
     let ops_cfg = OpsConfig {
         op_timeout: cfg.op_timeout,
+        atime: !cfg.noatime,
         ..OpsConfig::default()
     };
     let ops = Arc::new(rt.block_on(connect(&cfg.cluster, ops_cfg))?);
@@ -140,6 +144,9 @@ pub fn mount(cfg: &MountConfig) -> anyhow::Result<()> {
     ];
     if cfg.allow_other {
         options.acl = fuser::SessionACL::All;
+    }
+    if cfg.noatime {
+        options.mount_options.push(fuser::MountOption::NoAtime);
     }
     options.n_threads = Some(cfg.threads.max(1));
     let mut session = fuser::Session::new(fs, &cfg.mountpoint, &options)

@@ -64,6 +64,9 @@ pub struct OpsConfig {
     pub op_timeout: Duration,
     /// Data blocks written or read at once per request.
     pub parallel: usize,
+    /// Update a file's atime when it is read, by relatime's rule (`-o noatime`:
+    /// never).
+    pub atime: bool,
 }
 
 impl Default for OpsConfig {
@@ -71,6 +74,7 @@ impl Default for OpsConfig {
         OpsConfig {
             op_timeout: Duration::from_secs(30),
             parallel: 16,
+            atime: true,
         }
     }
 }
@@ -98,6 +102,8 @@ struct Open {
     took_ahead: bool,
     /// The inode has no names left: drop it at the last close.
     orphan: bool,
+    /// Its atime is due for an update (relatime) at the next read.
+    atime_due: bool,
 }
 
 /// One mount's file system: the namespace in the metadata service, data in DRS.
@@ -546,6 +552,7 @@ impl Ops {
             let mut open = lock(&self.open);
             let o = open.entry(ino).or_default();
             o.handles += 1;
+            o.atime_due = self.cfg.atime && drs_meta::fs::atime_due(&a, now());
             if o.dirty.is_none() {
                 o.size = a.size;
                 o.blocks.clear();
@@ -825,8 +832,21 @@ impl Ops {
         Ok(out)
     }
 
-    /// Reads up to `len` bytes at `offset` (short at the end of file).
+    /// Reads up to `len` bytes at `offset` (short at the end of file). The first read
+    /// after an open whose atime is due (relatime) updates it, in the background.
     pub async fn read(&self, ino: Ino, offset: u64, len: usize) -> OpResult<Vec<u8>> {
+        let touch = lock(&self.open)
+            .get_mut(&ino)
+            .is_some_and(|o| std::mem::take(&mut o.atime_due));
+        if touch {
+            let meta = self.meta.clone();
+            let cmd = FsCommand::Accessed { ino, now: now() };
+            tokio::spawn(async move {
+                if let Err(e) = meta.fs(cmd).await {
+                    tracing::debug!(ino, error = %e, "updating the atime failed");
+                }
+            });
+        }
         self.bounded(async {
             let known = lock(&self.open).get(&ino).map(|o| o.size);
             let size = match known {

@@ -258,6 +258,15 @@ pub enum FsCommand {
         count: u64,
         now: Time,
     },
+    /// The inode was read at `now`: its atime becomes `now` if it is due (see
+    /// [`atime_due`]: relatime's rule); ctime does not change.
+    Accessed { ino: Ino, now: Time },
+}
+
+/// Whether a read at `now` updates an inode's atime, by relatime's rule (Linux's
+/// default): the atime is not later than the mtime or the ctime, or is a day old.
+pub fn atime_due(a: &Attr, now: Time) -> bool {
+    a.atime <= a.mtime || a.atime <= a.ctime || now.secs.saturating_sub(a.atime.secs) >= 86_400
 }
 
 /// A read of the namespace.
@@ -755,6 +764,13 @@ impl FsState {
                     self.release(e);
                 }
                 Ok(FsReply::Attr(attr))
+            }
+            FsCommand::Accessed { ino, now } => {
+                let i = self.get_mut(*ino)?;
+                if atime_due(&i.attr, *now) && *now > i.attr.atime {
+                    i.attr.atime = *now;
+                }
+                Ok(FsReply::Attr(i.attr.clone()))
             }
             FsCommand::Drop { ino } => {
                 let i = self.get(*ino)?;

@@ -1261,6 +1261,64 @@ fn punch_frees_the_range_and_keeps_the_rest() {
     refused(&mut fs, &punch_cmd(999, 0, 1, t(9)), FsError::NotFound);
 }
 
+/// A read moves the atime by relatime's rule and leaves the ctime: when the atime is
+/// not after the mtime or ctime, or is a day old; otherwise not at all.
+#[test]
+fn accessed_follows_relatime() {
+    let mut fs = formatted(8);
+    let f = create(&mut fs, ROOT, b"f", Kind::File, t(100));
+    let accessed = |fs: &mut FsState, at: Time| {
+        ok_attr(
+            Ok(apply_ok(fs, &FsCommand::Accessed { ino: f, now: at })),
+            "accessed",
+        )
+    };
+    // Created: atime = mtime = ctime, so the first read moves it.
+    let a = accessed(&mut fs, t(200));
+    assert_eq!((a.atime, a.mtime, a.ctime), (t(200), t(100), t(100)));
+    // Read again within a day of it: no change.
+    assert_eq!(accessed(&mut fs, t(300)).atime, t(200));
+    // Written after the read: the next read moves it again.
+    written(&mut fs, f, 10, t(400), &[], false);
+    assert_eq!(accessed(&mut fs, t(500)).atime, t(500));
+    assert_eq!(accessed(&mut fs, t(600)).atime, t(500));
+    // A day after the last update: moved again.
+    assert_eq!(accessed(&mut fs, t(500 + 86_400)).atime, t(500 + 86_400));
+    // A changed ctime (chmod) makes it due; a clock behind the atime never moves it
+    // back.
+    apply_ok(
+        &mut fs,
+        &FsCommand::SetAttr {
+            ino: f,
+            set: SetAttr {
+                perm: Some(0o600),
+                ..SetAttr::default()
+            },
+            now: t(100_000),
+        },
+    );
+    assert_eq!(accessed(&mut fs, t(50)).atime, t(500 + 86_400));
+    let a = accessed(&mut fs, t(100_001));
+    assert_eq!((a.atime, a.ctime), (t(100_001), t(100_000)));
+    // Directories too; an unknown inode is NotFound.
+    apply_ok(
+        &mut fs,
+        &FsCommand::Accessed {
+            ino: ROOT,
+            now: t(200_000),
+        },
+    );
+    assert_eq!(attr(&fs, ROOT).atime, t(200_000));
+    refused(
+        &mut fs,
+        &FsCommand::Accessed {
+            ino: 999,
+            now: t(1),
+        },
+        FsError::NotFound,
+    );
+}
+
 /// Freed blocks merge with their free neighbours whatever the order they come back
 /// in: the state depends only on what is held, not on the history.
 #[test]

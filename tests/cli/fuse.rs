@@ -676,6 +676,26 @@ fn permissions_ownership_and_times() {
     let md3 = fs::metadata(m.p("secret")).unwrap();
     assert_eq!(md3.mtime(), 1_000_000_000);
     assert_eq!(md3.atime(), 1_000_000_000);
+    // A read updates the atime (relatime: it is not after the ctime), not the ctime;
+    // seen once the attribute cache's second has passed.
+    assert_eq!(fs::read(m.p("secret")).unwrap(), b"ROOT only");
+    let started = Instant::now();
+    let md4 = loop {
+        let md = fs::metadata(m.p("secret")).unwrap();
+        if md.atime() > 1_000_000_000 {
+            break md;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "atime not updated by a read"
+        );
+        thread::sleep(Duration::from_millis(200));
+    };
+    assert!(md4.atime() >= md3.ctime());
+    assert_eq!(
+        (md4.ctime(), md4.ctime_nsec()),
+        (md3.ctime(), md3.ctime_nsec())
+    );
 
     // statfs reports the capacity after redundancy: the volume's data blocks.
     let st = statvfs(&m.path);

@@ -45,6 +45,14 @@ async fn write(ops: &Ops, ino: Ino, offset: u64, data: &[u8]) {
     }
 }
 
+/// Opens `ino`, reads its first 100 bytes and closes it.
+async fn open_and_read(ops: &Ops, ino: Ino) -> Vec<u8> {
+    ops.open(ino).await.expect("open");
+    let got = ops.read(ino, 0, 100).await.expect("read");
+    ops.release(ino).await.expect("close");
+    got
+}
+
 async fn read_all(ops: &Ops, ino: Ino) -> Vec<u8> {
     let size = ops.getattr(ino).await.expect("getattr").size;
     let mut out = Vec::new();
@@ -227,6 +235,68 @@ async fn fallocate_without_the_kernel() {
     b.unlink(ROOT, b"f", false).await.expect("unlink");
     let free = a.statfs().await.expect("statfs").free;
     assert_eq!(free, free_at_start, "blocks leaked");
+}
+
+/// Goal: a read updates a file's atime by relatime's rule, without changing its
+/// ctime, and a mount with `atime: false` (`-o noatime`) never does.
+///
+/// Method: `a` writes a file and closes it; `b` opens and reads it: the atime
+/// becomes later than the mtime (the update runs in the background: polled for up to
+/// 10 s), the ctime stays. Reading it again leaves the atime. A `noatime` mount reads
+/// it after another write: the atime stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_update_the_atime_by_relatime() {
+    let tc = cluster("fsops-atime").await;
+    let (a, b) = (mount(&tc).await, mount(&tc).await);
+    let f = create(&a, ROOT, b"f").await;
+    write(&a, f, 0, b"read me").await;
+    a.release(f).await.expect("close");
+    let before = a.getattr(f).await.expect("getattr");
+    assert!(before.atime <= before.mtime);
+
+    assert_eq!(open_and_read(&b, f).await, b"read me");
+    let started = std::time::Instant::now();
+    let read = loop {
+        let now = a.getattr(f).await.expect("getattr");
+        if now.atime > now.mtime {
+            break now;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(10),
+            "atime not updated after a read: {now:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert_eq!(read.ctime, before.ctime, "a read changed the ctime");
+    open_and_read(&b, f).await;
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert_eq!(
+        a.getattr(f).await.expect("getattr").atime,
+        read.atime,
+        "read again within a day: no update"
+    );
+
+    let quiet = drs_fuse::connect(
+        &tc.local.map_path,
+        OpsConfig {
+            atime: false,
+            ..OpsConfig::default()
+        },
+    )
+    .await
+    .expect("connect");
+    a.open(f).await.expect("open");
+    write(&a, f, 0, b"READ ME").await;
+    a.release(f).await.expect("close");
+    let written = a.getattr(f).await.expect("getattr");
+    assert!(written.atime <= written.mtime);
+    assert_eq!(open_and_read(&quiet, f).await, b"READ ME");
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert_eq!(
+        a.getattr(f).await.expect("getattr").atime,
+        written.atime,
+        "a noatime mount changed the atime"
+    );
 }
 
 /// Goal: file data written and read through the file system's operations survives
