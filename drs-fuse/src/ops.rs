@@ -104,6 +104,13 @@ struct Open {
     orphan: bool,
     /// Its atime is due for an update (relatime) at the next read.
     atime_due: bool,
+    /// Changed whenever blocks of the file are freed (truncate, punch, the trim of
+    /// the last close): an answer about its blocks fetched under an older value may
+    /// name freed blocks, and is not learnt.
+    map_gen: u64,
+    /// `fallocate` with `KEEP_SIZE` reserved blocks past the end: the last close keeps
+    /// every block past the end (it would otherwise give back those taken ahead).
+    preallocated: bool,
 }
 
 /// One mount's file system: the namespace in the metadata service, data in DRS.
@@ -419,6 +426,7 @@ impl Ops {
                     o.size = size;
                     let keep = size.div_ceil(self.block_size);
                     o.blocks.retain(|b, _| *b < keep);
+                    o.map_gen += 1;
                 }
             }
             if set.mtime.is_none() && set.size.is_some() {
@@ -580,7 +588,7 @@ impl Ops {
     /// blocks taken ahead and not used.
     pub async fn commit(&self, ino: Ino, trim: bool) -> OpResult<()> {
         let pending = lock(&self.open).get(&ino).and_then(|o| {
-            let trim = trim && o.took_ahead;
+            let trim = trim && o.took_ahead && !o.preallocated;
             if o.dirty.is_none() && o.settled.is_empty() && !trim {
                 return None;
             }
@@ -633,6 +641,7 @@ impl Ops {
                 let keep = size.div_ceil(self.block_size);
                 o.blocks.retain(|b, _| *b < keep);
                 o.fresh.retain(|b| *b < keep);
+                o.map_gen += 1;
             }
         }
         Ok(())
@@ -684,8 +693,13 @@ impl Ops {
 
     /// Takes what the metadata service said of file blocks `first .. end` (all of
     /// them: those not in `maps` are holes) into the open file's map.
-    fn learn(&self, ino: Ino, first: u64, end: u64, maps: &[Mapping]) {
+    /// `gen` is the open file's `map_gen` from before the answer was asked for: an
+    /// answer older than a freeing of blocks is dropped.
+    fn learn(&self, ino: Ino, first: u64, end: u64, maps: &[Mapping], gen: u64) {
         if let Some(o) = lock(&self.open).get_mut(&ino) {
+            if o.map_gen != gen {
+                return;
+            }
             for m in maps {
                 o.blocks.insert(m.block, m.lba);
                 // A block this mount wrote and has not named yet is not fresh to it.
@@ -701,6 +715,10 @@ impl Ops {
                 (first, end)
             };
         }
+    }
+
+    fn map_gen(&self, ino: Ino) -> u64 {
+        lock(&self.open).get(&ino).map_or(0, |o| o.map_gen)
     }
 
     /// The data blocks of file blocks `first .. first + count` that have one, with
@@ -727,6 +745,7 @@ impl Ops {
             return Ok(k);
         }
         // Fetch ahead: sequential reads then find the next blocks known.
+        let gen = self.map_gen(ino);
         let fetch_end = end.max(first.saturating_add(MAP_MAX));
         let mut out = BTreeMap::new();
         let mut at = first;
@@ -740,7 +759,7 @@ impl Ops {
                 })
                 .await?;
             let maps = expect_reply!(r, FsReply::Mapped(m) => m)?;
-            self.learn(ino, at, at + n, &maps);
+            self.learn(ino, at, at + n, &maps, gen);
             for m in maps {
                 out.insert(m.block, (m.lba, m.fresh));
             }
@@ -785,7 +804,8 @@ impl Ops {
         if known.len() as u64 == count {
             return Ok(known);
         }
-        let mut out = Vec::with_capacity(count as usize);
+        let gen = self.map_gen(ino);
+        let mut out = Vec::with_capacity(count.min(MAP_MAX) as usize);
         let mut at = first;
         while at < end {
             let n = (end - at).min(MAP_MAX);
@@ -814,7 +834,7 @@ impl Ops {
                 fresh = maps.iter().filter(|m| m.fresh).count(),
                 "map"
             );
-            self.learn(ino, at, at + n + ahead, &maps);
+            self.learn(ino, at, at + n + ahead, &maps, gen);
             if ahead > 0 {
                 if let Some(o) = lock(&self.open).get_mut(&ino) {
                     o.took_ahead = true;
@@ -1031,6 +1051,11 @@ impl Ops {
             self.commit(ino, false).await?;
             let bs = self.block_size;
             let (first, last) = (offset / bs, (end - 1) / bs);
+            if !punch {
+                // All or nothing: blocks are handed out in several `Map`s, so a
+                // shortage is found before the first.
+                self.check_room(ino, first, last - first + 1).await?;
+            }
             if punch || zero {
                 // The bytes of the range in the blocks at its ends, unless whole.
                 for b in BTreeSet::from([first, last]) {
@@ -1058,6 +1083,7 @@ impl Ops {
                             o.fresh.remove(&b);
                             o.settled.remove(&b);
                         }
+                        o.map_gen += 1;
                     }
                 }
             }
@@ -1075,9 +1101,36 @@ impl Ops {
             .await?;
             if let Some(o) = lock(&self.open).get_mut(&ino) {
                 o.size = o.size.max(size);
+                if keep && !punch && end > o.size {
+                    o.preallocated = true;
+                }
             }
             Ok(())
         })
         .await
+    }
+
+    /// `FileTooLarge` past the largest file, `NoSpace` unless the volume has a free
+    /// block for every block of file blocks `first .. first + count` without one.
+    async fn check_room(&self, ino: Ino, first: u64, count: u64) -> OpResult<()> {
+        let r = self.query(FsQuery::StatFs).await?;
+        let stats = expect_reply!(r, FsReply::StatFs(s) => s)?;
+        if first.saturating_add(count) > drs_meta::fs::max_file_blocks(stats.blocks) {
+            return Err(FsError::TooLarge.into());
+        }
+        if count <= stats.free {
+            return Ok(());
+        }
+        // Only blocks the file holds can make up the difference.
+        let r = self.query(FsQuery::GetAttr { ino }).await?;
+        let held = expect_reply!(r, FsReply::Attr(a) => a.blocks)?;
+        if count > stats.free.saturating_add(held) {
+            return Err(FsError::NoSpace.into());
+        }
+        let have = self.mappings(ino, first, count).await?.len() as u64;
+        if count - have.min(count) > stats.free {
+            return Err(FsError::NoSpace.into());
+        }
+        Ok(())
     }
 }

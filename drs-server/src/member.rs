@@ -23,7 +23,7 @@ use std::time::Duration;
 use anyhow::Context;
 use drs_client::Client;
 use drs_meta::{MetaClient, MetaCommand, MetaConfig, MetaNode, MetaResponse, MetaState, NodeState};
-use drs_proto::{ClusterMap, NodeId, VolumeId};
+use drs_proto::{ClusterMap, VolumeId};
 use tokio::sync::watch;
 
 use crate::Node;
@@ -108,7 +108,7 @@ pub async fn run(
     // The incarnation heartbeats name (0: not registered yet).
     let beating = Arc::new(AtomicU64::new(0));
     tokio::spawn(heartbeats(
-        id,
+        node.clone(),
         // A beat that cannot get through soon is better replaced by the next one.
         meta.with_deadline((down_after / 2).max(beat)),
         beating.clone(),
@@ -240,7 +240,7 @@ async fn register(
 /// Heartbeats the metadata leader every `beat` with the incarnation in `beating`
 /// (once there is one), whatever the watch is doing.
 async fn heartbeats(
-    id: NodeId,
+    node: Arc<Node>,
     meta: MetaClient,
     beating: Arc<AtomicU64>,
     beat: Duration,
@@ -257,10 +257,15 @@ async fn heartbeats(
         if incarnation == 0 {
             continue;
         }
-        // To every replica too, in the background (each bounded by a beat): a replica
-        // that becomes leader then knows who was alive just before.
+        // To every replica of the current map too, in the background (each bounded by
+        // a beat): a replica that becomes leader then knows who was alive just before.
+        let id = node.cfg.node;
+        let replicas: Vec<_> = node.live_map().meta.iter().map(|r| r.addr).collect();
         let all = meta.clone();
-        tokio::spawn(async move { all.heartbeat_every_replica(id, incarnation, beat).await });
+        tokio::spawn(async move {
+            all.heartbeat_every_replica(&replicas, id, incarnation, beat)
+                .await
+        });
         // Bounded by the client's deadline; a slow answer delays the next beat only.
         if let Err(e) = meta.heartbeat(id, incarnation).await {
             tracing::debug!(error = %e, "heartbeat to the metadata service failed");

@@ -238,22 +238,23 @@ impl MetaClient {
         }
     }
 
-    /// Sends `node`'s heartbeat to every replica at once, each given at most `timeout`
-    /// (a slow replica delays none of the others). A follower keeps it, so a replica
-    /// that becomes leader knows which nodes were alive just before; the leader's
-    /// answer is returned if it came. [`MetaClient::heartbeat`] still goes to the
-    /// leader as well, following its hints.
+    /// Sends `node`'s heartbeat to each replica of `replicas` (the current map's) at
+    /// once, each given at most `timeout` (a slow replica delays none of the others).
+    /// A follower keeps it, so a replica that becomes leader knows which nodes were
+    /// alive just before; the leader's answer is returned if it came.
+    /// [`MetaClient::heartbeat`] still goes to the leader as well, following its hints.
     pub async fn heartbeat_every_replica(
         &self,
+        replicas: &[SocketAddr],
         node: NodeId,
         incarnation: u64,
         timeout: Duration,
     ) -> Option<HeartbeatAck> {
         let req = Request::Heartbeat { node, incarnation };
-        let calls = self
-            .replicas()
-            .into_iter()
-            .map(|addr| self.call(addr, req.clone(), timeout));
+        let calls = replicas
+            .iter()
+            .take(MAX_REPLICAS)
+            .map(|addr| self.call(*addr, req.clone(), timeout));
         futures::future::join_all(calls)
             .await
             .into_iter()

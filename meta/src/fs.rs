@@ -263,6 +263,12 @@ pub enum FsCommand {
     Accessed { ino: Ino, now: Time },
 }
 
+/// The most file blocks a file may have on a volume of `blocks` data blocks (1024 per
+/// volume block: sparse files may be far larger than the volume).
+pub fn max_file_blocks(blocks: u64) -> u64 {
+    blocks.max(1).saturating_mul(1024)
+}
+
 /// Whether a read at `now` updates an inode's atime, by relatime's rule (Linux's
 /// default): the atime is not later than the mtime or the ctime, or is a day old.
 pub fn atime_due(a: &Attr, now: Time) -> bool {
@@ -1096,7 +1102,7 @@ impl FsState {
 
     /// The largest file, in blocks: 1024 times the volume (files may be sparse).
     pub fn max_file_blocks(&self) -> u64 {
-        self.blocks.max(1).saturating_mul(1024)
+        max_file_blocks(self.blocks)
     }
 
     /// Checks the invariants of the module documentation; the first violation.

@@ -559,6 +559,8 @@ fn posix_conformance_suite() {
     .unwrap();
     let out = Command::new(&bin)
         .args(["-c", s(&config), "-p", s(&work), "-s", s(&second)])
+        .env("NO_COLOR", "1")
+        .env_remove("CLICOLOR_FORCE")
         .current_dir(&work)
         .output()
         .unwrap();

@@ -182,11 +182,22 @@ async fn file_system_operations_without_the_kernel() {
 /// block 1 to the middle of block 4; `b` reads the written bytes with zeros in the
 /// punched range, and the volume has 2 more free blocks. Zeroing a range past the end
 /// grows the file; a mode it does not do is `Unsupported`, a punch that would
-/// change the size or a zero length `Invalid`. Removing the file gives every block
-/// back.
+/// change the size or a zero length `Invalid`. Asking for more blocks than are free
+/// (more than one `Map` holds) is `NoSpace` and takes none; past the largest file
+/// it is `TooLarge`. Blocks reserved past the end with `KEEP_SIZE` stay after the
+/// last close of a mount that took blocks ahead. Removing the files gives every
+/// block back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fallocate_without_the_kernel() {
-    let tc = cluster("fsops-fallocate").await;
+    let tc = TestCluster::with(
+        "fsops-fallocate",
+        Setup {
+            blocks: 8192,
+            meta_replicas: 3,
+            ..Setup::default()
+        },
+    )
+    .await;
     let (a, b) = (mount(&tc).await, mount(&tc).await);
     let free_at_start = a.statfs().await.expect("statfs").free;
     let bs = a.block_size();
@@ -231,8 +242,42 @@ async fn fallocate_without_the_kernel() {
         Err(drs_fuse::OpError::Unsupported(_))
     ));
     assert!(read_all(&b, f).await == want, "refusals changed nothing");
+
+    // All or nothing: more than are free, in more than one Map's worth.
+    let free = b.statfs().await.expect("statfs").free;
+    assert!(free > drs_meta::fs::MAP_MAX, "{free} free blocks");
+    assert!(matches!(
+        b.fallocate(f, 0, (free + 10) * bs, 0).await,
+        Err(drs_fuse::OpError::Fs(drs_meta::fs::FsError::NoSpace))
+    ));
+    assert_eq!(
+        b.statfs().await.expect("statfs").free,
+        free,
+        "nothing taken"
+    );
+    assert!(matches!(
+        b.fallocate(f, 1 << 60, 1 << 60, 0).await,
+        Err(drs_fuse::OpError::Fs(drs_meta::fs::FsError::TooLarge))
+    ));
+    assert_eq!(
+        b.statfs().await.expect("statfs").free,
+        free,
+        "nothing taken"
+    );
     b.release(f).await.expect("close");
     b.unlink(ROOT, b"f", false).await.expect("unlink");
+
+    // A writer at the end takes blocks ahead, then reserves 4 more far past the end:
+    // its last close gives back neither.
+    let g = create(&a, ROOT, b"g").await;
+    write(&a, g, 0, &bytes(4, bs as usize)).await;
+    a.fallocate(g, 100 * bs, 4 * bs, keep)
+        .await
+        .expect("reserve");
+    a.release(g).await.expect("close");
+    let held = b.getattr(g).await.expect("getattr").blocks;
+    assert!(held >= 5, "{held} blocks held after the close");
+    a.unlink(ROOT, b"g", false).await.expect("unlink");
     let free = a.statfs().await.expect("statfs").free;
     assert_eq!(free, free_at_start, "blocks leaked");
 }

@@ -10,7 +10,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PJDFSTEST_VERSION=0.2.2
-tools="$PWD/target/pjdfstest"
+tools="${CARGO_TARGET_DIR:-$PWD/target}/pjdfstest"
 # Its ACL crate (exacl) may want libacl's headers and library (Debian: libacl1-dev).
 if [ ! -e /usr/include/sys/acl.h ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     apt-get install -y -qq libacl1-dev >/dev/null 2>&1 \
