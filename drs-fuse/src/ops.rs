@@ -1110,7 +1110,7 @@ impl Ops {
         .await
     }
 
-    /// `FileTooLarge` past the largest file, `NoSpace` unless the volume has a free
+    /// `TooLarge` past the largest file, `NoSpace` unless the volume has a free
     /// block for every block of file blocks `first .. first + count` without one.
     async fn check_room(&self, ino: Ino, first: u64, count: u64) -> OpResult<()> {
         let r = self.query(FsQuery::StatFs).await?;
