@@ -113,6 +113,24 @@ struct Open {
     preallocated: bool,
 }
 
+impl Open {
+    /// File blocks `from .. to` are no longer backed by what this mount knew (the
+    /// metadata service freed them): forgets them, and moves `map_gen` on so no
+    /// answer asked for before is learnt. The window still covers them: holes now.
+    fn forget_blocks(&mut self, from: u64, to: u64) {
+        if from >= to {
+            return;
+        }
+        let gone: Vec<u64> = self.blocks.range(from..to).map(|(b, _)| *b).collect();
+        for b in gone {
+            self.blocks.remove(&b);
+        }
+        self.fresh.retain(|b| !(from..to).contains(b));
+        self.settled.retain(|b| !(from..to).contains(b));
+        self.map_gen += 1;
+    }
+}
+
 /// One mount's file system: the namespace in the metadata service, data in DRS.
 pub struct Ops {
     meta: MetaClient,
@@ -424,9 +442,7 @@ impl Ops {
                 self.zero_tail(ino, size).await?;
                 if let Some(o) = lock(&self.open).get_mut(&ino) {
                     o.size = size;
-                    let keep = size.div_ceil(self.block_size);
-                    o.blocks.retain(|b, _| *b < keep);
-                    o.map_gen += 1;
+                    o.forget_blocks(size.div_ceil(self.block_size), u64::MAX);
                 }
             }
             if set.mtime.is_none() && set.size.is_some() {
@@ -638,10 +654,7 @@ impl Ops {
             if trim {
                 o.took_ahead = false;
                 // What was given back is no longer this file's.
-                let keep = size.div_ceil(self.block_size);
-                o.blocks.retain(|b, _| *b < keep);
-                o.fresh.retain(|b| *b < keep);
-                o.map_gen += 1;
+                o.forget_blocks(size.div_ceil(self.block_size), u64::MAX);
             }
         }
         Ok(())
@@ -1075,15 +1088,7 @@ impl Ops {
                     })
                     .await?;
                     if let Some(o) = lock(&self.open).get_mut(&ino) {
-                        // Known holes now: the window still covers them.
-                        let gone: Vec<u64> =
-                            o.blocks.range(whole..whole_end).map(|(b, _)| *b).collect();
-                        for b in gone {
-                            o.blocks.remove(&b);
-                            o.fresh.remove(&b);
-                            o.settled.remove(&b);
-                        }
-                        o.map_gen += 1;
+                        o.forget_blocks(whole, whole_end);
                     }
                 }
             }
