@@ -15,11 +15,16 @@
 //!   whole (zeros around the new bytes), so a file never shows another file's old
 //!   bytes. Truncation zeroes the rest of the new last block, so growing a file
 //!   later shows zeros.
+//! - **Freeing against use.** Blocks of an open file are freed (truncate, punch,
+//!   the last close giving back blocks taken ahead) only while no read or write of
+//!   it is under way in this mount: a per-file lock, shared by reads and writes and
+//!   held alone by freeings. Otherwise a block map fetched before a freeing could
+//!   send a write to a block the volume has since given to another file.
 //! - **Bounded operations.** Every operation gives up with [`OpError::Timeout`] (EIO)
 //!   after the configured time, so an application never hangs on a lost cluster.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -104,10 +109,10 @@ struct Open {
     orphan: bool,
     /// Its atime is due for an update (relatime) at the next read.
     atime_due: bool,
-    /// Changed whenever blocks of the file are freed (truncate, punch, the trim of
-    /// the last close): an answer about its blocks fetched under an older value may
-    /// name freed blocks, and is not learnt.
-    map_gen: u64,
+    /// Held shared by reads and writes, alone by what frees blocks of the file
+    /// (truncate, punch, the trim of the last close): a block map is never used
+    /// across a freeing.
+    freeing: Arc<tokio::sync::RwLock<()>>,
     /// `fallocate` with `KEEP_SIZE` reserved blocks past the end: the last close keeps
     /// every block past the end (it would otherwise give back those taken ahead).
     preallocated: bool,
@@ -115,8 +120,8 @@ struct Open {
 
 impl Open {
     /// File blocks `from .. to` are no longer backed by what this mount knew (the
-    /// metadata service freed them): forgets them, and moves `map_gen` on so no
-    /// answer asked for before is learnt. The window still covers them: holes now.
+    /// metadata service freed them): forgets them. The window still covers them:
+    /// holes now.
     fn forget_blocks(&mut self, from: u64, to: u64) {
         if from >= to {
             return;
@@ -127,7 +132,6 @@ impl Open {
         }
         self.fresh.retain(|b| !(from..to).contains(b));
         self.settled.retain(|b| !(from..to).contains(b));
-        self.map_gen += 1;
     }
 }
 
@@ -436,6 +440,10 @@ impl Ops {
 
     pub async fn setattr(&self, ino: Ino, mut set: SetAttr) -> OpResult<Attr> {
         self.bounded(async {
+            let _freeing = match set.size {
+                Some(_) => self.freeing(ino).await,
+                None => None,
+            };
             if let Some(size) = set.size {
                 // Uncommitted writes past the new size are cut with the rest.
                 self.commit(ino, false).await?;
@@ -678,8 +686,10 @@ impl Ops {
     /// last name meanwhile.
     pub async fn release(&self, ino: Ino) -> OpResult<()> {
         self.bounded(async {
+            let freeing = self.freeing(ino).await;
             let last = lock(&self.open).get(&ino).is_some_and(|o| o.handles <= 1);
             let res = self.commit(ino, last).await;
+            drop(freeing);
             let drop_it = {
                 let mut open = lock(&self.open);
                 match open.get_mut(&ino) {
@@ -705,14 +715,10 @@ impl Ops {
     }
 
     /// Takes what the metadata service said of file blocks `first .. end` (all of
-    /// them: those not in `maps` are holes) into the open file's map.
-    /// `gen` is the open file's `map_gen` from before the answer was asked for: an
-    /// answer older than a freeing of blocks is dropped.
-    fn learn(&self, ino: Ino, first: u64, end: u64, maps: &[Mapping], gen: u64) {
+    /// them: those not in `maps` are holes) into the open file's map. Callers hold
+    /// the file's [`Open::freeing`] lock, so no block of the answer was freed since.
+    fn learn(&self, ino: Ino, first: u64, end: u64, maps: &[Mapping]) {
         if let Some(o) = lock(&self.open).get_mut(&ino) {
-            if o.map_gen != gen {
-                return;
-            }
             for m in maps {
                 o.blocks.insert(m.block, m.lba);
                 // A block this mount wrote and has not named yet is not fresh to it.
@@ -730,8 +736,19 @@ impl Ops {
         }
     }
 
-    fn map_gen(&self, ino: Ino) -> u64 {
-        lock(&self.open).get(&ino).map_or(0, |o| o.map_gen)
+    /// The file's [`Open::freeing`] lock, if this mount has it open.
+    fn freeing_lock(&self, ino: Ino) -> Option<Arc<tokio::sync::RwLock<()>>> {
+        lock(&self.open).get(&ino).map(|o| o.freeing.clone())
+    }
+
+    /// Holds the file's freeing lock shared (reads and writes) until dropped.
+    async fn using(&self, ino: Ino) -> Option<tokio::sync::OwnedRwLockReadGuard<()>> {
+        Some(self.freeing_lock(ino)?.read_owned().await)
+    }
+
+    /// Holds the file's freeing lock alone (what frees blocks) until dropped.
+    async fn freeing(&self, ino: Ino) -> Option<tokio::sync::OwnedRwLockWriteGuard<()>> {
+        Some(self.freeing_lock(ino)?.write_owned().await)
     }
 
     /// The data blocks of file blocks `first .. first + count` that have one, with
@@ -758,7 +775,6 @@ impl Ops {
             return Ok(k);
         }
         // Fetch ahead: sequential reads then find the next blocks known.
-        let gen = self.map_gen(ino);
         let fetch_end = end.max(first.saturating_add(MAP_MAX));
         let mut out = BTreeMap::new();
         let mut at = first;
@@ -772,7 +788,7 @@ impl Ops {
                 })
                 .await?;
             let maps = expect_reply!(r, FsReply::Mapped(m) => m)?;
-            self.learn(ino, at, at + n, &maps, gen);
+            self.learn(ino, at, at + n, &maps);
             for m in maps {
                 out.insert(m.block, (m.lba, m.fresh));
             }
@@ -817,7 +833,6 @@ impl Ops {
         if known.len() as u64 == count {
             return Ok(known);
         }
-        let gen = self.map_gen(ino);
         let mut out = Vec::with_capacity(count.min(MAP_MAX) as usize);
         let mut at = first;
         while at < end {
@@ -847,7 +862,7 @@ impl Ops {
                 fresh = maps.iter().filter(|m| m.fresh).count(),
                 "map"
             );
-            self.learn(ino, at, at + n + ahead, &maps, gen);
+            self.learn(ino, at, at + n + ahead, &maps);
             if ahead > 0 {
                 if let Some(o) = lock(&self.open).get_mut(&ino) {
                     o.took_ahead = true;
@@ -881,6 +896,7 @@ impl Ops {
             });
         }
         self.bounded(async {
+            let _using = self.using(ino).await;
             let known = lock(&self.open).get(&ino).map(|o| o.size);
             let size = match known {
                 Some(s) => s,
@@ -963,6 +979,7 @@ impl Ops {
             return Ok(0);
         }
         self.bounded(async {
+            let _using = self.using(ino).await;
             let bs = self.block_size;
             let end = offset
                 .checked_add(data.len() as u64)
@@ -1060,6 +1077,7 @@ impl Ops {
             .checked_add(length)
             .ok_or(OpError::Fs(FsError::TooLarge))?;
         self.bounded(async {
+            let _freeing = self.freeing(ino).await;
             // This mount's writes first, so the blocks below are the file's.
             self.commit(ino, false).await?;
             let bs = self.block_size;

@@ -561,34 +561,40 @@ fn posix_conformance_suite() {
         .args(["-c", s(&config), "-p", s(&work), "-s", s(&second)])
         .env("NO_COLOR", "1")
         .env_remove("CLICOLOR_FORCE")
+        .env_remove("RUST_BACKTRACE")
         .current_dir(&work)
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    let failed: Vec<&str> = stdout
-        .lines()
-        .filter(|l| l.trim_end().ends_with("FAILED"))
+    // A failed case prints its name and FAILED, then its panic message on the next
+    // line: both are kept, and they come last in the assertion's message.
+    let lines: Vec<&str> = stdout.lines().collect();
+    let failed: Vec<&str> = lines
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| l.trim_end().ends_with("FAILED"))
+        .flat_map(|(i, l)| std::iter::once(*l).chain(lines.get(i + 1).copied()))
         .collect();
     let summary = stdout
         .lines()
         .rfind(|l| l.starts_with("Summary"))
         .unwrap_or("no summary");
     eprintln!("pjdfstest: {summary}");
+    // Unmount and stop the cluster first: their logs, printed when a test panics with
+    // them alive, would bury the failed cases.
+    let mount_log = m.stderr();
+    let mount_log: Vec<&str> = mount_log.lines().collect();
+    drop(m);
+    drop(c);
     assert!(
         out.status.success() && failed.is_empty() && summary.contains(" 0 failed"),
-        "pjdfstest failed ({}): {summary}\n{}\n--- output (last 80 lines)\n{}\n{}",
+        "pjdfstest failed ({}): {summary}\n--- output (last 40 lines)\n{}\n--- stderr\n{}\n\
+         --- mount log (last lines)\n{}\n--- failed cases\n{}",
         out.status,
+        lines[lines.len().saturating_sub(40)..].join("\n"),
+        String::from_utf8_lossy(&out.stderr),
+        mount_log[mount_log.len().saturating_sub(20)..].join("\n"),
         failed.join("\n"),
-        stdout
-            .lines()
-            .rev()
-            .take(80)
-            .collect::<Vec<_>>()
-            .into_iter()
-            .rev()
-            .collect::<Vec<_>>()
-            .join("\n"),
-        String::from_utf8_lossy(&out.stderr)
     );
     // The suite ran its cases: a run that skipped them all would pass too.
     let passed: u32 = summary
