@@ -197,6 +197,7 @@ fn main() {
             threads: 4,
             writeback_cache: false,
             noatime: false,
+            write_through: false,
             metrics: None,
         };
         if let Err(e) = drs_fuse::mount(&cfg) {

@@ -332,6 +332,14 @@ impl WriteBackCache {
         res
     }
 
+    /// Writes back (and unlocks) those of `lbas` cached here; the rest of the cache
+    /// stays. As with [`WriteBackCache::flush`], a block whose write-back failed is
+    /// dropped from the cache and the first error returned.
+    pub async fn flush_blocks(&self, lbas: &[u64]) -> Result<(), ClientError> {
+        let mut entries = self.inner.entries.lock().await;
+        self.inner.flush_lbas(&mut entries, lbas).await
+    }
+
     /// Blocks held in the cache.
     pub async fn len(&self) -> usize {
         self.inner.entries.lock().await.len()

@@ -17,7 +17,10 @@ pub struct MountArgs {
     /// `writeback_cache` lets the kernel cache writes (faster small writes, for a file
     /// system used through this mount only: other mounts' changes to files this mount
     /// has cached are then not seen); `noatime` does not update files' access times
-    /// (by default a read updates them by relatime's rule).
+    /// (by default a read updates them by relatime's rule); `write_through` puts every
+    /// write on the storage nodes before it returns (by default writes of parts of
+    /// blocks are cached by the mount and written back at flush, fsync and close, and
+    /// within about a second).
     #[arg(short = 'o', value_delimiter = ',')]
     pub options: Vec<String>,
     /// Seconds an operation may take before it fails with EIO (when more than m nodes
@@ -42,6 +45,7 @@ impl MountArgs {
             threads: self.threads.clamp(1, 64),
             writeback_cache: self.options.iter().any(|o| o == "writeback_cache"),
             noatime: self.options.iter().any(|o| o == "noatime"),
+            write_through: self.options.iter().any(|o| o == "write_through"),
             metrics: self.metrics,
         }
     }

@@ -28,9 +28,11 @@ pub fn errno(e: &OpError) -> i32 {
             _ => libc::EIO,
         },
         OpError::Unsupported(_) => libc::EOPNOTSUPP,
-        OpError::Meta(_) | OpError::Data(_) | OpError::Timeout(_) | OpError::Unexpected(_) => {
-            libc::EIO
-        }
+        OpError::Meta(_)
+        | OpError::Data(_)
+        | OpError::Timeout(_)
+        | OpError::Unexpected(_)
+        | OpError::WriteBack(_) => libc::EIO,
     }
 }
 
@@ -53,5 +55,6 @@ mod tests {
             errno(&OpError::Timeout(std::time::Duration::from_secs(1))),
             libc::EIO
         );
+        assert_eq!(errno(&OpError::WriteBack("x".into())), libc::EIO);
     }
 }

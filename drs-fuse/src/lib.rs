@@ -45,6 +45,10 @@ pub struct MountConfig {
     /// Never update files' access times (`-o noatime`); by default the first read
     /// after an open updates a file's atime by relatime's rule.
     pub noatime: bool,
+    /// Every write is on the storage nodes when it returns (`-o write_through`); by
+    /// default writes of parts of blocks go to the mount's write-back cache, written
+    /// back at flush, fsync and close, and within about a second.
+    pub write_through: bool,
     /// Where to serve Prometheus metrics (`GET /metrics`), if anywhere.
     pub metrics: Option<std::net::SocketAddr>,
 }
@@ -118,6 +122,7 @@ pub fn mount(cfg: &MountConfig) -> anyhow::Result<()> {
     let ops_cfg = OpsConfig {
         op_timeout: cfg.op_timeout,
         atime: !cfg.noatime,
+        write_cache: !cfg.write_through,
         ..OpsConfig::default()
     };
     let ops = Arc::new(rt.block_on(connect(&cfg.cluster, ops_cfg))?);

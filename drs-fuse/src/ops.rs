@@ -20,15 +20,25 @@
 //!   it is under way in this mount: a per-file lock, shared by reads and writes and
 //!   held alone by freeings. Otherwise a block map fetched before a freeing could
 //!   send a write to a block the volume has since given to another file.
+//! - **Write-back cache.** A write of part of a block goes to the mount's
+//!   [`WriteBackCache`] (report 5.3.1: the block is locked and read once, later
+//!   writes change the cached bytes and a running-total delta, one update writes it
+//!   back); whole blocks go straight to the nodes. A file's cached blocks are written
+//!   back before its size is committed (flush, fsync, close, truncate, fallocate),
+//!   when it holds [`CACHE_FILE_BLOCKS`], and by a background task once cached for
+//!   [`CACHE_AGE`], so another mount's writer never waits on their locks for long. A
+//!   failed background write-back is reported by the file's next flush, fsync or
+//!   close (EIO), and the blocks it held that were never committed stay unwritten.
 //! - **Bounded operations.** Every operation gives up with [`OpError::Timeout`] (EIO)
 //!   after the configured time, so an application never hangs on a lost cluster.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use drs_client::{Client, ClientError};
+use drs_client::{Client, ClientError, WriteBackCache};
 use drs_meta::fs::{
     Attr, BlockRange, DirEntry, FsCommand, FsError, FsQuery, FsReply, FsStats, Ino, Kind, Mapping,
     SetAttr, Time, MAP_MAX,
@@ -37,6 +47,13 @@ use drs_meta::fs::{
 /// Blocks a sequential writer takes ahead of its writes with one `Map` (16 MiB of
 /// 64 KiB blocks): one metadata round trip per this many blocks instead of per write.
 const AHEAD: u64 = 256;
+/// Blocks one file may hold in the write-back cache; a write past this writes the
+/// file's cached blocks back.
+const CACHE_FILE_BLOCKS: usize = 64;
+/// How long a block stays in the write-back cache (holding its lock) at most, about.
+const CACHE_AGE: Duration = Duration::from_secs(1);
+/// How often the background task looks for blocks cached longer than [`CACHE_AGE`].
+const CACHE_TICK: Duration = Duration::from_millis(250);
 use drs_meta::{MetaClient, MetaError};
 use futures::stream::{self, StreamExt};
 
@@ -58,6 +75,9 @@ pub enum OpError {
     /// Not something this file system does (EOPNOTSUPP).
     #[error("not supported: {0}")]
     Unsupported(&'static str),
+    /// Writes that had returned were lost: writing them back from the cache failed.
+    #[error("writing cached blocks back failed: {0}")]
+    WriteBack(String),
 }
 
 pub type OpResult<T> = Result<T, OpError>;
@@ -72,6 +92,9 @@ pub struct OpsConfig {
     /// Update a file's atime when it is read, by relatime's rule (`-o noatime`:
     /// never).
     pub atime: bool,
+    /// Writes of part of a block go through the write-back cache (`-o
+    /// write_through`: never; every write is on the nodes when it returns).
+    pub write_cache: bool,
 }
 
 impl Default for OpsConfig {
@@ -80,6 +103,7 @@ impl Default for OpsConfig {
             op_timeout: Duration::from_secs(30),
             parallel: 16,
             atime: true,
+            write_cache: true,
         }
     }
 }
@@ -113,6 +137,13 @@ struct Open {
     /// (truncate, punch, the trim of the last close): a block map is never used
     /// across a freeing.
     freeing: Arc<tokio::sync::RwLock<()>>,
+    /// Data blocks of the file in the write-back cache: when a write first put each
+    /// there, and the number of its latest write (a write-back forgets a block only
+    /// if no write came after it began).
+    cached: BTreeMap<u64, (Instant, u64)>,
+    /// A background write-back of the file's blocks failed: the next flush, fsync or
+    /// close reports it.
+    write_error: Option<String>,
     /// `fallocate` with `KEEP_SIZE` reserved blocks past the end: the last close keeps
     /// every block past the end (it would otherwise give back those taken ahead).
     preallocated: bool,
@@ -135,21 +166,47 @@ impl Open {
     }
 }
 
+/// What a mount's write-back cache did.
+#[derive(Debug, Default)]
+pub struct CacheStats {
+    /// Writes of parts of blocks the cache took.
+    pub writes: AtomicU64,
+    /// Write-backs, each of a set of blocks (one update per stripe).
+    pub write_backs: AtomicU64,
+    /// Write-backs that failed.
+    pub failed: AtomicU64,
+}
+
 /// One mount's file system: the namespace in the metadata service, data in DRS.
 pub struct Ops {
     meta: MetaClient,
     data: Client,
     cfg: OpsConfig,
     block_size: u64,
-    open: Mutex<HashMap<Ino, Open>>,
+    open: Arc<Mutex<HashMap<Ino, Open>>>,
+    /// Writes of parts of blocks (none with `write_cache` off).
+    cache: Option<WriteBackCache>,
+    /// Numbers writes that go to the cache (see [`Open::cached`]).
+    write_seq: AtomicU64,
+    /// What the write-back cache did.
+    cache_stats: Arc<CacheStats>,
     /// Time each file system operation took, by operation.
     latencies: drs_metrics::Latencies,
 }
 
 impl Ops {
-    /// Waits up to `max` for unlocks still on their way to the nodes; called when
-    /// the mount ends, so it leaves no lock to a lease. Returns how many are left.
+    /// Writes back what the cache still holds (files open when the mount ends: a
+    /// forced unmount), then waits for unlocks still on their way to the nodes, each
+    /// up to `max`; called when the mount ends, so it leaves no lock to a lease.
+    /// Returns how many unlocks are left.
     pub async fn settle_unlocks(&self, max: std::time::Duration) -> usize {
+        if let Some(cache) = &self.cache {
+            match tokio::time::timeout(max, cache.flush()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "writing cached blocks back failed"),
+                Err(_) => tracing::warn!(?max, "writing cached blocks back took too long"),
+            }
+        }
         self.data.settle_unlocks(max).await
     }
 }
@@ -193,6 +250,11 @@ macro_rules! expect_reply {
 }
 
 impl Ops {
+    /// What the write-back cache did.
+    pub fn cache_stats(&self) -> &CacheStats {
+        &self.cache_stats
+    }
+
     /// Time each operation took, by operation (filled by the adapter).
     pub fn latencies(&self) -> &drs_metrics::Latencies {
         &self.latencies
@@ -228,6 +290,21 @@ impl Ops {
                 "Blocks found corrupt or stale and sent for repair.",
                 s.repairs.load(Relaxed),
             )
+            .counter(
+                "fs_cached_writes",
+                "Writes of parts of blocks taken by the write-back cache.",
+                self.cache_stats.writes.load(Relaxed),
+            )
+            .counter(
+                "fs_write_backs",
+                "Write-backs of cached blocks.",
+                self.cache_stats.write_backs.load(Relaxed),
+            )
+            .counter(
+                "fs_write_back_failures",
+                "Write-backs of cached blocks that failed (reported by the next flush, fsync or close).",
+                self.cache_stats.failed.load(Relaxed),
+            )
             .gauge(
                 "fs_open_files",
                 "Files open in this mount.",
@@ -251,12 +328,19 @@ impl Ops {
         gid: u32,
     ) -> OpResult<Ops> {
         let block_size = data.block_size() as u64;
+        // It never writes back on its own: this module decides when, file by file.
+        let cache = cfg
+            .write_cache
+            .then(|| WriteBackCache::new(data.clone(), usize::MAX));
         let ops = Ops {
             meta,
             data,
             cfg,
             block_size,
-            open: Mutex::new(HashMap::new()),
+            open: Arc::new(Mutex::new(HashMap::new())),
+            cache,
+            write_seq: AtomicU64::new(1),
+            cache_stats: Arc::default(),
             latencies: drs_metrics::latencies(),
         };
         let format = FsCommand::Format {
@@ -269,6 +353,13 @@ impl Ops {
         match ops.command(format).await {
             Ok(_) | Err(OpError::Fs(FsError::Exists)) => {}
             Err(e) => return Err(e),
+        }
+        if let Some(cache) = &ops.cache {
+            tokio::spawn(write_back_aged(
+                Arc::downgrade(&ops.open),
+                cache.clone(),
+                ops.cache_stats.clone(),
+            ));
         }
         match ops.query(FsQuery::StatFs).await? {
             FsReply::StatFs(s) if u64::from(s.block_size) == block_size => Ok(ops),
@@ -611,6 +702,19 @@ impl Ops {
     /// which unwritten blocks it wrote; with `trim` (the last close), gives back the
     /// blocks taken ahead and not used.
     pub async fn commit(&self, ino: Ino, trim: bool) -> OpResult<()> {
+        // Data before size: the file's cached blocks go to the nodes first.
+        let (cached, failed) = lock(&self.open)
+            .get_mut(&ino)
+            .map(|o| (cached_blocks(o, |_| true), o.write_error.take()))
+            .unwrap_or_default();
+        if let Some(e) = failed {
+            return Err(OpError::WriteBack(e));
+        }
+        if let Some(cache) = self.cache.as_ref().filter(|_| !cached.is_empty()) {
+            write_back(&self.open, cache, &self.cache_stats, ino, &cached)
+                .await
+                .map_err(|e| OpError::WriteBack(e.to_string()))?;
+        }
         let pending = lock(&self.open).get(&ino).and_then(|o| {
             let trim = trim && o.took_ahead && !o.preallocated;
             if o.dirty.is_none() && o.settled.is_empty() && !trim {
@@ -668,8 +772,8 @@ impl Ops {
         Ok(())
     }
 
-    /// `flush` (each close of a descriptor) and `fsync`: data is already on the
-    /// storage nodes; commit the size and the blocks written. Blocks taken ahead are
+    /// `flush` (each close of a descriptor) and `fsync`: write the file's cached
+    /// blocks back, then commit the size and the blocks written. Blocks taken ahead are
     /// kept: a flush is not the last close (a forked child closing an inherited
     /// descriptor sends one too) and writes may still be in flight; `release` gives
     /// them back.
@@ -734,6 +838,18 @@ impl Ops {
                 (first, end)
             };
         }
+    }
+
+    /// Names data block `lba` in the file's cached set, as written now.
+    fn note_cached(&self, ino: Ino, lba: u64) {
+        let seq = self.write_seq.fetch_add(1, Ordering::Relaxed);
+        lock(&self.open)
+            .entry(ino)
+            .or_default()
+            .cached
+            .entry(lba)
+            .and_modify(|c| c.1 = seq)
+            .or_insert((Instant::now(), seq));
     }
 
     /// The file's [`Open::freeing`] lock, if this mount has it open.
@@ -931,13 +1047,20 @@ impl Ops {
                     ))
                 })
                 .collect();
+            // This mount's writes still in the cache are read from it.
+            let in_cache: BTreeSet<u64> = lock(&self.open)
+                .get(&ino)
+                .map(|o| o.cached.keys().copied().collect())
+                .unwrap_or_default();
             // Whole blocks at consecutive addresses are read with one call.
-            let mut runs: Vec<(usize, u64, usize, usize, u64)> = Vec::new();
+            let mut runs: Vec<(usize, u64, usize, usize, u64, bool)> = Vec::new();
             for (at, lba, within, n) in pieces {
-                let whole = within == 0 && n as u64 == bs;
+                let cached = self.cache.is_some() && in_cache.contains(&lba);
+                let whole = within == 0 && n as u64 == bs && !cached;
                 match runs.last_mut() {
                     Some(r)
                         if whole
+                            && !r.5
                             && r.2 == 0
                             && r.3 as u64 == bs
                             && r.1 + r.4 == lba
@@ -945,12 +1068,14 @@ impl Ops {
                     {
                         r.4 += 1
                     }
-                    _ => runs.push((at, lba, within, n, 1)),
+                    _ => runs.push((at, lba, within, n, 1, cached)),
                 }
             }
             let reads: Vec<OpResult<(usize, Vec<Bytes>)>> = stream::iter(runs)
-                .map(|(at, lba, within, n, count)| async move {
-                    let data = if count > 1 {
+                .map(|(at, lba, within, n, count, cached)| async move {
+                    let data = if let Some(cache) = self.cache.as_ref().filter(|_| cached) {
+                        vec![cache.read(lba, within, n).await?]
+                    } else if count > 1 {
                         self.data.read_blocks(lba, count).await?
                     } else {
                         vec![self.data.read(lba, within, n).await?]
@@ -973,7 +1098,9 @@ impl Ops {
         .await
     }
 
-    /// Writes `data` at `offset`; on return it is on the storage nodes.
+    /// Writes `data` at `offset`: whole blocks are on the storage nodes on return,
+    /// parts of blocks in the write-back cache (see the module documentation), or
+    /// on the nodes too with `write_cache` off.
     pub async fn write(&self, ino: Ino, offset: u64, data: &[u8]) -> OpResult<usize> {
         if data.is_empty() {
             return Ok(0);
@@ -987,7 +1114,13 @@ impl Ops {
             let first = offset / bs;
             let last = (end - 1) / bs;
             let maps = self.map_for_write(ino, first, last - first + 1).await?;
-            let pieces: Vec<(u64, usize, Bytes)> = maps
+            let in_cache: BTreeSet<u64> = lock(&self.open)
+                .get(&ino)
+                .map(|o| o.cached.keys().copied().collect())
+                .unwrap_or_default();
+            // (data block, offset, bytes, through the cache): parts of blocks, and
+            // blocks the cache holds, go through it.
+            let pieces: Vec<(u64, usize, Bytes, bool)> = maps
                 .iter()
                 .map(|m| {
                     let start = m.block * bs;
@@ -995,19 +1128,38 @@ impl Ops {
                     let to = (start + bs).min(end);
                     let src = &data[(from - offset) as usize..(to - offset) as usize];
                     let within = (from - start) as usize;
-                    if m.fresh && src.len() as u64 != bs {
+                    let partial = src.len() as u64 != bs;
+                    let cached = self.cache.is_some() && (partial || in_cache.contains(&m.lba));
+                    if m.fresh && partial {
                         let mut whole = vec![0u8; bs as usize];
                         whole[within..within + src.len()].copy_from_slice(src);
-                        (m.lba, 0, Bytes::from(whole))
+                        (m.lba, 0, Bytes::from(whole), cached)
                     } else {
-                        (m.lba, within, Bytes::copy_from_slice(src))
+                        (m.lba, within, Bytes::copy_from_slice(src), cached)
                     }
                 })
                 .collect();
+            let (to_cache, direct): (Vec<_>, Vec<_>) = pieces.into_iter().partition(|p| p.3);
+            // Named in the file's cached set before (so a failed or cut-short write
+            // leaves nothing in the cache that a commit would not write back) and
+            // after (so a write-back that ran in between does not drop it).
+            for (lba, ..) in &to_cache {
+                self.note_cached(ino, *lba);
+            }
+            let cache_writes = async {
+                if let Some(cache) = &self.cache {
+                    for (lba, within, bytes, _) in &to_cache {
+                        cache.write(*lba, *within, bytes).await?;
+                        self.note_cached(ino, *lba);
+                        self.cache_stats.writes.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                Ok::<(), ClientError>(())
+            };
             // Whole blocks at consecutive addresses go in one call (one lock per
             // stripe instead of one per block).
             let mut runs: Vec<(u64, usize, Vec<u8>)> = Vec::new();
-            for (lba, within, bytes) in pieces {
+            for (lba, within, bytes, _) in direct {
                 let whole = within == 0 && bytes.len() as u64 == bs;
                 match runs.last_mut() {
                     Some(r)
@@ -1021,7 +1173,7 @@ impl Ops {
                     _ => runs.push((lba, within, bytes.to_vec())),
                 }
             }
-            let results: Vec<Result<(), ClientError>> = stream::iter(runs)
+            let direct_writes = stream::iter(runs)
                 .map(|(lba, within, bytes)| async move {
                     if within == 0 && (bytes.len() as u64).is_multiple_of(bs) {
                         self.data.write_blocks(lba, &bytes).await
@@ -1030,20 +1182,29 @@ impl Ops {
                     }
                 })
                 .buffer_unordered(self.cfg.parallel.max(1))
-                .collect()
-                .await;
+                .collect::<Vec<Result<(), ClientError>>>();
+            let (cached, results) = tokio::join!(cache_writes, direct_writes);
+            cached?;
             for r in results {
                 r?;
             }
-            let mut open = lock(&self.open);
-            let o = open.entry(ino).or_default();
-            o.size = o.size.max(end);
-            let t = now();
-            o.dirty = Some(t);
-            o.last_write = Some(t);
-            for m in maps.iter().filter(|m| m.fresh) {
-                o.fresh.remove(&m.block);
-                o.settled.insert(m.block);
+            let full = {
+                let mut open = lock(&self.open);
+                let o = open.entry(ino).or_default();
+                o.size = o.size.max(end);
+                let t = now();
+                o.dirty = Some(t);
+                o.last_write = Some(t);
+                for m in maps.iter().filter(|m| m.fresh) {
+                    o.fresh.remove(&m.block);
+                    o.settled.insert(m.block);
+                }
+                (o.cached.len() > CACHE_FILE_BLOCKS).then(|| cached_blocks(o, |_| true))
+            };
+            if let (Some(cache), Some(blocks)) = (&self.cache, full) {
+                write_back(&self.open, cache, &self.cache_stats, ino, &blocks)
+                    .await
+                    .map_err(|e| OpError::WriteBack(e.to_string()))?;
             }
             Ok(data.len())
         })
@@ -1155,5 +1316,89 @@ impl Ops {
             return Err(FsError::NoSpace.into());
         }
         Ok(())
+    }
+}
+
+/// Data blocks of an open file in the write-back cache whose first write was at a
+/// time `due` accepts, with the number of their latest write.
+fn cached_blocks(o: &Open, due: impl Fn(Instant) -> bool) -> Vec<(u64, u64)> {
+    o.cached
+        .iter()
+        .filter(|(_, (since, _))| due(*since))
+        .map(|(lba, (_, seq))| (*lba, *seq))
+        .collect()
+}
+
+/// Writes `blocks` (data block, number of its latest write) of file `ino` back from
+/// the cache; a block no write reached since leaves the file's cached set. If it
+/// fails, the file blocks they back that no `Written` named yet become unwritten
+/// again (what they hold is not known: the update may or may not have landed), and
+/// the error is returned.
+async fn write_back(
+    open: &Mutex<HashMap<Ino, Open>>,
+    cache: &WriteBackCache,
+    stats: &CacheStats,
+    ino: Ino,
+    blocks: &[(u64, u64)],
+) -> Result<(), ClientError> {
+    let lbas: Vec<u64> = blocks.iter().map(|b| b.0).collect();
+    let res = cache.flush_blocks(&lbas).await;
+    let counter = if res.is_ok() {
+        &stats.write_backs
+    } else {
+        &stats.failed
+    };
+    counter.fetch_add(1, Ordering::Relaxed);
+    if let Some(o) = lock(open).get_mut(&ino) {
+        for (lba, seq) in blocks {
+            if o.cached.get(lba).is_some_and(|c| c.1 == *seq) {
+                o.cached.remove(lba);
+            }
+        }
+        if res.is_err() {
+            let lbas: BTreeSet<u64> = lbas.into_iter().collect();
+            let lost: Vec<u64> = o
+                .blocks
+                .iter()
+                .filter(|(b, l)| lbas.contains(l) && o.settled.contains(b))
+                .map(|(b, _)| *b)
+                .collect();
+            for b in lost {
+                o.settled.remove(&b);
+                o.fresh.insert(b);
+            }
+        }
+    }
+    res
+}
+
+/// The background write-back: every [`CACHE_TICK`], each open file's blocks cached
+/// for [`CACHE_AGE`] or more. A failure waits for the file's next flush, fsync or
+/// close. Ends with the mount's table of open files.
+async fn write_back_aged(
+    open: Weak<Mutex<HashMap<Ino, Open>>>,
+    cache: WriteBackCache,
+    stats: Arc<CacheStats>,
+) {
+    loop {
+        tokio::time::sleep(CACHE_TICK).await;
+        let Some(open) = open.upgrade() else {
+            return;
+        };
+        let due: Vec<(Ino, Vec<(u64, u64)>)> = lock(&open)
+            .iter()
+            .filter_map(|(ino, o)| {
+                let d = cached_blocks(o, |since| since.elapsed() >= CACHE_AGE);
+                (!d.is_empty()).then_some((*ino, d))
+            })
+            .collect();
+        for (ino, blocks) in due {
+            if let Err(e) = write_back(&open, &cache, &stats, ino, &blocks).await {
+                tracing::warn!(ino, error = %e, "writing cached blocks back failed");
+                if let Some(o) = lock(&open).get_mut(&ino) {
+                    o.write_error.get_or_insert_with(|| e.to_string());
+                }
+            }
+        }
     }
 }

@@ -330,6 +330,82 @@ async fn a_last_close_overlapping_the_next_open_loses_nothing() {
     assert_eq!(free, free_at_start, "blocks leaked");
 }
 
+/// Goal: writes of parts of blocks go through the mount's write-back cache: many
+/// small writes to a block cost one write-back, the writer reads its own cached
+/// bytes, another mount sees them after the close (close-to-open) and within about a
+/// second without it, whole blocks bypass the cache, and `write_cache: false`
+/// (`-o write_through`) caches nothing.
+///
+/// Method: `a` writes a block in 256 pieces of 256 bytes and a whole block after
+/// it; 256 writes went to the cache, and the cache wrote back fewer than 16 times
+/// (a write-through mount sends one update per write). `a` reads the pieces back
+/// before closing. A second, still-open write is read by `b` after 3 s without any
+/// close (the background write-back). After the close `b` reads every byte. A
+/// write-through mount writing the same pieces caches none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_writes_go_through_the_write_back_cache() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let tc = cluster("fsops-cache").await;
+    let (a, b) = (mount(&tc).await, mount(&tc).await);
+    let bs = a.block_size() as usize;
+    let f = create(&a, ROOT, b"f").await;
+    let mut want = bytes(7, 2 * bs);
+    let piece = bs / 256;
+    for (i, p) in want[..bs].chunks(piece).enumerate() {
+        a.write(f, (i * piece) as u64, p).await.expect("write");
+    }
+    a.write(f, bs as u64, &want[bs..])
+        .await
+        .expect("whole block");
+    let stats = a.cache_stats();
+    assert_eq!(stats.writes.load(Relaxed), 256, "writes the cache took");
+    let backs = stats.write_backs.load(Relaxed);
+    assert!(backs < 16, "{backs} write-backs for one block's 256 writes");
+    assert!(read_all(&a, f).await == want, "a reads its cached writes");
+    a.flush(f).await.expect("flush");
+    b.open(f).await.expect("open");
+    assert!(read_all(&b, f).await == want, "b after a's flush");
+    b.release(f).await.expect("close");
+
+    // Still open, not flushed: written back within about a second.
+    a.write(f, 10, b"later").await.expect("write");
+    want[10..15].copy_from_slice(b"later");
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    let got = b.read(f, 10, 5).await.expect("read");
+    assert_eq!(got, b"later", "b reads a's cached write without a close");
+    a.release(f).await.expect("close");
+    b.open(f).await.expect("open");
+    assert!(read_all(&b, f).await == want, "b after a's close");
+    b.release(f).await.expect("close");
+    assert_eq!(stats.failed.load(Relaxed), 0);
+
+    let through = drs_fuse::connect(
+        &tc.local.map_path,
+        OpsConfig {
+            write_cache: false,
+            ..OpsConfig::default()
+        },
+    )
+    .await
+    .expect("connect");
+    through.open(f).await.expect("open");
+    for i in 0..8u8 {
+        through
+            .write(f, u64::from(i) * 100, &[i; 10])
+            .await
+            .expect("write");
+        want[usize::from(i) * 100..usize::from(i) * 100 + 10].fill(i);
+    }
+    assert_eq!(through.cache_stats().writes.load(Relaxed), 0);
+    through.release(f).await.expect("close");
+    b.open(f).await.expect("open");
+    assert!(
+        read_all(&b, f).await == want,
+        "b after the write-through mount"
+    );
+    b.release(f).await.expect("close");
+}
+
 /// Goal: a read updates a file's atime by relatime's rule, without changing its
 /// ctime, and a mount with `atime: false` (`-o noatime`) never does.
 ///
