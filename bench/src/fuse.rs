@@ -1,6 +1,7 @@
 //! Rows 12 and 13: 1 MiB sequential writes and reads through the FUSE mount, beside
 //! the same through the client library, a local directory and (if installed) a
-//! passthrough FUSE mount of that directory (bindfs), all in the same run.
+//! passthrough FUSE mount of that directory (bindfs), all in the same run. Row 14:
+//! 4 KiB writes through the mount, with its write-back cache and without.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
@@ -50,14 +51,21 @@ pub struct Mount {
 }
 
 impl Mount {
-    /// DRS's file system: this binary's `fuse-mount` (the same code as `drs-fuse`).
-    pub fn drs(cluster: &Path, path: &Path, log: &Path) -> anyhow::Result<Mount> {
+    /// DRS's file system: this binary's `fuse-mount` (the same code as `drs-fuse`);
+    /// with `write_through`, as `-o write_through` (no write-back cache).
+    pub fn drs(
+        cluster: &Path,
+        path: &Path,
+        log: &Path,
+        write_through: bool,
+    ) -> anyhow::Result<Mount> {
         fs::create_dir_all(path)?;
         let exe = std::env::current_exe().context("find the bench executable")?;
         let mut child = Command::new(exe)
             .arg("fuse-mount")
             .arg(cluster)
             .arg(path)
+            .args(write_through.then_some("write_through"))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(File::create(log)?)
@@ -120,6 +128,11 @@ impl Drop for Mount {
 /// Writes `data` to a new file at `path`, [`IO`] bytes per write(2), then fsync;
 /// the time, the fsync included.
 pub fn sequential_write(path: &Path, data: &[u8]) -> anyhow::Result<Duration> {
+    sequential_write_in(path, data, IO)
+}
+
+/// [`sequential_write`], `io` bytes per write(2).
+pub fn sequential_write_in(path: &Path, data: &[u8], io: usize) -> anyhow::Result<Duration> {
     let t = Instant::now();
     let mut f = OpenOptions::new()
         .write(true)
@@ -127,7 +140,7 @@ pub fn sequential_write(path: &Path, data: &[u8]) -> anyhow::Result<Duration> {
         .truncate(true)
         .open(path)
         .with_context(|| format!("create {}", path.display()))?;
-    for c in data.chunks(IO) {
+    for c in data.chunks(io.max(1)) {
         f.write_all(c)
             .with_context(|| format!("write {}", path.display()))?;
     }

@@ -186,7 +186,7 @@ fn main() {
     if args.get(1).is_some_and(|a| a == "fuse-mount") {
         // The file system rows' mount (see `fuse::Mount::drs`).
         let (Some(cluster), Some(path)) = (args.get(2), args.get(3)) else {
-            eprintln!("bench fuse-mount: CLUSTER_FILE MOUNTPOINT");
+            eprintln!("bench fuse-mount: CLUSTER_FILE MOUNTPOINT [write_through]");
             std::process::exit(2);
         };
         let cfg = drs_fuse::MountConfig {
@@ -197,7 +197,7 @@ fn main() {
             threads: 4,
             writeback_cache: false,
             noatime: false,
-            write_through: false,
+            write_through: args.get(4).is_some_and(|a| a == "write_through"),
             metrics: None,
         };
         if let Err(e) = drs_fuse::mount(&cfg) {
@@ -871,7 +871,12 @@ fn run(opts: Opts, rt: &tokio::runtime::Runtime) -> anyhow::Result<()> {
 }
 
 /// Rows 12 and 13: 1 MiB sequential write and read of half the volume through the FUSE
-/// mount, through the library, in a local directory and through bindfs over it.
+/// mount, through the library, in a local directory and through bindfs over it. Row
+/// 14: [`SMALL_WRITES_BYTES`] in 4 KiB writes through a mount, with its write-back
+/// cache and with `-o write_through`.
+/// Bytes row 14 writes in 4 KiB writes.
+const SMALL_WRITES_BYTES: usize = 4 << 20;
+
 fn fuse_rows(
     local: &LocalCluster,
     client: &Client,
@@ -910,14 +915,39 @@ fn fuse_rows(
     };
     drop(bind);
     let fuse_w = {
-        let m = fuse::Mount::drs(&local.map_path, &dir.join("mnt"), &dir.join("mnt.log"))?;
+        let m = fuse::Mount::drs(
+            &local.map_path,
+            &dir.join("mnt"),
+            &dir.join("mnt.log"),
+            false,
+        )?;
         fuse::sequential_write(&m.path.join("big"), data)?
     };
     // A fresh mount: nothing of the file in its page cache.
     let fuse_r = {
-        let m = fuse::Mount::drs(&local.map_path, &dir.join("mnt"), &dir.join("mnt.log"))?;
+        let m = fuse::Mount::drs(
+            &local.map_path,
+            &dir.join("mnt"),
+            &dir.join("mnt.log"),
+            false,
+        )?;
         fuse::sequential_read(&m.path.join("big"), data)?
     };
+    // Row 14: 4 KiB writes, each mount's file read back and checked.
+    let small = &data[..SMALL_WRITES_BYTES.min(data.len())];
+    let small_write = |write_through: bool, name: &str| -> anyhow::Result<Duration> {
+        let m = fuse::Mount::drs(
+            &local.map_path,
+            &dir.join("mnt"),
+            &dir.join("mnt.log"),
+            write_through,
+        )?;
+        let took = fuse::sequential_write_in(&m.path.join(name), small, 4096)?;
+        fuse::sequential_read(&m.path.join(name), small)?;
+        Ok(took)
+    };
+    let cached_w = small_write(false, "small")?;
+    let through_w = small_write(true, "small-through")?;
     let show = |d: Duration| mib_per_s(bytes, d);
     let others = |w: bool| {
         let (l, b) = if w {
@@ -963,6 +993,23 @@ fn fuse_rows(
         row.drs,
         row.baseline,
         others(false)
+    );
+    rows.push(row);
+    let small_bytes = small.len() as u64;
+    let row = Row {
+        name: "FUSE 4 KiB writes, write-back cache".into(),
+        unit: Unit::MiBs,
+        drs: mib_per_s(small_bytes, cached_w),
+        baseline_name: "the same, -o write_through".into(),
+        baseline: mib_per_s(small_bytes, through_w),
+        scale: 1.0,
+        target: Some(2.0),
+    };
+    println!(
+        "[14] write {} in 4 KiB writes + fsync: FUSE {:.2} MiB/s, with -o write_through {:.2} MiB/s",
+        human(small_bytes),
+        row.drs,
+        row.baseline,
     );
     rows.push(row);
     Ok(())

@@ -693,6 +693,7 @@ pub async fn run_one(
                     &cluster.join("cluster.toml"),
                     &mnt,
                     &dir.join("mount.log"),
+                    false,
                 )?;
                 fs_dir = Some(m.path.clone());
                 mounts.push(m);

@@ -334,10 +334,19 @@ impl WriteBackCache {
 
     /// Writes back (and unlocks) those of `lbas` cached here; the rest of the cache
     /// stays. As with [`WriteBackCache::flush`], a block whose write-back failed is
-    /// dropped from the cache and the first error returned.
-    pub async fn flush_blocks(&self, lbas: &[u64]) -> Result<(), ClientError> {
+    /// dropped from the cache; the error comes with the blocks of the stripes that
+    /// failed (their changes may or may not have landed).
+    pub async fn flush_blocks(&self, lbas: &[u64]) -> Result<(), (ClientError, Vec<u64>)> {
         let mut entries = self.inner.entries.lock().await;
-        self.inner.flush_lbas(&mut entries, lbas).await
+        let mut failed = Vec::new();
+        match self
+            .inner
+            .flush_lbas_noting(&mut entries, lbas, &mut failed)
+            .await
+        {
+            Ok(()) => Ok(()),
+            Err(e) => Err((e, failed)),
+        }
     }
 
     /// Blocks held in the cache.
@@ -537,6 +546,17 @@ impl CacheInner {
         entries: &mut BTreeMap<u64, CachedBlock>,
         lbas: &[u64],
     ) -> Result<(), ClientError> {
+        self.flush_lbas_noting(entries, lbas, &mut Vec::new()).await
+    }
+
+    /// [`CacheInner::flush_lbas`], adding the blocks of every stripe whose
+    /// write-back failed to `failed`.
+    async fn flush_lbas_noting(
+        &self,
+        entries: &mut BTreeMap<u64, CachedBlock>,
+        lbas: &[u64],
+        failed: &mut Vec<u64>,
+    ) -> Result<(), ClientError> {
         let client = &self.client;
         let mut by_stripe: BTreeMap<StripeId, Vec<u64>> = BTreeMap::new();
         for lba in lbas.iter().filter(|l| entries.contains_key(l)) {
@@ -580,6 +600,7 @@ impl CacheInner {
                 // locks were released with it: the cached copies are no longer the
                 // ones the volume is built on, so they are dropped, not retried.
                 tracing::warn!(stripe, ?lbas, error = %e, "write-back failed; cached changes dropped");
+                failed.extend_from_slice(&lbas);
                 first_err.get_or_insert(e);
             }
         }

@@ -144,6 +144,10 @@ struct Open {
     /// A background write-back of the file's blocks failed: the next flush, fsync or
     /// close reports it.
     write_error: Option<String>,
+    /// Held while the file's cached blocks are written back and, by a commit, until
+    /// its `Written`: a failure of the background write-back is then either seen by
+    /// a commit or happens after it.
+    write_back: Arc<tokio::sync::Mutex<()>>,
     /// `fallocate` with `KEEP_SIZE` reserved blocks past the end: the last close keeps
     /// every block past the end (it would otherwise give back those taken ahead).
     preallocated: bool,
@@ -187,7 +191,7 @@ pub struct Ops {
     /// Writes of parts of blocks (none with `write_cache` off).
     cache: Option<WriteBackCache>,
     /// Numbers writes that go to the cache (see [`Open::cached`]).
-    write_seq: AtomicU64,
+    write_seq: Arc<AtomicU64>,
     /// What the write-back cache did.
     cache_stats: Arc<CacheStats>,
     /// Time each file system operation took, by operation.
@@ -201,9 +205,15 @@ impl Ops {
     /// Returns how many unlocks are left.
     pub async fn settle_unlocks(&self, max: std::time::Duration) -> usize {
         if let Some(cache) = &self.cache {
-            match tokio::time::timeout(max, cache.flush()).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => tracing::warn!(error = %e, "writing cached blocks back failed"),
+            // In a task of its own, so the timeout does not cut a write-back short.
+            let flush = tokio::spawn({
+                let cache = cache.clone();
+                async move { cache.flush().await }
+            });
+            match tokio::time::timeout(max, flush).await {
+                Ok(Ok(Ok(()))) => {}
+                Ok(Ok(Err(e))) => tracing::warn!(error = %e, "writing cached blocks back failed"),
+                Ok(Err(e)) => tracing::warn!(error = %e, "the write-back task ended"),
                 Err(_) => tracing::warn!(?max, "writing cached blocks back took too long"),
             }
         }
@@ -339,7 +349,7 @@ impl Ops {
             block_size,
             open: Arc::new(Mutex::new(HashMap::new())),
             cache,
-            write_seq: AtomicU64::new(1),
+            write_seq: Arc::new(AtomicU64::new(1)),
             cache_stats: Arc::default(),
             latencies: drs_metrics::latencies(),
         };
@@ -701,31 +711,41 @@ impl Ops {
     /// Tells the metadata service the size and mtime of this mount's writes, and
     /// which unwritten blocks it wrote; with `trim` (the last close), gives back the
     /// blocks taken ahead and not used.
+    ///
+    /// Data before size: the file's cached blocks are written back first, and a
+    /// block still in the cache (written meanwhile) is not named. A write-back that
+    /// failed, now or in the background, fails the commit (EIO) after the rest of it
+    /// was sent.
     pub async fn commit(&self, ino: Ino, trim: bool) -> OpResult<()> {
-        // Data before size: the file's cached blocks go to the nodes first.
-        let (cached, failed) = lock(&self.open)
+        let serial = lock(&self.open).get(&ino).map(|o| o.write_back.clone());
+        let _serial = match serial {
+            Some(l) => Some(l.lock_owned().await),
+            None => None,
+        };
+        let written_back = self.write_back_now(ino, |_| true).await;
+        let failed = lock(&self.open)
             .get_mut(&ino)
-            .map(|o| (cached_blocks(o, |_| true), o.write_error.take()))
-            .unwrap_or_default();
-        if let Some(e) = failed {
-            return Err(OpError::WriteBack(e));
-        }
-        if let Some(cache) = self.cache.as_ref().filter(|_| !cached.is_empty()) {
-            write_back(&self.open, cache, &self.cache_stats, ino, &cached)
-                .await
-                .map_err(|e| OpError::WriteBack(e.to_string()))?;
-        }
+            .and_then(|o| o.write_error.take());
+        let failed = match (written_back, failed) {
+            (Err(e), _) => Some(e),
+            (Ok(()), f) => f.map(OpError::WriteBack),
+        };
         let pending = lock(&self.open).get(&ino).and_then(|o| {
             let trim = trim && o.took_ahead && !o.preallocated;
             if o.dirty.is_none() && o.settled.is_empty() && !trim {
                 return None;
             }
             let t = o.dirty.or(o.last_write).unwrap_or_else(now);
-            let settled: Vec<u64> = o.settled.iter().copied().collect();
+            let settled: Vec<u64> = o
+                .settled
+                .iter()
+                .filter(|b| o.blocks.get(b).is_none_or(|l| !o.cached.contains_key(l)))
+                .copied()
+                .collect();
             Some((o.size, t, settled, trim))
         });
         let Some((size, t, settled, trim)) = pending else {
-            return Ok(());
+            return failed.map_or(Ok(()), Err);
         };
         let mut ranges: Vec<BlockRange> = Vec::new();
         for b in &settled {
@@ -769,7 +789,29 @@ impl Ops {
                 o.forget_blocks(size.div_ceil(self.block_size), u64::MAX);
             }
         }
-        Ok(())
+        failed.map_or(Ok(()), Err)
+    }
+
+    /// Writes back file `ino`'s cached blocks that `due` accepts, in a task of its
+    /// own: a caller cut short by its timeout does not cut the write-back short
+    /// (that would lose the blocks' locks, and what was written back).
+    async fn write_back_now(&self, ino: Ino, due: fn(Instant) -> bool) -> OpResult<()> {
+        let Some(cache) = &self.cache else {
+            return Ok(());
+        };
+        let task = tokio::spawn(write_back_due(
+            self.open.clone(),
+            cache.clone(),
+            self.cache_stats.clone(),
+            ino,
+            due,
+        ));
+        match task.await {
+            Ok(r) => r.map_err(|e| OpError::WriteBack(e.to_string())),
+            Err(e) => Err(OpError::WriteBack(format!(
+                "the write-back task ended: {e}"
+            ))),
+        }
     }
 
     /// `flush` (each close of a descriptor) and `fsync`: write the file's cached
@@ -838,18 +880,6 @@ impl Ops {
                 (first, end)
             };
         }
-    }
-
-    /// Names data block `lba` in the file's cached set, as written now.
-    fn note_cached(&self, ino: Ino, lba: u64) {
-        let seq = self.write_seq.fetch_add(1, Ordering::Relaxed);
-        lock(&self.open)
-            .entry(ino)
-            .or_default()
-            .cached
-            .entry(lba)
-            .and_modify(|c| c.1 = seq)
-            .or_insert((Instant::now(), seq));
     }
 
     /// The file's [`Open::freeing`] lock, if this mount has it open.
@@ -1144,17 +1174,30 @@ impl Ops {
             // leaves nothing in the cache that a commit would not write back) and
             // after (so a write-back that ran in between does not drop it).
             for (lba, ..) in &to_cache {
-                self.note_cached(ino, *lba);
+                note_cached(&self.open, &self.write_seq, ino, *lba);
             }
+            // In a task of its own: a write cut short by its timeout while the cache
+            // takes a block's lock would leave the lock held.
             let cache_writes = async {
-                if let Some(cache) = &self.cache {
+                let Some(cache) = self.cache.clone().filter(|_| !to_cache.is_empty()) else {
+                    return Ok(());
+                };
+                let (open, stats) = (self.open.clone(), self.cache_stats.clone());
+                let seq = self.write_seq.clone();
+                let task = tokio::spawn(async move {
                     for (lba, within, bytes, _) in &to_cache {
                         cache.write(*lba, *within, bytes).await?;
-                        self.note_cached(ino, *lba);
-                        self.cache_stats.writes.fetch_add(1, Ordering::Relaxed);
+                        note_cached(&open, &seq, ino, *lba);
+                        stats.writes.fetch_add(1, Ordering::Relaxed);
                     }
+                    Ok::<(), ClientError>(())
+                });
+                match task.await {
+                    Ok(r) => r.map_err(OpError::from),
+                    Err(e) => Err(OpError::WriteBack(format!(
+                        "the cache write task ended: {e}"
+                    ))),
                 }
-                Ok::<(), ClientError>(())
             };
             // Whole blocks at consecutive addresses go in one call (one lock per
             // stripe instead of one per block).
@@ -1199,12 +1242,11 @@ impl Ops {
                     o.fresh.remove(&m.block);
                     o.settled.insert(m.block);
                 }
-                (o.cached.len() > CACHE_FILE_BLOCKS).then(|| cached_blocks(o, |_| true))
+                (o.cached.len() > CACHE_FILE_BLOCKS).then(|| o.write_back.clone())
             };
-            if let (Some(cache), Some(blocks)) = (&self.cache, full) {
-                write_back(&self.open, cache, &self.cache_stats, ino, &blocks)
-                    .await
-                    .map_err(|e| OpError::WriteBack(e.to_string()))?;
+            if let Some(serial) = full {
+                let _serial = serial.lock_owned().await;
+                self.write_back_now(ino, |_| true).await?;
             }
             Ok(data.len())
         })
@@ -1319,28 +1361,44 @@ impl Ops {
     }
 }
 
-/// Data blocks of an open file in the write-back cache whose first write was at a
-/// time `due` accepts, with the number of their latest write.
-fn cached_blocks(o: &Open, due: impl Fn(Instant) -> bool) -> Vec<(u64, u64)> {
-    o.cached
-        .iter()
-        .filter(|(_, (since, _))| due(*since))
-        .map(|(lba, (_, seq))| (*lba, *seq))
-        .collect()
+/// Names data block `lba` in file `ino`'s cached set, as written now.
+fn note_cached(open: &Mutex<HashMap<Ino, Open>>, seq: &AtomicU64, ino: Ino, lba: u64) {
+    let seq = seq.fetch_add(1, Ordering::Relaxed);
+    lock(open)
+        .entry(ino)
+        .or_default()
+        .cached
+        .entry(lba)
+        .and_modify(|c| c.1 = seq)
+        .or_insert((Instant::now(), seq));
 }
 
-/// Writes `blocks` (data block, number of its latest write) of file `ino` back from
-/// the cache; a block no write reached since leaves the file's cached set. If it
-/// fails, the file blocks they back that no `Written` named yet become unwritten
-/// again (what they hold is not known: the update may or may not have landed), and
-/// the error is returned.
-async fn write_back(
-    open: &Mutex<HashMap<Ino, Open>>,
-    cache: &WriteBackCache,
-    stats: &CacheStats,
+/// Writes file `ino`'s cached blocks whose first write was at a time `due` accepts
+/// back from the cache; a block no write reached since leaves the file's cached
+/// set. If a stripe's write-back fails, the file blocks it held that no `Written`
+/// named yet become unwritten again (what they hold is not known: the update may or
+/// may not have landed), and the error is returned. Callers hold the file's
+/// [`Open::write_back`] lock.
+async fn write_back_due(
+    open: Arc<Mutex<HashMap<Ino, Open>>>,
+    cache: WriteBackCache,
+    stats: Arc<CacheStats>,
     ino: Ino,
-    blocks: &[(u64, u64)],
+    due: fn(Instant) -> bool,
 ) -> Result<(), ClientError> {
+    let blocks: Vec<(u64, u64)> = lock(&open)
+        .get(&ino)
+        .map(|o| {
+            o.cached
+                .iter()
+                .filter(|(_, (since, _))| due(*since))
+                .map(|(lba, (_, seq))| (*lba, *seq))
+                .collect()
+        })
+        .unwrap_or_default();
+    if blocks.is_empty() {
+        return Ok(());
+    }
     let lbas: Vec<u64> = blocks.iter().map(|b| b.0).collect();
     let res = cache.flush_blocks(&lbas).await;
     let counter = if res.is_ok() {
@@ -1349,18 +1407,18 @@ async fn write_back(
         &stats.failed
     };
     counter.fetch_add(1, Ordering::Relaxed);
-    if let Some(o) = lock(open).get_mut(&ino) {
-        for (lba, seq) in blocks {
+    if let Some(o) = lock(&open).get_mut(&ino) {
+        for (lba, seq) in &blocks {
             if o.cached.get(lba).is_some_and(|c| c.1 == *seq) {
                 o.cached.remove(lba);
             }
         }
-        if res.is_err() {
-            let lbas: BTreeSet<u64> = lbas.into_iter().collect();
+        if let Err((_, failed)) = &res {
+            let failed: BTreeSet<u64> = failed.iter().copied().collect();
             let lost: Vec<u64> = o
                 .blocks
                 .iter()
-                .filter(|(b, l)| lbas.contains(l) && o.settled.contains(b))
+                .filter(|(b, l)| failed.contains(l) && o.settled.contains(b))
                 .map(|(b, _)| *b)
                 .collect();
             for b in lost {
@@ -1369,12 +1427,12 @@ async fn write_back(
             }
         }
     }
-    res
+    res.map_err(|(e, _)| e)
 }
 
 /// The background write-back: every [`CACHE_TICK`], each open file's blocks cached
-/// for [`CACHE_AGE`] or more. A failure waits for the file's next flush, fsync or
-/// close. Ends with the mount's table of open files.
+/// for [`CACHE_AGE`] or more, under the file's write-back lock. A failure waits for
+/// the file's next flush, fsync or close. Ends with the mount's table of open files.
 async fn write_back_aged(
     open: Weak<Mutex<HashMap<Ino, Open>>>,
     cache: WriteBackCache,
@@ -1385,15 +1443,21 @@ async fn write_back_aged(
         let Some(open) = open.upgrade() else {
             return;
         };
-        let due: Vec<(Ino, Vec<(u64, u64)>)> = lock(&open)
+        let due: Vec<(Ino, Arc<tokio::sync::Mutex<()>>)> = lock(&open)
             .iter()
-            .filter_map(|(ino, o)| {
-                let d = cached_blocks(o, |since| since.elapsed() >= CACHE_AGE);
-                (!d.is_empty()).then_some((*ino, d))
+            .filter(|(_, o)| {
+                o.cached
+                    .values()
+                    .any(|(since, _)| since.elapsed() >= CACHE_AGE)
             })
+            .map(|(ino, o)| (*ino, o.write_back.clone()))
             .collect();
-        for (ino, blocks) in due {
-            if let Err(e) = write_back(&open, &cache, &stats, ino, &blocks).await {
+        for (ino, serial) in due {
+            let _serial = serial.lock().await;
+            let aged = |since: Instant| since.elapsed() >= CACHE_AGE;
+            if let Err(e) =
+                write_back_due(open.clone(), cache.clone(), stats.clone(), ino, aged).await
+            {
                 tracing::warn!(ino, error = %e, "writing cached blocks back failed");
                 if let Some(o) = lock(&open).get_mut(&ino) {
                     o.write_error.get_or_insert_with(|| e.to_string());

@@ -406,6 +406,63 @@ async fn small_writes_go_through_the_write_back_cache() {
     b.release(f).await.expect("close");
 }
 
+/// Goal: a write that the cache took but could not write back is reported, by the
+/// file's next flush (EIO), and its block is never shown with another file's old
+/// bytes.
+///
+/// Method: file `g` fills 8 blocks and is removed (its blocks are free, their bytes
+/// still on the nodes). `f` writes 100 bytes into each of its first 8 blocks (fresh
+/// blocks: cached, zeros around the bytes). Three nodes (m + 1) are SIGKILLed before
+/// the write-back: the flush fails. The nodes return; a second mount reads `f`: no
+/// byte of it is one of `g`'s (each block is whole and zero around the bytes, or all
+/// zeros). The close after the nodes returned succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_write_back_is_reported_and_shows_no_old_bytes() {
+    let tc = cluster("fsops-cache-fail").await;
+    let (a, b) = (mount(&tc).await, mount(&tc).await);
+    let bs = a.block_size() as usize;
+    let g = create(&a, ROOT, b"g").await;
+    let old = vec![0xeeu8; 8 * bs];
+    write(&a, g, 0, &old).await;
+    a.release(g).await.expect("close");
+    a.unlink(ROOT, b"g", false).await.expect("unlink");
+
+    let f = create(&a, ROOT, b"f").await;
+    for i in 0..8 {
+        a.write(f, (i * bs) as u64, &[7u8; 100])
+            .await
+            .expect("write");
+    }
+    for id in [3, 4, 5] {
+        tc.kill(id);
+    }
+    let flushed = a.flush(f).await;
+    assert!(
+        matches!(flushed, Err(drs_fuse::OpError::WriteBack(_))),
+        "flush with m + 1 nodes down: {flushed:?}"
+    );
+    for id in [3, 4, 5] {
+        tc.restart(id);
+    }
+    tc.wait_all_up().await;
+    a.release(f).await.expect("close once the nodes are back");
+    b.open(f).await.expect("open");
+    let all = read_all(&b, f).await;
+    b.release(f).await.expect("close");
+    assert!(
+        !all.contains(&0xee),
+        "another file's old bytes show through a failed write-back"
+    );
+    for (i, block) in all.chunks(bs).enumerate() {
+        let written = block[..100].iter().all(|x| *x == 7) && block[100..].iter().all(|x| *x == 0);
+        let unwritten = block.iter().all(|x| *x == 0);
+        assert!(
+            written || unwritten,
+            "block {i} is neither written nor zeros"
+        );
+    }
+}
+
 /// Goal: a read updates a file's atime by relatime's rule, without changing its
 /// ctime, and a mount with `atime: false` (`-o noatime`) never does.
 ///
