@@ -47,6 +47,8 @@ use drs_meta::fs::{
 /// Blocks a sequential writer takes ahead of its writes with one `Map` (16 MiB of
 /// 64 KiB blocks): one metadata round trip per this many blocks instead of per write.
 const AHEAD: u64 = 256;
+/// The extended attribute holding a file's capabilities.
+const CAPABILITY: &[u8] = b"security.capability";
 /// Blocks one file may hold in the write-back cache; a write past this writes the
 /// file's cached blocks back.
 const CACHE_FILE_BLOCKS: usize = 64;
@@ -144,6 +146,13 @@ struct Open {
     /// A background write-back of the file's blocks failed: the next flush, fsync or
     /// close reports it.
     write_error: Option<String>,
+    /// The file has no `security.capability` (the kernel asks before every write,
+    /// to clear it: answered here while the file is open, set again by a getxattr
+    /// after each open, cleared by this mount's setxattr).
+    no_capability: bool,
+    /// Counts this mount's setxattr calls on the file: an absence read across one
+    /// is not remembered.
+    xattr_sets: u64,
     /// Held while the file's cached blocks are written back and, by a commit, until
     /// its `Written`: a failure of the background write-back is then either seen by
     /// a commit or happens after it.
@@ -611,6 +620,10 @@ impl Ops {
         create: bool,
         replace: bool,
     ) -> OpResult<()> {
+        if let Some(o) = lock(&self.open).get_mut(&ino) {
+            o.no_capability = false;
+            o.xattr_sets += 1;
+        }
         let cmd = FsCommand::SetXattr {
             ino,
             name,
@@ -632,11 +645,24 @@ impl Ops {
         self.attr_command(cmd).await.map(drop)
     }
 
-    /// An extended attribute's value.
+    /// An extended attribute's value. The kernel asks for `security.capability`
+    /// before every write (to remove it): while a file is open, its absence is
+    /// remembered (close-to-open, as for data), so a write costs no metadata round
+    /// trip for it.
     pub async fn getxattr(&self, ino: Ino, name: Vec<u8>) -> OpResult<Vec<u8>> {
+        let capability = name == CAPABILITY;
+        if capability && lock(&self.open).get(&ino).is_some_and(|o| o.no_capability) {
+            return Err(FsError::NoXattr.into());
+        }
+        let sets = lock(&self.open).get(&ino).map(|o| o.xattr_sets);
         self.bounded(async {
-            let r = self.query(FsQuery::GetXattr { ino, name }).await?;
-            expect_reply!(r, FsReply::Bytes(b) => b)
+            let r = self.query(FsQuery::GetXattr { ino, name }).await;
+            if capability && matches!(r, Err(OpError::Fs(FsError::NoXattr))) {
+                if let Some(o) = lock(&self.open).get_mut(&ino) {
+                    o.no_capability = Some(o.xattr_sets) == sets;
+                }
+            }
+            expect_reply!(r?, FsReply::Bytes(b) => b)
         })
         .await
     }
@@ -686,6 +712,8 @@ impl Ops {
             let o = open.entry(ino).or_default();
             o.handles += 1;
             o.atime_due = self.cfg.atime && drs_meta::fs::atime_due(&a, now());
+            // Close-to-open: asked again after each open.
+            o.no_capability = false;
             if o.dirty.is_none() {
                 o.size = a.size;
                 o.blocks.clear();

@@ -463,6 +463,46 @@ async fn a_failed_write_back_is_reported_and_shows_no_old_bytes() {
     }
 }
 
+/// Goal: the absence of `security.capability`, which the kernel asks for before
+/// every write, is remembered while a file is open, and never hides a capability
+/// set through the same mount, or through another one before the next open.
+///
+/// Method: `a` opens a file and asks twice: absent. `a` sets it: read back. `a`
+/// removes it: absent again. `b` sets it while `a` holds the file open; `a` opens
+/// the file again and sees it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_capability_absence_is_remembered_while_open_only() {
+    let tc = cluster("fsops-caps").await;
+    let (a, b) = (mount(&tc).await, mount(&tc).await);
+    let cap = b"security.capability".to_vec();
+    let absent = |r: Result<Vec<u8>, drs_fuse::OpError>| {
+        matches!(
+            r,
+            Err(drs_fuse::OpError::Fs(drs_meta::fs::FsError::NoXattr))
+        )
+    };
+    let f = create(&a, ROOT, b"f").await;
+    for _ in 0..2 {
+        assert!(absent(a.getxattr(f, cap.clone()).await));
+    }
+    a.setxattr(f, cap.clone(), b"caps".to_vec(), false, false)
+        .await
+        .expect("setxattr");
+    assert_eq!(a.getxattr(f, cap.clone()).await.expect("getxattr"), b"caps");
+    a.removexattr(f, cap.clone()).await.expect("removexattr");
+    assert!(absent(a.getxattr(f, cap.clone()).await));
+    b.setxattr(f, cap.clone(), b"other".to_vec(), false, false)
+        .await
+        .expect("setxattr in b");
+    a.open(f).await.expect("open again");
+    assert_eq!(
+        a.getxattr(f, cap.clone()).await.expect("getxattr"),
+        b"other"
+    );
+    a.release(f).await.expect("close");
+    a.release(f).await.expect("close");
+}
+
 /// Goal: a read updates a file's atime by relatime's rule, without changing its
 /// ctime, and a mount with `atime: false` (`-o noatime`) never does.
 ///
