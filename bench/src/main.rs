@@ -914,34 +914,21 @@ fn fuse_rows(
         None => None,
     };
     drop(bind);
-    let fuse_w = {
-        let m = fuse::Mount::drs(
-            &local.map_path,
-            &dir.join("mnt"),
-            &dir.join("mnt.log"),
-            false,
-        )?;
-        fuse::sequential_write(&m.path.join("big"), data)?
-    };
-    // A fresh mount: nothing of the file in its page cache.
-    let fuse_r = {
-        let m = fuse::Mount::drs(
-            &local.map_path,
-            &dir.join("mnt"),
-            &dir.join("mnt.log"),
-            false,
-        )?;
-        fuse::sequential_read(&m.path.join("big"), data)?
-    };
-    // Row 14: 4 KiB writes, each mount's file read back and checked.
-    let small = &data[..SMALL_WRITES_BYTES.min(data.len())];
-    let small_write = |write_through: bool, name: &str| -> anyhow::Result<Duration> {
-        let m = fuse::Mount::drs(
+    // Each mount is new: nothing of a file in its page cache.
+    let mount = |write_through: bool| {
+        fuse::Mount::drs(
             &local.map_path,
             &dir.join("mnt"),
             &dir.join("mnt.log"),
             write_through,
-        )?;
+        )
+    };
+    let fuse_w = fuse::sequential_write(&mount(false)?.path.join("big"), data)?;
+    let fuse_r = fuse::sequential_read(&mount(false)?.path.join("big"), data)?;
+    // Row 14: 4 KiB writes, each mount's file read back and checked.
+    let small = &data[..SMALL_WRITES_BYTES.min(data.len())];
+    let small_write = |write_through: bool, name: &str| -> anyhow::Result<Duration> {
+        let m = mount(write_through)?;
         let took = fuse::sequential_write_in(&m.path.join(name), small, 4096)?;
         fuse::sequential_read(&m.path.join(name), small)?;
         Ok(took)
