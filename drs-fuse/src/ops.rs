@@ -143,9 +143,13 @@ struct Open {
     /// there, and the number of its latest write (a write-back forgets a block only
     /// if no write came after it began).
     cached: BTreeMap<u64, (Instant, u64)>,
-    /// A background write-back of the file's blocks failed: the next flush, fsync or
-    /// close reports it.
+    /// A write-back of the file's blocks failed: the next flush, fsync or close
+    /// reports it.
     write_error: Option<String>,
+    /// Data blocks whose write-back failed, with the write number then and when: a
+    /// write still under way that had cached one of them before does not count it
+    /// written (it fails, and the block stays unwritten if it was).
+    failed: BTreeMap<u64, (u64, Instant)>,
     /// The file has no `security.capability` (the kernel asks before every write,
     /// to clear it: answered here while the file is open, set again by a getxattr
     /// after each open, cleared by this mount's setxattr).
@@ -177,6 +181,20 @@ impl Open {
         self.fresh.retain(|b| !(from..to).contains(b));
         self.settled.retain(|b| !(from..to).contains(b));
     }
+}
+
+/// What the write-back of cached blocks works with (shared with its tasks).
+#[derive(Clone)]
+struct WriteBack {
+    open: Arc<Mutex<HashMap<Ino, Open>>>,
+    cache: WriteBackCache,
+    stats: Arc<CacheStats>,
+    /// Numbers writes to the cache and write-back failures (see [`Open::cached`],
+    /// [`Open::failed`]).
+    seq: Arc<AtomicU64>,
+    /// How long a failure is remembered for writes under way: longer than any
+    /// operation may take.
+    keep_failures: Duration,
 }
 
 /// What a mount's write-back cache did.
@@ -269,6 +287,17 @@ macro_rules! expect_reply {
 }
 
 impl Ops {
+    /// The write-back's shared parts, if the mount has a cache.
+    fn wb(&self) -> Option<WriteBack> {
+        Some(WriteBack {
+            open: self.open.clone(),
+            cache: self.cache.clone()?,
+            stats: self.cache_stats.clone(),
+            seq: self.write_seq.clone(),
+            keep_failures: self.cfg.op_timeout * 2,
+        })
+    }
+
     /// What the write-back cache did.
     pub fn cache_stats(&self) -> &CacheStats {
         &self.cache_stats
@@ -373,12 +402,10 @@ impl Ops {
             Ok(_) | Err(OpError::Fs(FsError::Exists)) => {}
             Err(e) => return Err(e),
         }
-        if let Some(cache) = &ops.cache {
-            tokio::spawn(write_back_aged(
-                Arc::downgrade(&ops.open),
-                cache.clone(),
-                ops.cache_stats.clone(),
-            ));
+        if let Some(wb) = ops.wb() {
+            let open = Arc::downgrade(&wb.open);
+            let cache = wb.cache.clone();
+            tokio::spawn(write_back_aged(open, cache, wb));
         }
         match ops.query(FsQuery::StatFs).await? {
             FsReply::StatFs(s) if u64::from(s.block_size) == block_size => Ok(ops),
@@ -620,10 +647,15 @@ impl Ops {
         create: bool,
         replace: bool,
     ) -> OpResult<()> {
-        if let Some(o) = lock(&self.open).get_mut(&ino) {
-            o.no_capability = false;
-            o.xattr_sets += 1;
-        }
+        // Before and after: an absence read while the set is under way is neither
+        // remembered nor left remembered.
+        let forget_absence = || {
+            if let Some(o) = lock(&self.open).get_mut(&ino) {
+                o.no_capability = false;
+                o.xattr_sets += 1;
+            }
+        };
+        forget_absence();
         let cmd = FsCommand::SetXattr {
             ino,
             name,
@@ -632,7 +664,9 @@ impl Ops {
             replace,
             now: now(),
         };
-        self.attr_command(cmd).await.map(drop)
+        let r = self.attr_command(cmd).await.map(drop);
+        forget_absence();
+        r
     }
 
     /// Removes an extended attribute.
@@ -745,19 +779,13 @@ impl Ops {
     /// failed, now or in the background, fails the commit (EIO) after the rest of it
     /// was sent.
     pub async fn commit(&self, ino: Ino, trim: bool) -> OpResult<()> {
-        let serial = lock(&self.open).get(&ino).map(|o| o.write_back.clone());
-        let _serial = match serial {
-            Some(l) => Some(l.lock_owned().await),
-            None => None,
-        };
-        let written_back = self.write_back_now(ino, |_| true).await;
+        // Held until the `Written` is sent.
+        let (written_back, _serial) = self.write_back_now(ino, |_| true).await;
         let failed = lock(&self.open)
             .get_mut(&ino)
-            .and_then(|o| o.write_error.take());
-        let failed = match (written_back, failed) {
-            (Err(e), _) => Some(e),
-            (Ok(()), f) => f.map(OpError::WriteBack),
-        };
+            .and_then(|o| o.write_error.take())
+            .map(OpError::WriteBack)
+            .or(written_back.err());
         let pending = lock(&self.open).get(&ino).and_then(|o| {
             let trim = trim && o.took_ahead && !o.preallocated;
             if o.dirty.is_none() && o.settled.is_empty() && !trim {
@@ -820,25 +848,37 @@ impl Ops {
         failed.map_or(Ok(()), Err)
     }
 
-    /// Writes back file `ino`'s cached blocks that `due` accepts, in a task of its
-    /// own: a caller cut short by its timeout does not cut the write-back short
-    /// (that would lose the blocks' locks, and what was written back).
-    async fn write_back_now(&self, ino: Ino, due: fn(Instant) -> bool) -> OpResult<()> {
-        let Some(cache) = &self.cache else {
-            return Ok(());
-        };
-        let task = tokio::spawn(write_back_due(
-            self.open.clone(),
-            cache.clone(),
-            self.cache_stats.clone(),
-            ino,
-            due,
-        ));
+    /// Writes back file `ino`'s cached blocks that `due` accepts under the file's
+    /// [`Open::write_back`] lock, in a task of its own: a caller cut short by its
+    /// timeout does not cut the write-back short (that would lose the blocks' locks,
+    /// and what was written back), nor let another start meanwhile. Returns the
+    /// lock, for the caller to hold on.
+    async fn write_back_now(
+        &self,
+        ino: Ino,
+        due: fn(Instant) -> bool,
+    ) -> (OpResult<()>, Option<tokio::sync::OwnedMutexGuard<()>>) {
+        let serial = lock(&self.open).get(&ino).map(|o| o.write_back.clone());
+        let wb = self.wb();
+        let task = tokio::spawn(async move {
+            let guard = match serial {
+                Some(l) => Some(l.lock_owned().await),
+                None => None,
+            };
+            let r = match wb {
+                Some(wb) => write_back_due(&wb, ino, due).await,
+                None => Ok(()),
+            };
+            (r, guard)
+        });
         match task.await {
-            Ok(r) => r.map_err(|e| OpError::WriteBack(e.to_string())),
-            Err(e) => Err(OpError::WriteBack(format!(
-                "the write-back task ended: {e}"
-            ))),
+            Ok((r, guard)) => (r.map_err(|e| OpError::WriteBack(e.to_string())), guard),
+            Err(e) => (
+                Err(OpError::WriteBack(format!(
+                    "the write-back task ended: {e}"
+                ))),
+                None,
+            ),
         }
     }
 
@@ -1164,7 +1204,9 @@ impl Ops {
             return Ok(0);
         }
         self.bounded(async {
-            let _using = self.using(ino).await;
+            // Shared with the cache write task, which may outlive a timed-out write:
+            // nothing frees the file's blocks under it.
+            let using = Arc::new(self.using(ino).await);
             let bs = self.block_size;
             let end = offset
                 .checked_add(data.len() as u64)
@@ -1172,10 +1214,12 @@ impl Ops {
             let first = offset / bs;
             let last = (end - 1) / bs;
             let maps = self.map_for_write(ino, first, last - first + 1).await?;
-            let in_cache: BTreeSet<u64> = lock(&self.open)
+            // Only a file open here uses the cache (its commits write it back).
+            let in_cache: Option<BTreeSet<u64>> = lock(&self.open)
                 .get(&ino)
-                .map(|o| o.cached.keys().copied().collect())
-                .unwrap_or_default();
+                .map(|o| o.cached.keys().copied().collect());
+            let use_cache = self.cache.is_some() && in_cache.is_some();
+            let in_cache = in_cache.unwrap_or_default();
             // (data block, offset, bytes, through the cache): parts of blocks, and
             // blocks the cache holds, go through it.
             let pieces: Vec<(u64, usize, Bytes, bool)> = maps
@@ -1187,7 +1231,7 @@ impl Ops {
                     let src = &data[(from - offset) as usize..(to - offset) as usize];
                     let within = (from - start) as usize;
                     let partial = src.len() as u64 != bs;
-                    let cached = self.cache.is_some() && (partial || in_cache.contains(&m.lba));
+                    let cached = use_cache && (partial || in_cache.contains(&m.lba));
                     if m.fresh && partial {
                         let mut whole = vec![0u8; bs as usize];
                         whole[within..within + src.len()].copy_from_slice(src);
@@ -1201,7 +1245,9 @@ impl Ops {
             // Named in the file's cached set before (so a failed or cut-short write
             // leaves nothing in the cache that a commit would not write back) and
             // after (so a write-back that ran in between does not drop it).
-            for (lba, ..) in &to_cache {
+            let started = self.write_seq.fetch_add(1, Ordering::Relaxed);
+            let cached_lbas: Vec<u64> = to_cache.iter().map(|p| p.0).collect();
+            for lba in &cached_lbas {
                 note_cached(&self.open, &self.write_seq, ino, *lba);
             }
             // In a task of its own: a write cut short by its timeout while the cache
@@ -1212,7 +1258,9 @@ impl Ops {
                 };
                 let (open, stats) = (self.open.clone(), self.cache_stats.clone());
                 let seq = self.write_seq.clone();
+                let using = using.clone();
                 let task = tokio::spawn(async move {
+                    let _using = using;
                     for (lba, within, bytes, _) in &to_cache {
                         cache.write(*lba, *within, bytes).await?;
                         note_cached(&open, &seq, ino, *lba);
@@ -1262,6 +1310,16 @@ impl Ops {
             let full = {
                 let mut open = lock(&self.open);
                 let o = open.entry(ino).or_default();
+                // A write-back of this write's cached blocks failed after it began:
+                // the write failed, and its fresh blocks stay unwritten.
+                if cached_lbas
+                    .iter()
+                    .any(|l| o.failed.get(l).is_some_and(|(at, _)| *at > started))
+                {
+                    return Err(OpError::WriteBack(
+                        "a write-back of this write's blocks failed".into(),
+                    ));
+                }
                 o.size = o.size.max(end);
                 let t = now();
                 o.dirty = Some(t);
@@ -1270,11 +1328,10 @@ impl Ops {
                     o.fresh.remove(&m.block);
                     o.settled.insert(m.block);
                 }
-                (o.cached.len() > CACHE_FILE_BLOCKS).then(|| o.write_back.clone())
+                o.cached.len() > CACHE_FILE_BLOCKS
             };
-            if let Some(serial) = full {
-                let _serial = serial.lock_owned().await;
-                self.write_back_now(ino, |_| true).await?;
+            if full {
+                self.write_back_now(ino, |_| true).await.0?;
             }
             Ok(data.len())
         })
@@ -1392,29 +1449,27 @@ impl Ops {
 /// Names data block `lba` in file `ino`'s cached set, as written now.
 fn note_cached(open: &Mutex<HashMap<Ino, Open>>, seq: &AtomicU64, ino: Ino, lba: u64) {
     let seq = seq.fetch_add(1, Ordering::Relaxed);
-    lock(open)
-        .entry(ino)
-        .or_default()
-        .cached
-        .entry(lba)
-        .and_modify(|c| c.1 = seq)
-        .or_insert((Instant::now(), seq));
+    if let Some(o) = lock(open).get_mut(&ino) {
+        o.cached
+            .entry(lba)
+            .and_modify(|c| c.1 = seq)
+            .or_insert((Instant::now(), seq));
+    }
 }
 
 /// Writes file `ino`'s cached blocks whose first write was at a time `due` accepts
 /// back from the cache; a block no write reached since leaves the file's cached
-/// set. If a stripe's write-back fails, the file blocks it held that no `Written`
-/// named yet become unwritten again (what they hold is not known: the update may or
-/// may not have landed), and the error is returned. Callers hold the file's
-/// [`Open::write_back`] lock.
+/// set. If a stripe's write-back fails, its blocks are remembered as failed (see
+/// [`Open::failed`]), the file blocks they back that no `Written` named yet become
+/// unwritten again (what they hold is not known: the update may or may not have
+/// landed), the file's next commit reports it, and the error is returned. Callers
+/// hold the file's [`Open::write_back`] lock.
 async fn write_back_due(
-    open: Arc<Mutex<HashMap<Ino, Open>>>,
-    cache: WriteBackCache,
-    stats: Arc<CacheStats>,
+    wb: &WriteBack,
     ino: Ino,
     due: fn(Instant) -> bool,
 ) -> Result<(), ClientError> {
-    let blocks: Vec<(u64, u64)> = lock(&open)
+    let blocks: Vec<(u64, u64)> = lock(&wb.open)
         .get(&ino)
         .map(|o| {
             o.cached
@@ -1428,20 +1483,26 @@ async fn write_back_due(
         return Ok(());
     }
     let lbas: Vec<u64> = blocks.iter().map(|b| b.0).collect();
-    let res = cache.flush_blocks(&lbas).await;
+    let res = wb.cache.flush_blocks(&lbas).await;
     let counter = if res.is_ok() {
-        &stats.write_backs
+        &wb.stats.write_backs
     } else {
-        &stats.failed
+        &wb.stats.failed
     };
     counter.fetch_add(1, Ordering::Relaxed);
-    if let Some(o) = lock(&open).get_mut(&ino) {
+    if let Some(o) = lock(&wb.open).get_mut(&ino) {
         for (lba, seq) in &blocks {
             if o.cached.get(lba).is_some_and(|c| c.1 == *seq) {
                 o.cached.remove(lba);
             }
         }
-        if let Err((_, failed)) = &res {
+        if let Err((e, failed)) = &res {
+            let at = wb.seq.fetch_add(1, Ordering::Relaxed);
+            let keep = wb.keep_failures;
+            o.failed.retain(|_, (_, when)| when.elapsed() < keep);
+            for l in failed {
+                o.failed.insert(*l, (at, Instant::now()));
+            }
             let failed: BTreeSet<u64> = failed.iter().copied().collect();
             let lost: Vec<u64> = o
                 .blocks
@@ -1453,19 +1514,23 @@ async fn write_back_due(
                 o.settled.remove(&b);
                 o.fresh.insert(b);
             }
+            o.write_error.get_or_insert_with(|| e.to_string());
         }
     }
     res.map_err(|(e, _)| e)
 }
 
 /// The background write-back: every [`CACHE_TICK`], each open file's blocks cached
-/// for [`CACHE_AGE`] or more, under the file's write-back lock. A failure waits for
-/// the file's next flush, fsync or close. Ends with the mount's table of open files.
+/// for [`CACHE_AGE`] or more, under the file's write-back lock (a failure waits for
+/// the file's next flush, fsync or close). `wb`'s table of open files is `open`,
+/// held weakly: the task ends with the mount's table.
 async fn write_back_aged(
     open: Weak<Mutex<HashMap<Ino, Open>>>,
     cache: WriteBackCache,
-    stats: Arc<CacheStats>,
+    wb: WriteBack,
 ) {
+    let (stats, seq, keep_failures) = (wb.stats, wb.seq, wb.keep_failures);
+    drop(wb.open);
     loop {
         tokio::time::sleep(CACHE_TICK).await;
         let Some(open) = open.upgrade() else {
@@ -1480,16 +1545,18 @@ async fn write_back_aged(
             })
             .map(|(ino, o)| (*ino, o.write_back.clone()))
             .collect();
+        let wb = WriteBack {
+            open,
+            cache: cache.clone(),
+            stats: stats.clone(),
+            seq: seq.clone(),
+            keep_failures,
+        };
         for (ino, serial) in due {
             let _serial = serial.lock().await;
             let aged = |since: Instant| since.elapsed() >= CACHE_AGE;
-            if let Err(e) =
-                write_back_due(open.clone(), cache.clone(), stats.clone(), ino, aged).await
-            {
+            if let Err(e) = write_back_due(&wb, ino, aged).await {
                 tracing::warn!(ino, error = %e, "writing cached blocks back failed");
-                if let Some(o) = lock(&open).get_mut(&ino) {
-                    o.write_error.get_or_insert_with(|| e.to_string());
-                }
             }
         }
     }

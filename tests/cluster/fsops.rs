@@ -413,7 +413,7 @@ async fn small_writes_go_through_the_write_back_cache() {
 /// Method: file `g` fills 8 blocks and is removed (its blocks are free, their bytes
 /// still on the nodes). `f` writes 100 bytes into each of its first 8 blocks (fresh
 /// blocks: cached, zeros around the bytes). Three nodes (m + 1) are SIGKILLed before
-/// the write-back: the flush fails. The nodes return; a second mount reads `f`: no
+/// the write-back: the background write-back fails, and the next flush reports it. The nodes return; a second mount reads `f`: no
 /// byte of it is one of `g`'s (each block is whole and zero around the bytes, or all
 /// zeros). The close after the nodes returned succeeds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -436,6 +436,14 @@ async fn a_failed_write_back_is_reported_and_shows_no_old_bytes() {
     for id in [3, 4, 5] {
         tc.kill(id);
     }
+    // The background write-back (after about a second) fails first; the flush
+    // finds nothing left to write back, and reports that failure.
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    let failures = a
+        .cache_stats()
+        .failed
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(failures >= 1, "no background write-back failed");
     let flushed = a.flush(f).await;
     assert!(
         matches!(flushed, Err(drs_fuse::OpError::WriteBack(_))),
