@@ -27,8 +27,8 @@
 //!   back before its size is committed (flush, fsync, close, truncate, fallocate),
 //!   when it holds [`CACHE_FILE_BLOCKS`], and by a background task once cached for
 //!   [`CACHE_AGE`], so another mount's writer never waits on their locks for long. A
-//!   failed background write-back is reported by the file's next flush, fsync or
-//!   close (EIO), and the blocks it held that were never committed stay unwritten.
+//!   failed write-back is reported by the file's next flush, fsync or close (EIO),
+//!   and the blocks it held that were never committed stay unwritten.
 //! - **Bounded operations.** Every operation gives up with [`OpError::Timeout`] (EIO)
 //!   after the configured time, so an application never hangs on a lost cluster.
 
