@@ -47,6 +47,8 @@ use drs_meta::fs::{
 /// Blocks a sequential writer takes ahead of its writes with one `Map` (16 MiB of
 /// 64 KiB blocks): one metadata round trip per this many blocks instead of per write.
 const AHEAD: u64 = 256;
+/// Background atime updates a mount runs at once.
+const ATIME_IN_FLIGHT: usize = 64;
 /// The extended attribute holding a file's capabilities.
 const CAPABILITY: &[u8] = b"security.capability";
 /// Blocks one file may hold in the write-back cache; a write past this writes the
@@ -221,6 +223,8 @@ pub struct Ops {
     write_seq: Arc<AtomicU64>,
     /// What the write-back cache did.
     cache_stats: Arc<CacheStats>,
+    /// Background atime updates under way (see [`Ops::touch_atime`]).
+    atime_updates: Arc<tokio::sync::Semaphore>,
     /// Time each file system operation took, by operation.
     latencies: drs_metrics::Latencies,
 }
@@ -389,6 +393,7 @@ impl Ops {
             cache,
             write_seq: Arc::new(AtomicU64::new(1)),
             cache_stats: Arc::default(),
+            atime_updates: Arc::new(tokio::sync::Semaphore::new(ATIME_IN_FLIGHT)),
             latencies: drs_metrics::latencies(),
         };
         let format = FsCommand::Format {
@@ -711,6 +716,9 @@ impl Ops {
     }
 
     /// Every entry of a directory, in name order.
+    /// A directory's entries (all of them: the adapter serves an open directory
+    /// from this listing). Listing updates the directory's atime by relatime's rule,
+    /// in the background.
     pub async fn readdir(&self, ino: Ino) -> OpResult<Vec<DirEntry>> {
         self.bounded(async {
             let mut all = Vec::new();
@@ -719,6 +727,9 @@ impl Ops {
                 let r = self.query(FsQuery::ReadDir { ino, after }).await?;
                 let page = expect_reply!(r, FsReply::Entries(e) => e)?;
                 let Some(last) = page.last() else {
+                    if self.cfg.atime {
+                        self.touch_atime(ino, true);
+                    }
                     return Ok(all);
                 };
                 after = Some(last.name.clone());
@@ -950,6 +961,30 @@ impl Ops {
         }
     }
 
+    /// Sends `Accessed` for `ino` in the background (the state machine applies
+    /// relatime's rule); with `check`, only if its attributes say it is due (a
+    /// listing: no proposal per `ls`). At most [`ATIME_IN_FLIGHT`] at once; past
+    /// that an update is skipped (best effort, as atime is).
+    fn touch_atime(&self, ino: Ino, check: bool) {
+        let Ok(permit) = self.atime_updates.clone().try_acquire_owned() else {
+            return;
+        };
+        let meta = self.meta.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let now = now();
+            if check {
+                match meta.fs_query(FsQuery::GetAttr { ino }).await {
+                    Ok(Ok(FsReply::Attr(a))) if drs_meta::fs::atime_due(&a, now) => {}
+                    _ => return,
+                }
+            }
+            if let Err(e) = meta.fs(FsCommand::Accessed { ino, now }).await {
+                tracing::debug!(ino, error = %e, "updating the atime failed");
+            }
+        });
+    }
+
     /// The file's [`Open::freeing`] lock, if this mount has it open.
     fn freeing_lock(&self, ino: Ino) -> Option<Arc<tokio::sync::RwLock<()>>> {
         lock(&self.open).get(&ino).map(|o| o.freeing.clone())
@@ -1101,13 +1136,7 @@ impl Ops {
             .get_mut(&ino)
             .is_some_and(|o| std::mem::take(&mut o.atime_due));
         if touch {
-            let meta = self.meta.clone();
-            let cmd = FsCommand::Accessed { ino, now: now() };
-            tokio::spawn(async move {
-                if let Err(e) = meta.fs(cmd).await {
-                    tracing::debug!(ino, error = %e, "updating the atime failed");
-                }
-            });
+            self.touch_atime(ino, false);
         }
         self.bounded(async {
             let _using = self.using(ino).await;

@@ -517,7 +517,7 @@ async fn the_capability_absence_is_remembered_while_open_only() {
 /// Method: `a` writes a file and closes it; `b` opens and reads it: the atime
 /// becomes later than the mtime (the update runs in the background: polled for up to
 /// 10 s), the ctime stays. Reading it again leaves the atime. A `noatime` mount reads
-/// it after another write: the atime stays.
+/// it after another write: the atime stays. The same for a directory's listing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_update_the_atime_by_relatime() {
     let tc = cluster("fsops-atime").await;
@@ -571,6 +571,37 @@ async fn reads_update_the_atime_by_relatime() {
         written.atime,
         "a noatime mount changed the atime"
     );
+
+    // Directories: a listing updates the atime the same way.
+    let d = a
+        .create(ROOT, b"d", Kind::Dir, 0o755, 0, 0, 0, b"")
+        .await
+        .expect("mkdir")
+        .ino;
+    create(&a, d, b"inside").await;
+    let made = a.getattr(d).await.expect("getattr");
+    assert!(made.atime <= made.mtime);
+    assert_eq!(quiet.readdir(d).await.expect("readdir").len(), 1);
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert_eq!(
+        a.getattr(d).await.expect("getattr").atime,
+        made.atime,
+        "a noatime mount's listing changed the atime"
+    );
+    assert_eq!(b.readdir(d).await.expect("readdir").len(), 1);
+    let started = std::time::Instant::now();
+    loop {
+        let now = a.getattr(d).await.expect("getattr");
+        if now.atime > now.mtime {
+            assert_eq!(now.ctime, made.ctime, "a listing changed the ctime");
+            break;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(10),
+            "directory atime not updated after a listing: {now:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
 }
 
 /// Goal: file data written and read through the file system's operations survives
