@@ -53,6 +53,14 @@ async fn open_and_read(ops: &Ops, ino: Ino) -> Vec<u8> {
     got
 }
 
+/// Opens `ino`, reads all of it and closes it (what another mount sees now).
+async fn open_read_all(ops: &Ops, ino: Ino) -> Vec<u8> {
+    ops.open(ino).await.expect("open");
+    let all = read_all(ops, ino).await;
+    ops.release(ino).await.expect("close");
+    all
+}
+
 async fn read_all(ops: &Ops, ino: Ino) -> Vec<u8> {
     let size = ops.getattr(ino).await.expect("getattr").size;
     let mut out = Vec::new();
@@ -313,9 +321,7 @@ async fn a_last_close_overlapping_the_next_open_loses_nothing() {
         closed.expect("the last close");
         assert_eq!(got, b"data", "round {round}: the reopened file's bytes");
         a.release(f).await.expect("close");
-        b.open(f).await.expect("open");
-        let all = read_all(&b, f).await;
-        b.release(f).await.expect("close");
+        let all = open_read_all(&b, f).await;
         assert_eq!(all.len() as u64, 3 * bs, "round {round}: size");
         assert!(&all[1..5] == b"data", "round {round}: the first write");
         assert!(
@@ -363,9 +369,7 @@ async fn small_writes_go_through_the_write_back_cache() {
     assert!(backs < 16, "{backs} write-backs for one block's 256 writes");
     assert!(read_all(&a, f).await == want, "a reads its cached writes");
     a.flush(f).await.expect("flush");
-    b.open(f).await.expect("open");
-    assert!(read_all(&b, f).await == want, "b after a's flush");
-    b.release(f).await.expect("close");
+    assert!(open_read_all(&b, f).await == want, "b after a's flush");
 
     // Still open, not flushed: written back within about a second.
     a.write(f, 10, b"later").await.expect("write");
@@ -374,9 +378,7 @@ async fn small_writes_go_through_the_write_back_cache() {
     let got = b.read(f, 10, 5).await.expect("read");
     assert_eq!(got, b"later", "b reads a's cached write without a close");
     a.release(f).await.expect("close");
-    b.open(f).await.expect("open");
-    assert!(read_all(&b, f).await == want, "b after a's close");
-    b.release(f).await.expect("close");
+    assert!(open_read_all(&b, f).await == want, "b after a's close");
     assert_eq!(stats.failed.load(Relaxed), 0);
 
     let through = drs_fuse::connect(
@@ -398,12 +400,10 @@ async fn small_writes_go_through_the_write_back_cache() {
     }
     assert_eq!(through.cache_stats().writes.load(Relaxed), 0);
     through.release(f).await.expect("close");
-    b.open(f).await.expect("open");
     assert!(
-        read_all(&b, f).await == want,
+        open_read_all(&b, f).await == want,
         "b after the write-through mount"
     );
-    b.release(f).await.expect("close");
 }
 
 /// Goal: a write that the cache took but could not write back is reported, by the
@@ -454,9 +454,7 @@ async fn a_failed_write_back_is_reported_and_shows_no_old_bytes() {
     }
     tc.wait_all_up().await;
     a.release(f).await.expect("close once the nodes are back");
-    b.open(f).await.expect("open");
-    let all = read_all(&b, f).await;
-    b.release(f).await.expect("close");
+    let all = open_read_all(&b, f).await;
     assert!(
         !all.contains(&0xee),
         "another file's old bytes show through a failed write-back"
