@@ -1,7 +1,8 @@
 //! Rows 12 and 13: 1 MiB sequential writes and reads through the FUSE mount, beside
 //! the same through the client library, a local directory and (if installed) a
 //! passthrough FUSE mount of that directory (bindfs), all in the same run. Row 14:
-//! 4 KiB writes through the mount, with its write-back cache and without.
+//! 4 KiB writes through the mount, with its write-back cache and without. Row 15:
+//! small files created and read back, on the mount and in the local directory.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
@@ -195,4 +196,25 @@ pub fn drop_cache(path: &Path) -> anyhow::Result<()> {
         nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
     )?;
     Ok(())
+}
+
+/// Creates `n` files of `content` in directory `dir` (create, write, close each; no
+/// fsync), then opens, reads, checks and closes each; the time of each phase.
+pub fn small_files(dir: &Path, n: usize, content: &[u8]) -> anyhow::Result<(Duration, Duration)> {
+    fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    let t = Instant::now();
+    for i in 0..n {
+        let p = dir.join(format!("f{i}"));
+        fs::write(&p, content).with_context(|| format!("write {}", p.display()))?;
+    }
+    let created = t.elapsed();
+    let t = Instant::now();
+    for i in 0..n {
+        let p = dir.join(format!("f{i}"));
+        let back = fs::read(&p).with_context(|| format!("read {}", p.display()))?;
+        if back != content {
+            bail!("{} differs from what was written", p.display());
+        }
+    }
+    Ok((created, t.elapsed()))
 }

@@ -873,9 +873,13 @@ fn run(opts: Opts, rt: &tokio::runtime::Runtime) -> anyhow::Result<()> {
 /// Rows 12 and 13: 1 MiB sequential write and read of half the volume through the FUSE
 /// mount, through the library, in a local directory and through bindfs over it. Row
 /// 14: [`SMALL_WRITES_BYTES`] in 4 KiB writes through a mount, with its write-back
-/// cache and with `-o write_through`.
+/// cache and with `-o write_through`. Row 15: [`SMALL_FILES`] small files created
+/// and read back, on a mount and in the local directory.
 /// Bytes row 14 writes in 4 KiB writes.
 const SMALL_WRITES_BYTES: usize = 4 << 20;
+/// Files row 15 creates and reads back, and the bytes of each.
+const SMALL_FILES: usize = 200;
+const SMALL_FILE_BYTES: usize = 4096;
 
 fn fuse_rows(
     local: &LocalCluster,
@@ -935,6 +939,18 @@ fn fuse_rows(
     };
     let cached_w = small_write(false, "small")?;
     let through_w = small_write(true, "small-through")?;
+    // Row 15: small files, each a create, a write and a close (a session's open and
+    // close registered with the metadata service), then read back.
+    let content = &data[..SMALL_FILE_BYTES.min(data.len())];
+    let files_drs = {
+        // Each small file takes a whole block: the earlier rows' files go first.
+        let m = mount(false)?;
+        for f in ["big", "small", "small-through"] {
+            std::fs::remove_file(m.path.join(f)).with_context(|| format!("remove {f}"))?;
+        }
+        fuse::small_files(&m.path.join("small-files"), SMALL_FILES, content)?
+    };
+    let files_local = fuse::small_files(&plain.join("small-files"), SMALL_FILES, content)?;
     let show = |d: Duration| mib_per_s(bytes, d);
     let others = |w: bool| {
         let (l, b) = if w {
@@ -997,6 +1013,25 @@ fn fuse_rows(
         human(small_bytes),
         row.drs,
         row.baseline,
+    );
+    rows.push(row);
+    let per_s = |d: Duration| SMALL_FILES as f64 / d.as_secs_f64().max(1e-9);
+    let row = Row {
+        name: "FUSE small files created".into(),
+        unit: Unit::Files,
+        drs: per_s(files_drs.0),
+        baseline_name: "local directory".into(),
+        baseline: per_s(files_local.0),
+        scale: 1.0,
+        target: None,
+    };
+    println!(
+        "[15] {SMALL_FILES} files of {} created, written and closed: FUSE {:.0} files/s, local directory {:.0} files/s; read back: FUSE {:.0} files/s, local {:.0} files/s",
+        human(content.len() as u64),
+        row.drs,
+        row.baseline,
+        per_s(files_drs.1),
+        per_s(files_local.1),
     );
     rows.push(row);
     Ok(())

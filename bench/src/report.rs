@@ -9,6 +9,8 @@ use std::time::Duration;
 pub enum Unit {
     MiBs,
     Iops,
+    /// Files created (or read) per second.
+    Files,
     /// A time: lower is better, so the ratio is baseline / DRS.
     Ms,
 }
@@ -18,6 +20,7 @@ impl Unit {
         match self {
             Unit::MiBs => "MiB/s",
             Unit::Iops => "IOPS",
+            Unit::Files => "files/s",
             Unit::Ms => "ms",
         }
     }

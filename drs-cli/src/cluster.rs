@@ -41,6 +41,11 @@ pub struct UpArgs {
     /// Milliseconds of silence after which the metadata service marks a node down.
     #[arg(long, default_value_t = 3000)]
     pub down_after_ms: u64,
+    /// Milliseconds of silence after which the metadata service ends a mount's
+    /// session (a mount that died: the files it had open are closed, the blocks held
+    /// for it freed) [default: 90000].
+    #[arg(long)]
+    pub session_expiry_ms: Option<u64>,
     /// Seconds between the nodes' background scrub passes, which read every block
     /// and check it against its checksum (0: never).
     #[arg(long, default_value_t = 86400)]
@@ -72,6 +77,7 @@ pub async fn up(a: UpArgs) -> anyhow::Result<()> {
         scrub_every_s: a.scrub_every_s,
         scrub_rate_mib: a.scrub_rate_mib,
         metrics: a.metrics,
+        session_expiry_ms: a.session_expiry_ms,
         ..NodeOptions::default()
     };
     let local = LocalCluster::create(&a.dir, &spec, crate::server_command()?, options)?;

@@ -175,6 +175,8 @@ struct MetaView {
     state: Option<MetaState>,
     error: Option<String>,
     replicas: Vec<(u64, SocketAddr, Result<MetaStatus, String>)>,
+    /// The file system's capacity and mounts, if it is formatted.
+    fs: Option<drs_meta::fs::FsStats>,
 }
 
 impl MetaView {
@@ -197,10 +199,15 @@ impl MetaView {
             let st = meta.status_of(r.addr).await.map_err(|e| e.to_string());
             replicas.push((r.id, r.addr, st));
         }
+        let fs = match meta.fs_query(drs_meta::fs::FsQuery::StatFs).await {
+            Ok(Ok(drs_meta::fs::FsReply::StatFs(s))) => Some(s),
+            _ => None,
+        };
         Ok(Some(MetaView {
             state,
             error,
             replicas,
+            fs,
         }))
     }
 
@@ -237,6 +244,17 @@ impl MetaView {
                 Err(e) => say!("  replica {id} {addr}: no answer ({e})"),
             }
         }
+        if let Some(f) = &self.fs {
+            let bs = u64::from(f.block_size);
+            say!(
+                "file system: {} files, {} of {} free, {} mount(s), {} held for mounts",
+                f.files,
+                human(f.free * bs),
+                human(f.blocks * bs),
+                f.mounts,
+                human(f.held * bs)
+            );
+        }
     }
 
     fn json(&self) -> serde_json::Value {
@@ -246,6 +264,10 @@ impl MetaView {
             "voters": self.leader().map(|l| l.members.keys().copied().collect::<Vec<_>>()),
             "epoch": self.state.as_ref().map(|s| s.epoch),
             "error": self.error,
+            "file_system": self.fs.map(|f| json!({
+                "files": f.files, "block_size": f.block_size, "blocks": f.blocks,
+                "free": f.free, "mounts": f.mounts, "held": f.held,
+            })),
             "replicas": self.replicas.iter().map(|(id, addr, st)| match st {
                 Ok(s) => json!({"id": id, "addr": addr.to_string(), "role": format!("{:?}", s.role).to_lowercase(),
                                 "term": s.term, "last_applied": s.last_applied, "epoch": s.epoch}),

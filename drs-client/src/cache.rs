@@ -349,6 +349,22 @@ impl WriteBackCache {
         }
     }
 
+    /// Drops those of `lbas` cached here without writing them back (their changes
+    /// are lost) and releases their locks: for blocks that are no longer the
+    /// writer's to write.
+    pub async fn discard_blocks(&self, lbas: &[u64]) {
+        let mut entries = self.inner.entries.lock().await;
+        for lba in lbas {
+            if let Some(e) = entries.get_mut(lba) {
+                e.dirty = None;
+            }
+        }
+        // Nothing is sent but the unlocks; an unlock that fails is left to the lease.
+        if let Err(e) = self.inner.flush_lbas(&mut entries, lbas).await {
+            tracing::warn!(?lbas, error = %e, "releasing discarded blocks failed");
+        }
+    }
+
     /// Blocks held in the cache.
     pub async fn len(&self) -> usize {
         self.inner.entries.lock().await.len()

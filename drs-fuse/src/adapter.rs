@@ -599,7 +599,7 @@ impl Filesystem for DrsFuse {
                 let a = ops
                     .create(parent.0, &name, Kind::File, perm, uid, gid, 0, &[])
                     .await?;
-                ops.open_created(&a);
+                ops.open_created(&a).await?;
                 Ok::<_, OpError>(a)
             };
             match made.await {

@@ -32,7 +32,9 @@ pub fn errno(e: &OpError) -> i32 {
         | OpError::Data(_)
         | OpError::Timeout(_)
         | OpError::Unexpected(_)
-        | OpError::WriteBack(_) => libc::EIO,
+        | OpError::WriteBack(_)
+        | OpError::SessionLapsed(_)
+        | OpError::Lost => libc::EIO,
     }
 }
 

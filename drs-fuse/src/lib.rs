@@ -54,7 +54,7 @@ pub struct MountConfig {
 }
 
 /// Connects to the cluster of `cluster` (formatting its file system if it has none).
-pub async fn connect(cluster: &Path, cfg: OpsConfig) -> anyhow::Result<Ops> {
+pub async fn connect(cluster: &Path, cfg: OpsConfig) -> anyhow::Result<Arc<Ops>> {
     let map = ClusterMap::load(cluster)
         .with_context(|| format!("read cluster file {}", cluster.display()))?;
     let key = drs_proto::ClusterKey::for_cluster_file(cluster)?;
@@ -125,7 +125,7 @@ pub fn mount(cfg: &MountConfig) -> anyhow::Result<()> {
         write_cache: !cfg.write_through,
         ..OpsConfig::default()
     };
-    let ops = Arc::new(rt.block_on(connect(&cfg.cluster, ops_cfg))?);
+    let ops = rt.block_on(connect(&cfg.cluster, ops_cfg))?;
     // Kept until the mount ends: dropping it stops the metrics endpoint.
     let (_metrics_stop, metrics_rx) = tokio::sync::watch::channel(false);
     if let Some(addr) = cfg.metrics {

@@ -19,7 +19,8 @@
 //!   the last close giving back blocks taken ahead) only while no read or write of
 //!   it is under way in this mount: a per-file lock, shared by reads and writes and
 //!   held alone by freeings. Otherwise a block map fetched before a freeing could
-//!   send a write to a block the volume has since given to another file.
+//!   send a write to a block the volume has since given to another file. Freeings
+//!   by other mounts are covered by the mount's session (`session.rs`).
 //! - **Write-back cache.** A write of part of a block goes to the mount's
 //!   [`WriteBackCache`] (report 5.3.1: the block is locked and read once, later
 //!   writes change the cached bytes and a running-total delta, one update writes it
@@ -61,6 +62,10 @@ const CACHE_TICK: Duration = Duration::from_millis(250);
 use drs_meta::{MetaClient, MetaError};
 use futures::stream::{self, StreamExt};
 
+#[path = "session.rs"]
+mod session;
+pub use session::{SESSION_GUARD, SESSION_TICK};
+
 /// Why an operation failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -82,6 +87,13 @@ pub enum OpError {
     /// Writes that had returned were lost: writing them back from the cache failed.
     #[error("writing cached blocks back failed: {0}")]
     WriteBack(String),
+    /// No heartbeat of the mount's session was answered for this long: its block
+    /// maps may be stale (see [`SESSION_GUARD`]).
+    #[error("the metadata service has not answered the mount for {0:?}")]
+    SessionLapsed(Duration),
+    /// The file was dropped while the mount's session was ended.
+    #[error("the file was lost while the mount was cut off")]
+    Lost,
 }
 
 pub type OpResult<T> = Result<T, OpError>;
@@ -133,8 +145,6 @@ struct Open {
     /// This mount took blocks ahead of its writes: the last close gives back those
     /// it did not use.
     took_ahead: bool,
-    /// The inode has no names left: drop it at the last close.
-    orphan: bool,
     /// Its atime is due for an update (relatime) at the next read.
     atime_due: bool,
     /// Held shared by reads and writes, alone by what frees blocks of the file
@@ -166,6 +176,12 @@ struct Open {
     /// `fallocate` with `KEEP_SIZE` reserved blocks past the end: the last close keeps
     /// every block past the end (it would otherwise give back those taken ahead).
     preallocated: bool,
+    /// The file was dropped while this mount's session was ended: its reads and
+    /// writes fail.
+    lost: bool,
+    /// Operations that registered an open of their own for their length (a
+    /// truncate): the entry stays until they end.
+    temps: u32,
 }
 
 impl Open {
@@ -227,6 +243,8 @@ pub struct Ops {
     atime_updates: Arc<tokio::sync::Semaphore>,
     /// Time each file system operation took, by operation.
     latencies: drs_metrics::Latencies,
+    /// The mount's session with the metadata service.
+    session: Arc<session::MountSession>,
 }
 
 impl Ops {
@@ -235,7 +253,7 @@ impl Ops {
     /// up to `max`; called when the mount ends, so it leaves no lock to a lease.
     /// Returns how many unlocks are left.
     pub async fn settle_unlocks(&self, max: std::time::Duration) -> usize {
-        if let Some(cache) = &self.cache {
+        if let (Some(cache), Ok(())) = (&self.cache, self.session.check()) {
             // In a task of its own, so the timeout does not cut a write-back short.
             let flush = tokio::spawn({
                 let cache = cache.clone();
@@ -248,7 +266,9 @@ impl Ops {
                 Err(_) => tracing::warn!(?max, "writing cached blocks back took too long"),
             }
         }
-        self.data.settle_unlocks(max).await
+        let left = self.data.settle_unlocks(max).await;
+        self.end_session().await;
+        left
     }
 }
 
@@ -378,13 +398,13 @@ impl Ops {
         cfg: OpsConfig,
         uid: u32,
         gid: u32,
-    ) -> OpResult<Ops> {
+    ) -> OpResult<Arc<Ops>> {
         let block_size = data.block_size() as u64;
         // It never writes back on its own: this module decides when, file by file.
         let cache = cfg
             .write_cache
             .then(|| WriteBackCache::new(data.clone(), usize::MAX));
-        let ops = Ops {
+        let mut ops = Ops {
             meta,
             data,
             cfg,
@@ -395,6 +415,7 @@ impl Ops {
             cache_stats: Arc::default(),
             atime_updates: Arc::new(tokio::sync::Semaphore::new(ATIME_IN_FLIGHT)),
             latencies: drs_metrics::latencies(),
+            session: Arc::new(session::MountSession::new(0)),
         };
         let format = FsCommand::Format {
             blocks: ops.data.blocks(),
@@ -407,13 +428,20 @@ impl Ops {
             Ok(_) | Err(OpError::Fs(FsError::Exists)) => {}
             Err(e) => return Err(e),
         }
+        let r = ops.command(FsCommand::OpenSession { now: now() }).await?;
+        let id = expect_reply!(r, FsReply::Session(id) => id)?;
+        ops.session = Arc::new(session::MountSession::new(id));
         if let Some(wb) = ops.wb() {
             let open = Arc::downgrade(&wb.open);
             let cache = wb.cache.clone();
-            tokio::spawn(write_back_aged(open, cache, wb));
+            tokio::spawn(write_back_aged(open, cache, wb, ops.session.clone()));
         }
         match ops.query(FsQuery::StatFs).await? {
-            FsReply::StatFs(s) if u64::from(s.block_size) == block_size => Ok(ops),
+            FsReply::StatFs(s) if u64::from(s.block_size) == block_size => {
+                let ops = Arc::new(ops);
+                tokio::spawn(session::heartbeat(Arc::downgrade(&ops)));
+                Ok(ops)
+            }
             FsReply::StatFs(s) => Err(OpError::Unexpected(format!(
                 "a file system of {}-byte blocks on a volume of {block_size}-byte blocks",
                 s.block_size
@@ -565,49 +593,68 @@ impl Ops {
         .await
     }
 
-    /// An inode lost its last name: drop it now unless this mount has it open.
+    /// An inode lost its last name: drop it. The metadata service keeps it while
+    /// a mount has it open, and drops it at the last close.
     async fn orphaned(&self, orphan: Option<Ino>) -> OpResult<()> {
         let Some(ino) = orphan else {
             return Ok(());
         };
-        {
-            let mut open = lock(&self.open);
-            if let Some(o) = open.get_mut(&ino) {
-                o.orphan = true;
-                return Ok(());
-            }
+        match self.command(FsCommand::Drop { ino }).await {
+            // This mount's last close of it (sent in the background by the kernel)
+            // dropped it first.
+            Ok(_) | Err(OpError::Fs(FsError::NotFound)) => Ok(()),
+            Err(e) => Err(e),
         }
-        self.command(FsCommand::Drop { ino }).await.map(|_| ())
     }
 
     pub async fn setattr(&self, ino: Ino, mut set: SetAttr) -> OpResult<Attr> {
         self.bounded(async {
+            let _gate = self.session.gate().await;
+            // A size change registers an open of its own (and keeps the file's
+            // entry, whose lock refreshes take) while its tail is zeroed, so no
+            // block of the map that takes is given away meanwhile, even if the
+            // file's last close here comes in between.
+            let _registered = match set.size {
+                Some(_) => Some(self.register_while(ino).await?),
+                None => None,
+            };
             let _freeing = match set.size {
                 Some(_) => self.freeing(ino).await,
                 None => None,
             };
-            if let Some(size) = set.size {
-                // Uncommitted writes past the new size are cut with the rest.
-                self.commit(ino, false).await?;
-                self.zero_tail(ino, size).await?;
-                if let Some(o) = lock(&self.open).get_mut(&ino) {
-                    o.size = size;
-                    o.forget_blocks(size.div_ceil(self.block_size), u64::MAX);
-                }
-            }
-            if set.mtime.is_none() && set.size.is_some() {
-                set.mtime = Some(now());
-            }
-            let r = self
-                .command(FsCommand::SetAttr {
-                    ino,
-                    set,
-                    now: now(),
-                })
-                .await?;
-            self.attr_reply(r)
+            self.set_size_and_attr(ino, &mut set).await
         })
         .await
+    }
+
+    /// The body of [`Ops::setattr`] (the caller holds the file's freeing lock alone
+    /// for a size change).
+    async fn set_size_and_attr(&self, ino: Ino, set: &mut SetAttr) -> OpResult<Attr> {
+        if let Some(size) = set.size {
+            // Uncommitted writes past the new size are cut with the rest.
+            self.commit_as(ino, false, true).await?;
+            self.zero_tail(ino, size).await?;
+            if let Some(o) = lock(&self.open).get_mut(&ino) {
+                o.size = size;
+                o.forget_blocks(size.div_ceil(self.block_size), u64::MAX);
+            }
+        }
+        if set.mtime.is_none() && set.size.is_some() {
+            set.mtime = Some(now());
+        }
+        let cmd = FsCommand::SetAttr {
+            ino,
+            set: set.clone(),
+            now: now(),
+        };
+        // Only a size change frees blocks.
+        let cmd = if set.size.is_some() {
+            self.mine(cmd)
+        } else {
+            cmd
+        };
+        let r = self.command(cmd).await?;
+        self.attr_reply(r)
     }
 
     /// Zeroes the bytes from `size` to the end of its block, if that block is mapped,
@@ -627,6 +674,7 @@ impl Ops {
         if from >= to {
             return Ok(());
         }
+        self.usable(ino)?;
         let maps = self.mappings(ino, block, 1).await?;
         if let Some((lba, false)) = maps.get(&block) {
             let zeros = vec![0u8; (to - from) as usize];
@@ -751,34 +799,41 @@ impl Ops {
     /// this mount sees what other mounts closed before (close-to-open).
     pub async fn open(&self, ino: Ino) -> OpResult<Attr> {
         self.bounded(async {
-            let r = self.query(FsQuery::GetAttr { ino }).await?;
-            let a = expect_reply!(r, FsReply::Attr(a) => a)?;
-            let mut open = lock(&self.open);
-            let o = open.entry(ino).or_default();
-            o.handles += 1;
-            o.atime_due = self.cfg.atime && drs_meta::fs::atime_due(&a, now());
-            // Close-to-open: asked again after each open.
-            o.no_capability = false;
-            if o.dirty.is_none() {
-                o.size = a.size;
-                o.blocks.clear();
-                o.window = (0, 0);
-                o.fresh.clear();
-            }
-            drop(open);
+            let a = self
+                .register_open(ino, |a| {
+                    let mut open = lock(&self.open);
+                    let o = open.entry(ino).or_default();
+                    o.handles += 1;
+                    o.atime_due = self.cfg.atime && drs_meta::fs::atime_due(a, now());
+                    // Close-to-open: asked again after each open.
+                    o.no_capability = false;
+                    // Uncommitted writes (cached blocks, blocks to name) keep the
+                    // map they were made with.
+                    if o.dirty.is_none() && o.cached.is_empty() && o.settled.is_empty() {
+                        o.size = a.size;
+                        o.blocks.clear();
+                        o.window = (0, 0);
+                        o.fresh.clear();
+                    }
+                })
+                .await?;
             Ok(self.overlay(a))
         })
         .await
     }
 
     /// Opens an inode this mount just created (its attributes are current).
-    pub fn open_created(&self, a: &Attr) {
-        let mut open = lock(&self.open);
-        let o = open.entry(a.ino).or_default();
-        o.handles += 1;
-        if o.dirty.is_none() {
-            o.size = a.size;
-        }
+    pub async fn open_created(&self, a: &Attr) -> OpResult<()> {
+        let size = a.size;
+        let opened = self.register_open(a.ino, |a| {
+            let mut open = lock(&self.open);
+            let o = open.entry(a.ino).or_default();
+            o.handles += 1;
+            if o.dirty.is_none() {
+                o.size = size;
+            }
+        });
+        self.bounded(opened).await.map(|_| ())
     }
 
     /// Tells the metadata service the size and mtime of this mount's writes, and
@@ -790,6 +845,44 @@ impl Ops {
     /// failed, now or in the background, fails the commit (EIO) after the rest of it
     /// was sent.
     pub async fn commit(&self, ino: Ino, trim: bool) -> OpResult<()> {
+        self.commit_as(ino, trim, false).await
+    }
+
+    /// [`Ops::commit`]; `held`: the caller holds the file's freeing lock alone. A
+    /// `Written` refused for a stale block map is sent again after a refresh.
+    async fn commit_as(&self, ino: Ino, trim: bool, held: bool) -> OpResult<()> {
+        let mut tries = 0;
+        loop {
+            let r = {
+                // Shared with reads and writes: no refresh of the file's map comes
+                // between the blocks this commit names and its `Written`.
+                let _using = if held { None } else { self.using(ino).await };
+                self.commit_once(ino, trim).await
+            };
+            match r {
+                Err(OpError::Fs(FsError::StaleMap)) if tries < 3 => {
+                    tries += 1;
+                    self.refresh_file(ino, None, held).await?;
+                }
+                r => return r,
+            }
+        }
+    }
+
+    async fn commit_once(&self, ino: Ino, trim: bool) -> OpResult<()> {
+        let holds_cached = lock(&self.open)
+            .get(&ino)
+            .is_some_and(|o| !o.cached.is_empty() || !o.settled.is_empty());
+        if holds_cached {
+            // What it would write back or name comes from maps that may not hold.
+            if let Err(e) = self.session.check() {
+                if trim {
+                    // The last close: nothing would write these back any more.
+                    self.discard_cached(ino).await;
+                }
+                return Err(e);
+            }
+        }
         // Held until the `Written` is sent.
         let (written_back, _serial) = self.write_back_now(ino, |_| true).await;
         let failed = lock(&self.open)
@@ -834,14 +927,24 @@ impl Ops {
         let last = chunks.len() - 1;
         tracing::debug!(ino, size, ?ranges, trim, "commit");
         for (n, written) in chunks.into_iter().enumerate() {
-            self.command(FsCommand::Written {
-                ino,
-                size,
-                now: t,
-                written,
-                trim: trim && n == last,
-            })
-            .await?;
+            let sent = self
+                .command(self.mine(FsCommand::Written {
+                    ino,
+                    size,
+                    now: t,
+                    written,
+                    trim: trim && n == last,
+                }))
+                .await;
+            if let Err(e) = sent {
+                // The failed write-back is still to be reported (after a retry).
+                if let (Some(OpError::WriteBack(m)), Some(o)) =
+                    (&failed, lock(&self.open).get_mut(&ino))
+                {
+                    o.write_error.get_or_insert_with(|| m.clone());
+                }
+                return Err(e);
+            }
         }
         if let Some(o) = lock(&self.open).get_mut(&ino) {
             if o.dirty == Some(t) {
@@ -911,29 +1014,23 @@ impl Ops {
     /// last name meanwhile.
     pub async fn release(&self, ino: Ino) -> OpResult<()> {
         self.bounded(async {
+            // The close is registered together with the mount's own count.
+            let _gate = self.session.gate().await;
             let freeing = self.freeing(ino).await;
             let last = lock(&self.open).get(&ino).is_some_and(|o| o.handles <= 1);
-            let res = self.commit(ino, last).await;
+            let res = self.commit_as(ino, last, true).await;
             drop(freeing);
-            let drop_it = {
+            {
                 let mut open = lock(&self.open);
-                match open.get_mut(&ino) {
-                    Some(o) => {
-                        o.handles = o.handles.saturating_sub(1);
-                        if o.handles == 0 {
-                            let orphan = o.orphan;
-                            open.remove(&ino);
-                            orphan
-                        } else {
-                            false
-                        }
+                if let Some(o) = open.get_mut(&ino) {
+                    o.handles = o.handles.saturating_sub(1);
+                    if o.handles == 0 && o.temps == 0 {
+                        open.remove(&ino);
                     }
-                    None => false,
                 }
-            };
-            if drop_it {
-                self.command(FsCommand::Drop { ino }).await?;
             }
+            // The metadata service drops an orphan at its last close.
+            self.register_close(ino).await;
             res
         })
         .await
@@ -945,7 +1042,12 @@ impl Ops {
     fn learn(&self, ino: Ino, first: u64, end: u64, maps: &[Mapping]) {
         if let Some(o) = lock(&self.open).get_mut(&ino) {
             for m in maps {
-                o.blocks.insert(m.block, m.lba);
+                if o.blocks.insert(m.block, m.lba).is_some_and(|l| l != m.lba) {
+                    // Freed by another mount and handed out again: what this mount
+                    // wrote to the old data block went with it (the refresh drops
+                    // its cached writes there).
+                    o.settled.remove(&m.block);
+                }
                 // A block this mount wrote and has not named yet is not fresh to it.
                 if m.fresh && !o.settled.contains(&m.block) {
                     o.fresh.insert(m.block);
@@ -983,6 +1085,16 @@ impl Ops {
                 tracing::debug!(ino, error = %e, "updating the atime failed");
             }
         });
+    }
+
+    /// Whether file data of `ino` may be read and written: the session is alive
+    /// (see [`SESSION_GUARD`]) and the file was not lost.
+    fn usable(&self, ino: Ino) -> OpResult<()> {
+        self.session.check()?;
+        if lock(&self.open).get(&ino).is_some_and(|o| o.lost) {
+            return Err(OpError::Lost);
+        }
+        Ok(())
     }
 
     /// The file's [`Open::freeing`] lock, if this mount has it open.
@@ -1140,6 +1252,7 @@ impl Ops {
         }
         self.bounded(async {
             let _using = self.using(ino).await;
+            self.usable(ino)?;
             let known = lock(&self.open).get(&ino).map(|o| o.size);
             let size = match known {
                 Some(s) => s,
@@ -1236,6 +1349,7 @@ impl Ops {
             // Shared with the cache write task, which may outlive a timed-out write:
             // nothing frees the file's blocks under it.
             let using = Arc::new(self.using(ino).await);
+            self.usable(ino)?;
             let bs = self.block_size;
             let end = offset
                 .checked_add(data.len() as u64)
@@ -1396,7 +1510,7 @@ impl Ops {
         self.bounded(async {
             let _freeing = self.freeing(ino).await;
             // This mount's writes first, so the blocks below are the file's.
-            self.commit(ino, false).await?;
+            self.commit_as(ino, false, true).await?;
             let bs = self.block_size;
             let (first, last) = (offset / bs, (end - 1) / bs);
             if !punch {
@@ -1415,12 +1529,12 @@ impl Ops {
                 }
                 let (whole, whole_end) = (offset.div_ceil(bs), end / bs);
                 if whole < whole_end {
-                    self.command(FsCommand::Punch {
+                    self.command(self.mine(FsCommand::Punch {
                         ino,
                         first: whole,
                         count: whole_end - whole,
                         now: now(),
-                    })
+                    }))
                     .await?;
                     if let Some(o) = lock(&self.open).get_mut(&ino) {
                         o.forget_blocks(whole, whole_end);
@@ -1431,13 +1545,13 @@ impl Ops {
                 self.map_blocks(ino, first, last - first + 1, false).await?;
             }
             let size = if keep { 0 } else { end };
-            self.command(FsCommand::Written {
+            self.command(self.mine(FsCommand::Written {
                 ino,
                 size,
                 now: now(),
                 written: Vec::new(),
                 trim: false,
-            })
+            }))
             .await?;
             if let Some(o) = lock(&self.open).get_mut(&ino) {
                 o.size = o.size.max(size);
@@ -1557,6 +1671,7 @@ async fn write_back_aged(
     open: Weak<Mutex<HashMap<Ino, Open>>>,
     cache: WriteBackCache,
     wb: WriteBack,
+    session: Arc<session::MountSession>,
 ) {
     let (stats, seq, keep_failures) = (wb.stats, wb.seq, wb.keep_failures);
     drop(wb.open);
@@ -1565,6 +1680,10 @@ async fn write_back_aged(
         let Some(open) = open.upgrade() else {
             return;
         };
+        // Cached blocks are written back only while the maps that named them hold.
+        if session.check().is_err() {
+            continue;
+        }
         let due: Vec<(Ino, Arc<tokio::sync::Mutex<()>>)> = lock(&open)
             .iter()
             .filter(|(_, o)| {
@@ -1583,6 +1702,9 @@ async fn write_back_aged(
         };
         for (ino, serial) in due {
             let _serial = serial.lock().await;
+            if session.check().is_err() {
+                break;
+            }
             let aged = |since: Instant| since.elapsed() >= CACHE_AGE;
             if let Err(e) = write_back_due(&wb, ino, aged).await {
                 tracing::warn!(ino, error = %e, "writing cached blocks back failed");

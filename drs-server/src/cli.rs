@@ -48,6 +48,11 @@ pub struct ServeArgs {
     /// is marked down (by the replica this node may host) [default: 3000].
     #[arg(long, env = "DRS_DOWN_AFTER_MS")]
     pub down_after_ms: Option<u64>,
+    /// With a metadata service: milliseconds of silence after which a mount's
+    /// session is ended by the replica this node may host (its opens closed, blocks
+    /// held for it freed) [default: 90000].
+    #[arg(long, env = "DRS_SESSION_EXPIRY_MS")]
+    pub session_expiry_ms: Option<u64>,
     /// MiB per second this node rebuilds blocks at most when it rejoins or replaces
     /// another (0: no limit) [default: 0].
     #[arg(long, env = "DRS_REBUILD_RATE_MIB")]
@@ -91,6 +96,7 @@ pub struct ConfigFile {
     pub stuck_ms: Option<u64>,
     pub verify_interval_ms: Option<u64>,
     pub down_after_ms: Option<u64>,
+    pub session_expiry_ms: Option<u64>,
     pub rebuild_rate_mib: Option<f64>,
     pub scrub_every_s: Option<u64>,
     pub scrub_rate_mib: Option<f64>,
@@ -141,6 +147,7 @@ impl ServeArgs {
             stuck_ms,
             verify_interval_ms,
             down_after_ms,
+            session_expiry_ms,
             rebuild_rate_mib,
             scrub_every_s,
             scrub_rate_mib,
@@ -194,6 +201,19 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
     cfg.verify_interval = Duration::from_millis(args.verify_interval_ms.unwrap_or(30_000));
     cfg.checkpoint_bytes = args.checkpoint_mib.unwrap_or(64) << 20;
     cfg.meta_down_after = Duration::from_millis(args.down_after_ms.unwrap_or(3000).max(100));
+    cfg.session_expiry = args
+        .session_expiry_ms
+        .map_or(drs_meta::DEFAULT_SESSION_EXPIRY, Duration::from_millis)
+        .max(Duration::from_millis(500));
+    if cfg.session_expiry < Duration::from_secs(60) {
+        tracing::warn!(
+            expiry_ms = cfg.session_expiry.as_millis() as u64,
+            "--session-expiry-ms is below 60000: a mount cut off from the metadata service \
+             stops using its block maps 30 s after its last answer and may have operations \
+             of up to 30 s under way, so blocks freed for it may be reused while it still \
+             writes them (for tests only)"
+        );
+    }
     cfg.rebuild_rate = rate("rebuild-rate-mib", args.rebuild_rate_mib.unwrap_or(0.0))?;
     cfg.scrub_rate = rate("scrub-rate-mib", args.scrub_rate_mib.unwrap_or(8.0))?;
     cfg.scrub_every = Duration::from_secs(args.scrub_every_s.unwrap_or(86_400));

@@ -60,6 +60,9 @@ pub struct NodeConfig {
     /// With a metadata service: a node silent this long is marked down (used by the
     /// replica this node may host, and for the node's heartbeat rate).
     pub meta_down_after: Duration,
+    /// With a metadata service: a mount session silent this long is ended (by the
+    /// replica this node may host).
+    pub session_expiry: Duration,
     /// Bytes per second a rejoining or replacing node rebuilds at most (0: no limit).
     pub rebuild_rate: u64,
     /// Fault injection for tests: SIGUSR1 cuts the metadata replica this node hosts
@@ -91,6 +94,7 @@ impl NodeConfig {
             relay_after: Duration::from_secs(2),
             unsettled_bytes: 256 << 20,
             meta_down_after: Duration::from_secs(3),
+            session_expiry: drs_meta::DEFAULT_SESSION_EXPIRY,
             rebuild_rate: 0,
             fault_signals: false,
             metrics: None,

@@ -182,6 +182,9 @@ pub struct NodeOptions {
     /// first start and kept in `node-<id>/metrics-addr` (see
     /// [`LocalCluster::metrics_addr`]).
     pub metrics: bool,
+    /// `--session-expiry-ms`: silence after which the metadata service ends a
+    /// mount's session (`None`: the node's default).
+    pub session_expiry_ms: Option<u64>,
 }
 
 impl Default for NodeOptions {
@@ -196,6 +199,7 @@ impl Default for NodeOptions {
             scrub_every_s: 86400,
             scrub_rate_mib: 8.0,
             metrics: false,
+            session_expiry_ms: None,
         }
     }
 }
@@ -505,6 +509,12 @@ impl LocalCluster {
                     .flat_map(|a| ["--metrics".to_string(), a.to_string()]),
             )
             .args(self.options.fault_signals.then_some("--fault-signals"))
+            .args(
+                self.options
+                    .session_expiry_ms
+                    .iter()
+                    .flat_map(|ms| ["--session-expiry-ms".to_string(), ms.to_string()]),
+            )
             .env("RUST_LOG", &self.options.log)
             .stdin(Stdio::null())
             .stdout(log)

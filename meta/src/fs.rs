@@ -14,8 +14,16 @@
 //!   naming it (no directory hard links) and its `parent` is that entry's directory;
 //! - a file's `nlink` is the number of entries naming it (0: an orphan, open somewhere,
 //!   dropped with [`FsCommand::Drop`]); a directory's is 2 + its subdirectories;
-//! - no data block belongs to two files, nor to a file and the free list, and
-//!   used + free = the volume's blocks.
+//! - no data block belongs to two files, nor to a file and the free list or a held
+//!   freeing, and used (files' and held blocks) + free = the volume's blocks;
+//! - every held freeing waits for at least one session, and each of those has the
+//!   file marked stale with a number at least the freeing's; sessions have open only
+//!   inodes that exist.
+//!
+//! Mount sessions ([`Session`]): a mount registers its opens, and blocks freed from a
+//! file that other sessions have open are [`Held`] until each of them acknowledged
+//! ([`FsCommand::Refreshed`]), so a block map a mount still holds never points into
+//! another file (docs/PROTOCOL.md, 7.2).
 //!
 //! Data blocks are handed out by [`FsCommand::Map`] (for the blocks a write touches,
 //! and optionally some blocks ahead of them, for a file being written sequentially).
@@ -33,6 +41,8 @@ use serde::{Deserialize, Serialize};
 
 /// An inode number.
 pub type Ino = u64;
+/// A mount's session number (see [`FsCommand::OpenSession`]).
+pub type SessionId = u64;
 /// The root directory's inode.
 pub const ROOT: Ino = 1;
 /// Longest name of a directory entry, bytes.
@@ -129,6 +139,10 @@ pub struct FsStats {
     pub blocks: u64,
     pub free: u64,
     pub files: u64,
+    /// Mount sessions.
+    pub mounts: u64,
+    /// Blocks freed and held for mounts that have not acknowledged yet (not free).
+    pub held: u64,
 }
 
 /// One inode.
@@ -148,6 +162,30 @@ pub struct Inode {
     /// Extended attributes: name -> value (see [`XATTR_NAME_MAX`] and the limits
     /// beside it).
     pub xattrs: BTreeMap<Vec<u8>, Vec<u8>>,
+}
+
+/// A mount's session: the inodes it has open, and the freeings of their blocks it
+/// has not acknowledged yet.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Session {
+    /// Inode -> how many times it is open (each `Open` counts until its `Close`).
+    pub opens: BTreeMap<Ino, u32>,
+    /// Inode -> the latest freeing of its blocks ([`Held`]'s number) that this
+    /// session has to acknowledge with [`FsCommand::Refreshed`].
+    pub stale: BTreeMap<Ino, u64>,
+    /// When it was opened.
+    pub started: Time,
+}
+
+/// Data blocks freed from an inode that other mounts had open: they are not free
+/// until each of those mounts acknowledged the freeing, so a block map such a mount
+/// still holds never points into another file's blocks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Held {
+    pub ino: Ino,
+    pub extents: Vec<Extent>,
+    /// The sessions still to acknowledge it.
+    pub waiting: BTreeSet<SessionId>,
 }
 
 /// Attribute changes (`setattr`); `None` leaves a field alone.
@@ -261,6 +299,35 @@ pub enum FsCommand {
     /// The inode was read at `now`: its atime becomes `now` if it is due (see
     /// [`atime_due`]: relatime's rule); ctime does not change.
     Accessed { ino: Ino, now: Time },
+    /// A mount starts: answers its new session's number ([`FsReply::Session`]).
+    OpenSession { now: Time },
+    /// A mount ends (or its session expired): its opens are closed and its
+    /// acknowledgements given.
+    EndSession { session: SessionId },
+    /// `session` opens `ino` (one `Close` each); answers its attributes. Blocks freed
+    /// from the inode while it is open are held for the session
+    /// ([`FsCommand::Refreshed`]), and an orphan is not dropped while it is open.
+    Open { session: SessionId, ino: Ino },
+    /// `session` closes `ino` once; at its last close the session has no block map
+    /// of it left (acknowledging its freeings), and an orphan no session has open is
+    /// dropped.
+    Close { session: SessionId, ino: Ino },
+    /// `session` forgot its block map of `ino` after learning of freeing `freeing`
+    /// (and every earlier one): the held blocks no other session waits for are free.
+    Refreshed {
+        session: SessionId,
+        ino: Ino,
+        freeing: u64,
+    },
+    /// `cmd` sent by a mount of session `session`: the blocks it frees are not held
+    /// for that session (the mount frees only what it no longer uses), and a
+    /// `Written` naming blocks of a file with a freeing the session has not
+    /// acknowledged is refused (`StaleMap`: the named blocks may no longer be the
+    /// ones it wrote).
+    From {
+        session: SessionId,
+        cmd: Box<FsCommand>,
+    },
 }
 
 /// The most file blocks a file may have on a volume of `blocks` data blocks (1024 per
@@ -310,6 +377,11 @@ pub enum FsQuery {
     ListXattr {
         ino: Ino,
     },
+    /// A mount's heartbeat: the freeings its session has to acknowledge
+    /// ([`FsReply::Stale`]); `NoSession` if it expired.
+    Session {
+        session: SessionId,
+    },
 }
 
 /// The answer to a command or query.
@@ -326,6 +398,10 @@ pub enum FsReply {
     /// An extended attribute's value, or the list of names.
     Bytes(Vec<u8>),
     Done,
+    /// `OpenSession`: the new session.
+    Session(SessionId),
+    /// `Session`: (inode, freeing) pairs to acknowledge with `Refreshed`.
+    Stale(Vec<(Ino, u64)>),
 }
 
 /// Why a command or query was refused.
@@ -362,9 +438,21 @@ pub enum FsError {
     XattrNotSupported,
     #[error("extended attribute name or value too large")]
     XattrTooLarge,
+    #[error("the mount's session expired")]
+    NoSession,
+    /// A `Written` of a session that has not acknowledged a freeing of the file's
+    /// blocks: the blocks it names may have been taken from it (refresh, then retry).
+    #[error("the mount's block map of the file is stale")]
+    StaleMap,
 }
 
 type FsResult = Result<FsReply, FsError>;
+
+/// A held freeing, as [`FsState::acknowledge`] selects them.
+struct HeldRef {
+    number: u64,
+    ino: Ino,
+}
 
 /// The namespace and the free data blocks.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -377,6 +465,12 @@ pub struct FsState {
     inodes: BTreeMap<Ino, Inode>,
     /// Free data blocks: start -> count, non-adjacent runs.
     free: BTreeMap<u64, u64>,
+    next_session: SessionId,
+    /// The mounts' sessions.
+    sessions: BTreeMap<SessionId, Session>,
+    /// Freeings waiting for acknowledgements, by number (counted in `used`).
+    held: BTreeMap<u64, Held>,
+    next_freeing: u64,
 }
 
 /// Longest extended attribute name (as the kernel's `XATTR_NAME_MAX`).
@@ -521,6 +615,12 @@ impl FsState {
                     .map(|v| FsReply::Bytes(v.clone()))
                     .ok_or(FsError::NoXattr)
             }
+            FsQuery::Session { session } => {
+                let s = self.sessions.get(session).ok_or(FsError::NoSession)?;
+                Ok(FsReply::Stale(
+                    s.stale.iter().map(|(i, f)| (*i, *f)).collect(),
+                ))
+            }
             FsQuery::ListXattr { ino } => {
                 let i = self.get(*ino)?;
                 let mut out = Vec::new();
@@ -539,6 +639,12 @@ impl FsState {
                     blocks: self.blocks,
                     free: self.blocks - self.used,
                     files: self.inodes.len() as u64,
+                    mounts: self.sessions.len() as u64,
+                    held: self
+                        .held
+                        .values()
+                        .flat_map(|h| h.extents.iter().map(|e| e.count))
+                        .sum(),
                 }))
             }
         }
@@ -546,6 +652,21 @@ impl FsState {
 
     /// Applies a command; a refusal changes nothing.
     pub fn apply(&mut self, cmd: &FsCommand) -> FsResult {
+        self.apply_as(cmd, None)
+    }
+
+    /// The mount sessions.
+    pub fn sessions(&self) -> &BTreeMap<SessionId, Session> {
+        &self.sessions
+    }
+
+    /// The freeings waiting for acknowledgements.
+    pub fn held(&self) -> &BTreeMap<u64, Held> {
+        &self.held
+    }
+
+    /// Applies a command of session `by` (if any).
+    fn apply_as(&mut self, cmd: &FsCommand, by: Option<SessionId>) -> FsResult {
         match cmd {
             FsCommand::Format {
                 blocks,
@@ -694,7 +815,7 @@ impl FsState {
                 *exchange,
                 *now,
             ),
-            FsCommand::SetAttr { ino, set, now } => self.set_attr(*ino, set, *now),
+            FsCommand::SetAttr { ino, set, now } => self.set_attr(*ino, set, *now, by),
             FsCommand::SetXattr {
                 ino,
                 name,
@@ -746,7 +867,7 @@ impl FsState {
                 now,
                 written,
                 trim,
-            } => self.written(*ino, *size, *now, written, *trim),
+            } => self.written(*ino, *size, *now, written, *trim, by),
             FsCommand::Punch {
                 ino,
                 first,
@@ -766,9 +887,7 @@ impl FsState {
                 i.attr.mtime = *now;
                 i.attr.ctime = *now;
                 let attr = i.attr.clone();
-                for e in freed {
-                    self.release(e);
-                }
+                self.free_blocks(*ino, freed, by);
                 Ok(FsReply::Attr(attr))
             }
             FsCommand::Accessed { ino, now } => {
@@ -783,12 +902,167 @@ impl FsState {
                 if i.attr.nlink != 0 || *ino == ROOT {
                     return Err(FsError::Invalid);
                 }
-                if let Some(i) = self.inodes.remove(ino) {
-                    for e in i.extents.values() {
-                        self.release(*e);
-                    }
+                // An orphan a mount still has open goes at its last `Close`.
+                if !self.is_open(*ino) {
+                    self.drop_inode(*ino);
                 }
                 Ok(FsReply::Done)
+            }
+            FsCommand::OpenSession { now } => {
+                if !self.formatted {
+                    return Err(FsError::NotFormatted);
+                }
+                self.next_session += 1;
+                let id = self.next_session;
+                self.sessions.insert(
+                    id,
+                    Session {
+                        started: *now,
+                        ..Session::default()
+                    },
+                );
+                Ok(FsReply::Session(id))
+            }
+            FsCommand::EndSession { session } => {
+                let Some(s) = self.sessions.remove(session) else {
+                    return Ok(FsReply::Done);
+                };
+                self.acknowledge(*session, |_| true);
+                for ino in s.opens.keys() {
+                    self.drop_if_unused(*ino);
+                }
+                Ok(FsReply::Done)
+            }
+            FsCommand::Open { session, ino } => {
+                let attr = self.get(*ino)?.attr.clone();
+                if attr.kind == Kind::Dir {
+                    return Err(FsError::IsDir);
+                }
+                let s = self.sessions.get_mut(session).ok_or(FsError::NoSession)?;
+                *s.opens.entry(*ino).or_default() += 1;
+                Ok(FsReply::Attr(attr))
+            }
+            FsCommand::Close { session, ino } => {
+                let s = self.sessions.get_mut(session).ok_or(FsError::NoSession)?;
+                let Some(n) = s.opens.get_mut(ino) else {
+                    return Err(FsError::Invalid);
+                };
+                *n -= 1;
+                if *n == 0 {
+                    s.opens.remove(ino);
+                    s.stale.remove(ino);
+                    let ino = *ino;
+                    self.acknowledge(*session, |h| h.ino == ino);
+                    self.drop_if_unused(ino);
+                }
+                Ok(FsReply::Done)
+            }
+            FsCommand::Refreshed {
+                session,
+                ino,
+                freeing,
+            } => {
+                let s = self.sessions.get_mut(session).ok_or(FsError::NoSession)?;
+                if s.stale.get(ino).is_some_and(|f| f <= freeing) {
+                    s.stale.remove(ino);
+                }
+                let (ino, freeing) = (*ino, *freeing);
+                self.acknowledge(*session, |h| h.ino == ino && h.number <= freeing);
+                Ok(FsReply::Done)
+            }
+            FsCommand::From { session, cmd } => {
+                if matches!(**cmd, FsCommand::From { .. }) {
+                    return Err(FsError::Invalid);
+                }
+                // An ended session's maps may name blocks given away since.
+                if !self.sessions.contains_key(session) {
+                    return Err(FsError::NoSession);
+                }
+                self.apply_as(cmd, Some(*session))
+            }
+        }
+    }
+
+    /// Whether a mount session has `ino` open.
+    fn is_open(&self, ino: Ino) -> bool {
+        self.sessions.values().any(|s| s.opens.contains_key(&ino))
+    }
+
+    /// Drops `ino` if it is an orphan (a file without names) no session has open.
+    fn drop_if_unused(&mut self, ino: Ino) {
+        let orphan = self
+            .inodes
+            .get(&ino)
+            .is_some_and(|i| i.attr.nlink == 0 && i.attr.kind != Kind::Dir && ino != ROOT);
+        if orphan && !self.is_open(ino) {
+            self.drop_inode(ino);
+        }
+    }
+
+    /// Removes an inode and frees its blocks (no session has it open).
+    fn drop_inode(&mut self, ino: Ino) {
+        if let Some(i) = self.inodes.remove(&ino) {
+            for e in i.extents.values() {
+                self.release(*e);
+            }
+        }
+    }
+
+    /// Frees blocks cut from `ino`: at once if no session but `by` has the inode
+    /// open, else held until each of those sessions acknowledged ([`Held`]).
+    fn free_blocks(&mut self, ino: Ino, extents: Vec<Extent>, by: Option<SessionId>) {
+        if extents.is_empty() {
+            return;
+        }
+        let waiting: BTreeSet<SessionId> = self
+            .sessions
+            .iter()
+            .filter(|(id, s)| Some(**id) != by && s.opens.contains_key(&ino))
+            .map(|(id, _)| *id)
+            .collect();
+        if waiting.is_empty() {
+            for e in extents {
+                self.release(e);
+            }
+            return;
+        }
+        self.next_freeing += 1;
+        let number = self.next_freeing;
+        for id in &waiting {
+            if let Some(s) = self.sessions.get_mut(id) {
+                s.stale.insert(ino, number);
+            }
+        }
+        self.held.insert(
+            number,
+            Held {
+                ino,
+                extents,
+                waiting,
+            },
+        );
+    }
+
+    /// `session` acknowledges the held freeings `which` accepts: those no session
+    /// waits for any more are freed.
+    fn acknowledge(&mut self, session: SessionId, which: impl Fn(&HeldRef) -> bool) {
+        let mut done = Vec::new();
+        for (number, h) in self.held.iter_mut() {
+            if which(&HeldRef {
+                number: *number,
+                ino: h.ino,
+            }) {
+                h.waiting.remove(&session);
+                if h.waiting.is_empty() {
+                    done.push(*number);
+                }
+            }
+        }
+        for number in done {
+            if let Some(h) = self.held.remove(&number) {
+                for e in h.extents {
+                    self.release(e);
+                }
             }
         }
     }
@@ -910,7 +1184,7 @@ impl FsState {
         self.touch_dir(to, now);
     }
 
-    fn set_attr(&mut self, ino: Ino, set: &SetAttr, now: Time) -> FsResult {
+    fn set_attr(&mut self, ino: Ino, set: &SetAttr, now: Time, by: Option<SessionId>) -> FsResult {
         let bs = u64::from(self.block_size.max(1));
         let i = self.get(ino)?;
         if let Some(size) = set.size {
@@ -927,9 +1201,7 @@ impl FsState {
             // Unwritten blocks past the new end go with the rest.
             drop(i.unwritten.split_off(&keep));
             let freed = cut_extents(i, keep);
-            for e in freed {
-                self.release(e);
-            }
+            self.free_blocks(ino, freed, by);
         }
         let i = self.get_mut(ino)?;
         if let Some(size) = set.size {
@@ -963,6 +1235,7 @@ impl FsState {
         now: Time,
         written: &[BlockRange],
         trim: bool,
+        by: Option<SessionId>,
     ) -> FsResult {
         let bs = u64::from(self.block_size.max(1));
         if size.div_ceil(bs) > self.max_file_blocks() || written.len() > MAP_MAX as usize {
@@ -971,6 +1244,12 @@ impl FsState {
         let i = self.get(ino)?;
         if i.attr.kind != Kind::File {
             return Err(FsError::Invalid);
+        }
+        let stale = by
+            .and_then(|s| self.sessions.get(&s))
+            .is_some_and(|s| s.stale.contains_key(&ino));
+        if stale && !written.is_empty() {
+            return Err(FsError::StaleMap);
         }
         let i = self.get_mut(ino)?;
         for r in written {
@@ -995,9 +1274,7 @@ impl FsState {
                 }
                 let freed = cut_extents(i, keep);
                 let attr = i.attr.clone();
-                for e in freed {
-                    self.release(e);
-                }
+                self.free_blocks(ino, freed, by);
                 return Ok(FsReply::Attr(attr));
             }
         }
@@ -1161,6 +1438,36 @@ impl FsState {
                     "{ino} counts {} blocks, holds {blocks}",
                     i.attr.blocks
                 ));
+            }
+        }
+        for (number, h) in &self.held {
+            if h.waiting.is_empty() {
+                return Err(format!("freeing {number} waits for no session"));
+            }
+            for id in &h.waiting {
+                let stale = self.sessions.get(id).and_then(|s| s.stale.get(&h.ino));
+                if stale.is_none_or(|f| f < number) {
+                    return Err(format!(
+                        "freeing {number} waits for {id}, which was not told"
+                    ));
+                }
+            }
+            for e in &h.extents {
+                for lba in e.lba..e.lba + e.count {
+                    if let Some(other) = owned.insert(lba, h.ino) {
+                        return Err(format!("held block {lba} also in {other}"));
+                    }
+                    used += 1;
+                }
+            }
+        }
+        for (id, s) in &self.sessions {
+            if let Some((ino, _)) = s
+                .opens
+                .iter()
+                .find(|(i, n)| **n == 0 || !self.inodes.contains_key(i))
+            {
+                return Err(format!("session {id} has {ino} open, which is gone"));
             }
         }
         let mut free = 0;

@@ -42,7 +42,7 @@ use std::io::Cursor;
 pub use client::{ClientConfig, MetaClient};
 pub use error::MetaError;
 pub use net::{HeartbeatAck, MetaStatus, Role};
-pub use service::{MetaConfig, MetaNode};
+pub use service::{MetaConfig, MetaNode, DEFAULT_SESSION_EXPIRY};
 pub use state::{
     Answered, MetaCommand, MetaResponse, MetaState, NodeRecord, NodeState, Proposal, Refusal,
     ReplicaId,

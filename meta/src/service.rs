@@ -17,8 +17,16 @@
 //! heartbeat (or a third of it after the election, if later), and every node has at
 //! least a third of `down_after_ms` (two heartbeats) after an election to reach the
 //! new leader.
+//!
+//! Mount sessions (run by whichever replica leads): a mount's heartbeat is an
+//! `FsQuery::Session`; its arrival is kept in memory by the replica that answers it.
+//! A session not heard from for `session_expiry_ms` (counting from no earlier than
+//! this replica's election) is ended with `FsCommand::EndSession`: its opens are
+//! closed and the blocks held for it freed. A mount stops using its block maps long
+//! before that (see `drs_fuse::ops`), so the expiry must exceed that guard plus the
+//! longest operation.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -50,6 +58,8 @@ use crate::Raft;
 
 /// How often the leader's failure detector looks at the nodes.
 pub const DETECTOR_TICK: Duration = Duration::from_millis(250);
+/// How long a silent mount session lives by default (see [`MetaConfig::session_expiry_ms`]).
+pub const DEFAULT_SESSION_EXPIRY: Duration = Duration::from_secs(90);
 /// Longest a request may ask a replica to wait.
 const MAX_REQUEST_WAIT: Duration = Duration::from_secs(60);
 /// Longest a watch waits before answering with the current state.
@@ -80,6 +90,8 @@ pub struct MetaConfig {
     pub election_timeout_max_ms: u64,
     /// A node silent for this long is marked down by the leader.
     pub down_after_ms: u64,
+    /// A mount session silent for this long is ended by the leader.
+    pub session_expiry_ms: u64,
     /// Build a snapshot (and purge the log) after this many applied entries.
     pub snapshot_after_logs: u64,
     /// Entries kept in the log behind the snapshot, for slow followers.
@@ -105,6 +117,7 @@ impl MetaConfig {
             election_timeout_min_ms: 750,
             election_timeout_max_ms: 1500,
             down_after_ms: 3000,
+            session_expiry_ms: DEFAULT_SESSION_EXPIRY.as_millis() as u64,
             snapshot_after_logs: 1000,
             logs_kept_after_snapshot: 200,
             propose_timeout_ms: 5000,
@@ -148,6 +161,12 @@ struct Inner {
     isolated: Arc<AtomicBool>,
     /// node -> (incarnation, arrival) of its latest heartbeat.
     heartbeats: Mutex<HashMap<NodeId, (u64, Instant)>>,
+    /// mount session -> arrival of its latest heartbeat.
+    sessions: Mutex<HashMap<crate::fs::SessionId, Instant>>,
+    /// Sessions this leader decided to end: their heartbeats are answered
+    /// `NoSession` from then on, so no mount learns it is alive while its
+    /// `EndSession` is on its way.
+    ending: Mutex<HashSet<crate::fs::SessionId>>,
     cancel: CancellationToken,
     tasks: Mutex<Vec<JoinHandle<()>>>,
     db: Weak<redb::Database>,
@@ -210,6 +229,8 @@ impl MetaNode {
             fs,
             isolated,
             heartbeats: Mutex::new(HashMap::new()),
+            sessions: Mutex::new(HashMap::new()),
+            ending: Mutex::new(HashSet::new()),
             cancel: CancellationToken::new(),
             tasks: Mutex::new(Vec::new()),
             db,
@@ -218,7 +239,8 @@ impl MetaNode {
         });
         let serve = tokio::spawn(serve(inner.clone(), listener));
         let detector = tokio::spawn(failure_detector(inner.clone()));
-        lock(&inner.tasks).extend([serve, detector]);
+        let reaper = tokio::spawn(session_reaper(inner.clone()));
+        lock(&inner.tasks).extend([serve, detector, reaper]);
         Ok(MetaNode { inner })
     }
 
@@ -370,6 +392,18 @@ impl Inner {
             && (alone
                 || m.millis_since_quorum_ack
                     .is_some_and(|ms| ms <= self.cfg.election_timeout_min_ms))
+    }
+
+    /// The term this replica leads in with a quorum (see
+    /// [`Inner::leads_with_quorum`]), if it does.
+    fn leading_term(&self) -> Option<u64> {
+        let term = {
+            let m = self.raft.metrics();
+            let m = m.borrow();
+            (m.state == ServerState::Leader && m.current_leader == Some(self.cfg.id))
+                .then_some(m.current_term)
+        };
+        term.filter(|_| self.leads_with_quorum())
     }
 
     fn addr_of(&self, id: ReplicaId) -> Option<SocketAddr> {
@@ -693,6 +727,23 @@ impl Inner {
                 Err(e) => Response::Error(e.to_wire()),
             },
             Request::FsQuery(q) => match self.read(deadline).await {
+                Ok(_) if matches!(q, crate::fs::FsQuery::Session { .. }) => {
+                    let r = self.fs.read().query(&q);
+                    match (&r, &q) {
+                        (Ok(_), crate::fs::FsQuery::Session { session }) => {
+                            // Under the lock the reaper decides under: a session is
+                            // either heard now or already being ended.
+                            let mut heard = lock(&self.sessions);
+                            if lock(&self.ending).contains(session) {
+                                Response::Fs(Err(crate::fs::FsError::NoSession))
+                            } else {
+                                heard.insert(*session, Instant::now());
+                                Response::Fs(r)
+                            }
+                        }
+                        _ => Response::Fs(r),
+                    }
+                }
                 Ok(_) => Response::Fs(self.fs.read().query(&q)),
                 Err(e) => Response::Error(e.to_wire()),
             },
@@ -807,16 +858,10 @@ async fn failure_detector(inner: Arc<Inner>) {
             _ = inner.cancel.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let term = {
-            let m = inner.raft.metrics();
-            let m = m.borrow();
-            (m.state == ServerState::Leader && m.current_leader == Some(inner.cfg.id))
-                .then_some(m.current_term)
-        };
         // A leader cut off from its quorum cannot take heartbeats (they are refused
         // until it has one again): it starts counting afresh once it has, so nodes
         // are not marked down for the silence of its own outage.
-        let Some(term) = term.filter(|_| inner.leads_with_quorum()) else {
+        let Some(term) = inner.leading_term() else {
             if leading.take().is_some() {
                 tracing::info!(
                     replica = inner.cfg.id,
@@ -899,6 +944,79 @@ async fn failure_detector(inner: Arc<Inner>) {
                 }
                 Ok(other) => tracing::debug!(node, ?other, "mark down not applied"),
                 Err(e) => tracing::warn!(node, error = %e, "cannot mark node down"),
+            }
+        }
+    }
+}
+
+/// Ends the mount sessions silent for `session_expiry_ms` while this replica leads
+/// (see the module documentation).
+async fn session_reaper(inner: Arc<Inner>) {
+    let expiry = Duration::from_millis(inner.cfg.session_expiry_ms);
+    let mut tick = tokio::time::interval(DETECTOR_TICK * 4);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // (term, when this replica was first seen leading in it)
+    let mut leading: Option<(u64, Instant)> = None;
+    let mut proposed: HashMap<crate::fs::SessionId, Instant> = HashMap::new();
+    // session -> when this leader first saw it (a new one counts from there)
+    let mut seen: HashMap<crate::fs::SessionId, Instant> = HashMap::new();
+    loop {
+        tokio::select! {
+            _ = inner.cancel.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let Some(term) = inner.leading_term() else {
+            leading = None;
+            continue;
+        };
+        let now = Instant::now();
+        let since = match leading {
+            Some((t, since)) if t == term => since,
+            _ => {
+                leading = Some((term, now));
+                seen.clear();
+                now
+            }
+        };
+        let live: Vec<crate::fs::SessionId> = inner.fs.read().sessions().keys().copied().collect();
+        let expired: Vec<(crate::fs::SessionId, Duration)> = {
+            let mut heard = lock(&inner.sessions);
+            heard.retain(|s, _| live.contains(s));
+            seen.retain(|s, _| live.contains(s));
+            let expired: Vec<(crate::fs::SessionId, Duration)> = live
+                .iter()
+                .filter_map(|s| {
+                    let first = *seen.entry(*s).or_insert(now);
+                    let last = heard.get(s).copied().unwrap_or(since).max(since).max(first);
+                    let silent = now.saturating_duration_since(last);
+                    (silent >= expiry).then_some((*s, silent))
+                })
+                .collect();
+            // Decided under the heartbeats' lock: none is answered from now on.
+            let mut ending = lock(&inner.ending);
+            ending.retain(|s| live.contains(s));
+            ending.extend(expired.iter().map(|(s, _)| *s));
+            expired
+        };
+        proposed
+            .retain(|s, at| live.contains(s) && now.duration_since(*at) < Duration::from_secs(5));
+        for (session, silent) in expired {
+            if proposed.contains_key(&session) {
+                continue;
+            }
+            proposed.insert(session, now);
+            tracing::warn!(
+                session,
+                silent_ms = silent.as_millis() as u64,
+                "mount session silent, ending it"
+            );
+            let cmd = MetaCommand::Fs(crate::fs::FsCommand::EndSession { session });
+            let res = tokio::select! {
+                _ = inner.cancel.cancelled() => return,
+                r = inner.propose(Proposal { nonce: 0, cmd }, Duration::from_secs(2)) => r,
+            };
+            if let Err(e) = res {
+                tracing::warn!(session, error = %e, "cannot end a mount session");
             }
         }
     }

@@ -228,15 +228,30 @@ fn read_dir(fs: &FsState, ino: Ino) -> Vec<DirEntry> {
     panic!("readdir {ino}: no end");
 }
 
-/// The mapped blocks of a file's first `MAP_MAX` file blocks.
-fn extents(fs: &FsState, ino: Ino) -> Vec<Mapping> {
-    match fs.query(&FsQuery::Extents {
+/// The answer to `Extents` of a file's first `MAP_MAX` file blocks.
+fn try_extents(fs: &FsState, ino: Ino) -> Result<FsReply, FsError> {
+    fs.query(&FsQuery::Extents {
         ino,
         first: 0,
         count: MAP_MAX,
-    }) {
+    })
+}
+
+/// The mapped blocks of a file's first `MAP_MAX` file blocks.
+fn extents(fs: &FsState, ino: Ino) -> Vec<Mapping> {
+    match try_extents(fs, ino) {
         Ok(FsReply::Mapped(m)) => m,
         other => panic!("extents {ino}: {other:?}"),
+    }
+}
+
+/// The property tests' settings: 256 cases, and the minimal failing input printed
+/// instead of a regressions file written.
+fn property_config() -> ProptestConfig {
+    ProptestConfig {
+        cases: 256,
+        failure_persistence: None,
+        ..ProptestConfig::default()
     }
 }
 
@@ -336,7 +351,9 @@ fn unformatted_refuses_everything_and_format_once() {
             block_size: BS,
             blocks: 64,
             free: 64,
-            files: 1
+            files: 1,
+            mounts: 0,
+            held: 0,
         }
     );
     // The root's "." and ".." are the root.
@@ -358,7 +375,9 @@ fn statfs_counts_blocks_free_and_files() {
             block_size: BS,
             blocks: 64,
             free: 64,
-            files: 5
+            files: 5,
+            mounts: 0,
+            held: 0,
         }
     );
     map(&mut fs, f, 0, 5).unwrap();
@@ -2725,6 +2744,8 @@ fn agree(m: &Model, fs: &FsState) {
             blocks: TOTAL,
             free: TOTAL - m.used(),
             files: m.kinds.len() as u64,
+            mounts: 0,
+            held: 0,
         }
     );
     assert_eq!(fs.inode_count(), m.kinds.len());
@@ -2969,12 +2990,7 @@ fn op() -> impl Strategy<Value = Op> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig {
-        cases: 256,
-        // Print the minimal failing input instead of writing a regressions file.
-        failure_persistence: None,
-        ..ProptestConfig::default()
-    })]
+    #![proptest_config(property_config())]
 
     #[test]
     fn random_commands_agree_with_the_model(ops in prop::collection::vec(op(), 1..60)) {
@@ -3116,4 +3132,410 @@ fn extended_attributes_follow_setxattr_semantics() {
     assert_eq!(getx(&fs, f, b"user.a"), Ok(b"22".to_vec()));
     apply_ok(&mut fs, &FsCommand::Drop { ino: f });
     assert_eq!(getx(&fs, f, b"user.a"), Err(FsError::NotFound));
+}
+
+// ---------------------------------------------------------------------------------
+// Mount sessions: opens, held freeings, acknowledgements, expiry.
+// ---------------------------------------------------------------------------------
+
+fn open_session(fs: &mut FsState) -> u64 {
+    match apply_ok(fs, &FsCommand::OpenSession { now: t(5) }) {
+        FsReply::Session(id) => id,
+        other => panic!("open session: {other:?}"),
+    }
+}
+
+fn stale(fs: &FsState, session: u64) -> Result<Vec<(Ino, u64)>, FsError> {
+    match fs.query(&FsQuery::Session { session }) {
+        Ok(FsReply::Stale(s)) => Ok(s),
+        Err(e) => Err(e),
+        other => panic!("session query: {other:?}"),
+    }
+}
+
+fn from(session: u64, cmd: FsCommand) -> FsCommand {
+    FsCommand::From {
+        session,
+        cmd: Box::new(cmd),
+    }
+}
+
+#[test]
+fn blocks_freed_under_another_mounts_open_file_wait_for_its_acknowledgement() {
+    let mut fs = formatted(8);
+    let a = open_session(&mut fs);
+    let b = open_session(&mut fs);
+    let f = create(&mut fs, ROOT, b"f", Kind::File, t(6));
+    let old = map(&mut fs, f, 0, 4).unwrap();
+    written(&mut fs, f, 4 * BSZ, t(7), &[(0, 4)], false);
+    ok_attr(
+        Ok(apply_ok(&mut fs, &FsCommand::Open { session: a, ino: f })),
+        "open",
+    );
+    apply_ok(&mut fs, &FsCommand::Open { session: b, ino: f });
+    assert_eq!(statfs(&fs).free, 4);
+
+    // b truncates: a still holds a map of the blocks, so they are not free.
+    apply_ok(&mut fs, &from(b, size_cmd(f, 0, t(8))));
+    assert_eq!(statfs(&fs).free, 4, "held blocks are not free");
+    assert_eq!((statfs(&fs).mounts, statfs(&fs).held), (2, 4));
+    assert_eq!(
+        stale(&fs, b).unwrap(),
+        vec![],
+        "the truncating mount is not asked"
+    );
+    let notice = stale(&fs, a).unwrap();
+    assert_eq!(notice.len(), 1);
+    assert_eq!(notice[0].0, f);
+    // Another file cannot get them meanwhile.
+    let g = create(&mut fs, ROOT, b"g", Kind::File, t(9));
+    let got = map(&mut fs, g, 0, 4).unwrap();
+    let old_lbas: BTreeSet<u64> = old.iter().map(|m| m.lba).collect();
+    assert!(got.iter().all(|m| !old_lbas.contains(&m.lba)));
+    assert_eq!(map(&mut fs, g, 4, 1), Err(FsError::NoSpace));
+
+    // a's acknowledgement frees them.
+    apply_ok(
+        &mut fs,
+        &FsCommand::Refreshed {
+            session: a,
+            ino: f,
+            freeing: notice[0].1,
+        },
+    );
+    assert_eq!(stale(&fs, a).unwrap(), vec![]);
+    assert!(fs.held().is_empty());
+    assert_eq!(statfs(&fs).free, 4);
+    assert!(map(&mut fs, g, 4, 4).is_ok());
+
+    // An acknowledgement of an earlier freeing does not release a later one.
+    let h = create(&mut fs, ROOT, b"h", Kind::File, t(10));
+    apply_ok(&mut fs, &from(b, size_cmd(g, 0, t(11))));
+    map(&mut fs, h, 0, 2).unwrap();
+    apply_ok(&mut fs, &FsCommand::Open { session: a, ino: h });
+    apply_ok(&mut fs, &from(b, punch_cmd(h, 0, 1, t(12))));
+    let first = stale(&fs, a).unwrap()[0].1;
+    apply_ok(&mut fs, &from(b, punch_cmd(h, 1, 1, t(13))));
+    let second = stale(&fs, a).unwrap()[0].1;
+    assert!(second > first);
+    apply_ok(
+        &mut fs,
+        &FsCommand::Refreshed {
+            session: a,
+            ino: h,
+            freeing: first,
+        },
+    );
+    assert_eq!(fs.held().len(), 1, "the later freeing still waits");
+    assert_eq!(stale(&fs, a).unwrap(), vec![(h, second)]);
+    // The last close acknowledges the rest.
+    apply_ok(&mut fs, &FsCommand::Close { session: a, ino: h });
+    assert!(fs.held().is_empty());
+}
+
+#[test]
+fn an_orphan_open_in_a_mount_is_dropped_at_its_last_close_or_session_end() {
+    let mut fs = formatted(8);
+    let a = open_session(&mut fs);
+    let f = create(&mut fs, ROOT, b"f", Kind::File, t(6));
+    map(&mut fs, f, 0, 2).unwrap();
+    apply_ok(&mut fs, &FsCommand::Open { session: a, ino: f });
+    apply_ok(&mut fs, &FsCommand::Open { session: a, ino: f });
+    // Another mount unlinks it and drops it: it stays while open.
+    assert_eq!(
+        apply_ok(&mut fs, &unlink_cmd(ROOT, b"f", false, t(7))),
+        FsReply::Orphaned(Some(f))
+    );
+    apply_ok(&mut fs, &FsCommand::Drop { ino: f });
+    assert!(fs.inode(f).is_some(), "dropped while open");
+    assert_eq!(statfs(&fs).free, 6);
+    apply_ok(&mut fs, &FsCommand::Close { session: a, ino: f });
+    assert!(fs.inode(f).is_some(), "dropped while open once more");
+    apply_ok(&mut fs, &FsCommand::Close { session: a, ino: f });
+    assert!(fs.inode(f).is_none(), "kept after its last close");
+    assert_eq!(statfs(&fs).free, 8);
+    refused(
+        &mut fs,
+        &FsCommand::Close { session: a, ino: f },
+        FsError::Invalid,
+    );
+
+    // A session that ends (its mount died and it expired) closes what it had open.
+    let g = create(&mut fs, ROOT, b"g", Kind::File, t(8));
+    map(&mut fs, g, 0, 3).unwrap();
+    let b = open_session(&mut fs);
+    apply_ok(&mut fs, &FsCommand::Open { session: a, ino: g });
+    apply_ok(&mut fs, &from(b, size_cmd(g, 0, t(9))));
+    apply_ok(&mut fs, &unlink_cmd(ROOT, b"g", false, t(9)));
+    apply_ok(&mut fs, &FsCommand::Drop { ino: g });
+    assert_eq!(statfs(&fs).free, 5);
+    apply_ok(&mut fs, &FsCommand::EndSession { session: a });
+    assert_eq!(statfs(&fs).free, 8);
+    assert!(fs.inode(g).is_none());
+    assert_eq!(stale(&fs, a), Err(FsError::NoSession));
+    refused(
+        &mut fs,
+        &FsCommand::Open {
+            session: a,
+            ino: ROOT,
+        },
+        FsError::IsDir,
+    );
+    let k = create(&mut fs, ROOT, b"k", Kind::File, t(10));
+    refused(
+        &mut fs,
+        &FsCommand::Open { session: a, ino: k },
+        FsError::NoSession,
+    );
+    refused(
+        &mut fs,
+        &from(b, from(b, size_cmd(k, 0, t(11)))),
+        FsError::Invalid,
+    );
+}
+
+/// One step of the session property.
+#[derive(Debug, Clone)]
+enum SessionOp {
+    OpenSession,
+    EndSession(usize),
+    Open(usize, usize),
+    Close(usize, usize),
+    Map(usize, usize, u64, u64),
+    Truncate(Option<usize>, usize, u64),
+    Punch(Option<usize>, usize, u64, u64),
+    Trim(Option<usize>, usize, u64),
+    Refresh(usize),
+    Unlink(usize),
+}
+
+fn session_op() -> impl Strategy<Value = SessionOp> {
+    let s = 0..4usize;
+    let f = 0..3usize;
+    let by = prop::option::of(0..4usize);
+    prop_oneof![
+        1 => Just(SessionOp::OpenSession),
+        1 => s.clone().prop_map(SessionOp::EndSession),
+        4 => (s.clone(), f.clone()).prop_map(|(s, f)| SessionOp::Open(s, f)),
+        2 => (s.clone(), f.clone()).prop_map(|(s, f)| SessionOp::Close(s, f)),
+        4 => (s.clone(), f.clone(), 0..6u64, 1..4u64).prop_map(|(s, f, a, n)| SessionOp::Map(s, f, a, n)),
+        2 => (by.clone(), f.clone(), 0..6u64).prop_map(|(b, f, n)| SessionOp::Truncate(b, f, n)),
+        2 => (by.clone(), f.clone(), 0..6u64, 1..3u64).prop_map(|(b, f, a, n)| SessionOp::Punch(b, f, a, n)),
+        1 => (by, f.clone(), 0..6u64).prop_map(|(b, f, n)| SessionOp::Trim(b, f, n)),
+        3 => s.prop_map(SessionOp::Refresh),
+        1 => f.prop_map(SessionOp::Unlink),
+    ]
+}
+
+/// A session of the model: its id, what it knows of each open file's block map
+/// (file block -> data block), and how many times it has each file open.
+type ModelSession = (u64, BTreeMap<Ino, BTreeMap<u64, u64>>, BTreeMap<Ino, u32>);
+
+/// File block -> data block of a file, as far as `fs` maps it (none once dropped).
+fn block_map(fs: &FsState, ino: Ino) -> BTreeMap<u64, u64> {
+    match try_extents(fs, ino) {
+        Ok(FsReply::Mapped(m)) => m.iter().map(|m| (m.block, m.lba)).collect(),
+        _ => BTreeMap::new(),
+    }
+}
+
+proptest! {
+    #![proptest_config(property_config())]
+
+    /// Whatever other mounts free, a block map a session learned (at open, from its
+    /// own `Map`s, after acknowledging) only points at its file's blocks or at held
+    /// blocks waiting for that session: never at free space or another file's
+    /// blocks. The mount that frees forgets the blocks it freed itself.
+    #[test]
+    fn a_sessions_block_maps_never_point_into_other_files(ops in prop::collection::vec(session_op(), 1..80)) {
+        let mut fs = formatted(24);
+        let files: Vec<Ino> = (0..3u8)
+            .map(|i| create(&mut fs, ROOT, &[b'f', b'0' + i], Kind::File, t(2)))
+            .collect();
+        // Session slot -> (id, ino -> known block map, ino -> opens).
+        let mut sessions: Vec<Option<ModelSession>> = vec![None; 4];
+        for (step, op) in ops.iter().enumerate() {
+            let now = t(10 + step as i64);
+            let id_of = |slot: Option<usize>, sessions: &Vec<Option<(u64, _, _)>>| {
+                slot.and_then(|s| sessions[s].as_ref().map(|(id, _, _)| *id))
+            };
+            let wrap = |by: Option<u64>, cmd: FsCommand| match by {
+                Some(s) => from(s, cmd),
+                None => cmd,
+            };
+            match op {
+                SessionOp::OpenSession => {
+                    if let Some(slot) = sessions.iter().position(Option::is_none) {
+                        let id = open_session(&mut fs);
+                        sessions[slot] = Some((id, BTreeMap::new(), BTreeMap::new()));
+                    }
+                }
+                SessionOp::EndSession(s) => {
+                    if let Some((id, _, _)) = sessions[*s].take() {
+                        apply_ok(&mut fs, &FsCommand::EndSession { session: id });
+                    }
+                }
+                SessionOp::Open(s, f) => {
+                    if let Some((id, known, opens)) = sessions[*s].as_mut() {
+                        let ino = files[*f];
+                        if fs.apply(&FsCommand::Open { session: *id, ino }).is_ok() {
+                            *opens.entry(ino).or_default() += 1;
+                            // Open re-reads the map when it is the first.
+                            if opens[&ino] == 1 {
+                                known.insert(ino, block_map(&fs, ino));
+                            }
+                        }
+                    }
+                }
+                SessionOp::Close(s, f) => {
+                    if let Some((id, known, opens)) = sessions[*s].as_mut() {
+                        let ino = files[*f];
+                        if let Some(n) = opens.get_mut(&ino) {
+                            apply_ok(&mut fs, &FsCommand::Close { session: *id, ino });
+                            *n -= 1;
+                            if *n == 0 {
+                                opens.remove(&ino);
+                                known.remove(&ino);
+                            }
+                        }
+                    }
+                }
+                SessionOp::Map(s, f, first, count) => {
+                    let ino = files[*f];
+                    if let Ok(FsReply::Mapped(m)) = fs.apply(&map_cmd(ino, *first, *count)) {
+                        if let Some((_, known, _)) = sessions[*s].as_mut() {
+                            if let Some(k) = known.get_mut(&ino) {
+                                k.extend(m.iter().map(|m| (m.block, m.lba)));
+                            }
+                        }
+                    }
+                }
+                SessionOp::Truncate(by, f, blocks) | SessionOp::Trim(by, f, blocks) => {
+                    let ino = files[*f];
+                    let id = id_of(*by, &sessions);
+                    let cmd = if matches!(op, SessionOp::Truncate(..)) {
+                        size_cmd(ino, blocks * BSZ, now)
+                    } else {
+                        written_cmd(ino, blocks * BSZ, now, &[], true)
+                    };
+                    let before = block_map(&fs, ino);
+                    if fs.apply(&wrap(id, cmd)).is_ok() {
+                        let after = block_map(&fs, ino);
+                        // The freeing mount forgets what it freed.
+                        if let Some((_, known, _)) = by.and_then(|s| sessions[s].as_mut()) {
+                            if let Some(k) = known.get_mut(&ino) {
+                                k.retain(|b, _| after.contains_key(b) || !before.contains_key(b));
+                            }
+                        }
+                    }
+                }
+                SessionOp::Punch(by, f, first, count) => {
+                    let ino = files[*f];
+                    let id = id_of(*by, &sessions);
+                    if fs.apply(&wrap(id, punch_cmd(ino, *first, *count, now))).is_ok() {
+                        if let Some((_, known, _)) = by.and_then(|s| sessions[s].as_mut()) {
+                            if let Some(k) = known.get_mut(&ino) {
+                                k.retain(|b, _| !(*first..first + count).contains(b));
+                            }
+                        }
+                    }
+                }
+                SessionOp::Refresh(s) => {
+                    if let Some((id, known, _)) = sessions[*s].as_mut() {
+                        for (ino, freeing) in stale(&fs, *id).unwrap() {
+                            // Forgets the map (and may fetch it again at once).
+                            known.insert(ino, block_map(&fs, ino));
+                            apply_ok(&mut fs, &FsCommand::Refreshed { session: *id, ino, freeing });
+                        }
+                        prop_assert_eq!(stale(&fs, *id).unwrap(), vec![]);
+                    }
+                }
+                SessionOp::Unlink(f) => {
+                    let name = [b'f', b'0' + *f as u8];
+                    if let Ok(FsReply::Orphaned(Some(ino))) = fs.apply(&unlink_cmd(ROOT, &name, false, now)) {
+                        apply_ok(&mut fs, &FsCommand::Drop { ino });
+                    }
+                }
+            }
+            if let Err(e) = fs.check() {
+                panic!("step {step} {op:?}: invariant broken: {e}");
+            }
+            for (id, known, _) in sessions.iter().flatten() {
+                for (ino, k) in known {
+                    let now_mapped: BTreeSet<u64> = block_map(&fs, *ino).values().copied().collect();
+                    for lba in k.values() {
+                        let held = fs.held().values().any(|h| {
+                            h.waiting.contains(id)
+                                && h.extents.iter().any(|e| (e.lba..e.lba + e.count).contains(lba))
+                        });
+                        prop_assert!(
+                            now_mapped.contains(lba) || held,
+                            "step {} {:?}: session {} maps {} to block {}, which is neither the file's nor held for it",
+                            step, op, id, ino, lba
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn a_session_names_written_blocks_only_after_acknowledging_freeings() {
+    let mut fs = formatted(8);
+    let a = open_session(&mut fs);
+    let b = open_session(&mut fs);
+    let f = create(&mut fs, ROOT, b"f", Kind::File, t(6));
+    map(&mut fs, f, 0, 2).unwrap();
+    apply_ok(&mut fs, &FsCommand::Open { session: a, ino: f });
+    apply_ok(&mut fs, &from(b, punch_cmd(f, 1, 1, t(7))));
+    // a wrote block 0 before it learned of the punch: it must refresh first.
+    refused(
+        &mut fs,
+        &from(a, written_cmd(f, 2 * BSZ, t(8), &[(0, 1)], false)),
+        FsError::StaleMap,
+    );
+    // A size-only commit is fine.
+    apply_ok(&mut fs, &from(a, written_cmd(f, 2 * BSZ, t(8), &[], false)));
+    let n = stale(&fs, a).unwrap()[0].1;
+    apply_ok(
+        &mut fs,
+        &FsCommand::Refreshed {
+            session: a,
+            ino: f,
+            freeing: n,
+        },
+    );
+    apply_ok(
+        &mut fs,
+        &from(a, written_cmd(f, 2 * BSZ, t(9), &[(0, 1)], false)),
+    );
+    assert_eq!(fresh_blocks(&fs, f), Vec::<u64>::new());
+}
+
+#[test]
+fn commands_of_an_ended_session_are_refused() {
+    let mut fs = formatted(8);
+    let a = open_session(&mut fs);
+    let f = create(&mut fs, ROOT, b"f", Kind::File, t(6));
+    map(&mut fs, f, 0, 1).unwrap();
+    apply_ok(&mut fs, &FsCommand::EndSession { session: a });
+    // Its maps may name blocks given away since: nothing it names is taken.
+    refused(
+        &mut fs,
+        &from(a, written_cmd(f, BSZ, t(7), &[(0, 1)], false)),
+        FsError::NoSession,
+    );
+    refused(&mut fs, &from(a, size_cmd(f, 0, t(7))), FsError::NoSession);
+    refused(
+        &mut fs,
+        &FsCommand::Refreshed {
+            session: a,
+            ino: f,
+            freeing: 1,
+        },
+        FsError::NoSession,
+    );
+    // Ending it again changes nothing.
+    apply_ok(&mut fs, &FsCommand::EndSession { session: a });
 }

@@ -757,6 +757,27 @@ fn a_reader_in_another_mount_sees_closed_writes() {
         want[1000..1006].copy_from_slice(b"from b");
         assert!(fs::read(a.p("shared")).unwrap() == want, "round {round}");
     }
+    // `status` shows the file system with its two mounts.
+    let out = crate::harness::drs(&["status", "--cluster", s(&c.file), "--json"]).run();
+    assert!(matches!(out.code, Some(0 | 2)), "{out}");
+    let st = out.json();
+    let f = &st["meta"]["file_system"];
+    assert_eq!(f["mounts"], 2, "{st}");
+    assert_eq!(f["files"], 2, "the root and shared: {st}");
+    assert_eq!(f["held"], 0, "{st}");
+    drop(b);
+    // An unmount ends its session.
+    let started = Instant::now();
+    loop {
+        let st = crate::harness::drs(&["status", "--cluster", s(&c.file), "--json"])
+            .run()
+            .json();
+        if st["meta"]["file_system"]["mounts"] == 1 {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "{st}");
+        thread::sleep(Duration::from_millis(200));
+    }
 }
 
 /// Small writes go through the mount's write-back cache: another mount sees them

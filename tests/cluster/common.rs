@@ -39,6 +39,8 @@ pub struct Setup {
     /// `--scrub-every-s` of the nodes (0: no background scrubbing, the default here,
     /// so tests of other things count only their own repairs).
     pub scrub_every_s: u64,
+    /// `--session-expiry-ms` of the nodes (`None`: their default).
+    pub session_expiry_ms: Option<u64>,
 }
 
 impl Default for Setup {
@@ -54,6 +56,7 @@ impl Default for Setup {
             down_after_ms: 3000,
             fault_signals: false,
             scrub_every_s: 0,
+            session_expiry_ms: None,
         }
     }
 }
@@ -118,6 +121,7 @@ impl TestCluster {
             scrub_every_s: setup.scrub_every_s,
             scrub_rate_mib: 0.0,
             metrics: false,
+            session_expiry_ms: setup.session_expiry_ms,
         };
         let local = LocalCluster::create(dir.path(), &spec, server(), options)
             .expect("create the local cluster");

@@ -3,12 +3,14 @@
 //! The same behaviours run through real FUSE mounts in `tests/cli/fuse.rs`; here they
 //! run anywhere, with no `/dev/fuse`.
 
+use std::sync::Arc;
+
 use drs_fuse::{Ops, OpsConfig};
 use drs_meta::fs::{Ino, Kind, SetAttr, ROOT};
 
 use crate::common::*;
 
-async fn mount(tc: &TestCluster) -> Ops {
+async fn mount(tc: &TestCluster) -> Arc<Ops> {
     drs_fuse::connect(&tc.local.map_path, OpsConfig::default())
         .await
         .expect("connect the file system")
@@ -32,7 +34,7 @@ async fn create(ops: &Ops, parent: Ino, name: &[u8]) -> Ino {
         .create(parent, name, Kind::File, 0o644, 0, 0, 0, b"")
         .await
         .expect("create");
-    ops.open_created(&a);
+    ops.open_created(&a).await.expect("open the created file");
     a.ino
 }
 
@@ -633,4 +635,225 @@ async fn file_data_survives_m_nodes_killed_without_the_kernel() {
         data.truncate(0);
         panic!("first wrong byte at {at}");
     }
+}
+
+/// Free data blocks, as `statfs` reports them.
+async fn free_blocks(ops: &Ops) -> u64 {
+    ops.statfs().await.expect("statfs").free
+}
+
+/// Waits up to `within` for `ops`'s free blocks to become `want`.
+async fn wait_free(ops: &Ops, want: u64, within: std::time::Duration, what: &str) {
+    let started = std::time::Instant::now();
+    loop {
+        let free = free_blocks(ops).await;
+        if free == want {
+            return;
+        }
+        assert!(
+            started.elapsed() < within,
+            "{what}: {free} blocks free after {within:?}, want {want}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+/// Goal: another mount's truncate or unlink of a file this mount has open never
+/// hands the file's blocks to another file while this mount may still use its map
+/// of them: the other file's bytes survive this mount's writes through the old
+/// map, an unlinked open file reads back whole, and the blocks come free once this
+/// mount has refreshed its map or closed the file.
+///
+/// Method: mount A writes 4 whole blocks and keeps the file open; mount B truncates
+/// it to 0 and writes a new file of 4 blocks (without the held blocks it would get
+/// the freed ones), then A writes its file's block 1 at once (through its old map).
+/// B's new file must read back exactly. After A's heartbeat refreshes its map, a
+/// write by A must reach the file (B reads it). Then the same with an unlink: A
+/// reads its unlinked file whole after B filled the volume's other blocks, and the
+/// blocks come free at A's close.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_mounts_truncate_or_unlink_never_gives_an_open_files_blocks_away() {
+    let tc = TestCluster::with(
+        "fsops-stale-maps",
+        Setup {
+            blocks: 64,
+            meta_replicas: 3,
+            ..Setup::default()
+        },
+    )
+    .await;
+    let a = mount(&tc).await;
+    let b = mount(&tc).await;
+    let bs = BS as u64;
+
+    // Truncate.
+    let x = create(&a, ROOT, b"x").await;
+    write(&a, x, 0, &bytes(1, 4 * BS)).await;
+    a.flush(x).await.expect("flush x");
+    let free = free_blocks(&b).await;
+    // With the blocks a took ahead of its writes.
+    let x_blocks = b.getattr(x).await.expect("getattr").blocks;
+    assert!(x_blocks >= 4);
+    b.open(x).await.expect("b opens x");
+    b.setattr(
+        x,
+        SetAttr {
+            size: Some(0),
+            ..SetAttr::default()
+        },
+    )
+    .await
+    .expect("b truncates x");
+    b.release(x).await.expect("b closes x");
+    assert_eq!(free_blocks(&b).await, free, "x's blocks are held for a");
+    let y = create(&b, ROOT, b"y").await;
+    let y_data = bytes(2, 4 * BS);
+    write(&b, y, 0, &y_data).await;
+    b.release(y).await.expect("b closes y");
+    // a still writes through its old map of x.
+    write(&a, x, bs, &bytes(3, BS)).await;
+    assert!(
+        open_read_all(&b, y).await == y_data,
+        "another mount's write through a stale map reached a new file's blocks"
+    );
+    // a's heartbeat refreshes its map and gives the held blocks back.
+    let refreshed = free - 4 + x_blocks;
+    wait_free(
+        &b,
+        refreshed,
+        std::time::Duration::from_secs(10),
+        "after a's refresh",
+    )
+    .await;
+    let after = bytes(4, BS);
+    write(&a, x, 0, &after).await;
+    a.release(x).await.expect("a closes x");
+    let back = open_read_all(&b, x).await;
+    // (a commits the size it knew, 4 blocks: past block 0, holes.)
+    assert_eq!(back.len(), 4 * BS);
+    assert!(
+        back[..BS] == after[..],
+        "a's write after its refresh is lost"
+    );
+    assert!(
+        back[2 * BS..].iter().all(|&x| x == 0),
+        "truncated bytes came back"
+    );
+
+    // Unlink.
+    let z = create(&a, ROOT, b"z").await;
+    let z_data = bytes(5, 4 * BS);
+    write(&a, z, 0, &z_data).await;
+    a.flush(z).await.expect("flush z");
+    let before = free_blocks(&b).await;
+    let z_blocks = b.getattr(z).await.expect("getattr").blocks;
+    b.unlink(ROOT, b"z", false).await.expect("b unlinks z");
+    assert_eq!(
+        free_blocks(&b).await,
+        before,
+        "an open file's blocks are kept"
+    );
+    let w = create(&b, ROOT, b"w").await;
+    let w_data = bytes(6, before as usize * BS);
+    write(&b, w, 0, &w_data).await;
+    b.release(w).await.expect("b closes w");
+    assert_eq!(free_blocks(&b).await, 0);
+    assert!(
+        read_all(&a, z).await == z_data,
+        "an unlinked open file changed"
+    );
+    write(&a, z, 0, &bytes(7, 4 * BS)).await;
+    a.release(z).await.expect("a closes z");
+    assert!(
+        open_read_all(&b, w).await == w_data,
+        "a write to an unlinked open file reached another file"
+    );
+    wait_free(
+        &b,
+        z_blocks,
+        std::time::Duration::from_secs(5),
+        "after the last close of z",
+    )
+    .await;
+}
+
+/// Goal: the session of a mount that died ends after `--session-expiry-ms`, so an
+/// unlinked file it had open is dropped and its blocks come free; a live mount whose
+/// session was ended opens a new one and carries on with the files it has open,
+/// while a file dropped meanwhile fails with EIO instead of showing other bytes.
+///
+/// Method: a cluster with a 3 s session expiry. Mount A opens a file and is dropped
+/// without closing it (its heartbeats stop); B unlinks the file: its blocks stay
+/// taken, then come free within the expiry plus a few seconds. Mount C has two files
+/// open; its session is ended by hand (`EndSession`, as the leader does for a silent
+/// mount) after the second was unlinked: C's next heartbeat opens a new session, the
+/// first file still reads back exactly, the second fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_mounts_session_expires_and_a_live_one_resumes() {
+    let tc = TestCluster::with(
+        "fsops-sessions",
+        Setup {
+            blocks: 256,
+            meta_replicas: 3,
+            session_expiry_ms: Some(3000),
+            ..Setup::default()
+        },
+    )
+    .await;
+    let b = mount(&tc).await;
+    let free = free_blocks(&b).await;
+    {
+        let a = mount(&tc).await;
+        let f = create(&a, ROOT, b"f").await;
+        write(&a, f, 0, &bytes(1, 3 * BS)).await;
+        a.flush(f).await.expect("flush");
+        // a dies with f open.
+    }
+    b.unlink(ROOT, b"f", false).await.expect("unlink");
+    assert!(
+        free_blocks(&b).await < free,
+        "the dead mount's open file was dropped at once"
+    );
+    wait_free(
+        &b,
+        free,
+        std::time::Duration::from_secs(15),
+        "after the dead mount's session expired",
+    )
+    .await;
+
+    let c = mount(&tc).await;
+    let keep = create(&c, ROOT, b"keep").await;
+    let keep_data = bytes(2, 2 * BS + 100);
+    write(&c, keep, 0, &keep_data).await;
+    c.flush(keep).await.expect("flush keep");
+    let gone = create(&c, ROOT, b"gone").await;
+    write(&c, gone, 0, &bytes(3, BS)).await;
+    c.flush(gone).await.expect("flush gone");
+    b.unlink(ROOT, b"gone", false).await.expect("unlink gone");
+    let old = c.session_id();
+    let meta =
+        drs_meta::MetaClient::for_map(&tc.local.map, &tc.local.key).expect("metadata client");
+    meta.fs(drs_meta::fs::FsCommand::EndSession { session: old })
+        .await
+        .expect("end c's session")
+        .expect("ended");
+    let started = std::time::Instant::now();
+    while c.session_id() == old {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(10),
+            "c never opened a new session"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(
+        read_all(&c, keep).await == keep_data,
+        "an open file after a new session"
+    );
+    assert!(
+        matches!(c.read(gone, 0, BS).await, Err(drs_fuse::OpError::Lost)),
+        "a file dropped while the session was ended must fail"
+    );
+    c.release(gone).await.ok();
+    c.release(keep).await.expect("close keep");
 }
