@@ -615,6 +615,15 @@ impl Client {
             .filter(|g| drs_proto::map::tracked(k, g.position).any(|j| g.versions[j] > v[j]))
             .map(|g| g.position)
             .collect();
+        tracing::debug!(
+            stripe,
+            seen = ?seen.iter().map(|s| (s.position, s.versions.clone(), digest(&got[s.position].data))).collect::<Vec<_>>(),
+            chosen = ?choice.chosen,
+            v = ?v,
+            newest = ?newest,
+            ?ahead,
+            "settling a stripe with members ahead"
+        );
         if ahead.is_empty() {
             // Settled meanwhile (a relay arrived): the next scrub finds it in order.
             return Some(Vec::new());
@@ -655,6 +664,13 @@ impl Client {
             .chain((0..width).filter(|p| !ahead.contains(p)))
             .filter(|&p| differs(p))
             .collect();
+        tracing::debug!(
+            stripe,
+            ?rolled,
+            ?order,
+            content = ?content.iter().map(|c| digest(c)).collect::<Vec<_>>(),
+            "settled content"
+        );
         let mut out = Vec::new();
         for p in order {
             let data = Bytes::from(content[p].clone());
@@ -695,4 +711,11 @@ impl Client {
         }
         Some(out)
     }
+}
+
+/// A short fingerprint of a block, for debug logs.
+fn digest(b: &[u8]) -> u32 {
+    b.iter().fold(0x811c_9dc5u32, |h, &x| {
+        (h ^ x as u32).wrapping_mul(0x0100_0193)
+    })
 }

@@ -702,6 +702,16 @@ impl Client {
                     relay: false,
                     on_behalf: false,
                     completed: self.take_completed(node),
+                    // A block whose data node did not grant: the parity members'
+                    // copies may be its only ones, kept until every member has it.
+                    keep: if p >= k {
+                        mine.iter()
+                            .map(|(u, _)| u.index)
+                            .filter(|i| !locked.granted[*i as usize])
+                            .collect()
+                    } else {
+                        Vec::new()
+                    },
                 });
                 (req, payload.freeze())
             };

@@ -10,10 +10,13 @@
 //! that should hold it; they apply it unless they already have it (by update id, or
 //! by version). So once any member took an update, every live member ends up taking
 //! it, with no coordinator and without the client. (A node that restarts has lost its
-//! unsettled set; rejoin then compares versions and scrubs the stripes where it is
-//! ahead, which rolls the update forward from the blocks' contents when k members
-//! agree on a state that includes it or its data member holds it, and otherwise
-//! voids it, see `drs_client::scrub` and the limits in docs/PROTOCOL.md.)
+//! unsettled set, except the *kept* updates: those taken while their block's data
+//! node did not take part, logged durably and passed on again after the restart,
+//! since the parity members may hold their only copies. Rejoin then compares
+//! versions and scrubs the stripes where it is ahead, which rolls the update forward
+//! from the blocks' contents when k members agree on a state that includes it or its
+//! data member holds it, and otherwise voids it, see `drs_client::scrub` and
+//! docs/PROTOCOL.md 9.2.)
 //!
 //! **Leases and fencing.** A client renews its lease at a node with every lock request,
 //! update and heartbeat. When the lease runs out while the client holds locks (or
@@ -139,6 +142,15 @@ pub async fn run(
                     "an update was passed on {RELAY_PASSES} times and a member never confirmed it; given up (the member catches up by rebuilding)"
                 );
             }
+            // Kept updates (`UpdateReq::keep`) settled meanwhile are kept no longer.
+            {
+                let unsettled = lock(&vol.unsettled);
+                vol.store.retain_kept(|k| {
+                    unsettled
+                        .get(&(k.update.id.client, k.update.id.seq))
+                        .is_some()
+                });
+            }
             // Updates whose completion is overdue.
             let due = lock(&vol.unsettled).due(now, node.cfg.relay_after.as_millis() as u64);
             for key in due {
@@ -247,6 +259,7 @@ async fn relay(
             relay: true,
             on_behalf: false,
             completed: Vec::new(),
+            keep: Vec::new(),
         });
         let target = geo.member(e.stripe, position as usize);
         let payload = delta.clone();

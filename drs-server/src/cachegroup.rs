@@ -253,6 +253,7 @@ pub async fn write_back(node: &Node, peer: &Client, vid: VolumeId, client: Clien
                     relay: false,
                     on_behalf: true,
                     completed: Vec::new(),
+                    keep: Vec::new(),
                 })
             } else {
                 Request::Unlock(UnlockReq {

@@ -14,10 +14,10 @@ use bytes::Bytes;
 use drs_lockgroups::{Holder, LockGroup, Refused, UnsettledSet};
 use drs_proto::error::InvalidReason;
 use drs_proto::{
-    BlockUpdate, ClientId, ClusterMap, FrameHeader, HeartbeatReq, ListReply, LockInfo, LockRead,
-    LockReply, LockReq, NodeId, NodeInfo, NodeState, NodeStats, ReadMode, ReadReply, RepairReply,
-    Request, Response, StripeId, UnlockReq, UpdateId, UpdateReply, UpdateReq, Version, VolumeId,
-    WireError,
+    BlockUpdate, ClientId, ClusterMap, FrameHeader, Geometry, HeartbeatReq, ListReply, LockInfo,
+    LockRead, LockReply, LockReq, NodeId, NodeInfo, NodeState, NodeStats, ReadMode, ReadReply,
+    RepairReply, Request, Response, StripeId, UnlockReq, UpdateId, UpdateReply, UpdateReq, Version,
+    VolumeId, WireError,
 };
 
 use crate::store::{Known, ReadOutcome, StoreConfig, VolumeStore};
@@ -259,12 +259,31 @@ impl Node {
                 undo_bytes: cfg.undo_bytes,
             })
             .with_context(|| format!("open volume {}", v.id))?;
+            // Updates kept over a restart (`UpdateReq::keep`) are passed on at once.
+            let mut unsettled = UnsettledSet::new(cfg.unsettled_bytes);
+            let geo = store.geometry().clone();
+            for kept in store.kept() {
+                let Some(position) = geo.position_of(kept.stripe, cfg.node) else {
+                    continue;
+                };
+                let key = (kept.update.id.client, kept.update.id.seq);
+                let entry = unsettled_entry(
+                    &geo,
+                    kept.stripe,
+                    position as u8,
+                    kept.update,
+                    kept.delta,
+                    0,
+                );
+                unsettled.add(key, entry);
+                unsettled.hurry(&key);
+            }
             volumes.insert(
                 v.id,
                 Volume {
                     store,
                     locks: Mutex::new(LockGroup::new()),
-                    unsettled: Mutex::new(UnsettledSet::new(cfg.unsettled_bytes)),
+                    unsettled: Mutex::new(unsettled),
                     admitted: Mutex::new(InFlight::default()),
                 },
             );
@@ -1003,9 +1022,12 @@ impl Node {
             parts.push((*u, payload.slice(at..at + u.len as usize)));
             at += u.len as usize;
         }
+        let parity = r.position as usize >= v.store.geometry().k;
         let results = futures::future::join_all(parts.iter().map(|(u, d)| {
+            // Kept: the block's data node did not take part (`UpdateReq::keep`).
+            let keep = parity && !r.relay && r.keep.contains(&u.index);
             v.store
-                .update(r.stripe, r.position, *u, d.clone(), deadline)
+                .update(r.stripe, r.position, *u, d.clone(), keep, deadline)
         }))
         .await;
         if !r.relay {
@@ -1014,20 +1036,10 @@ impl Node {
             let mut unsettled = lock(&v.unsettled);
             for ((u, d), res) in parts.iter().zip(&results) {
                 if res.is_ok() {
-                    // Everyone who must hold it: its data node and every parity node.
-                    let recipients: Vec<u8> = std::iter::once(u.index)
-                        .chain((geo.k..geo.width()).map(|p| p as u8))
-                        .filter(|p| *p != r.position)
-                        .collect();
-                    let entry = drs_lockgroups::Unsettled {
-                        stripe: r.stripe,
-                        index: u.index,
-                        recipients,
-                        confirmed: Default::default(),
-                        since_ms: now,
-                        payload: (*u, d.clone()),
-                        size: d.len(),
-                    };
+                    let entry = unsettled_entry(geo, r.stripe, r.position, *u, d.clone(), now);
+                    if parity && r.keep.contains(&u.index) {
+                        v.store.adopt_kept(&[u.id]);
+                    }
                     for (_, gone) in unsettled.add((u.id.client, u.id.seq), entry) {
                         tracing::warn!(stripe = gone.stripe, "too many unsettled updates kept; one was given up (a scrub of its stripe settles it)");
                     }
@@ -1039,6 +1051,31 @@ impl Node {
             }
         }
         Ok((Response::Updated(UpdateReply { results }), Bytes::new()))
+    }
+}
+
+/// The unsettled entry of an update this node (at `position`) took: to be passed on
+/// to everyone who must hold it, its data node and every parity node.
+fn unsettled_entry(
+    geo: &Geometry,
+    stripe: StripeId,
+    position: u8,
+    u: BlockUpdate,
+    delta: Bytes,
+    now_ms: u64,
+) -> drs_lockgroups::Unsettled<(BlockUpdate, Bytes)> {
+    let recipients: Vec<u8> = std::iter::once(u.index)
+        .chain((geo.k..geo.width()).map(|p| p as u8))
+        .filter(|p| *p != position)
+        .collect();
+    drs_lockgroups::Unsettled {
+        stripe,
+        index: u.index,
+        recipients,
+        confirmed: Default::default(),
+        since_ms: now_ms,
+        size: delta.len(),
+        payload: (u, delta),
     }
 }
 
@@ -1174,6 +1211,7 @@ mod tests {
             relay,
             on_behalf: false,
             completed: vec![],
+            keep: Vec::new(),
         })
     }
 

@@ -329,6 +329,17 @@ async fn verify_slot(
     let ahead = geo
         .tracked(mine.position as usize)
         .any(|i| mine.versions[i] > target[i]);
+    if ahead || !up_to_date(mine) {
+        tracing::debug!(
+            stripe = mine.stripe,
+            position = mine.position,
+            mine = ?mine.versions,
+            ?target,
+            ahead,
+            in_flight,
+            "block differs from its stripe"
+        );
+    }
     if ahead && !in_flight {
         let findings = client.scrub_one(mine.stripe, true).await;
         tracing::info!(

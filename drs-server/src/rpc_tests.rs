@@ -155,6 +155,7 @@ fn update(stripe: u64, seq: u64, version: u64, owner: u64, relay: bool) -> Reque
         relay,
         on_behalf: false,
         completed: vec![],
+        keep: Vec::new(),
     })
 }
 

@@ -327,6 +327,11 @@ pub struct UpdateReq {
     pub on_behalf: bool,
     /// Updates of this client every member has acknowledged: the node may forget them.
     pub completed: Vec<UpdateId>,
+    /// Data indices of `updates` whose data node did not take part in the write (it
+    /// was down, or did not grant the lock). A parity node keeps such an update, with
+    /// its delta, durably until every member holds it, and passes it on after a
+    /// restart: the parity members may hold its only copies (docs/PROTOCOL.md 9.2).
+    pub keep: Vec<u8>,
 }
 
 /// One update's outcome at a node.
@@ -583,6 +588,7 @@ mod tests {
                 relay: false,
                 on_behalf: true,
                 completed: vec![],
+                keep: Vec::new(),
             }),
             Request::Heartbeat(HeartbeatReq {
                 client: 5,

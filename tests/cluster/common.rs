@@ -114,7 +114,8 @@ impl TestCluster {
         let options = NodeOptions {
             settle_ms: setup.settle_ms,
             stuck_ms: setup.stuck_ms,
-            log: "info".into(),
+            // DRS_TEST_NODE_LOG: the nodes' RUST_LOG, for a closer look at a failure.
+            log: std::env::var("DRS_TEST_NODE_LOG").unwrap_or_else(|_| "info".into()),
             down_after_ms: setup.down_after_ms,
             rebuild_rate_mib: 0.0,
             fault_signals: setup.fault_signals,

@@ -100,6 +100,7 @@ impl DeadClient {
                 relay: false,
                 on_behalf: false,
                 completed: vec![],
+                keep: Vec::new(),
             });
             let node = geo.member(0, p);
             let r = tc.client.call(node, &req, Bytes::from(delta.clone())).await;

@@ -586,6 +586,89 @@ async fn unreproducible_updates_of_one_member_are_voided_after_a_crash_of_all() 
     assert_scrub_clean(&reader, "after a new write").await;
 }
 
+/// Goal: a write acknowledged while its block's data node was down survives a crash
+/// of every node, even with other updates of the stripe in flight that no k members
+/// agree on. Its only copies are at the parity members, which keep it durably
+/// (`UpdateReq::keep`) and pass it on after the restart; the settling of the stripe
+/// waits for that, so the write is rolled forward, never voided.
+///
+/// Method: SIGKILL the data node of block 3 of stripe 6; write the block (acked by
+/// the other 5 members, min_write 4). Lock blocks 0 and 1 of the stripe, then send
+/// block 0's update only to the first parity member and block 1's only to the second
+/// (a client that died mid-multicast: both fail). Now no k members agree on a state
+/// that includes block 3's write. SIGKILL every node, restart all: block 3 reads
+/// exactly what was acknowledged, blocks 0 and 1 are either of their contents, a new
+/// client reads the same, scrub is clean. Without the kept copies block 3 came back
+/// with its old bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_acked_without_its_data_node_survives_a_crash_of_all() {
+    let tc = TestCluster::start("kept-over-crash").await;
+    let c = &tc.client;
+    let mut data = random_blocks(29, c.blocks());
+    write_all(c, &data).await;
+    let geo = c.geometry().clone();
+    let stripe = 6u64;
+    let bs = c.block_size();
+    tc.kill(geo.member(stripe, 3));
+    let lba3 = geo.lba(stripe, 3);
+    let acked = bytes(301, BS);
+    c.write_blocks(lba3, &acked)
+        .await
+        .expect("a write with one data node down is acknowledged");
+    data[lba3 as usize] = acked.clone();
+    let locked = c
+        .lock_stripe(stripe, &[(0, 0, bs), (1, 0, bs)], rand::random())
+        .await
+        .unwrap();
+    let only = |position: usize| {
+        let mut l = locked.clone();
+        l.granted = (0..geo.width()).map(|p| p == position).collect();
+        l
+    };
+    let delta = |b: u8| bytes::Bytes::from(vec![b; BS]);
+    for (position, index, b) in [(geo.k, 0usize, 0x5au8), (geo.k + 1, 1, 0xc3)] {
+        match c
+            .commit_stripe(&only(position), vec![(index, 0, delta(b))])
+            .await
+        {
+            Err(ClientError::NotDurable { acked, .. }) => assert_eq!(acked, 1),
+            other => panic!("an update sent to one member only: {other:?}"),
+        }
+    }
+    let xor = |lba: u64, b: u8| -> Vec<u8> { data[lba as usize].iter().map(|x| x ^ b).collect() };
+    let either = [
+        (geo.lba(stripe, 0), xor(geo.lba(stripe, 0), 0x5a)),
+        (geo.lba(stripe, 1), xor(geo.lba(stripe, 1), 0xc3)),
+    ];
+    for id in tc.ids() {
+        if tc.local.pid(id).is_some() {
+            tc.kill(id);
+        }
+    }
+    tc.local.start_all(false).unwrap();
+    tc.wait_all_up().await;
+    for reader in [
+        tc.new_client(client_config()),
+        tc.new_client(client_config()),
+    ] {
+        let got = read_ok(&reader, lba3, "the acknowledged block").await;
+        assert!(
+            got[..] == acked[..],
+            "an acknowledged write was lost: {}",
+            describe_diff(lba3, &got, &acked)
+        );
+        for (lba, new) in &either {
+            let got = read_ok(&reader, *lba, "a block with a failed write").await;
+            assert!(
+                got[..] == data[*lba as usize][..] || got[..] == new[..],
+                "block {lba} is neither its old nor its new content: {}",
+                describe_diff(*lba, &got, &data[*lba as usize])
+            );
+        }
+    }
+    assert_scrub_clean(c, "after the crash of all").await;
+}
+
 /// Sum of the updates every node applied or logged (node stats).
 async fn total_updates(tc: &TestCluster) -> u64 {
     let mut n = 0;

@@ -22,12 +22,12 @@
 pub mod headers;
 pub mod wal;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -247,6 +247,8 @@ enum Job {
         stripe: StripeId,
         update: BlockUpdate,
         delta: Bytes,
+        /// Keep the update durably until settled ([`VolumeStore::kept`]).
+        keep: bool,
         deadline: Instant,
         reply: oneshot::Sender<Result<Applied, WireError>>,
     },
@@ -291,7 +293,23 @@ pub struct VolumeStore {
     /// `Slot::verified`, so a ping or a heartbeat need not scan the slots).
     members: u64,
     verified: AtomicU64,
+    /// Updates kept durably until every member holds them (`WalCtrl::Kept`): taken
+    /// while the block's data node did not take part, so the parity members may hold
+    /// their only copies. The node passes them on after a restart and drops them
+    /// once settled ([`VolumeStore::retain_kept`]).
+    kept: Mutex<BTreeMap<UpdateId, Kept>>,
     pub stats: StoreStats,
+}
+
+/// An update kept durably until settled.
+#[derive(Debug, Clone)]
+pub struct Kept {
+    pub stripe: StripeId,
+    pub update: BlockUpdate,
+    pub delta: Bytes,
+    /// The node tracks it as unsettled ([`VolumeStore::adopt_kept`]); only then may
+    /// [`VolumeStore::retain_kept`] drop it.
+    pub adopted: bool,
 }
 
 /// Replies a job with an error if the writer stopped before answering it.
@@ -388,8 +406,9 @@ impl VolumeStore {
             tracing::warn!(path = %wal_path.display(), "log ends in a torn or damaged record; it was cut off and never applied");
         }
         let replayed = records.len();
+        let mut kept = BTreeMap::new();
         for rec in records {
-            replay(&geo, &data, &data_path, &mut slots, rec)?;
+            replay(&geo, &data, &data_path, &mut slots, &mut kept, rec)?;
         }
         for slot in slots.iter_mut() {
             for p in &slot.pending {
@@ -409,6 +428,7 @@ impl VolumeStore {
             stripes,
             replayed,
             pending,
+            kept = kept.len(),
             "store opened"
         );
 
@@ -428,6 +448,7 @@ impl VolumeStore {
             unverified_gen: AtomicU64::new(0),
             members,
             verified: AtomicU64::new(0),
+            kept: Mutex::new(kept),
             stats: StoreStats::default(),
         });
         store.stats.pending.store(pending as u64, Ordering::Relaxed);
@@ -950,13 +971,15 @@ impl VolumeStore {
 
     /// Logs and applies one block update at `stripe` (this node holding `position`);
     /// answers once it is durable. `delta` is the data block's old XOR new over the
-    /// update's range (a parity node scales it).
+    /// update's range (a parity node scales it). With `keep`, the update is also kept
+    /// durably, with its delta, until [`VolumeStore::retain_kept`] drops it.
     pub async fn update(
         &self,
         stripe: StripeId,
         position: u8,
         update: BlockUpdate,
         delta: Bytes,
+        keep: bool,
         deadline: Instant,
     ) -> Result<Applied, WireError> {
         self.validate_update(stripe, position, &update, &delta)?;
@@ -966,6 +989,7 @@ impl VolumeStore {
                 stripe,
                 update,
                 delta,
+                keep,
                 deadline,
                 reply,
             })
@@ -1009,6 +1033,29 @@ impl VolumeStore {
             .await
             .map_err(|_| stopped())?;
         rx.await.map_err(|_| stopped())?
+    }
+
+    /// The updates kept until settled (after a restart: those the log held).
+    pub fn kept(&self) -> Vec<Kept> {
+        lock_kept(&self.kept).values().cloned().collect()
+    }
+
+    /// Marks kept updates as tracked by the node's unsettled set.
+    pub fn adopt_kept(&self, ids: &[UpdateId]) {
+        let mut kept = lock_kept(&self.kept);
+        for id in ids {
+            if let Some(k) = kept.get_mut(id) {
+                k.adopted = true;
+            }
+        }
+    }
+
+    /// Drops the adopted kept updates that `unsettled` says are settled (every member
+    /// holds them, or they were given up). Their log records go at the next
+    /// checkpoint; a restart before it passes them on again, which members that hold
+    /// them answer as duplicates.
+    pub fn retain_kept(&self, mut unsettled: impl FnMut(&Kept) -> bool) {
+        lock_kept(&self.kept).retain(|_, k| !k.adopted || unsettled(k));
     }
 
     /// Forces a checkpoint (flush the data file, persist headers, shrink the log).
@@ -1125,6 +1172,7 @@ fn replay(
     data: &File,
     path: &Path,
     slots: &mut [Slot],
+    kept: &mut BTreeMap<UpdateId, Kept>,
     rec: WalRecord,
 ) -> Result<(), StoreError> {
     let stripe_of = |s: StripeId| (s < geo.stripes()).then_some(s as usize);
@@ -1189,6 +1237,23 @@ fn replay(
                 slots[s].pending.retain(|p| p.id != id);
             }
         }
+        WalCtrl::Kept { stripe, update } => {
+            let fits = (update.index as usize) < geo.k
+                && update.len as usize == rec.data.len()
+                && update.offset as usize + rec.data.len() <= geo.block_size;
+            if stripe_of(stripe).is_some() && fits {
+                kept.insert(
+                    update.id,
+                    Kept {
+                        stripe,
+                        update,
+                        delta: rec.data,
+                        // Restored into the node's unsettled set at its start.
+                        adopted: true,
+                    },
+                );
+            }
+        }
     }
     Ok(())
 }
@@ -1217,6 +1282,12 @@ impl Pending {
             data: self.delta.clone(),
         }
     }
+}
+
+fn lock_kept(
+    m: &Mutex<BTreeMap<UpdateId, Kept>>,
+) -> std::sync::MutexGuard<'_, BTreeMap<UpdateId, Kept>> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn push_recent(recent: &mut VecDeque<UpdateId>, id: UpdateId) {
@@ -1320,6 +1391,7 @@ impl Writer {
         let mut log = BytesMut::new();
         let mut answers: Vec<Answer> = Vec::with_capacity(jobs.len());
         let mut checkpoints = Vec::new();
+        let mut kept = Vec::new();
         let pending_start = store.stats.pending.load(Ordering::Relaxed) as usize;
         let mut pending_total = pending_start;
         let now = Instant::now();
@@ -1329,6 +1401,7 @@ impl Writer {
                     stripe,
                     update,
                     delta,
+                    keep,
                     deadline,
                     reply,
                 } => {
@@ -1337,15 +1410,30 @@ impl Writer {
                         continue;
                     }
                     let w = work_for(&mut work, store, stripe);
-                    let res = self.update(
+                    let mut res = self.update(
                         store,
                         w,
                         stripe,
                         &update,
-                        delta,
+                        delta.clone(),
                         &mut log,
                         &mut pending_total,
                     );
+                    if keep && res.is_ok() {
+                        let rec = WalRecord {
+                            ctrl: WalCtrl::Kept { stripe, update },
+                            data: delta.clone(),
+                        };
+                        match log_record(&mut log, &rec) {
+                            Ok(()) => kept.push(Kept {
+                                stripe,
+                                update,
+                                delta,
+                                adopted: false,
+                            }),
+                            Err(e) => res = Err(e),
+                        }
+                    }
                     answers.push(Answer::Update(reply, res));
                 }
                 Job::Install {
@@ -1392,6 +1480,12 @@ impl Writer {
             }
         }
         if failure.is_none() {
+            let mut held = lock_kept(&store.kept);
+            for k in kept {
+                // A duplicate keeps the entry (and its adoption) it already has.
+                held.entry(k.update.id).or_insert(k);
+            }
+            drop(held);
             let mut pending_now = pending_start;
             for w in work.values() {
                 pending_now = (pending_now + w.slot.pending.len()).saturating_sub(w.pending_before);
@@ -1703,6 +1797,13 @@ impl Writer {
         if !behind && !w.slot.corrupt && !force {
             return Ok(false);
         }
+        tracing::debug!(
+            stripe,
+            from = ?w.slot.versions,
+            to = ?versions,
+            force,
+            "installing a whole block"
+        );
         let mut vs = w.slot.versions.clone();
         for i in tracked.clone() {
             vs[i] = versions[i];
@@ -1779,6 +1880,16 @@ impl Writer {
             for p in &slot.pending {
                 wal::encode_record(&p.record(s), &mut pending)?;
             }
+        }
+        for k in lock_kept(&store.kept).values() {
+            let rec = WalRecord {
+                ctrl: WalCtrl::Kept {
+                    stripe: k.stripe,
+                    update: k.update,
+                },
+                data: k.delta.clone(),
+            };
+            wal::encode_record(&rec, &mut pending)?;
         }
         let table = headers::encode(store.geo.k, &recs);
         let hpath = store.cfg.dir.join("headers");

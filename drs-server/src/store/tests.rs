@@ -86,7 +86,8 @@ async fn put(s: &VolumeStore, u: U, delta: Bytes, deadline: Instant) -> Result<A
         offset: u.offset,
         len: delta.len() as u32,
     };
-    s.update(u.stripe, u.position, b, delta, deadline).await
+    s.update(u.stripe, u.position, b, delta, false, deadline)
+        .await
 }
 
 fn read_all(s: &VolumeStore, stripe: StripeId, pos: u8, mode: ReadMode) -> (Vec<Version>, Vec<u8>) {
@@ -1109,4 +1110,59 @@ async fn a_skip_the_owner_did_not_make_is_no_skip() {
     assert_eq!(s.note_granted(0, &[0], 9), (vec![(0, 2)], vec![(0, 3)]));
     s.note_lock_gone(0, &[0], None);
     assert!(!s.skip_undecided(0, 0, 3));
+}
+
+/// An update taken with `keep` (its data node did not take part) is kept over a
+/// restart, with its delta, until it is adopted and then settled; a checkpoint after
+/// that leaves it out, one before keeps it.
+#[tokio::test]
+async fn kept_updates_survive_restarts_until_settled() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = (0..3).find(|n| pos(*n, 0) == 2).unwrap();
+    let update = |seq: u64, version: Version| BlockUpdate {
+        id: UpdateId { client: 9, seq },
+        index: 1,
+        version,
+        base: version - 1,
+        offset: 100,
+        len: 3,
+    };
+    let delta = Bytes::from_static(b"abc");
+    let ids = |s: &VolumeStore| -> Vec<u64> { s.kept().iter().map(|k| k.update.id.seq).collect() };
+    {
+        let s = VolumeStore::open(cfg(dir.path(), node)).unwrap();
+        s.update(0, 2, update(1, 1), delta.clone(), true, far())
+            .await
+            .unwrap();
+        s.update(0, 2, update(2, 2), delta.clone(), false, far())
+            .await
+            .unwrap();
+        assert_eq!(ids(&s), vec![1], "only the update with keep is kept");
+        // Not adopted yet: the node has not put it in its unsettled set.
+        s.retain_kept(|_| false);
+        assert_eq!(ids(&s), vec![1], "an update not adopted is never dropped");
+    }
+    {
+        let s = VolumeStore::open(cfg(dir.path(), node)).unwrap();
+        let kept = s.kept();
+        assert_eq!(ids(&s), vec![1], "kept over a restart (log replay)");
+        assert_eq!(kept[0].update, update(1, 1));
+        assert_eq!(kept[0].stripe, 0);
+        assert_eq!(&kept[0].delta[..], b"abc");
+        s.checkpoint().await.unwrap();
+    }
+    {
+        let s = VolumeStore::open(cfg(dir.path(), node)).unwrap();
+        assert_eq!(ids(&s), vec![1], "kept over a checkpoint and a restart");
+        // Restored updates are adopted: settled, they go.
+        s.retain_kept(|_| false);
+        assert!(s.kept().is_empty());
+        s.checkpoint().await.unwrap();
+    }
+    let s = VolumeStore::open(cfg(dir.path(), node)).unwrap();
+    assert!(
+        s.kept().is_empty(),
+        "a settled update is left out at the checkpoint"
+    );
+    assert_eq!(read_all(&s, 0, 2, ReadMode::Applied).0, vec![0, 2]);
 }

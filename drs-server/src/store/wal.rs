@@ -20,7 +20,7 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use drs_proto::{StripeId, UpdateId, Version};
+use drs_proto::{BlockUpdate, StripeId, UpdateId, Version};
 use serde::{Deserialize, Serialize};
 
 const MAGIC: u16 = 0xD25A;
@@ -58,6 +58,13 @@ pub enum WalCtrl {
     },
     /// A pending update that will never be applied (a later install covered it).
     Drop { stripe: StripeId, id: UpdateId },
+    /// An update this node took while the block's data node did not take part: it is
+    /// *kept* (passed on after a restart) until every member holds it, since the
+    /// parity members may hold its only copies. `data` is its delta.
+    Kept {
+        stripe: StripeId,
+        update: BlockUpdate,
+    },
 }
 
 /// One decoded record.
