@@ -595,14 +595,7 @@ impl Filesystem for DrsFuse {
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         let perm = perm_of(mode, umask);
         self.spawn("create", |ops| async move {
-            let made = async {
-                let a = ops
-                    .create(parent.0, &name, Kind::File, perm, uid, gid, 0, &[])
-                    .await?;
-                ops.open_created(&a).await?;
-                Ok::<_, OpError>(a)
-            };
-            match made.await {
+            match ops.create_open(parent.0, &name, perm, uid, gid).await {
                 Ok(a) => reply.created(
                     &TTL,
                     &file_attr(&a, ops.block_size()),

@@ -632,7 +632,7 @@ impl Ops {
     async fn set_size_and_attr(&self, ino: Ino, set: &mut SetAttr) -> OpResult<Attr> {
         if let Some(size) = set.size {
             // Uncommitted writes past the new size are cut with the rest.
-            self.commit_as(ino, false, true).await?;
+            self.commit_as(ino, false, true, &mut false).await?;
             self.zero_tail(ino, size).await?;
             if let Some(o) = lock(&self.open).get_mut(&ino) {
                 o.size = size;
@@ -822,18 +822,36 @@ impl Ops {
         .await
     }
 
-    /// Opens an inode this mount just created (its attributes are current).
-    pub async fn open_created(&self, a: &Attr) -> OpResult<()> {
-        let size = a.size;
-        let opened = self.register_open(a.ino, |a| {
+    /// Creates a regular file and opens it (create(2)), registering the open with
+    /// the session in the same command (`CreateOpen`).
+    pub async fn create_open(
+        &self,
+        parent: Ino,
+        name: &[u8],
+        perm: u16,
+        uid: u32,
+        gid: u32,
+    ) -> OpResult<Attr> {
+        let create = FsCommand::Create {
+            parent,
+            name: name.to_vec(),
+            kind: Kind::File,
+            perm,
+            uid,
+            gid,
+            rdev: 0,
+            target: Vec::new(),
+            now: now(),
+        };
+        let made = self.register_create(create, |a| {
             let mut open = lock(&self.open);
             let o = open.entry(a.ino).or_default();
             o.handles += 1;
             if o.dirty.is_none() {
-                o.size = size;
+                o.size = a.size;
             }
         });
-        self.bounded(opened).await.map(|_| ())
+        self.bounded(made).await
     }
 
     /// Tells the metadata service the size and mtime of this mount's writes, and
@@ -845,19 +863,21 @@ impl Ops {
     /// failed, now or in the background, fails the commit (EIO) after the rest of it
     /// was sent.
     pub async fn commit(&self, ino: Ino, trim: bool) -> OpResult<()> {
-        self.commit_as(ino, trim, false).await
+        self.commit_as(ino, trim, false, &mut false).await
     }
 
     /// [`Ops::commit`]; `held`: the caller holds the file's freeing lock alone. A
-    /// `Written` refused for a stale block map is sent again after a refresh.
-    async fn commit_as(&self, ino: Ino, trim: bool, held: bool) -> OpResult<()> {
+    /// `Written` refused for a stale block map is sent again after a refresh. With
+    /// `close` set, the session's close of the file goes with the `Written`
+    /// (`WrittenClose`), if one is sent: `close` is then cleared.
+    async fn commit_as(&self, ino: Ino, trim: bool, held: bool, close: &mut bool) -> OpResult<()> {
         let mut tries = 0;
         loop {
             let r = {
                 // Shared with reads and writes: no refresh of the file's map comes
                 // between the blocks this commit names and its `Written`.
                 let _using = if held { None } else { self.using(ino).await };
-                self.commit_once(ino, trim).await
+                self.commit_once(ino, trim, close).await
             };
             match r {
                 Err(OpError::Fs(FsError::StaleMap)) if tries < 3 => {
@@ -869,7 +889,7 @@ impl Ops {
         }
     }
 
-    async fn commit_once(&self, ino: Ino, trim: bool) -> OpResult<()> {
+    async fn commit_once(&self, ino: Ino, trim: bool, close: &mut bool) -> OpResult<()> {
         let holds_cached = lock(&self.open)
             .get(&ino)
             .is_some_and(|o| !o.cached.is_empty() || !o.settled.is_empty());
@@ -927,15 +947,27 @@ impl Ops {
         let last = chunks.len() - 1;
         tracing::debug!(ino, size, ?ranges, trim, "commit");
         for (n, written) in chunks.into_iter().enumerate() {
-            let sent = self
-                .command(self.mine(FsCommand::Written {
+            let cmd = FsCommand::Written {
+                ino,
+                size,
+                now: t,
+                written,
+                trim: trim && n == last,
+            };
+            let closing = *close && n == last;
+            let cmd = if closing {
+                FsCommand::WrittenClose {
+                    session: self.session_id(),
                     ino,
-                    size,
-                    now: t,
-                    written,
-                    trim: trim && n == last,
-                }))
-                .await;
+                    cmd: Box::new(cmd),
+                }
+            } else {
+                self.mine(cmd)
+            };
+            let sent = self.command(cmd).await;
+            if closing && sent.is_ok() {
+                *close = false;
+            }
             if let Err(e) = sent {
                 // The failed write-back is still to be reported (after a retry).
                 if let (Some(OpError::WriteBack(m)), Some(o)) =
@@ -1018,7 +1050,9 @@ impl Ops {
             let _gate = self.session.gate().await;
             let freeing = self.freeing(ino).await;
             let last = lock(&self.open).get(&ino).is_some_and(|o| o.handles <= 1);
-            let res = self.commit_as(ino, last, true).await;
+            // The close goes with the last `Written`, if there is one.
+            let mut close = true;
+            let res = self.commit_as(ino, last, true, &mut close).await;
             drop(freeing);
             {
                 let mut open = lock(&self.open);
@@ -1030,7 +1064,9 @@ impl Ops {
                 }
             }
             // The metadata service drops an orphan at its last close.
-            self.register_close(ino).await;
+            if close {
+                self.register_close(ino).await;
+            }
             res
         })
         .await
@@ -1510,7 +1546,7 @@ impl Ops {
         self.bounded(async {
             let _freeing = self.freeing(ino).await;
             // This mount's writes first, so the blocks below are the file's.
-            self.commit_as(ino, false, true).await?;
+            self.commit_as(ino, false, true, &mut false).await?;
             let bs = self.block_size;
             let (first, last) = (offset / bs, (end - 1) / bs);
             if !punch {

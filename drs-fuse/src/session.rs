@@ -113,12 +113,40 @@ impl Ops {
         ino: Ino,
         local: impl FnOnce(&Attr),
     ) -> OpResult<Attr> {
+        self.register_with(|session| FsCommand::Open { session, ino }, local)
+            .await
+    }
+
+    /// Creates a regular file and registers one open of it with the session, in one
+    /// command (`CreateOpen`; `create` is the `Create`), as [`Ops::register_open`].
+    pub(super) async fn register_create(
+        &self,
+        create: FsCommand,
+        local: impl FnOnce(&Attr),
+    ) -> OpResult<Attr> {
+        self.register_with(
+            |session| FsCommand::CreateOpen {
+                session,
+                cmd: Box::new(create.clone()),
+            },
+            local,
+        )
+        .await
+    }
+
+    /// Sends `cmd(session)`, which registers an open, under the session's gate and
+    /// applies `local`; with a new session if the last one ended.
+    async fn register_with(
+        &self,
+        cmd: impl Fn(SessionId) -> FsCommand,
+        local: impl FnOnce(&Attr),
+    ) -> OpResult<Attr> {
         let mut local = Some(local);
         loop {
             let session = self.session.id();
             {
                 let _gate = self.session.gate().await;
-                match self.register_once(ino).await {
+                match self.registering(session, cmd(session)).await {
                     Ok(a) => {
                         if let Some(f) = local.take() {
                             f(&a);
@@ -142,20 +170,28 @@ impl Ops {
     /// follows, so a registration is never left behind.
     async fn register_once(&self, ino: Ino) -> OpResult<Attr> {
         let session = self.session.id();
+        self.registering(session, FsCommand::Open { session, ino })
+            .await
+    }
+
+    /// Sends `cmd`, which registers an open with `session` and answers the inode's
+    /// attributes, in a task of its own: if the caller is cancelled after it was
+    /// applied, a `Close` follows.
+    async fn registering(&self, session: SessionId, cmd: FsCommand) -> OpResult<Attr> {
         let state = Arc::new(Mutex::new(Registration::Pending));
         let task = {
             let (meta, state) = (self.meta.clone(), state.clone());
             tokio::spawn(async move {
-                let r = meta.fs(FsCommand::Open { session, ino }).await;
-                if matches!(r, Ok(Ok(FsReply::Attr(_)))) {
+                let r = meta.fs(cmd).await;
+                if let Ok(Ok(FsReply::Attr(a))) = &r {
                     let gave_up = {
                         let mut s = lock(&state);
                         let gave_up = *s == Registration::GaveUp;
-                        *s = Registration::Opened;
+                        *s = Registration::Opened(a.ino);
                         gave_up
                     };
                     if gave_up {
-                        send_close(&meta, session, ino).await;
+                        send_close(&meta, session, a.ino).await;
                     }
                 }
                 r
@@ -165,7 +201,6 @@ impl Ops {
             state: state.clone(),
             meta: self.meta.clone(),
             session,
-            ino,
         };
         let r = task
             .await
@@ -397,8 +432,8 @@ impl Ops {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Registration {
     Pending,
-    /// Applied; the operation has not taken it yet.
-    Opened,
+    /// Applied (an open of this inode); the operation has not taken it yet.
+    Opened(Ino),
     /// The operation took it (its close will follow).
     Kept,
     /// The operation was cancelled before the answer.
@@ -411,7 +446,6 @@ struct GiveUp {
     state: Arc<Mutex<Registration>>,
     meta: MetaClient,
     session: SessionId,
-    ino: Ino,
 }
 
 impl Drop for GiveUp {
@@ -419,16 +453,16 @@ impl Drop for GiveUp {
         let close = {
             let mut s = lock(&self.state);
             match *s {
-                Registration::Opened => true,
+                Registration::Opened(ino) => Some(ino),
                 Registration::Pending => {
                     *s = Registration::GaveUp;
-                    false
+                    None
                 }
-                Registration::Kept | Registration::GaveUp => false,
+                Registration::Kept | Registration::GaveUp => None,
             }
         };
-        if close {
-            spawn_close(self.meta.clone(), self.session, self.ino);
+        if let Some(ino) = close {
+            spawn_close(self.meta.clone(), self.session, ino);
         }
     }
 }

@@ -328,6 +328,21 @@ pub enum FsCommand {
         session: SessionId,
         cmd: Box<FsCommand>,
     },
+    /// `cmd`, a `Create` of a regular file, and an `Open` of the new inode by
+    /// `session`, as one command (a mount's `create`): answers the attributes.
+    /// Nothing is done if either would be refused.
+    CreateOpen {
+        session: SessionId,
+        cmd: Box<FsCommand>,
+    },
+    /// `cmd`, a `Written` of `ino` by `session` (as [`FsCommand::From`]), then a
+    /// `Close` of `ino` by `session`, as one command (a mount's last close of a file
+    /// it wrote). Nothing is done if either would be refused.
+    WrittenClose {
+        session: SessionId,
+        ino: Ino,
+        cmd: Box<FsCommand>,
+    },
 }
 
 /// The most file blocks a file may have on a volume of `blocks` data blocks (1024 per
@@ -979,6 +994,45 @@ impl FsState {
                     return Err(FsError::NoSession);
                 }
                 self.apply_as(cmd, Some(*session))
+            }
+            FsCommand::CreateOpen { session, cmd } => {
+                if !matches!(
+                    **cmd,
+                    FsCommand::Create {
+                        kind: Kind::File,
+                        ..
+                    }
+                ) {
+                    return Err(FsError::Invalid);
+                }
+                if !self.sessions.contains_key(session) {
+                    return Err(FsError::NoSession);
+                }
+                let reply = self.apply_as(cmd, Some(*session))?;
+                if let (FsReply::Attr(a), Some(s)) = (&reply, self.sessions.get_mut(session)) {
+                    *s.opens.entry(a.ino).or_default() += 1;
+                }
+                Ok(reply)
+            }
+            FsCommand::WrittenClose { session, ino, cmd } => {
+                if !matches!(**cmd, FsCommand::Written { ino: i, .. } if i == *ino) {
+                    return Err(FsError::Invalid);
+                }
+                let s = self.sessions.get(session).ok_or(FsError::NoSession)?;
+                if !s.opens.contains_key(ino) {
+                    return Err(FsError::Invalid);
+                }
+                // Checked first, so the close below cannot be refused once the
+                // write is applied.
+                let reply = self.apply_as(cmd, Some(*session))?;
+                self.apply_as(
+                    &FsCommand::Close {
+                        session: *session,
+                        ino: *ino,
+                    },
+                    None,
+                )?;
+                Ok(reply)
             }
         }
     }

@@ -3539,3 +3539,100 @@ fn commands_of_an_ended_session_are_refused() {
     // Ending it again changes nothing.
     apply_ok(&mut fs, &FsCommand::EndSession { session: a });
 }
+
+/// `CreateOpen` creates a regular file and opens it for the session in one command;
+/// `WrittenClose` commits a session's writes and closes its open in one. Each is
+/// refused whole, and nothing is done, when either part would be.
+#[test]
+fn create_open_and_written_close_are_one_command_each() {
+    let mut fs = formatted(8);
+    let a = open_session(&mut fs);
+    let create_open = |session, name: &[u8], kind| FsCommand::CreateOpen {
+        session,
+        cmd: Box::new(create_cmd(ROOT, name, kind, t(6))),
+    };
+    let f = ok_attr(
+        Ok(apply_ok(&mut fs, &create_open(a, b"f", Kind::File))),
+        "create",
+    )
+    .ino;
+    assert_eq!(lookup(&fs, ROOT, b"f"), Ok(f));
+    // Open: unlinked, it stays until the session closes it.
+    apply_ok(&mut fs, &unlink_cmd(ROOT, b"f", false, t(7)));
+    apply_ok(&mut fs, &FsCommand::Drop { ino: f });
+    assert!(fs.inode(f).is_some(), "the created file is open");
+
+    // Refused whole: a directory, an unknown session, a name taken, a nested command.
+    refused(&mut fs, &create_open(a, b"d", Kind::Dir), FsError::Invalid);
+    refused(
+        &mut fs,
+        &create_open(a + 100, b"g", Kind::File),
+        FsError::NoSession,
+    );
+    create(&mut fs, ROOT, b"taken", Kind::File, t(8));
+    refused(
+        &mut fs,
+        &create_open(a, b"taken", Kind::File),
+        FsError::Exists,
+    );
+    refused(
+        &mut fs,
+        &FsCommand::CreateOpen {
+            session: a,
+            cmd: Box::new(from(a, create_cmd(ROOT, b"g", Kind::File, t(8)))),
+        },
+        FsError::Invalid,
+    );
+
+    // WrittenClose: the write is committed and the open closed (the orphan goes).
+    map(&mut fs, f, 0, 2).unwrap();
+    assert_eq!(statfs(&fs).free, 6);
+    let written_close = |session, ino, written: &[(u64, u64)]| FsCommand::WrittenClose {
+        session,
+        ino,
+        cmd: Box::new(written_cmd(ino, 2 * BSZ, t(9), written, false)),
+    };
+    let g = ok_attr(
+        Ok(apply_ok(&mut fs, &create_open(a, b"g", Kind::File))),
+        "create",
+    )
+    .ino;
+    map(&mut fs, g, 0, 1).unwrap();
+    // Refused whole: a file the session has not open, a `Written` of another file,
+    // a stale map (below), an unknown session.
+    let h = create(&mut fs, ROOT, b"h", Kind::File, t(8));
+    refused(&mut fs, &written_close(a, h, &[]), FsError::Invalid);
+    refused(
+        &mut fs,
+        &FsCommand::WrittenClose {
+            session: a,
+            ino: g,
+            cmd: Box::new(written_cmd(f, 2 * BSZ, t(9), &[], false)),
+        },
+        FsError::Invalid,
+    );
+    refused(&mut fs, &written_close(a + 100, g, &[]), FsError::NoSession);
+    let b = open_session(&mut fs);
+    apply_ok(&mut fs, &from(b, punch_cmd(g, 0, 1, t(9))));
+    map(&mut fs, g, 0, 1).unwrap();
+    refused(&mut fs, &written_close(a, g, &[(0, 1)]), FsError::StaleMap);
+
+    apply_ok(&mut fs, &written_close(a, f, &[(0, 2)]));
+    assert!(fs.inode(f).is_none(), "closed: the orphan was dropped");
+    assert_eq!(statfs(&fs).free, 8 - 1 - 1, "f's blocks are free again");
+    refused(
+        &mut fs,
+        &FsCommand::Close { session: a, ino: f },
+        FsError::Invalid,
+    );
+    // A size-only commit of g closes it too; its stale entry goes with the close.
+    apply_ok(&mut fs, &written_close(a, g, &[]));
+    assert_eq!(attr(&fs, g).size, 2 * BSZ);
+    assert_eq!(stale(&fs, a).unwrap(), vec![]);
+    assert!(fs.held().is_empty());
+    refused(
+        &mut fs,
+        &FsCommand::Close { session: a, ino: g },
+        FsError::Invalid,
+    );
+}

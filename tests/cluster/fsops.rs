@@ -31,10 +31,9 @@ async fn cluster(name: &str) -> TestCluster {
 /// Creates a regular file and opens it (as create(2) does).
 async fn create(ops: &Ops, parent: Ino, name: &[u8]) -> Ino {
     let a = ops
-        .create(parent, name, Kind::File, 0o644, 0, 0, 0, b"")
+        .create_open(parent, name, 0o644, 0, 0)
         .await
         .expect("create");
-    ops.open_created(&a).await.expect("open the created file");
     a.ino
 }
 

@@ -455,6 +455,7 @@ impl VolumeStore {
         store.stats.wal_bytes.store(wal.len(), Ordering::Relaxed);
         let writer = Writer {
             store: Arc::downgrade(&store),
+            floor: 0,
             wal,
             wal_path,
             rx,
@@ -1301,6 +1302,8 @@ fn push_recent(recent: &mut VecDeque<UpdateId>, id: UpdateId) {
 struct Writer {
     store: std::sync::Weak<VolumeStore>,
     wal: Wal,
+    /// The log's length after the last checkpoint (or at open).
+    floor: u64,
     wal_path: PathBuf,
     rx: mpsc::Receiver<Job>,
 }
@@ -1378,7 +1381,12 @@ impl Writer {
                 return;
             };
             self.batch(&store, jobs);
-            if self.wal.len() > store.cfg.checkpoint_bytes {
+            // What a checkpoint leaves in the log (pending and kept updates) is
+            // rewritten by the next one: wait for at least as much new log, so
+            // a node with many kept updates (a data node down for minutes) does
+            // not rewrite them every few batches.
+            let floor = self.floor;
+            if self.wal.len() > floor + store.cfg.checkpoint_bytes.max(floor) {
                 if let Err(e) = self.checkpoint(&store) {
                     tracing::error!(error = %e, "checkpoint failed");
                 }
@@ -1909,6 +1917,7 @@ impl Writer {
         }
         let (w, _, _) = Wal::open(&self.wal_path)?;
         self.wal = w;
+        self.floor = self.wal.len();
         store
             .stats
             .wal_bytes

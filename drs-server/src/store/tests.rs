@@ -1166,3 +1166,62 @@ async fn kept_updates_survive_restarts_until_settled() {
     );
     assert_eq!(read_all(&s, 0, 2, ReadMode::Applied).0, vec![0, 2]);
 }
+
+/// What a checkpoint leaves in the log (kept updates) does not make every following
+/// batch checkpoint again: the next one waits for as much new log.
+#[tokio::test]
+async fn kept_updates_do_not_make_every_batch_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = (0..3).find(|n| pos(*n, 0) == 2).unwrap();
+    let mut c = cfg(dir.path(), node);
+    c.checkpoint_bytes = 8 << 10;
+    let s = VolumeStore::open(c).unwrap();
+    let update = |seq: u64| BlockUpdate {
+        id: UpdateId { client: 9, seq },
+        index: 1,
+        version: 1,
+        base: 0,
+        offset: 0,
+        len: BS as u32,
+    };
+    // Kept updates of 2 stripes (this node holds their parity): 8 KiB of deltas, the
+    // checkpoint size.
+    for stripe in [0u64, 3] {
+        let p = pos(node, stripe);
+        assert_eq!(p, 2);
+        s.update(
+            stripe,
+            p,
+            update(stripe + 1),
+            Bytes::from(vec![7u8; BS]),
+            true,
+            far(),
+        )
+        .await
+        .unwrap();
+    }
+    let kept = s.kept().len();
+    assert!(kept >= 2, "{kept} kept updates");
+    s.checkpoint().await.unwrap();
+    let floor = s.stats.wal_bytes.load(Ordering::Relaxed);
+    assert!(
+        floor > (kept * BS) as u64,
+        "the kept updates stay in the log"
+    );
+    // A small update of another block: the log grows past the checkpoint size, but
+    // not by as much as the checkpoint left in it.
+    let p = pos(node, 1);
+    put(
+        &s,
+        upd(1, p, 100, (if p < 2 { p } else { 0 }, 1), 0),
+        Bytes::from_static(b"x"),
+        far(),
+    )
+    .await
+    .unwrap();
+    let now = s.stats.wal_bytes.load(Ordering::Relaxed);
+    assert!(
+        now > floor,
+        "checkpointed again at once: log {now} bytes, {floor} before"
+    );
+}
