@@ -17,7 +17,11 @@
 //!    written block's update (the same deltas, which it scales itself); the other data
 //!    nodes get an unlock. Each update names one data block, so any member holding it
 //!    can pass it on to one that lacks it (all-or-nothing, see `docs/PROTOCOL.md`).
-//! 5. **Acknowledge** when every member that granted the lock holds the updates
+//! 5. **Keep**: a written block whose data node did not take its update has its
+//!    only copies at the parity members, which keep it durably over a restart:
+//!    named in `keep` if the data node did not grant, asked again by a relay naming
+//!    it if it granted and failed (docs/PROTOCOL.md 9.2).
+//! 6. **Acknowledge** when every member that granted the lock holds the updates
 //!    durably and at least `min_write` members answered; otherwise fail with
 //!    `NotDurable`. An update every member that must hold it (its data node and
 //!    every parity node) acknowledged is *complete*; those members hear it with the
@@ -815,6 +819,53 @@ impl Client {
                 }
             }
         }
+        // A written block whose data node granted the lock but did not take its
+        // update: the parity members that took it hold its only copies, and did not
+        // keep them durably (no `keep` was asked for). Ask them now, with a relay
+        // naming it in `keep` (a duplicate where it is held); the write is
+        // acknowledged only if one of them keeps it.
+        // Only for a write that is otherwise acknowledged: a failed one's updates
+        // are left to the relays (or voided).
+        let need = self.inner.volume.min_write as usize;
+        let mut unkept = 0;
+        for (u, d) in updates.iter().filter(|(u, _)| {
+            let i = u.index as usize;
+            acked >= need && locked.granted[i] && !held.contains(&(i, u.id))
+        }) {
+            let holders: Vec<usize> = held
+                .iter()
+                .filter(|(p, id)| *p >= k && *id == u.id)
+                .map(|(p, _)| *p)
+                .collect();
+            let asks = holders.into_iter().map(|p| {
+                let req = Request::Update(UpdateReq {
+                    volume: self.inner.volume.id,
+                    stripe,
+                    position: p as u8,
+                    owner: 0,
+                    updates: vec![*u],
+                    unlock: Vec::new(),
+                    relay: true,
+                    on_behalf: false,
+                    completed: Vec::new(),
+                    keep: vec![u.index],
+                });
+                let node = geo.member(stripe, p);
+                let payload = d.clone();
+                async move { self.call(node, &req, payload).await }
+            });
+            let kept = join_all(asks)
+                .await
+                .into_iter()
+                .filter(|r| {
+                    matches!(r, Ok((Response::Updated(rep), _))
+                        if rep.results.first().is_some_and(|x| x.is_ok()))
+                })
+                .count();
+            if kept == 0 {
+                unkept += 1;
+            }
+        }
         let ids: Vec<(u8, UpdateId)> = updates.iter().map(|(u, _)| (u.index, u.id)).collect();
         let mut notices: BTreeMap<NodeId, Vec<UpdateId>> = BTreeMap::new();
         for (p, id) in completions(k, geo.width(), &ids, &held) {
@@ -843,8 +894,7 @@ impl Client {
                 error: e,
             });
         }
-        let need = self.inner.volume.min_write as usize;
-        if acked < need {
+        if acked < need || unkept > 0 {
             return Err(ClientError::NotDurable {
                 stripe,
                 acked,

@@ -272,6 +272,17 @@ impl Ops {
     }
 }
 
+/// Where a release's close of the session's open stands ([`Ops::release`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Closing {
+    /// To be sent (with the last `Written`, or on its own).
+    ToDo,
+    /// Sent with a `Written`; no answer yet.
+    Sent,
+    /// Applied, or possibly applied: never sent again.
+    Done,
+}
+
 /// The current time as the namespace stores it.
 pub fn now() -> Time {
     time_of(SystemTime::now())
@@ -632,7 +643,7 @@ impl Ops {
     async fn set_size_and_attr(&self, ino: Ino, set: &mut SetAttr) -> OpResult<Attr> {
         if let Some(size) = set.size {
             // Uncommitted writes past the new size are cut with the rest.
-            self.commit_as(ino, false, true, &mut false).await?;
+            self.commit_as(ino, false, true, &mut Closing::Done).await?;
             self.zero_tail(ino, size).await?;
             if let Some(o) = lock(&self.open).get_mut(&ino) {
                 o.size = size;
@@ -863,14 +874,20 @@ impl Ops {
     /// failed, now or in the background, fails the commit (EIO) after the rest of it
     /// was sent.
     pub async fn commit(&self, ino: Ino, trim: bool) -> OpResult<()> {
-        self.commit_as(ino, trim, false, &mut false).await
+        self.commit_as(ino, trim, false, &mut Closing::Done).await
     }
 
     /// [`Ops::commit`]; `held`: the caller holds the file's freeing lock alone. A
     /// `Written` refused for a stale block map is sent again after a refresh. With
-    /// `close` set, the session's close of the file goes with the `Written`
-    /// (`WrittenClose`), if one is sent: `close` is then cleared.
-    async fn commit_as(&self, ino: Ino, trim: bool, held: bool, close: &mut bool) -> OpResult<()> {
+    /// `close` at [`Closing::ToDo`], the session's close of the file goes with the
+    /// last `Written` (`WrittenClose`), if one is sent; `close` says how that went.
+    async fn commit_as(
+        &self,
+        ino: Ino,
+        trim: bool,
+        held: bool,
+        close: &mut Closing,
+    ) -> OpResult<()> {
         let mut tries = 0;
         loop {
             let r = {
@@ -889,7 +906,7 @@ impl Ops {
         }
     }
 
-    async fn commit_once(&self, ino: Ino, trim: bool, close: &mut bool) -> OpResult<()> {
+    async fn commit_once(&self, ino: Ino, trim: bool, close: &mut Closing) -> OpResult<()> {
         let holds_cached = lock(&self.open)
             .get(&ino)
             .is_some_and(|o| !o.cached.is_empty() || !o.settled.is_empty());
@@ -954,20 +971,35 @@ impl Ops {
                 written,
                 trim: trim && n == last,
             };
-            let closing = *close && n == last;
-            let cmd = if closing {
-                FsCommand::WrittenClose {
-                    session: self.session_id(),
-                    ino,
-                    cmd: Box::new(cmd),
+            let closing = *close == Closing::ToDo && n == last;
+            let sent = if closing {
+                *close = Closing::Sent;
+                let sent = self
+                    .command(FsCommand::WrittenClose {
+                        session: self.session_id(),
+                        ino,
+                        cmd: Box::new(cmd.clone()),
+                    })
+                    .await;
+                *close = match &sent {
+                    Ok(_) => Closing::Done,
+                    // Refused whole (`StaleMap`, `NoSession`, ...): nothing closed.
+                    Err(OpError::Fs(_)) => Closing::ToDo,
+                    // Unknown outcome: it may have been applied. A close missing
+                    // only holds freeings until the session ends; a second one
+                    // could close another handle's registration.
+                    Err(_) => Closing::Done,
+                };
+                match sent {
+                    // This mount's count and the session's differ: the `Written` on
+                    // its own, and the close on its own after it (refused if no open
+                    // is registered).
+                    Err(OpError::Fs(FsError::Invalid)) => self.command(self.mine(cmd)).await,
+                    other => other,
                 }
             } else {
-                self.mine(cmd)
+                self.command(self.mine(cmd)).await
             };
-            let sent = self.command(cmd).await;
-            if closing && sent.is_ok() {
-                *close = false;
-            }
             if let Err(e) = sent {
                 // The failed write-back is still to be reported (after a retry).
                 if let (Some(OpError::WriteBack(m)), Some(o)) =
@@ -1045,31 +1077,46 @@ impl Ops {
     /// The last handle of this open closes: commit, and drop the inode if it lost its
     /// last name meanwhile.
     pub async fn release(&self, ino: Ino) -> OpResult<()> {
-        self.bounded(async {
-            // The close is registered together with the mount's own count.
-            let _gate = self.session.gate().await;
-            let freeing = self.freeing(ino).await;
-            let last = lock(&self.open).get(&ino).is_some_and(|o| o.handles <= 1);
-            // The close goes with the last `Written`, if there is one.
-            let mut close = true;
-            let res = self.commit_as(ino, last, true, &mut close).await;
-            drop(freeing);
-            {
-                let mut open = lock(&self.open);
-                if let Some(o) = open.get_mut(&ino) {
-                    o.handles = o.handles.saturating_sub(1);
-                    if o.handles == 0 && o.temps == 0 {
-                        open.remove(&ino);
-                    }
+        // The close goes with the last `Written`, if there is one.
+        let mut close = Closing::ToDo;
+        let mut dropped = false;
+        let r = self
+            .bounded(async {
+                // The close is registered together with the mount's own count.
+                let _gate = self.session.gate().await;
+                let freeing = self.freeing(ino).await;
+                let last = lock(&self.open).get(&ino).is_some_and(|o| o.handles <= 1);
+                let res = self.commit_as(ino, last, true, &mut close).await;
+                // Under the file's freeing lock, which an `open` of the file in this
+                // mount waits for: the session's count and this mount's change
+                // together.
+                self.drop_handle(ino);
+                dropped = true;
+                drop(freeing);
+                // The metadata service drops an orphan at its last close.
+                if close == Closing::ToDo {
+                    self.register_close(ino).await;
                 }
+                res
+            })
+            .await;
+        if !dropped && close != Closing::ToDo {
+            // Cut short once the close may have been applied: this mount's count
+            // follows it (a map kept without a registered open is never protected).
+            self.drop_handle(ino);
+        }
+        r
+    }
+
+    /// One handle of `ino` fewer in this mount; the entry goes with the last.
+    fn drop_handle(&self, ino: Ino) {
+        let mut open = lock(&self.open);
+        if let Some(o) = open.get_mut(&ino) {
+            o.handles = o.handles.saturating_sub(1);
+            if o.handles == 0 && o.temps == 0 {
+                open.remove(&ino);
             }
-            // The metadata service drops an orphan at its last close.
-            if close {
-                self.register_close(ino).await;
-            }
-            res
-        })
-        .await
+        }
     }
 
     /// Takes what the metadata service said of file blocks `first .. end` (all of
@@ -1546,7 +1593,7 @@ impl Ops {
         self.bounded(async {
             let _freeing = self.freeing(ino).await;
             // This mount's writes first, so the blocks below are the file's.
-            self.commit_as(ino, false, true, &mut false).await?;
+            self.commit_as(ino, false, true, &mut Closing::Done).await?;
             let bs = self.block_size;
             let (first, last) = (offset / bs, (end - 1) / bs);
             if !punch {

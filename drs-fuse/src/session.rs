@@ -2,7 +2,9 @@
 //! truncate, punch or unlink from handing this mount's blocks to another file while
 //! this mount still holds a map of them.
 //!
-//! - Every open and close of a file is registered (`Open` / `Close`), so the
+//! - Every open and close of a file is registered (`Open` / `Close`; a create
+//!   registers its open in the same command, `CreateOpen`, and a close that commits
+//!   writes its close, `WrittenClose`), so the
 //!   metadata service holds blocks freed from a file this mount has open, and keeps
 //!   an unlinked file this mount has open, until this mount is done with them.
 //! - A heartbeat every [`SESSION_TICK`] (`FsQuery::Session`) answers which files had
@@ -113,7 +115,7 @@ impl Ops {
         ino: Ino,
         local: impl FnOnce(&Attr),
     ) -> OpResult<Attr> {
-        self.register_with(|session| FsCommand::Open { session, ino }, local)
+        self.register_with(|session| FsCommand::Open { session, ino }, Some(ino), local)
             .await
     }
 
@@ -129,16 +131,21 @@ impl Ops {
                 session,
                 cmd: Box::new(create.clone()),
             },
+            None,
             local,
         )
         .await
     }
 
     /// Sends `cmd(session)`, which registers an open, under the session's gate and
-    /// applies `local`; with a new session if the last one ended.
+    /// applies `local`; with a new session if the last one ended. With `ino`, under
+    /// that file's freeing lock (shared) too: a release of the file in this mount,
+    /// which closes the session's open and lowers this mount's count under it, comes
+    /// wholly before or after.
     async fn register_with(
         &self,
         cmd: impl Fn(SessionId) -> FsCommand,
+        ino: Option<Ino>,
         local: impl FnOnce(&Attr),
     ) -> OpResult<Attr> {
         let mut local = Some(local);
@@ -146,6 +153,10 @@ impl Ops {
             let session = self.session.id();
             {
                 let _gate = self.session.gate().await;
+                let _using = match ino {
+                    Some(ino) => self.using(ino).await,
+                    None => None,
+                };
                 match self.registering(session, cmd(session)).await {
                     Ok(a) => {
                         if let Some(f) = local.take() {
@@ -427,8 +438,8 @@ impl Ops {
     }
 }
 
-/// Where one `Open` stands, between the task that sends it and the operation that
-/// waits for it.
+/// Where one registering command (`Open`, `CreateOpen`) stands, between the task
+/// that sends it and the operation that waits for it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Registration {
     Pending,

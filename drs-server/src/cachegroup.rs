@@ -253,7 +253,12 @@ pub async fn write_back(node: &Node, peer: &Client, vid: VolumeId, client: Clien
                     relay: false,
                     on_behalf: true,
                     completed: Vec::new(),
-                    keep: Vec::new(),
+                    // The block's data node did not grant: the parity members keep it.
+                    keep: if (p as usize) >= geo.k && !r.granted.contains(&r.update.index) {
+                        vec![r.update.index]
+                    } else {
+                        Vec::new()
+                    },
                 })
             } else {
                 Request::Unlock(UnlockReq {

@@ -275,7 +275,10 @@ impl Node {
                     kept.delta,
                     0,
                 );
-                unsettled.add(key, entry);
+                for (_, gone) in unsettled.add(key, entry) {
+                    tracing::warn!(stripe = gone.stripe, "too many unsettled updates kept; one was given up (a scrub of its stripe settles it)");
+                }
+                unsettled.pin(&key);
                 unsettled.hurry(&key);
             }
             volumes.insert(
@@ -1025,11 +1028,23 @@ impl Node {
         let parity = r.position as usize >= v.store.geometry().k;
         let results = futures::future::join_all(parts.iter().map(|(u, d)| {
             // Kept: the block's data node did not take part (`UpdateReq::keep`).
-            let keep = parity && !r.relay && r.keep.contains(&u.index);
+            let keep = parity && r.keep.contains(&u.index);
             v.store
                 .update(r.stripe, r.position, *u, d.clone(), keep, deadline)
         }))
         .await;
+        if r.relay && parity && !r.keep.is_empty() {
+            // A client asking for an update it sent to be kept (its data node failed
+            // its part): kept here while this node still passes it on.
+            let mut unsettled = lock(&v.unsettled);
+            for ((u, _), res) in parts.iter().zip(&results) {
+                let key = (u.id.client, u.id.seq);
+                if res.is_ok() && r.keep.contains(&u.index) && unsettled.get(&key).is_some() {
+                    unsettled.pin(&key);
+                    v.store.adopt_kept(&[u.id]);
+                }
+            }
+        }
         if !r.relay {
             let geo = v.store.geometry();
             let now = self.now_ms();
@@ -1037,11 +1052,13 @@ impl Node {
             for ((u, d), res) in parts.iter().zip(&results) {
                 if res.is_ok() {
                     let entry = unsettled_entry(geo, r.stripe, r.position, *u, d.clone(), now);
-                    if parity && r.keep.contains(&u.index) {
-                        v.store.adopt_kept(&[u.id]);
-                    }
-                    for (_, gone) in unsettled.add((u.id.client, u.id.seq), entry) {
+                    let key = (u.id.client, u.id.seq);
+                    for (_, gone) in unsettled.add(key, entry) {
                         tracing::warn!(stripe = gone.stripe, "too many unsettled updates kept; one was given up (a scrub of its stripe settles it)");
+                    }
+                    if parity && r.keep.contains(&u.index) {
+                        unsettled.pin(&key);
+                        v.store.adopt_kept(&[u.id]);
                     }
                 }
             }

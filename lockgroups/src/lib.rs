@@ -344,6 +344,8 @@ pub struct UnsettledSet<T> {
     hurried: BTreeSet<UpdateKey>,
     /// Times each entry was passed on ([`UnsettledSet::touch`]).
     passes: BTreeMap<UpdateKey, u32>,
+    /// Entries never worn out ([`UnsettledSet::pin`]).
+    pinned: BTreeSet<UpdateKey>,
     bytes: usize,
     max_bytes: usize,
 }
@@ -356,6 +358,7 @@ impl<T> UnsettledSet<T> {
             offered: BTreeSet::new(),
             hurried: BTreeSet::new(),
             passes: BTreeMap::new(),
+            pinned: BTreeSet::new(),
             bytes: 0,
             max_bytes,
         }
@@ -449,7 +452,7 @@ impl<T> UnsettledSet<T> {
         let worn: Vec<UpdateKey> = self
             .passes
             .iter()
-            .filter(|(_, n)| **n >= max_passes)
+            .filter(|(k, n)| **n >= max_passes && !self.pinned.contains(k))
             .map(|(k, _)| *k)
             .collect();
         worn.into_iter()
@@ -467,6 +470,7 @@ impl<T> UnsettledSet<T> {
         self.offered.remove(key);
         self.hurried.remove(key);
         self.passes.remove(key);
+        self.pinned.remove(key);
         if let Some(keys) = self.by_block.get_mut(&(e.stripe, e.index)) {
             keys.remove(key);
             if keys.is_empty() {
@@ -499,6 +503,16 @@ impl<T> UnsettledSet<T> {
                     .collect()
             })
             .unwrap_or_default()
+    }
+
+    /// Exempts an entry from [`UnsettledSet::worn_out`]: it may be the only copy
+    /// of an acknowledged update (its data node did not take it), so it is passed
+    /// on until a recipient confirms it however long that takes. It still counts
+    /// against the byte budget.
+    pub fn pin(&mut self, key: &UpdateKey) {
+        if self.entries.contains_key(key) {
+            self.pinned.insert(*key);
+        }
     }
 
     /// Makes an entry due at once (someone waits for it): [`UnsettledSet::due`]
@@ -767,6 +781,20 @@ mod tests {
             vec![(1, 1)]
         );
         assert!(u.get(&(1, 1)).is_none() && u.worn_out(1).is_empty());
+        // A pinned entry (a kept update) is never worn out; removed, it is unpinned.
+        u.pin(&(1, 2));
+        for t in 0..5 {
+            u.touch(&(1, 2), 3000 + t);
+        }
+        assert!(u.worn_out(2).is_empty(), "pinned");
+        u.complete(&[(1, 2)]);
+        u.add((1, 2), unsettled(7, 55, 10));
+        u.touch(&(1, 2), 5000);
+        assert_eq!(
+            u.worn_out(1).len(),
+            1,
+            "a new entry under the key is not pinned"
+        );
         u.add((1, 1), unsettled(7, 50, 10));
         // Hurried again, then completed: nothing is left of it.
         u.hurry(&(1, 1));

@@ -3300,7 +3300,8 @@ enum SessionOp {
     OpenSession,
     EndSession(usize),
     Open(usize, usize),
-    Close(usize, usize),
+    /// A close; with a size, as a `WrittenClose` whose `Written` trims to it.
+    Close(usize, usize, Option<u64>),
     Map(usize, usize, u64, u64),
     Truncate(Option<usize>, usize, u64),
     Punch(Option<usize>, usize, u64, u64),
@@ -3317,7 +3318,7 @@ fn session_op() -> impl Strategy<Value = SessionOp> {
         1 => Just(SessionOp::OpenSession),
         1 => s.clone().prop_map(SessionOp::EndSession),
         4 => (s.clone(), f.clone()).prop_map(|(s, f)| SessionOp::Open(s, f)),
-        2 => (s.clone(), f.clone()).prop_map(|(s, f)| SessionOp::Close(s, f)),
+        2 => (s.clone(), f.clone(), prop::option::of(0..6u64)).prop_map(|(s, f, w)| SessionOp::Close(s, f, w)),
         4 => (s.clone(), f.clone(), 0..6u64, 1..4u64).prop_map(|(s, f, a, n)| SessionOp::Map(s, f, a, n)),
         2 => (by.clone(), f.clone(), 0..6u64).prop_map(|(b, f, n)| SessionOp::Truncate(b, f, n)),
         2 => (by.clone(), f.clone(), 0..6u64, 1..3u64).prop_map(|(b, f, a, n)| SessionOp::Punch(b, f, a, n)),
@@ -3387,11 +3388,29 @@ proptest! {
                         }
                     }
                 }
-                SessionOp::Close(s, f) => {
+                SessionOp::Close(s, f, written) => {
                     if let Some((id, known, opens)) = sessions[*s].as_mut() {
                         let ino = files[*f];
                         if let Some(n) = opens.get_mut(&ino) {
-                            apply_ok(&mut fs, &FsCommand::Close { session: *id, ino });
+                            match written {
+                                None => {
+                                    apply_ok(&mut fs, &FsCommand::Close { session: *id, ino });
+                                }
+                                Some(blocks) => {
+                                    let before = block_map(&fs, ino);
+                                    let cmd = FsCommand::WrittenClose {
+                                        session: *id,
+                                        ino,
+                                        cmd: Box::new(written_cmd(ino, blocks * BSZ, now, &[], true)),
+                                    };
+                                    apply_ok(&mut fs, &cmd);
+                                    // The closing mount forgets what it trimmed.
+                                    let after = block_map(&fs, ino);
+                                    if let Some(k) = known.get_mut(&ino) {
+                                        k.retain(|b, _| after.contains_key(b) || !before.contains_key(b));
+                                    }
+                                }
+                            }
                             *n -= 1;
                             if *n == 0 {
                                 opens.remove(&ino);

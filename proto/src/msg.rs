@@ -328,9 +328,10 @@ pub struct UpdateReq {
     /// Updates of this client every member has acknowledged: the node may forget them.
     pub completed: Vec<UpdateId>,
     /// Data indices of `updates` whose data node did not take part in the write (it
-    /// was down, or did not grant the lock). A parity node keeps such an update, with
-    /// its delta, durably until every member holds it, and passes it on after a
-    /// restart: the parity members may hold its only copies (docs/PROTOCOL.md 9.2).
+    /// did not grant the lock, or granted and did not take its update: then a relay
+    /// from the client names it). A parity node keeps such an update, with its
+    /// delta, durably until a member lacking it confirms it, and passes it on after
+    /// a restart: the parity members may hold its only copies (docs/PROTOCOL.md 9.2).
     pub keep: Vec<u8>,
 }
 

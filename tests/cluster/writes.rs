@@ -586,20 +586,23 @@ async fn unreproducible_updates_of_one_member_are_voided_after_a_crash_of_all() 
     assert_scrub_clean(&reader, "after a new write").await;
 }
 
-/// Goal: a write acknowledged while its block's data node was down survives a crash
-/// of every node, even with other updates of the stripe in flight that no k members
+/// Goal: a write acknowledged without its block's data node survives a crash of
+/// every node, even with other updates of the stripe in flight that no k members
 /// agree on. Its only copies are at the parity members, which keep it durably
 /// (`UpdateReq::keep`) and pass it on after the restart; the settling of the stripe
-/// waits for that, so the write is rolled forward, never voided.
+/// waits for that, so the write is rolled forward, never voided. Two ways in: the
+/// data node was down when the write locked (stripe 6), or it granted the lock and
+/// died before taking its update (stripe 7: the client asks the parity members to
+/// keep it before acknowledging).
 ///
-/// Method: SIGKILL the data node of block 3 of stripe 6; write the block (acked by
-/// the other 5 members, min_write 4). Lock blocks 0 and 1 of the stripe, then send
-/// block 0's update only to the first parity member and block 1's only to the second
-/// (a client that died mid-multicast: both fail). Now no k members agree on a state
-/// that includes block 3's write. SIGKILL every node, restart all: block 3 reads
-/// exactly what was acknowledged, blocks 0 and 1 are either of their contents, a new
-/// client reads the same, scrub is clean. Without the kept copies block 3 came back
-/// with its old bytes.
+/// Method: per stripe, get block 3 written and acknowledged without its data node
+/// (min_write 4). Lock blocks 0 and 1 of the stripe, then send block 0's update
+/// only to the first parity member and block 1's only to the second, as a client
+/// would that died mid-multicast (their data nodes granted: nothing kept). Now no k
+/// members agree on a state that includes block 3's write. SIGKILL every node,
+/// restart all: block 3 of each stripe reads exactly what was acknowledged, blocks 0
+/// and 1 either of their contents, from two new clients; scrub is clean. Without the
+/// kept copies block 3 came back with its old bytes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_acked_without_its_data_node_survives_a_crash_of_all() {
     let tc = TestCluster::start("kept-over-crash").await;
@@ -607,39 +610,79 @@ async fn a_write_acked_without_its_data_node_survives_a_crash_of_all() {
     let mut data = random_blocks(29, c.blocks());
     write_all(c, &data).await;
     let geo = c.geometry().clone();
-    let stripe = 6u64;
     let bs = c.block_size();
-    tc.kill(geo.member(stripe, 3));
-    let lba3 = geo.lba(stripe, 3);
-    let acked = bytes(301, BS);
-    c.write_blocks(lba3, &acked)
-        .await
-        .expect("a write with one data node down is acknowledged");
-    data[lba3 as usize] = acked.clone();
-    let locked = c
-        .lock_stripe(stripe, &[(0, 0, bs), (1, 0, bs)], rand::random())
-        .await
-        .unwrap();
-    let only = |position: usize| {
-        let mut l = locked.clone();
-        l.granted = (0..geo.width()).map(|p| p == position).collect();
-        l
-    };
-    let delta = |b: u8| bytes::Bytes::from(vec![b; BS]);
-    for (position, index, b) in [(geo.k, 0usize, 0x5au8), (geo.k + 1, 1, 0xc3)] {
-        match c
-            .commit_stripe(&only(position), vec![(index, 0, delta(b))])
+    let mut acked = Vec::new();
+    let mut either = Vec::new();
+    for (stripe, down_before_lock) in [(6u64, true), (7, false)] {
+        let lba3 = geo.lba(stripe, 3);
+        let data_node = geo.member(stripe, 3);
+        let new = if down_before_lock {
+            tc.kill(data_node);
+            let new = bytes(301, BS);
+            c.write_blocks(lba3, &new)
+                .await
+                .expect("a write with its data node down is acknowledged");
+            new
+        } else {
+            let locked = c
+                .lock_stripe(stripe, &[(3, 0, bs)], rand::random())
+                .await
+                .unwrap();
+            assert!(locked.granted[3], "the data node granted");
+            tc.kill(data_node);
+            let delta = bytes(302, BS);
+            c.commit_stripe(&locked, vec![(3, 0, bytes::Bytes::from(delta.clone()))])
+                .await
+                .expect("a write whose data node died after granting is acknowledged");
+            data[lba3 as usize]
+                .iter()
+                .zip(&delta)
+                .map(|(a, b)| a ^ b)
+                .collect()
+        };
+        data[lba3 as usize] = new.clone();
+        acked.push((lba3, new));
+        let locked = c
+            .lock_stripe(stripe, &[(0, 0, bs), (1, 0, bs)], rand::random())
             .await
-        {
-            Err(ClientError::NotDurable { acked, .. }) => assert_eq!(acked, 1),
-            other => panic!("an update sent to one member only: {other:?}"),
+            .unwrap();
+        // Each update as a client sends it (its data node granted: nothing kept),
+        // to one parity member only: the client died before sending the rest.
+        for (position, index, b) in [(geo.k, 0usize, 0x5au8), (geo.k + 1, 1, 0xc3)] {
+            let req = drs_proto::Request::Update(drs_proto::UpdateReq {
+                volume: c.volume().id,
+                stripe,
+                position: position as u8,
+                owner: locked.owner,
+                updates: vec![drs_proto::BlockUpdate {
+                    id: drs_proto::UpdateId {
+                        client: locked.client,
+                        seq: 1_000_000 + stripe * 10 + index as u64,
+                    },
+                    index: index as u8,
+                    version: locked.next_version(index).unwrap(),
+                    base: locked.base_version(index).unwrap(),
+                    offset: 0,
+                    len: BS as u32,
+                }],
+                unlock: Vec::new(),
+                relay: false,
+                on_behalf: false,
+                completed: Vec::new(),
+                keep: Vec::new(),
+            });
+            let node = geo.member(stripe, position);
+            match c.call(node, &req, bytes::Bytes::from(vec![b; BS])).await {
+                Ok((drs_proto::Response::Updated(r), _)) => {
+                    assert!(r.results.iter().all(|x| x.is_ok()), "{r:?}")
+                }
+                other => panic!("an update to one parity member: {other:?}"),
+            }
+            let lba = geo.lba(stripe, index);
+            let xored: Vec<u8> = data[lba as usize].iter().map(|x| x ^ b).collect();
+            either.push((lba, xored));
         }
     }
-    let xor = |lba: u64, b: u8| -> Vec<u8> { data[lba as usize].iter().map(|x| x ^ b).collect() };
-    let either = [
-        (geo.lba(stripe, 0), xor(geo.lba(stripe, 0), 0x5a)),
-        (geo.lba(stripe, 1), xor(geo.lba(stripe, 1), 0xc3)),
-    ];
     for id in tc.ids() {
         if tc.local.pid(id).is_some() {
             tc.kill(id);
@@ -651,12 +694,14 @@ async fn a_write_acked_without_its_data_node_survives_a_crash_of_all() {
         tc.new_client(client_config()),
         tc.new_client(client_config()),
     ] {
-        let got = read_ok(&reader, lba3, "the acknowledged block").await;
-        assert!(
-            got[..] == acked[..],
-            "an acknowledged write was lost: {}",
-            describe_diff(lba3, &got, &acked)
-        );
+        for (lba, want) in &acked {
+            let got = read_ok(&reader, *lba, "an acknowledged block").await;
+            assert!(
+                got[..] == want[..],
+                "an acknowledged write was lost: {}",
+                describe_diff(*lba, &got, want)
+            );
+        }
         for (lba, new) in &either {
             let got = read_ok(&reader, *lba, "a block with a failed write").await;
             assert!(

@@ -1241,8 +1241,13 @@ fn replay(
         WalCtrl::Kept { stripe, update } => {
             let fits = (update.index as usize) < geo.k
                 && update.len as usize == rec.data.len()
-                && update.offset as usize + rec.data.len() <= geo.block_size;
-            if stripe_of(stripe).is_some() && fits {
+                && update.offset as usize + rec.data.len() <= geo.block_size
+                && update.version > 0
+                && update.base < update.version;
+            // Only a parity member keeps updates.
+            let parity = stripe_of(stripe)
+                .is_some_and(|s| slots[s].member && slots[s].position as usize >= geo.k);
+            if parity && fits {
                 kept.insert(
                     update.id,
                     Kept {
@@ -1302,7 +1307,8 @@ fn push_recent(recent: &mut VecDeque<UpdateId>, id: UpdateId) {
 struct Writer {
     store: std::sync::Weak<VolumeStore>,
     wal: Wal,
-    /// The log's length after the last checkpoint (or at open).
+    /// The log's length after the last checkpoint (0 until the first: a long log
+    /// replayed at open is checkpointed at the first batch past the size).
     floor: u64,
     wal_path: PathBuf,
     rx: mpsc::Receiver<Job>,
@@ -1418,7 +1424,7 @@ impl Writer {
                         continue;
                     }
                     let w = work_for(&mut work, store, stripe);
-                    let mut res = self.update(
+                    let res = self.update(
                         store,
                         w,
                         stripe,
@@ -1428,19 +1434,14 @@ impl Writer {
                         &mut pending_total,
                     );
                     if keep && res.is_ok() {
-                        let rec = WalRecord {
-                            ctrl: WalCtrl::Kept { stripe, update },
-                            data: delta.clone(),
-                        };
-                        match log_record(&mut log, &rec) {
-                            Ok(()) => kept.push(Kept {
-                                stripe,
-                                update,
-                                delta,
-                                adopted: false,
-                            }),
-                            Err(e) => res = Err(e),
-                        }
+                        // Logged after the batch's `Apply` records: a torn tail never
+                        // keeps an update whose change it lost.
+                        kept.push(Kept {
+                            stripe,
+                            update,
+                            delta,
+                            adopted: false,
+                        });
                     }
                     answers.push(Answer::Update(reply, res));
                 }
@@ -1466,6 +1467,22 @@ impl Writer {
                 tracing::error!(stripe, error = %e, "cannot encode a log record");
                 failure = Some(e);
                 break;
+            }
+        }
+        if failure.is_none() {
+            for k in &kept {
+                let rec = WalRecord {
+                    ctrl: WalCtrl::Kept {
+                        stripe: k.stripe,
+                        update: k.update,
+                    },
+                    data: k.delta.clone(),
+                };
+                if let Err(e) = log_record(&mut log, &rec) {
+                    tracing::error!(stripe = k.stripe, error = ?e, "cannot encode a log record");
+                    failure = Some(e);
+                    break;
+                }
             }
         }
         if failure.is_some() {
@@ -1889,7 +1906,8 @@ impl Writer {
                 wal::encode_record(&p.record(s), &mut pending)?;
             }
         }
-        for k in lock_kept(&store.kept).values() {
+        let kept: Vec<Kept> = lock_kept(&store.kept).values().cloned().collect();
+        for k in &kept {
             let rec = WalRecord {
                 ctrl: WalCtrl::Kept {
                     stripe: k.stripe,

@@ -59,8 +59,10 @@ pub enum WalCtrl {
     /// A pending update that will never be applied (a later install covered it).
     Drop { stripe: StripeId, id: UpdateId },
     /// An update this node took while the block's data node did not take part: it is
-    /// *kept* (passed on after a restart) until every member holds it, since the
-    /// parity members may hold its only copies. `data` is its delta.
+    /// *kept* (passed on after a restart) until settled (a member lacking it
+    /// confirmed it, or its completion notice came), since the parity members may
+    /// hold its only copies. Written after the batch's `Apply` records. `data` is
+    /// its delta.
     Kept {
         stripe: StripeId,
         update: BlockUpdate,
