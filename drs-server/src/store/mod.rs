@@ -1273,6 +1273,19 @@ fn log_record(log: &mut BytesMut, rec: &WalRecord) -> Result<(), WireError> {
     })
 }
 
+impl Kept {
+    /// The log record that keeps this update until it is settled.
+    fn record(&self) -> WalRecord {
+        WalRecord {
+            ctrl: WalCtrl::Kept {
+                stripe: self.stripe,
+                update: self.update,
+            },
+            data: self.delta.clone(),
+        }
+    }
+}
+
 impl Pending {
     /// The log record that holds this update until it is applied.
     fn record(&self, stripe: StripeId) -> WalRecord {
@@ -1471,14 +1484,7 @@ impl Writer {
         }
         if failure.is_none() {
             for k in &kept {
-                let rec = WalRecord {
-                    ctrl: WalCtrl::Kept {
-                        stripe: k.stripe,
-                        update: k.update,
-                    },
-                    data: k.delta.clone(),
-                };
-                if let Err(e) = log_record(&mut log, &rec) {
+                if let Err(e) = log_record(&mut log, &k.record()) {
                     tracing::error!(stripe = k.stripe, error = ?e, "cannot encode a log record");
                     failure = Some(e);
                     break;
@@ -1908,14 +1914,7 @@ impl Writer {
         }
         let kept: Vec<Kept> = lock_kept(&store.kept).values().cloned().collect();
         for k in &kept {
-            let rec = WalRecord {
-                ctrl: WalCtrl::Kept {
-                    stripe: k.stripe,
-                    update: k.update,
-                },
-                data: k.delta.clone(),
-            };
-            wal::encode_record(&rec, &mut pending)?;
+            wal::encode_record(&k.record(), &mut pending)?;
         }
         let table = headers::encode(store.geo.k, &recs);
         let hpath = store.cfg.dir.join("headers");
