@@ -809,3 +809,49 @@ async fn a_lock_does_not_wait_for_a_relay_to_a_recovering_member() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+#[tokio::test]
+async fn a_listing_of_many_blocks_comes_in_pages_that_fit_a_frame() {
+    // An 8 + 1 volume of 9000 stripes, each with a block here: 4096 idle entries
+    // (the most a page holds) encode to more than a frame's control section.
+    const STRIPES: u64 = 9000;
+    let n = start_with(|map| {
+        let mut extra = map.nodes[1].clone();
+        for id in 3..9 {
+            extra.id = id;
+            map.nodes.push(extra.clone());
+        }
+        let v = &mut map.volumes[0];
+        (v.k, v.m, v.min_write) = (8, 1, 8);
+        v.coefficients = drs_codec::Coefficients::default_for(8, 1)
+            .unwrap()
+            .rows()
+            .to_vec();
+        v.nodes = (0..9).collect();
+        v.blocks = 8 * STRIPES;
+    })
+    .await;
+    let mut c = connect(&n).await;
+    let mut seen = Vec::new();
+    let mut pages = 0;
+    let mut from = 0;
+    loop {
+        pages += 1;
+        let req = Request::List(drs_proto::ListReq {
+            volume: 1,
+            from_stripe: from,
+            max: u32::MAX,
+        });
+        let Response::List(page) = ask(&mut c, pages, &req).await else {
+            panic!("page {pages} was not a listing");
+        };
+        assert!(!page.slots.is_empty(), "an empty page before the end");
+        seen.extend(page.slots.iter().map(|s| s.stripe));
+        match page.next {
+            Some(next) => from = next,
+            None => break,
+        }
+    }
+    assert_eq!(seen, (0..STRIPES).collect::<Vec<_>>());
+    assert!(pages >= 3, "{STRIPES} entries came in {pages} pages");
+}

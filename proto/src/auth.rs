@@ -23,9 +23,14 @@
 //!
 //! ```text
 //!  +---------+-------------------+---------------------------------------------+
-//!  | len u32 | body (len bytes)  | tag = HMAC(session key, seq u64 || len || body) |
+//!  | len u32 | body (len bytes)  | tag = MAC(session key, seq u64 || len || body) |
 //!  +---------+-------------------+---------------------------------------------+
 //! ```
+//!
+//! The record MAC is keyed BLAKE3 (32-byte tag), not HMAC-SHA256: records carry whole
+//! blocks, and BLAKE3's tree hashes one in SIMD lanes several times faster, even
+//! against SHA extensions (HMAC-SHA256 was a third of all CPU time in a sequential
+//! read). The handshake and the session keys keep HMAC-SHA256: they are short.
 //!
 //! `seq` is not sent: each side counts the records of each direction from 0, so a
 //! replayed, dropped, reordered or altered record fails its tag and ends the connection.
@@ -60,7 +65,7 @@ pub const RECORD_HEADER_LEN: usize = 4;
 /// The first four bytes of a Hello and a Challenge.
 pub const MAGIC: [u8; 4] = *b"DRSA";
 /// The handshake version this build speaks.
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 pub const HELLO_LEN: usize = 48;
 pub const CHALLENGE_LEN: usize = 72;
 pub const PROOF_LEN: usize = 32;
@@ -371,23 +376,21 @@ fn status_reason(s: u8) -> String {
 /// One direction's session key and record counter.
 #[derive(Clone)]
 struct Direction {
-    mac: HmacSha256,
+    key: [u8; 32],
     seq: u64,
 }
 
 impl Direction {
     fn new(key: [u8; 32]) -> Direction {
-        Direction {
-            mac: keyed(&key),
-            seq: 0,
-        }
+        Direction { key, seq: 0 }
     }
 
-    fn tag(&self, record: &[u8]) -> HmacSha256 {
-        let mut m = self.mac.clone();
+    /// The tag of the next record (`seq`) of this direction.
+    fn tag(&self, record: &[u8]) -> blake3::Hash {
+        let mut m = blake3::Hasher::new_keyed(&self.key);
         m.update(&self.seq.to_le_bytes());
         m.update(record);
-        m
+        m.finalize()
     }
 }
 
@@ -728,11 +731,10 @@ where
         }
         let rx = &mut self.session.recv;
         let body_end = RECORD_HEADER_LEN + len;
-        if rx
-            .tag(&src[..body_end])
-            .verify_slice(&src[body_end..whole])
-            .is_err()
-        {
+        // `Hash` compares in constant time.
+        let sent = blake3::Hash::from_slice(&src[body_end..whole])
+            .map_err(|_| AuthError::BadTag { seq: rx.seq })?;
+        if rx.tag(&src[..body_end]) != sent {
             return Err(AuthError::BadTag { seq: rx.seq }.into());
         }
         rx.seq += 1;
@@ -771,8 +773,8 @@ where
         }
         dst[start..start + RECORD_HEADER_LEN].copy_from_slice(&(len as u32).to_le_bytes());
         let tx = &mut self.session.send;
-        let tag = tx.tag(&dst[start..]).finalize().into_bytes();
-        dst.put_slice(&tag);
+        let tag = tx.tag(&dst[start..]);
+        dst.put_slice(tag.as_bytes());
         tx.seq += 1;
         Ok(())
     }

@@ -6,7 +6,7 @@
 //!
 //! # Layout
 //! - [`auth`]: the cluster key, the handshake that opens every connection (node and
-//!   metadata alike) and the authenticated records (HMAC-SHA256, per-connection keys,
+//!   metadata alike) and the authenticated records (keyed BLAKE3, per-connection keys,
 //!   implicit sequence numbers) that carry every frame after it.
 //! - [`frame`]: the fixed 48-byte frame header (magic, protocol version, cluster id,
 //!   epoch, request id, deadline, lengths, checksum), its validation before any
