@@ -99,16 +99,34 @@ impl Copies {
 
     /// The copies kept for `client` in `volume`.
     pub fn get(&self, volume: VolumeId, client: ClientId) -> Vec<(CachePutReq, Bytes)> {
-        self.clients
-            .get(&client)
-            .map(|c| {
-                c.blocks
-                    .iter()
-                    .filter(|((v, _), _)| *v == volume)
-                    .map(|(_, x)| x.clone())
-                    .collect()
-            })
-            .unwrap_or_default()
+        self.page(volume, client, 0, usize::MAX, usize::MAX).0
+    }
+
+    /// The copies kept for `client` in `volume` of blocks from `from_lba` on, in block
+    /// order, as many as fit in `payload` bytes of copies and `ctrl` bytes of their
+    /// encoded requests (at least one), and the block the next page starts at.
+    pub fn page(
+        &self,
+        volume: VolumeId,
+        client: ClientId,
+        from_lba: u64,
+        payload: usize,
+        ctrl: usize,
+    ) -> (Vec<(CachePutReq, Bytes)>, Option<u64>) {
+        let Some(c) = self.clients.get(&client) else {
+            return (Vec::new(), None);
+        };
+        let (mut out, mut bytes, mut encoded) = (Vec::new(), 0usize, 0usize);
+        for ((_, lba), (r, p)) in c.blocks.range((volume, from_lba)..=(volume, u64::MAX)) {
+            bytes = bytes.saturating_add(p.len());
+            encoded =
+                encoded.saturating_add(postcard::experimental::serialized_size(r).unwrap_or(ctrl));
+            if !out.is_empty() && (bytes > payload || encoded > ctrl) {
+                return (out, Some(*lba));
+            }
+            out.push((r.clone(), p.clone()));
+        }
+        (out, None)
     }
 
     pub fn holds(&self, client: ClientId) -> bool {
@@ -150,7 +168,13 @@ pub fn handle(node: &Node, req: Request, payload: Bytes) -> Result<(Response, By
             Ok((Response::CacheStored, Bytes::new()))
         }
         Request::CacheGet(r) => {
-            let copies = lock(&node.copies).get(r.volume, r.client);
+            let (copies, next) = lock(&node.copies).page(
+                r.volume,
+                r.client,
+                r.from_lba,
+                PAGE_BYTES,
+                drs_proto::frame::MAX_CTRL_LEN - 256,
+            );
             let mut out = BytesMut::new();
             for (_, p) in &copies {
                 out.extend_from_slice(p);
@@ -158,6 +182,7 @@ pub fn handle(node: &Node, req: Request, payload: Bytes) -> Result<(Response, By
             Ok((
                 Response::CacheCopies(CacheCopies {
                     copies: copies.into_iter().map(|(r, _)| r).collect(),
+                    next,
                 }),
                 out.freeze(),
             ))
@@ -168,12 +193,54 @@ pub fn handle(node: &Node, req: Request, payload: Bytes) -> Result<(Response, By
     }
 }
 
+/// Bytes of copies in one `CacheGet` page (well within a frame's payload).
+const PAGE_BYTES: usize = 4 << 20;
+
+/// Every copy `member` keeps for `client` in `vid`, page by page; `None` if a page
+/// did not come.
+async fn fetch_copies(
+    peer: &Client,
+    member: NodeId,
+    vid: VolumeId,
+    client: ClientId,
+) -> Option<Vec<(CachePutReq, Bytes)>> {
+    let mut out = Vec::new();
+    let mut from_lba = 0;
+    loop {
+        let req = Request::CacheGet(CacheGetReq {
+            volume: vid,
+            client,
+            from_lba,
+        });
+        let Ok((Response::CacheCopies(c), payload)) = peer.call(member, &req, Bytes::new()).await
+        else {
+            return None;
+        };
+        let mut at = 0;
+        for r in c.copies {
+            let n = r.update.len as usize;
+            if at + n > payload.len() {
+                return None;
+            }
+            let p = payload.slice(at..at + n);
+            at += n;
+            out.push((r, p));
+        }
+        match c.next {
+            Some(n) if n > from_lba => from_lba = n,
+            _ => return Some(out),
+        }
+    }
+}
+
 /// True when every member of `group` answers that it keeps no copy for `client` in
 /// `vid`: the group wrote the client's cache back, or had nothing of it.
 pub async fn group_done(peer: &Client, vid: VolumeId, client: ClientId, group: &[NodeId]) -> bool {
+    // The first page is empty only when there is no copy at all.
     let req = Request::CacheGet(CacheGetReq {
         volume: vid,
         client,
+        from_lba: 0,
     });
     for member in group {
         match peer.call(*member, &req, Bytes::new()).await {
@@ -209,23 +276,11 @@ pub async fn write_back(node: &Node, peer: &Client, vid: VolumeId, client: Clien
         consider(r, p);
     }
     for member in group.iter().filter(|n| **n != node.cfg.node) {
-        let req = Request::CacheGet(CacheGetReq {
-            volume: vid,
-            client,
-        });
-        if let Ok((Response::CacheCopies(c), payload)) =
-            peer.call(*member, &req, Bytes::new()).await
+        for (r, p) in fetch_copies(peer, *member, vid, client)
+            .await
+            .unwrap_or_default()
         {
-            let mut at = 0;
-            for r in c.copies {
-                let n = r.update.len as usize;
-                if at + n > payload.len() {
-                    break;
-                }
-                let p = payload.slice(at..at + n);
-                at += n;
-                consider(r, p);
-            }
+            consider(r, p);
         }
     }
     let Some(vol) = node.volumes.get(&vid) else {
@@ -363,6 +418,31 @@ mod tests {
             c.put(put(6, 1, 4), Bytes::from(vec![0; 200])).is_err(),
             "the payload must match the update"
         );
+    }
+
+    #[test]
+    fn pages_keep_to_their_volume_and_budgets() {
+        let mut c = Copies::new(1000);
+        for lba in 0..10 {
+            c.put(put(lba, 1, 10), Bytes::from(vec![lba as u8; 10]))
+                .unwrap();
+        }
+        let mut other = put(3, 1, 10);
+        other.volume = 2;
+        c.put(other, Bytes::from(vec![9; 10])).unwrap();
+        // 25 bytes of copies a page: two copies.
+        let (page, next) = c.page(1, 9, 4, 25, usize::MAX);
+        assert_eq!(page.iter().map(|(r, _)| r.lba).collect::<Vec<_>>(), [4, 5]);
+        assert_eq!(next, Some(6));
+        let (page, next) = c.page(1, 9, 8, 25, usize::MAX);
+        assert_eq!(page.len(), 2);
+        assert_eq!(next, None, "the other volume's copy is not a next page");
+        // A budget below one copy still moves on.
+        let (page, next) = c.page(1, 9, 0, 1, 1);
+        assert_eq!((page.len(), next), (1, Some(1)));
+        let (page, _) = c.page(2, 9, 0, usize::MAX, usize::MAX);
+        assert_eq!(page.len(), 1);
+        assert_eq!(page[0].1, Bytes::from(vec![9; 10]));
     }
 
     #[test]

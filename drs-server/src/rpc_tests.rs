@@ -855,3 +855,65 @@ async fn a_listing_of_many_blocks_comes_in_pages_that_fit_a_frame() {
     assert_eq!(seen, (0..STRIPES).collect::<Vec<_>>());
     assert!(pages >= 3, "{STRIPES} entries came in {pages} pages");
 }
+
+#[tokio::test]
+async fn a_cache_groups_copies_come_back_in_pages_that_fit_a_frame() {
+    // 2500 copies of 4 KiB blocks: 10 MiB, more than a frame's payload, and their
+    // requests more than its control section.
+    const BLOCKS: u64 = 2500;
+    let n = start_with(|map| map.volumes[0].blocks = 2 * BLOCKS).await;
+    let mut c = connect(&n).await;
+    let fill = |lba: u64| Bytes::from(vec![(lba % 251) as u8; 4096]);
+    for lba in 0..BLOCKS {
+        let put = Request::CachePut(drs_proto::CachePutReq {
+            volume: 1,
+            client: 9,
+            lba,
+            stripe: lba / 2,
+            update: BlockUpdate {
+                id: UpdateId {
+                    client: 9,
+                    seq: lba,
+                },
+                index: (lba % 2) as u8,
+                version: 1,
+                base: 0,
+                offset: 0,
+                len: 4096,
+            },
+            owner: 90,
+            granted: vec![0, 1, 2],
+            unlock: vec![((lba % 2) as u8, 1)],
+            seq: 1,
+            group: vec![0],
+            lease_ms: 60_000,
+        });
+        let (r, _) = ask_with(&mut c, header(lba + 1), &put, fill(lba)).await;
+        assert_eq!(r, Response::CacheStored, "put of block {lba}");
+    }
+    let (mut seen, mut pages, mut from_lba) = (Vec::new(), 0, 0);
+    loop {
+        pages += 1;
+        let get = Request::CacheGet(drs_proto::CacheGetReq {
+            volume: 1,
+            client: 9,
+            from_lba,
+        });
+        let (r, payload) = ask_with(&mut c, header(BLOCKS + pages), &get, Bytes::new()).await;
+        let Response::CacheCopies(page) = r else {
+            panic!("page {pages}: {r:?}");
+        };
+        assert!(!page.copies.is_empty(), "an empty page before the end");
+        assert_eq!(payload.len(), 4096 * page.copies.len());
+        for (i, copy) in page.copies.iter().enumerate() {
+            assert_eq!(payload.slice(i * 4096..(i + 1) * 4096), fill(copy.lba));
+            seen.push(copy.lba);
+        }
+        match page.next {
+            Some(next) => from_lba = next,
+            None => break,
+        }
+    }
+    assert_eq!(seen, (0..BLOCKS).collect::<Vec<_>>());
+    assert!(pages >= 3, "{BLOCKS} copies came in {pages} pages");
+}

@@ -134,6 +134,8 @@ pub struct CacheDropReq {
 pub struct CacheGetReq {
     pub volume: VolumeId,
     pub client: ClientId,
+    /// The first block of the page: copies of blocks from this one on, in block order.
+    pub from_lba: u64,
 }
 
 /// The copies a cache-group member keeps for a client; each payload follows in the
@@ -141,6 +143,8 @@ pub struct CacheGetReq {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CacheCopies {
     pub copies: Vec<CachePutReq>,
+    /// Where the next page starts, if there is one (a page holds what fits in a frame).
+    pub next: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -618,6 +622,7 @@ mod tests {
             Request::CacheGet(CacheGetReq {
                 volume: 1,
                 client: 5,
+                from_lba: 7,
             }),
             Request::PeerRead(PeerReadReq {
                 volume: 1,
@@ -707,6 +712,7 @@ mod tests {
             Response::CacheStored,
             Response::CacheCopies(CacheCopies {
                 copies: vec![cache_put()],
+                next: Some(9),
             }),
             Response::PeerData { held: true },
             Response::PeerWritten {
