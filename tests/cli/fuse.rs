@@ -493,11 +493,111 @@ fn fallocate_reserves_punches_and_zeroes() {
     assert!(got == want, "after the close: {}", diff(&got, &want));
 }
 
+/// A tool `tests/posix/install.sh` installs under the target directory, if there.
+fn installed_tool(name: &str) -> Option<PathBuf> {
+    let target = Path::new(CLI).parent()?.parent()?;
+    let bin = target.join(name).join("bin").join(name);
+    bin.is_file().then_some(bin)
+}
+
 /// The pjdfstest binary `tests/posix/install.sh` puts under the target directory.
 fn pjdfstest() -> Option<PathBuf> {
-    let target = Path::new(CLI).parent()?.parent()?;
-    let bin = target.join("pjdfstest").join("bin").join("pjdfstest");
-    bin.is_file().then_some(bin)
+    installed_tool("pjdfstest")
+}
+
+/// fsx (the File System eXerciser: crates.io `fsx`, the Rust rewrite of the fsx of
+/// Apple, FreeBSD and xfstests) on a real mount. It applies a seeded random sequence
+/// of pread / pwrite, mmap reads and writes with msync, truncates up and down,
+/// posix_fallocate, hole punches, copy_file_range, sendfile, fadvise, fsync and
+/// close-and-reopen to one file of up to 2 MiB, and checks every byte it reads (and
+/// the size) against its own model of the file. Blocks of 4 KiB, so most writes
+/// cover parts of blocks (the mount's write-back cache) and many cross stripes.
+///
+/// Two runs: one on a plain mount during which two nodes (m) are SIGKILLed and,
+/// later, restarted (they rebuild under the load); one on a `writeback_cache` mount.
+/// Any error of a call or any wrong byte fails the run; its operation log is printed.
+///
+/// Needs fsx (`bash tests/posix/install.sh`; `.ci/run` does it). It is skipped
+/// without it, unless `DRS_POSIX_SUITE=1` (set by `.ci/run`) makes that a failure.
+#[test]
+fn fsx_with_m_nodes_killed_and_restarted() {
+    let required = std::env::var("DRS_POSIX_SUITE").is_ok_and(|v| v == "1");
+    let Some(bin) = installed_tool("fsx") else {
+        assert!(
+            !required,
+            "DRS_POSIX_SUITE=1 but fsx is not installed (run tests/posix/install.sh)"
+        );
+        eprintln!("skipped: needs fsx (bash tests/posix/install.sh)");
+        return;
+    };
+    let c = Cluster::up_sized(8192, "4KiB", &["--down-after-ms", "1000"]);
+    let config = c.dir.join("fsx.toml");
+    fs::write(
+        &config,
+        "flen = 2097152\n[opsize]\nmax = 131072\n[weights]\nclose_open = 2\nread = 10\n\
+         write = 10\nmapread = 5\nmapwrite = 5\ninvalidate = 1\ntruncate = 3\nfsync = 1\n\
+         fdatasync = 1\nposix_fallocate = 2\npunch_hole = 2\nsendfile = 2\n\
+         posix_fadvise = 2\ncopy_file_range = 2\n",
+    )
+    .unwrap();
+    let run = |m: &Mount, name: &str, seed: u64, ops: u64| {
+        let artifacts = c.dir.join(format!("fsx-{name}"));
+        fs::create_dir_all(&artifacts).unwrap();
+        Command::new(&bin)
+            .args(["-f", s(&config), "-N", &ops.to_string()])
+            .args(["-S", &seed.to_string(), "-P", s(&artifacts)])
+            .arg(m.p(name))
+            .env("NO_COLOR", "1")
+            .current_dir(&artifacts)
+            .output()
+            .unwrap()
+    };
+    let check = |out: &std::process::Output, m: &Mount, what: &str| {
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let tail = |t: &str| {
+            let l: Vec<&str> = t.lines().collect();
+            l[l.len().saturating_sub(40)..].join("\n")
+        };
+        if !(out.status.success() && stdout.contains("All operations completed A-OK!")) {
+            crate::harness::dump_logs(&c.dir);
+            panic!(
+                "fsx {what} failed ({}):\n--- stdout\n{}\n--- stderr\n{}\n--- mount log\n{}",
+                out.status,
+                tail(&stdout),
+                tail(&stderr),
+                tail(&m.stderr()),
+            );
+        }
+    };
+
+    let m = Mount::new(&c, "mnt", &[]);
+    let out = thread::scope(|scope| {
+        scope.spawn(|| {
+            thread::sleep(Duration::from_secs(3));
+            c.node("kill", 1).ok();
+            thread::sleep(Duration::from_millis(500));
+            c.node("kill", 4).ok();
+            thread::sleep(Duration::from_secs(5));
+            c.node("start", 1).ok();
+            c.node("start", 4).ok();
+        });
+        let started = Instant::now();
+        let out = run(&m, "killed", 1, 2500);
+        // Both nodes died, and came back, under the load.
+        assert!(
+            started.elapsed() > Duration::from_secs(9),
+            "fsx finished in {:?}, before the nodes were restarted: give it more operations",
+            started.elapsed()
+        );
+        out
+    });
+    check(&out, &m, "with nodes 1 and 4 SIGKILLed and restarted");
+    drop(m);
+
+    let wb = Mount::new(&c, "wb", &["-o", "writeback_cache"]);
+    let out = run(&wb, "writeback", 2, 1500);
+    check(&out, &wb, "on a writeback_cache mount");
 }
 
 /// The pjdfstest POSIX conformance suite (the Rust rewrite of the FreeBSD suite:
