@@ -77,18 +77,41 @@ pub struct Proposal {
     pub cmd: MetaCommand,
 }
 
-/// The answers to the most recent proposals by nonce (at most [`Answered::MAX`]),
-/// kept with the state machine (in its snapshots, not in the state clients read):
-/// a retried proposal gets its first answer again and changes nothing.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// The answers to the most recent proposals by nonce (at most [`Answered::MAX`], and
+/// at most [`Answered::MAX_BYTES`] of them encoded), kept with the state machine (in
+/// its snapshots, not in the state clients read): a retried proposal gets its first
+/// answer again and changes nothing.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Answered {
     recent: std::collections::VecDeque<(u64, MetaResponse)>,
+    /// Encoded bytes of `recent`, once counted (not stored: a function of `recent`,
+    /// counted again after a load, so every replica evicts at the same point).
+    #[serde(skip)]
+    bytes: Option<usize>,
+}
+
+impl PartialEq for Answered {
+    fn eq(&self, other: &Answered) -> bool {
+        self.recent == other.recent
+    }
+}
+
+impl Eq for Answered {}
+
+fn answer_bytes(nonce: u64, r: &MetaResponse) -> usize {
+    postcard::experimental::serialized_size(&(nonce, r)).unwrap_or(0)
 }
 
 impl Answered {
     /// Proposals remembered. Retries come within seconds of the first try, while
     /// proposals are a few per second at most.
     pub const MAX: usize = 4096;
+    /// Encoded bytes of the answers remembered. The state machine is one record of
+    /// at most [`crate::store::MAX_RECORD_LEN`] bytes; a `Map` answer lists up to
+    /// [`crate::fs::MAP_MAX`] blocks, so 4096 of them would not fit beside the
+    /// namespace. Large answers shorten the window in which a retry is recognised
+    /// (still hundreds of proposals).
+    pub const MAX_BYTES: usize = 2 << 20;
 
     /// Applies `p` to `state` unless its nonce was answered already; the answer.
     pub fn apply(&mut self, state: &mut MetaState, p: &Proposal) -> MetaResponse {
@@ -104,10 +127,18 @@ impl Answered {
             return r.clone();
         }
         let r = apply();
+        let mut bytes = match self.bytes {
+            Some(b) => b,
+            None => self.recent.iter().map(|(n, r)| answer_bytes(*n, r)).sum(),
+        };
+        bytes += answer_bytes(nonce, &r);
         self.recent.push_back((nonce, r.clone()));
-        while self.recent.len() > Self::MAX {
-            self.recent.pop_front();
+        while self.recent.len() > Self::MAX || (bytes > Self::MAX_BYTES && self.recent.len() > 1) {
+            if let Some((n, old)) = self.recent.pop_front() {
+                bytes = bytes.saturating_sub(answer_bytes(n, &old));
+            }
         }
+        self.bytes = Some(bytes);
         r
     }
 

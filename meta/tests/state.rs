@@ -359,3 +359,57 @@ fn a_retried_registration_is_applied_once() {
         MetaResponse::Registered { incarnation: i, .. } if i == incarnation + 1
     ));
 }
+
+#[test]
+fn remembered_answers_are_bounded_in_bytes_and_evict_alike_after_a_reload() {
+    use drs_meta::fs::{FsReply, Mapping};
+    use drs_meta::Answered;
+    // Answers of `Map`s of 4096 blocks each: some 40 KiB encoded.
+    let big = |i: u64| {
+        MetaResponse::Fs(Ok(FsReply::Mapped(
+            (0..4096)
+                .map(|b| Mapping {
+                    block: b,
+                    lba: 1_000_000 + i * 4096 + b,
+                    fresh: true,
+                })
+                .collect(),
+        )))
+    };
+    let mut a = Answered::default();
+    let mut applied = 0;
+    for i in 1..=200u64 {
+        a.apply_with(i, || {
+            applied += 1;
+            big(i)
+        });
+    }
+    assert_eq!(applied, 200);
+    let bytes = postcard::to_stdvec(&a).unwrap().len();
+    assert!(
+        bytes <= Answered::MAX_BYTES + 64 * 1024,
+        "{bytes} bytes remembered"
+    );
+    assert!(
+        a.len() >= 40 && a.len() < 200,
+        "{} answers remembered",
+        a.len()
+    );
+    // The newest is still recognised; the oldest was forgotten.
+    a.apply_with(200, || panic!("a remembered proposal applied again"));
+    let mut again = false;
+    a.apply_with(1, || {
+        again = true;
+        big(1)
+    });
+    assert!(again);
+    // A replica that loads the same answers (its byte count not stored) evicts at
+    // the same point as one that kept counting.
+    let mut loaded: Answered = postcard::from_bytes(&postcard::to_stdvec(&a).unwrap()).unwrap();
+    for i in 300..340u64 {
+        a.apply_with(i, || big(i));
+        loaded.apply_with(i, || big(i));
+        assert_eq!(a, loaded);
+        assert_eq!(a.len(), loaded.len());
+    }
+}
