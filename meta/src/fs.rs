@@ -345,6 +345,27 @@ pub enum FsCommand {
     },
 }
 
+impl FsCommand {
+    /// For a command that can grow the namespace by more than a few bytes (a new
+    /// inode or name, an extended attribute, blocks mapped), an upper bound of what
+    /// it adds to the namespace's encoding; `None` for the others, which are always
+    /// admitted (so a full namespace can still be shrunk, renamed in and closed).
+    pub fn grows_by(&self) -> Option<usize> {
+        match self {
+            FsCommand::Create { name, target, .. } => Some(name.len() + target.len() + 192),
+            FsCommand::Link { name, .. } => Some(name.len() + 64),
+            FsCommand::SetXattr { name, value, .. } => Some(name.len() + value.len() + 64),
+            // A data block per file block, each in an extent of its own at worst.
+            FsCommand::Map { count, ahead, .. } => {
+                Some((count.saturating_add(*ahead)).min(MAP_MAX) as usize * 24 + 64)
+            }
+            FsCommand::From { cmd, .. } => cmd.grows_by(),
+            FsCommand::CreateOpen { cmd, .. } => Some(cmd.grows_by().unwrap_or(0) + 32),
+            _ => None,
+        }
+    }
+}
+
 /// The most file blocks a file may have on a volume of `blocks` data blocks (1024 per
 /// volume block: sparse files may be far larger than the volume).
 pub fn max_file_blocks(blocks: u64) -> u64 {
@@ -530,6 +551,12 @@ fn check_name(name: &[u8]) -> Result<(), FsError> {
 }
 
 impl FsState {
+    /// Bytes of the namespace's encoding, as the state machine's record stores it
+    /// (a walk of the whole namespace).
+    pub fn encoded_len(&self) -> usize {
+        postcard::experimental::serialized_size(self).unwrap_or(usize::MAX)
+    }
+
     pub fn inode(&self, ino: Ino) -> Option<&Inode> {
         self.inodes.get(&ino)
     }

@@ -103,7 +103,17 @@ pub struct MetaConfig {
     pub sm_persist_every: u64,
     /// The cluster key every connection proves (open: none).
     pub key: drs_proto::ClusterKey,
+    /// Encoded bytes of the namespace past which the leader refuses commands that
+    /// grow it (`NoSpace`): the state machine is one record of at most
+    /// [`crate::store::MAX_RECORD_LEN`] bytes, and one it could not write would stop
+    /// every replica. Default [`NAMESPACE_LIMIT`].
+    pub namespace_limit: usize,
 }
+
+/// The default [`MetaConfig::namespace_limit`]: 12 MiB of the record's 16 MiB, the
+/// rest for the remembered answers (2 MiB at most), the cluster map, and what
+/// commands admitted between two measurements add.
+pub const NAMESPACE_LIMIT: usize = 12 << 20;
 
 impl MetaConfig {
     /// A configuration with the default timings.
@@ -123,6 +133,7 @@ impl MetaConfig {
             propose_timeout_ms: 5000,
             sm_persist_every: 256,
             key: drs_proto::ClusterKey::open(),
+            namespace_limit: NAMESPACE_LIMIT,
         }
     }
 
@@ -173,7 +184,25 @@ struct Inner {
     connections: Arc<Semaphore>,
     /// Refused handshakes logged at a bounded rate.
     refusals: drs_proto::RefusalGate,
+    /// The namespace's size as the leader last measured it, for admission.
+    room: Mutex<Room>,
 }
+
+/// The leader's view of the namespace's encoded size: measured now and then (a walk
+/// of the whole namespace), plus an upper bound of what the commands admitted since
+/// add.
+#[derive(Default)]
+struct Room {
+    measured: usize,
+    at: Option<Instant>,
+    admitted: usize,
+    /// When a refusal was last logged.
+    logged: Option<Instant>,
+}
+
+/// Measure again after this long, or once admitted commands may have added this much.
+const ROOM_MEASURE_EVERY: Duration = Duration::from_secs(1);
+const ROOM_MEASURE_AFTER: usize = 256 << 10;
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -236,6 +265,7 @@ impl MetaNode {
             db,
             connections: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
             refusals: Default::default(),
+            room: Mutex::new(Room::default()),
         });
         let serve = tokio::spawn(serve(inner.clone(), listener));
         let detector = tokio::spawn(failure_detector(inner.clone()));
@@ -454,7 +484,51 @@ impl Inner {
         }
     }
 
+    /// Whether a command that grows the namespace by at most `grows` bytes fits under
+    /// [`MetaConfig::namespace_limit`]; admitted ones are counted until the next
+    /// measurement. Admission, not the deterministic apply, decides this, so replicas
+    /// never disagree about a command: every one in the log is applied.
+    fn room_for(&self, grows: usize) -> bool {
+        let mut room = lock(&self.room);
+        let limit = self.cfg.namespace_limit;
+        let over = |r: &Room| r.measured.saturating_add(r.admitted).saturating_add(grows) > limit;
+        let age = room.at.map(|t| t.elapsed());
+        // Over the limit, measured again at most every 100 ms (the namespace may have
+        // shrunk), so a stream of refusals does not walk it for each.
+        let stale = age.is_none_or(|a| a >= ROOM_MEASURE_EVERY)
+            || room.admitted >= ROOM_MEASURE_AFTER
+            || (over(&room) && age.is_none_or(|a| a >= Duration::from_millis(100)));
+        if stale {
+            room.measured = self.fs.read().encoded_len();
+            room.at = Some(Instant::now());
+            room.admitted = 0;
+        }
+        if over(&room) {
+            if room
+                .logged
+                .is_none_or(|t| t.elapsed() >= Duration::from_secs(10))
+            {
+                room.logged = Some(Instant::now());
+                tracing::warn!(
+                    bytes = room.measured,
+                    limit,
+                    "the namespace is at its size limit: commands that grow it are refused (ENOSPC)"
+                );
+            }
+            return false;
+        }
+        room.admitted += grows;
+        true
+    }
+
     async fn propose(&self, p: Proposal, wait: Duration) -> Result<MetaResponse, MetaError> {
+        if let MetaCommand::Fs(c) = &p.cmd {
+            if let Some(grows) = c.grows_by() {
+                if !self.room_for(grows) {
+                    return Ok(MetaResponse::Fs(Err(crate::fs::FsError::NoSpace)));
+                }
+            }
+        }
         match tokio::time::timeout(wait, self.raft.client_write(p)).await {
             Err(_) => Err(MetaError::Timeout(format!(
                 "proposal not applied within {} ms",

@@ -472,3 +472,73 @@ async fn a_fourth_replica_joins_by_snapshot_and_a_replica_leaves() {
     }
     c.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_namespace_at_its_size_limit_refuses_to_grow_and_can_shrink() {
+    use drs_meta::fs::{FsCommand, FsError, FsReply, Kind, Time, ROOT};
+    // A limit of 16 KiB instead of 12 MiB: some 200 small files.
+    let c = Cluster::start(3, 8, |cfg| cfg.namespace_limit = 16 << 10).await;
+    c.wait_leader(Duration::from_secs(10)).await;
+    let client = c.client();
+    let now = Time { secs: 1, nanos: 0 };
+    let format = FsCommand::Format {
+        blocks: 1 << 16,
+        block_size: 4096,
+        uid: 0,
+        gid: 0,
+        now,
+    };
+    assert!(matches!(
+        client.fs(format).await.unwrap(),
+        Ok(FsReply::Attr(_))
+    ));
+    let create = |i: usize| FsCommand::Create {
+        parent: ROOT,
+        name: format!("file-{i:05}").into_bytes(),
+        kind: Kind::File,
+        perm: 0o644,
+        uid: 0,
+        gid: 0,
+        rdev: 0,
+        target: Vec::new(),
+        now,
+    };
+    let mut made = 0;
+    let full = loop {
+        match client.fs(create(made)).await.unwrap() {
+            Ok(_) => made += 1,
+            Err(e) => break e,
+        }
+        assert!(made < 2000, "2000 files created under a 16 KiB limit");
+    };
+    assert_eq!(full, FsError::NoSpace);
+    assert!(made > 50, "only {made} files before the limit");
+    // An extended attribute that would not fit is refused too; removing names is not.
+    let xattr = FsCommand::SetXattr {
+        ino: ROOT,
+        name: b"user.big".to_vec(),
+        value: vec![7; 8 << 10],
+        create: false,
+        replace: false,
+        now,
+    };
+    assert_eq!(client.fs(xattr).await.unwrap(), Err(FsError::NoSpace));
+    for i in 0..made / 2 {
+        let unlink = FsCommand::Unlink {
+            parent: ROOT,
+            name: format!("file-{i:05}").into_bytes(),
+            dir: false,
+            now,
+        };
+        match client.fs(unlink).await.unwrap() {
+            Ok(FsReply::Orphaned(Some(ino))) => {
+                assert!(client.fs(FsCommand::Drop { ino }).await.unwrap().is_ok());
+            }
+            other => panic!("unlink {i}: {other:?}"),
+        }
+    }
+    // Once measured again (at most 100 ms later), there is room again.
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert!(client.fs(create(made)).await.unwrap().is_ok());
+    c.shutdown().await;
+}
