@@ -17,8 +17,7 @@ if [ ! -e /usr/include/sys/acl.h ] && [ "$(id -u)" = 0 ] && command -v apt-get >
     apt-get install -y -qq libacl1-dev >/dev/null 2>&1 \
         || { apt-get update -qq && apt-get install -y -qq libacl1-dev; }
 fi
-if ! "$tools/bin/pjdfstest" --version
-"$fsx_root/bin/fsx" --version 2>/dev/null | grep -q "$PJDFSTEST_VERSION"; then
+if ! "$tools/bin/pjdfstest" --version 2>/dev/null | grep -q "$PJDFSTEST_VERSION"; then
     cargo install --quiet --locked --force --version "$PJDFSTEST_VERSION" --root "$tools" pjdfstest
 fi
 # fsx, the File System eXerciser (crates.io `fsx`, the Rust rewrite of the fsx of
