@@ -35,6 +35,10 @@ use crate::Client;
 /// Completion notices kept per node before the oldest are dropped (a dropped notice
 /// only makes the node relay an update every member already has).
 const NOTICES_MAX: usize = 65_536;
+/// Completion notices sent with one request, oldest first: 2048 take at most 40 KiB
+/// of a frame's 64 KiB control section (two varints of at most 10 bytes each),
+/// leaving room for whatever else the request carries.
+const NOTICES_PER_REQUEST: usize = 2048;
 /// How often the heartbeat task looks at what is due.
 const TICK: Duration = Duration::from_millis(50);
 
@@ -69,16 +73,26 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// The oldest [`NOTICES_PER_REQUEST`] of `pending`, taken.
+fn take_notices(pending: &mut Vec<UpdateId>) -> Vec<UpdateId> {
+    if pending.len() <= NOTICES_PER_REQUEST {
+        return std::mem::take(pending);
+    }
+    let rest = pending.split_off(NOTICES_PER_REQUEST);
+    std::mem::replace(pending, rest)
+}
+
 impl Client {
     pub(crate) fn lease_ms(&self) -> u32 {
         self.inner.cfg.lease.as_millis().clamp(1, u32::MAX as u128) as u32
     }
 
-    /// Completion notices for `node`, taken to be sent with a request to it.
+    /// Completion notices for `node`, taken to be sent with a request to it (at most
+    /// [`NOTICES_PER_REQUEST`]; the rest wait for the next request or heartbeat).
     pub(crate) fn take_completed(&self, node: NodeId) -> Vec<UpdateId> {
         lock(&self.inner.leases.nodes)
             .get_mut(&node)
-            .map(|n| std::mem::take(&mut n.completed))
+            .map(|n| take_notices(&mut n.completed))
             .unwrap_or_default()
     }
 
@@ -235,7 +249,7 @@ impl Client {
                     .map(|(id, n)| {
                         n.last_heartbeat = Some(now);
                         n.heartbeat_out = true;
-                        (*id, std::mem::take(&mut n.completed))
+                        (*id, take_notices(&mut n.completed))
                     })
                     .collect()
             };
@@ -372,5 +386,34 @@ mod tests {
             matches!(r, Err(crate::ClientError::LeaseExpired { .. })),
             "{r:?}"
         );
+    }
+
+    #[test]
+    fn notices_go_out_oldest_first_a_bounded_number_at_a_time() {
+        let ids: Vec<UpdateId> = (0..5000).map(|seq| UpdateId { client: 1, seq }).collect();
+        let mut pending = ids.clone();
+        let mut sent = Vec::new();
+        while !pending.is_empty() {
+            let batch = take_notices(&mut pending);
+            assert!(!batch.is_empty() && batch.len() <= NOTICES_PER_REQUEST);
+            // Sent with a heartbeat, the batch fits a frame's control section with
+            // room to spare (half of it).
+            let header = drs_proto::FrameHeader {
+                kind: drs_proto::FrameKind::Request,
+                cluster_id: 1,
+                epoch: 1,
+                request_id: 1,
+                deadline_ms: 1000,
+            };
+            let req = drs_proto::Request::Heartbeat(drs_proto::HeartbeatReq {
+                client: u64::MAX,
+                lease_ms: u32::MAX,
+                completed: batch.clone(),
+            });
+            let frame = drs_proto::Frame::new(header, &req, bytes::Bytes::new()).unwrap();
+            assert!(frame.ctrl.len() < drs_proto::frame::MAX_CTRL_LEN / 2);
+            sent.extend(batch);
+        }
+        assert_eq!(sent, ids);
     }
 }

@@ -196,14 +196,14 @@ pub fn handle(node: &Node, req: Request, payload: Bytes) -> Result<(Response, By
 /// Bytes of copies in one `CacheGet` page (well within a frame's payload).
 const PAGE_BYTES: usize = 4 << 20;
 
-/// Every copy `member` keeps for `client` in `vid`, page by page; `None` if a page
-/// did not come.
+/// Every copy `member` keeps for `client` in `vid`, page by page: as many as came
+/// whole (a page that did not come, or came short, ends the gathering there, logged).
 async fn fetch_copies(
     peer: &Client,
     member: NodeId,
     vid: VolumeId,
     client: ClientId,
-) -> Option<Vec<(CachePutReq, Bytes)>> {
+) -> Vec<(CachePutReq, Bytes)> {
     let mut out = Vec::new();
     let mut from_lba = 0;
     loop {
@@ -212,15 +212,30 @@ async fn fetch_copies(
             client,
             from_lba,
         });
-        let Ok((Response::CacheCopies(c), payload)) = peer.call(member, &req, Bytes::new()).await
-        else {
-            return None;
+        let (c, payload) = match peer.call(member, &req, Bytes::new()).await {
+            Ok((Response::CacheCopies(c), payload)) => (c, payload),
+            other => {
+                tracing::warn!(
+                    client,
+                    node = member,
+                    from_lba,
+                    ?other,
+                    "gathering a cache group member's copies stopped"
+                );
+                return out;
+            }
         };
         let mut at = 0;
         for r in c.copies {
             let n = r.update.len as usize;
             if at + n > payload.len() {
-                return None;
+                tracing::warn!(
+                    client,
+                    node = member,
+                    lba = r.lba,
+                    "a cache group member's copies came short"
+                );
+                return out;
             }
             let p = payload.slice(at..at + n);
             at += n;
@@ -228,7 +243,7 @@ async fn fetch_copies(
         }
         match c.next {
             Some(n) if n > from_lba => from_lba = n,
-            _ => return Some(out),
+            _ => return out,
         }
     }
 }
@@ -276,10 +291,7 @@ pub async fn write_back(node: &Node, peer: &Client, vid: VolumeId, client: Clien
         consider(r, p);
     }
     for member in group.iter().filter(|n| **n != node.cfg.node) {
-        for (r, p) in fetch_copies(peer, *member, vid, client)
-            .await
-            .unwrap_or_default()
-        {
+        for (r, p) in fetch_copies(peer, *member, vid, client).await {
             consider(r, p);
         }
     }
@@ -362,14 +374,23 @@ pub async fn write_back(node: &Node, peer: &Client, vid: VolumeId, client: Clien
     );
     let written = done;
     for member in &group {
-        let req = Request::CacheDrop(CacheDropReq {
-            volume: vid,
-            client,
-            lbas: written.clone(),
-        });
-        let _ = peer.call(*member, &req, Bytes::new()).await;
+        // In requests that fit a frame's control section (an lba takes at most 10
+        // bytes).
+        for lbas in written.chunks(DROP_PER_REQUEST) {
+            let req = Request::CacheDrop(CacheDropReq {
+                volume: vid,
+                client,
+                lbas: lbas.to_vec(),
+            });
+            if let Err(e) = peer.call(*member, &req, Bytes::new()).await {
+                tracing::debug!(client, node = *member, error = %e, "dropping written-back copies failed");
+            }
+        }
     }
 }
+
+/// Blocks named in one `CacheDrop`.
+const DROP_PER_REQUEST: usize = 4096;
 
 #[cfg(test)]
 mod tests {

@@ -347,20 +347,34 @@ pub enum FsCommand {
 
 impl FsCommand {
     /// For a command that can grow the namespace by more than a few bytes (a new
-    /// inode or name, an extended attribute, blocks mapped), an upper bound of what
-    /// it adds to the namespace's encoding; `None` for the others, which are always
-    /// admitted (so a full namespace can still be shrunk, renamed in and closed).
-    pub fn grows_by(&self) -> Option<usize> {
+    /// inode or name, an extended attribute, blocks mapped in `fs`, an extent split
+    /// by a punch), an upper bound of what it adds to the namespace's encoding;
+    /// `None` for the others, which are always admitted (so a full namespace can
+    /// still be shrunk and its files closed).
+    pub fn grows_by(&self, fs: &FsState) -> Option<usize> {
         match self {
             FsCommand::Create { name, target, .. } => Some(name.len() + target.len() + 192),
             FsCommand::Link { name, .. } => Some(name.len() + 64),
+            FsCommand::Rename { new_name, .. } => Some(new_name.len() + 16),
             FsCommand::SetXattr { name, value, .. } => Some(name.len() + value.len() + 64),
-            // A data block per file block, each in an extent of its own at worst.
-            FsCommand::Map { count, ahead, .. } => {
-                Some((count.saturating_add(*ahead)).min(MAP_MAX) as usize * 24 + 64)
+            // Each data block handed out in an extent of its own at worst; blocks
+            // the file already has add nothing.
+            FsCommand::Map {
+                ino,
+                first,
+                count,
+                ahead,
+            } => {
+                let n = count.saturating_add(*ahead).min(MAP_MAX);
+                let have = fs
+                    .inode(*ino)
+                    .map_or(0, |i| mapped(i, *first, n).len() as u64);
+                Some((n.saturating_sub(have)) as usize * 24 + 64)
             }
-            FsCommand::From { cmd, .. } => cmd.grows_by(),
-            FsCommand::CreateOpen { cmd, .. } => Some(cmd.grows_by().unwrap_or(0) + 32),
+            // A split extent and a new free run (or held freeing).
+            FsCommand::Punch { .. } => Some(96),
+            FsCommand::From { cmd, .. } => cmd.grows_by(fs),
+            FsCommand::CreateOpen { cmd, .. } => Some(cmd.grows_by(fs).unwrap_or(0) + 32),
             _ => None,
         }
     }

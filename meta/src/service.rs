@@ -189,20 +189,41 @@ struct Inner {
 }
 
 /// The leader's view of the namespace's encoded size: measured now and then (a walk
-/// of the whole namespace), plus an upper bound of what the commands admitted since
-/// add.
+/// of the whole namespace), plus upper bounds of what admitted commands add: those
+/// admitted since the measurement, and those that were still on their way when it
+/// was taken (they may have been applied after it).
 #[derive(Default)]
 struct Room {
     measured: usize,
     at: Option<Instant>,
+    /// Bounds of the commands admitted since the measurement.
     admitted: usize,
+    /// Bounds of the commands on their way when the measurement was taken.
+    carried: usize,
+    /// Bounds of the commands admitted and not yet answered.
+    in_flight: usize,
+    /// A measurement is under way (one at a time).
+    measuring: bool,
     /// When a refusal was last logged.
     logged: Option<Instant>,
 }
 
-/// Measure again after this long, or once admitted commands may have added this much.
+impl Room {
+    fn total(&self, grows: usize) -> usize {
+        self.measured
+            .saturating_add(self.carried)
+            .saturating_add(self.admitted)
+            .saturating_add(grows)
+    }
+}
+
+/// Measure again after this long, or once admitted commands may have added this much
+/// (the bounds are generous: a measurement gives back what they overstated).
 const ROOM_MEASURE_EVERY: Duration = Duration::from_secs(1);
-const ROOM_MEASURE_AFTER: usize = 256 << 10;
+const ROOM_MEASURE_AFTER: usize = 1 << 20;
+/// Over the limit, measure again at most this often (the namespace may have shrunk),
+/// so a stream of refusals does not walk it for each.
+const ROOM_REMEASURE_OVER: Duration = Duration::from_millis(100);
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -489,21 +510,33 @@ impl Inner {
     /// measurement. Admission, not the deterministic apply, decides this, so replicas
     /// never disagree about a command: every one in the log is applied.
     fn room_for(&self, grows: usize) -> bool {
-        let mut room = lock(&self.room);
         let limit = self.cfg.namespace_limit;
-        let over = |r: &Room| r.measured.saturating_add(r.admitted).saturating_add(grows) > limit;
-        let age = room.at.map(|t| t.elapsed());
-        // Over the limit, measured again at most every 100 ms (the namespace may have
-        // shrunk), so a stream of refusals does not walk it for each.
-        let stale = age.is_none_or(|a| a >= ROOM_MEASURE_EVERY)
-            || room.admitted >= ROOM_MEASURE_AFTER
-            || (over(&room) && age.is_none_or(|a| a >= Duration::from_millis(100)));
-        if stale {
-            room.measured = self.fs.read().encoded_len();
+        let measure = {
+            let mut room = lock(&self.room);
+            let age = room.at.map(|t| t.elapsed());
+            let stale = age.is_none_or(|a| a >= ROOM_MEASURE_EVERY)
+                || room.admitted >= ROOM_MEASURE_AFTER
+                || (room.total(grows) > limit && age.is_none_or(|a| a >= ROOM_REMEASURE_OVER));
+            let measure = stale && !room.measuring;
+            if measure {
+                room.measuring = true;
+                // What is on its way now may be applied after the walk reads it.
+                room.carried = room.in_flight;
+                room.admitted = 0;
+            }
+            measure
+        };
+        if measure {
+            // The walk holds the namespace's read lock (the state machine's applies
+            // wait for it), not the admission lock.
+            let measured = self.fs.read().encoded_len();
+            let mut room = lock(&self.room);
+            room.measured = measured;
             room.at = Some(Instant::now());
-            room.admitted = 0;
+            room.measuring = false;
         }
-        if over(&room) {
+        let mut room = lock(&self.room);
+        if room.total(grows) > limit {
             if room
                 .logged
                 .is_none_or(|t| t.elapsed() >= Duration::from_secs(10))
@@ -517,19 +550,28 @@ impl Inner {
             }
             return false;
         }
-        room.admitted += grows;
+        room.admitted = room.admitted.saturating_add(grows);
+        room.in_flight = room.in_flight.saturating_add(grows);
         true
     }
 
     async fn propose(&self, p: Proposal, wait: Duration) -> Result<MetaResponse, MetaError> {
-        if let MetaCommand::Fs(c) = &p.cmd {
-            if let Some(grows) = c.grows_by() {
-                if !self.room_for(grows) {
-                    return Ok(MetaResponse::Fs(Err(crate::fs::FsError::NoSpace)));
-                }
+        // Only the leader admits (a follower's `client_write` forwards to it).
+        let grows = match &p.cmd {
+            MetaCommand::Fs(c) if self.is_leader() => c.grows_by(&self.fs.read()),
+            _ => None,
+        };
+        if let Some(g) = grows {
+            if !self.room_for(g) {
+                return Ok(MetaResponse::Fs(Err(crate::fs::FsError::NoSpace)));
             }
         }
-        match tokio::time::timeout(wait, self.raft.client_write(p)).await {
+        let written = tokio::time::timeout(wait, self.raft.client_write(p)).await;
+        if let Some(g) = grows {
+            let mut room = lock(&self.room);
+            room.in_flight = room.in_flight.saturating_sub(g);
+        }
+        match written {
             Err(_) => Err(MetaError::Timeout(format!(
                 "proposal not applied within {} ms",
                 wait.as_millis()

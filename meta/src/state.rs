@@ -102,16 +102,37 @@ fn answer_bytes(nonce: u64, r: &MetaResponse) -> usize {
     postcard::experimental::serialized_size(&(nonce, r)).unwrap_or(0)
 }
 
+/// What is remembered of a `Map`'s answer longer than [`Answered::LARGE`] bytes: an
+/// empty block list, which no `Map` answers (it maps at least one block). A retry of
+/// it is applied again: a `Map` of blocks it already mapped maps nothing new and
+/// answers the same list.
+fn remembered(r: &MetaResponse, bytes: usize) -> MetaResponse {
+    match r {
+        MetaResponse::Fs(Ok(crate::fs::FsReply::Mapped(_))) if bytes > Answered::LARGE => {
+            MetaResponse::Fs(Ok(crate::fs::FsReply::Mapped(Vec::new())))
+        }
+        _ => r.clone(),
+    }
+}
+
+fn is_reapply_marker(r: &MetaResponse) -> bool {
+    matches!(r, MetaResponse::Fs(Ok(crate::fs::FsReply::Mapped(m))) if m.is_empty())
+}
+
 impl Answered {
     /// Proposals remembered. Retries come within seconds of the first try, while
     /// proposals are a few per second at most.
     pub const MAX: usize = 4096;
     /// Encoded bytes of the answers remembered. The state machine is one record of
     /// at most [`crate::store::MAX_RECORD_LEN`] bytes; a `Map` answer lists up to
-    /// [`crate::fs::MAP_MAX`] blocks, so 4096 of them would not fit beside the
-    /// namespace. Large answers shorten the window in which a retry is recognised
-    /// (still hundreds of proposals).
+    /// [`crate::fs::MAP_MAX`] blocks (some 45 KiB), so 4096 of them would not fit
+    /// beside the namespace. Such answers are remembered as a marker (see
+    /// [`Answered::LARGE`]), so this bound only guards against answers that grow in
+    /// the future.
     pub const MAX_BYTES: usize = 2 << 20;
+    /// A `Map` answer longer than this is remembered as a marker that has its retry
+    /// applied again (idempotent for a `Map`), not whole.
+    pub const LARGE: usize = 256;
 
     /// Applies `p` to `state` unless its nonce was answered already; the answer.
     pub fn apply(&mut self, state: &mut MetaState, p: &Proposal) -> MetaResponse {
@@ -124,6 +145,9 @@ impl Answered {
             return apply();
         }
         if let Some((_, r)) = self.recent.iter().find(|(n, _)| *n == nonce) {
+            if is_reapply_marker(r) {
+                return apply();
+            }
             return r.clone();
         }
         let r = apply();
@@ -131,8 +155,9 @@ impl Answered {
             Some(b) => b,
             None => self.recent.iter().map(|(n, r)| answer_bytes(*n, r)).sum(),
         };
-        bytes += answer_bytes(nonce, &r);
-        self.recent.push_back((nonce, r.clone()));
+        let kept = remembered(&r, answer_bytes(nonce, &r));
+        bytes += answer_bytes(nonce, &kept);
+        self.recent.push_back((nonce, kept));
         while self.recent.len() > Self::MAX || (bytes > Self::MAX_BYTES && self.recent.len() > 1) {
             if let Some((n, old)) = self.recent.pop_front() {
                 bytes = bytes.saturating_sub(answer_bytes(n, &old));

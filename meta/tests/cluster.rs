@@ -503,11 +503,32 @@ async fn a_namespace_at_its_size_limit_refuses_to_grow_and_can_shrink() {
         target: Vec::new(),
         now,
     };
+    // A file with 4 blocks, mapped before the namespace is full.
+    let Ok(FsReply::Attr(file)) = client.fs(create(99_999)).await.unwrap() else {
+        panic!("create");
+    };
+    let map = |first: u64| FsCommand::Map {
+        ino: file.ino,
+        first,
+        count: 16,
+        ahead: 0,
+    };
+    assert!(matches!(client.fs(map(0)).await.unwrap(), Ok(FsReply::Mapped(m)) if m.len() == 16));
+    // Admission counts generous bounds between measurements (at most every 100 ms
+    // once over the limit): full is two refusals in a row, 150 ms apart.
     let mut made = 0;
+    let mut refused = 0;
     let full = loop {
         match client.fs(create(made)).await.unwrap() {
-            Ok(_) => made += 1,
-            Err(e) => break e,
+            Ok(_) => {
+                made += 1;
+                refused = 0;
+            }
+            Err(e) if refused == 1 => break e,
+            Err(_) => {
+                refused += 1;
+                tokio::time::sleep(Duration::from_millis(150)).await;
+            }
         }
         assert!(made < 2000, "2000 files created under a 16 KiB limit");
     };
@@ -523,6 +544,9 @@ async fn a_namespace_at_its_size_limit_refuses_to_grow_and_can_shrink() {
         now,
     };
     assert_eq!(client.fs(xattr).await.unwrap(), Err(FsError::NoSpace));
+    // Blocks the file has are still mapped (a write over them); new ones are not.
+    assert!(matches!(client.fs(map(0)).await.unwrap(), Ok(FsReply::Mapped(m)) if m.len() == 16));
+    assert_eq!(client.fs(map(16)).await.unwrap(), Err(FsError::NoSpace));
     for i in 0..made / 2 {
         let unlink = FsCommand::Unlink {
             parent: ROOT,
