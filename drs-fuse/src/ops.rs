@@ -1283,19 +1283,27 @@ impl Ops {
             let n = (end - at).min(MAP_MAX);
             // Ahead in proportion to the write: a large sequential write takes
             // [`AHEAD`] blocks, a small file a few.
-            let ahead = if appending && at + n == end {
+            let mut ahead = if appending && at + n == end {
                 (n * 16).min(AHEAD).min(MAP_MAX - n)
             } else {
                 0
             };
-            let r = self
-                .command(FsCommand::Map {
-                    ino,
-                    first: at,
-                    count: n,
-                    ahead,
-                })
-                .await?;
+            let r = loop {
+                let r = self
+                    .command(FsCommand::Map {
+                        ino,
+                        first: at,
+                        count: n,
+                        ahead,
+                    })
+                    .await;
+                match r {
+                    // No room for the blocks ahead (a nearly full volume or
+                    // namespace): the write's own may still fit.
+                    Err(OpError::Fs(FsError::NoSpace)) if ahead > 0 => ahead = 0,
+                    r => break r?,
+                }
+            };
             let maps = expect_reply!(r, FsReply::Mapped(m) => m)?;
             tracing::debug!(
                 ino,
