@@ -894,14 +894,6 @@ fn fuse_rows(
     let len = (data.len() / 2 / stripe).max(1) * stripe;
     let data = &data[..len.min(data.len())];
     let bytes = data.len() as u64;
-    let lib_w = rt.block_on(drs::sequential_write(client, data, fuse::IO))?;
-    let lib_r = rt.block_on(drs::sequential_read(
-        client,
-        data,
-        fuse::IO,
-        1,
-        "1 MiB read",
-    ))?;
     let plain = dir.join("plain");
     std::fs::create_dir_all(&plain)?;
     let local_w = fuse::sequential_write(&plain.join("f"), data)?;
@@ -918,6 +910,18 @@ fn fuse_rows(
         None => None,
     };
     drop(bind);
+    // The library's side just before the mount's, each after a sync: neither pays
+    // for the local rows' dirty pages still going to the same disk.
+    nix::unistd::sync();
+    let lib_w = rt.block_on(drs::sequential_write(client, data, fuse::IO))?;
+    let lib_r = rt.block_on(drs::sequential_read(
+        client,
+        data,
+        fuse::IO,
+        1,
+        "1 MiB read",
+    ))?;
+    nix::unistd::sync();
     // Each mount is new: nothing of a file in its page cache.
     let mount = |write_through: bool| {
         fuse::Mount::drs(
