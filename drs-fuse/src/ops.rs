@@ -1288,6 +1288,15 @@ impl Ops {
             } else {
                 0
             };
+            if ahead > 0 {
+                // Before it is sent: a first try applied with its answer lost still
+                // took blocks ahead, which the last close must give back (a trim
+                // frees only unwritten blocks past the end, so it is harmless if
+                // none were taken).
+                if let Some(o) = lock(&self.open).get_mut(&ino) {
+                    o.took_ahead = true;
+                }
+            }
             let r = loop {
                 let r = self
                     .command(FsCommand::Map {
@@ -1315,11 +1324,6 @@ impl Ops {
                 "map"
             );
             self.learn(ino, at, at + n + ahead, &maps);
-            if ahead > 0 {
-                if let Some(o) = lock(&self.open).get_mut(&ino) {
-                    o.took_ahead = true;
-                }
-            }
             out.extend(maps.into_iter().filter(|m| m.block < end));
             at += n;
         }

@@ -351,7 +351,9 @@ impl FsCommand {
     /// by a punch), an upper bound of what it adds to the namespace's encoding;
     /// `None` for the others, which are always admitted (so a full namespace can
     /// still be shrunk and its files closed).
-    pub fn grows_by(&self, fs: &FsState) -> Option<usize> {
+    /// `mapped(ino, first, n)`: how many of file blocks `first .. first + n` of `ino`
+    /// have a data block now.
+    pub fn grows_by(&self, mapped: impl Fn(Ino, u64, u64) -> u64) -> Option<usize> {
         match self {
             FsCommand::Create { name, target, .. } => Some(name.len() + target.len() + 192),
             FsCommand::Link { name, .. } => Some(name.len() + 64),
@@ -366,15 +368,13 @@ impl FsCommand {
                 ahead,
             } => {
                 let n = count.saturating_add(*ahead).min(MAP_MAX);
-                let have = fs
-                    .inode(*ino)
-                    .map_or(0, |i| mapped(i, *first, n).len() as u64);
-                Some((n.saturating_sub(have)) as usize * 24 + 64)
+                let new = n.saturating_sub(mapped(*ino, *first, n));
+                (new > 0).then_some(new as usize * 24 + 64)
             }
             // A split extent and a new free run (or held freeing).
             FsCommand::Punch { .. } => Some(96),
-            FsCommand::From { cmd, .. } => cmd.grows_by(fs),
-            FsCommand::CreateOpen { cmd, .. } => Some(cmd.grows_by(fs).unwrap_or(0) + 32),
+            FsCommand::From { cmd, .. } => cmd.grows_by(mapped),
+            FsCommand::CreateOpen { cmd, .. } => Some(cmd.grows_by(mapped).unwrap_or(0) + 32),
             _ => None,
         }
     }
@@ -565,6 +565,13 @@ fn check_name(name: &[u8]) -> Result<(), FsError> {
 }
 
 impl FsState {
+    /// How many of file blocks `first .. first + n` of `ino` have a data block.
+    pub fn mapped_count(&self, ino: Ino, first: u64, n: u64) -> u64 {
+        self.inodes
+            .get(&ino)
+            .map_or(0, |i| mapped(i, first, n).len() as u64)
+    }
+
     /// Bytes of the namespace's encoding, as the state machine's record stores it
     /// (a walk of the whole namespace).
     pub fn encoded_len(&self) -> usize {

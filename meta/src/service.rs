@@ -202,20 +202,31 @@ struct Room {
     carried: usize,
     /// Bounds of the commands admitted and not yet answered.
     in_flight: usize,
+    /// Bounds of commands whose proposal failed or timed out: they may still be
+    /// applied (a stalled commit), so they count for [`ROOM_UNSURE_FOR`].
+    unsure: std::collections::VecDeque<(Instant, usize)>,
     /// A measurement is under way (one at a time).
     measuring: bool,
+    /// The Raft term this leader measured in: a new term measures afresh, once what
+    /// earlier leaders committed is applied here.
+    term: u64,
     /// When a refusal was last logged.
     logged: Option<Instant>,
 }
 
 impl Room {
     fn total(&self, grows: usize) -> usize {
+        let unsure: usize = self.unsure.iter().map(|(_, g)| *g).sum();
         self.measured
             .saturating_add(self.carried)
             .saturating_add(self.admitted)
+            .saturating_add(unsure)
             .saturating_add(grows)
     }
 }
+
+/// How long the bound of a command whose proposal failed or timed out still counts.
+const ROOM_UNSURE_FOR: Duration = Duration::from_secs(30);
 
 /// Measure again after this long, or once admitted commands may have added this much
 /// (the bounds are generous: a measurement gives back what they overstated).
@@ -511,27 +522,38 @@ impl Inner {
     /// never disagree about a command: every one in the log is applied.
     fn room_for(&self, grows: usize) -> bool {
         let limit = self.cfg.namespace_limit;
+        // (admitted before the walk, on its way at the walk) when this call measures.
         let measure = {
             let mut room = lock(&self.room);
+            while room
+                .unsure
+                .front()
+                .is_some_and(|(t, _)| t.elapsed() >= ROOM_UNSURE_FOR)
+            {
+                room.unsure.pop_front();
+            }
             let age = room.at.map(|t| t.elapsed());
             let stale = age.is_none_or(|a| a >= ROOM_MEASURE_EVERY)
                 || room.admitted >= ROOM_MEASURE_AFTER
                 || (room.total(grows) > limit && age.is_none_or(|a| a >= ROOM_REMEASURE_OVER));
-            let measure = stale && !room.measuring;
-            if measure {
+            if stale && !room.measuring {
                 room.measuring = true;
-                // What is on its way now may be applied after the walk reads it.
-                room.carried = room.in_flight;
-                room.admitted = 0;
+                Some((room.admitted, room.in_flight))
+            } else {
+                None
             }
-            measure
         };
-        if measure {
+        if let Some((before, on_the_way)) = measure {
             // The walk holds the namespace's read lock (the state machine's applies
-            // wait for it), not the admission lock.
+            // wait for it), not the admission lock; until it ends the old numbers
+            // count, with everything admitted meanwhile.
             let measured = self.fs.read().encoded_len();
             let mut room = lock(&self.room);
             room.measured = measured;
+            // What was admitted before the walk is in it, unless it was still on its
+            // way (it may have been applied after the walk read it).
+            room.admitted = room.admitted.saturating_sub(before);
+            room.carried = on_the_way;
             room.at = Some(Instant::now());
             room.measuring = false;
         }
@@ -558,10 +580,26 @@ impl Inner {
     async fn propose(&self, p: Proposal, wait: Duration) -> Result<MetaResponse, MetaError> {
         // Only the leader admits (a follower's `client_write` forwards to it).
         let grows = match &p.cmd {
-            MetaCommand::Fs(c) if self.is_leader() => c.grows_by(&self.fs.read()),
+            MetaCommand::Fs(c) if self.is_leader() => {
+                c.grows_by(|ino, first, n| self.fs.read().mapped_count(ino, first, n))
+            }
             _ => None,
         };
         if let Some(g) = grows {
+            // A new term: what earlier leaders committed is applied here (a
+            // linearizable read waits for this leader's first entry) before the
+            // namespace is measured in it.
+            let term = self.raft.metrics().borrow().current_term;
+            if lock(&self.room).term != term {
+                self.read(wait).await?;
+                let mut room = lock(&self.room);
+                if room.term != term {
+                    *room = Room {
+                        term,
+                        ..Room::default()
+                    };
+                }
+            }
             if !self.room_for(g) {
                 return Ok(MetaResponse::Fs(Err(crate::fs::FsError::NoSpace)));
             }
@@ -570,6 +608,10 @@ impl Inner {
         if let Some(g) = grows {
             let mut room = lock(&self.room);
             room.in_flight = room.in_flight.saturating_sub(g);
+            if !matches!(written, Ok(Ok(_))) {
+                // It may still be applied: keep counting it for a while.
+                room.unsure.push_back((Instant::now(), g));
+            }
         }
         match written {
             Err(_) => Err(MetaError::Timeout(format!(

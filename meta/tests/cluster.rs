@@ -503,7 +503,7 @@ async fn a_namespace_at_its_size_limit_refuses_to_grow_and_can_shrink() {
         target: Vec::new(),
         now,
     };
-    // A file with 4 blocks, mapped before the namespace is full.
+    // A file with 16 blocks, mapped before the namespace is full.
     let Ok(FsReply::Attr(file)) = client.fs(create(99_999)).await.unwrap() else {
         panic!("create");
     };

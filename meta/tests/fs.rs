@@ -3655,3 +3655,36 @@ fn create_open_and_written_close_are_one_command_each() {
         FsError::Invalid,
     );
 }
+
+#[test]
+fn a_retried_large_map_is_applied_again_and_changes_nothing_or_maps_afresh() {
+    use drs_meta::{Answered, MetaResponse};
+    let mut fs = formatted(1 << 16);
+    let ino = ok_attr(
+        fs.apply(&create_cmd(ROOT, b"big", Kind::File, t(1))),
+        "create",
+    )
+    .ino;
+    // 4096 blocks ahead of time (with KEEP_SIZE, say): a large answer, remembered as
+    // a marker.
+    let map = map_ahead_cmd(ino, 0, 2048, 2048);
+    let mut answered = Answered::default();
+    let first = answered.apply_with(7, || MetaResponse::Fs(fs.apply(&map)));
+    let MetaResponse::Fs(Ok(FsReply::Mapped(m))) = &first else {
+        panic!("{first:?}");
+    };
+    assert_eq!(m.len(), 4096);
+    let after_first = fs.clone();
+    // The retry is applied again: nothing new is mapped, and the answer is the same.
+    let again = answered.apply_with(7, || MetaResponse::Fs(fs.apply(&map)));
+    assert_eq!(again, first);
+    assert_eq!(fs, after_first);
+    // After a punch of them between the tries, it maps afresh, as a new `Map` would
+    // (the client never saw the first answer).
+    fs.apply(&punch_cmd(ino, 0, 4096, t(2))).unwrap();
+    assert_eq!(fs.mapped_count(ino, 0, 4096), 0);
+    fs.check().unwrap();
+    let afresh = answered.apply_with(7, || MetaResponse::Fs(fs.apply(&map)));
+    assert!(matches!(&afresh, MetaResponse::Fs(Ok(FsReply::Mapped(m))) if m.len() == 4096));
+    fs.check().unwrap();
+}
