@@ -116,12 +116,12 @@ impl Copies {
         let Some(c) = self.clients.get(&client) else {
             return (Vec::new(), None);
         };
-        let (mut out, mut bytes, mut encoded) = (Vec::new(), 0usize, 0usize);
-        for ((_, lba), (r, p)) in c.blocks.range((volume, from_lba)..=(volume, u64::MAX)) {
+        let range = || c.blocks.range((volume, from_lba)..=(volume, u64::MAX));
+        let fit = drs_proto::frame::fitting(range().map(|(_, (r, _))| r), ctrl);
+        let (mut out, mut bytes) = (Vec::new(), 0usize);
+        for ((_, lba), (r, p)) in range() {
             bytes = bytes.saturating_add(p.len());
-            encoded =
-                encoded.saturating_add(postcard::experimental::serialized_size(r).unwrap_or(ctrl));
-            if !out.is_empty() && (bytes > payload || encoded > ctrl) {
+            if !out.is_empty() && (bytes > payload || out.len() == fit) {
                 return (out, Some(*lba));
             }
             out.push((r.clone(), p.clone()));
@@ -173,7 +173,7 @@ pub fn handle(node: &Node, req: Request, payload: Bytes) -> Result<(Response, By
                 r.client,
                 r.from_lba,
                 PAGE_BYTES,
-                drs_proto::frame::MAX_CTRL_LEN - 256,
+                drs_proto::frame::CTRL_PAGE_BUDGET,
             );
             let mut out = BytesMut::new();
             for (_, p) in &copies {

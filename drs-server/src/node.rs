@@ -27,10 +27,6 @@ use crate::store::{Known, ReadOutcome, StoreConfig, VolumeStore};
 const LOCK_READ_WAIT: Duration = Duration::from_secs(2);
 /// Most entries in one listing page.
 const LIST_MAX: u32 = 4096;
-/// Most bytes of entries in one listing page: what a frame's control section holds,
-/// less room for the reply's own fields. An idle block's entry takes some 17 bytes
-/// (more with locks), so a page of `LIST_MAX` entries does not always fit.
-const LIST_BYTES: usize = drs_proto::frame::MAX_CTRL_LEN - 256;
 /// How often the pause watcher (`recover::watch_for_pauses`) wakes up.
 pub const PAUSE_TICK: Duration = Duration::from_millis(100);
 
@@ -583,7 +579,9 @@ impl Node {
                         s.unsettled = unsettled.indices(s.stripe);
                     }
                 }
-                let next = fit_page(&mut slots, next, LIST_BYTES);
+                // An idle block's entry takes some 17 bytes (more with locks), so a
+                // page of `LIST_MAX` entries does not always fit a frame.
+                let next = fit_page(&mut slots, next, drs_proto::frame::CTRL_PAGE_BUDGET);
                 (Response::List(ListReply { slots, next }), Bytes::new())
             }),
             r @ (Request::CachePut(_) | Request::CacheDrop(_) | Request::CacheGet(_)) => {
@@ -1122,16 +1120,15 @@ fn fit_page(
     next: Option<StripeId>,
     budget: usize,
 ) -> Option<StripeId> {
-    let mut used = 0usize;
-    for (i, s) in slots.iter().enumerate() {
-        used = used.saturating_add(postcard::experimental::serialized_size(s).unwrap_or(budget));
-        if used > budget && i > 0 {
-            let rest = s.stripe;
-            slots.truncate(i);
-            return Some(rest);
+    let n = drs_proto::frame::fitting(slots.iter(), budget);
+    match slots.get(n) {
+        Some(rest) => {
+            let rest = rest.stripe;
+            slots.truncate(n);
+            Some(rest)
         }
+        None => next,
     }
-    next
 }
 
 /// A store read that waits (until `deadline`) for pending updates it must see.

@@ -102,16 +102,16 @@ fn answer_bytes(nonce: u64, r: &MetaResponse) -> usize {
     postcard::experimental::serialized_size(&(nonce, r)).unwrap_or(0)
 }
 
-/// What is remembered of a `Map`'s answer longer than [`Answered::LARGE`] bytes: an
+/// What is remembered instead of a `Map`'s answer longer than [`Answered::LARGE`] bytes: an
 /// empty block list, which no `Map` answers (it maps at least one block). A retry of
 /// it is applied again: a `Map` of blocks it already mapped maps nothing new and
 /// answers the same list.
-fn remembered(r: &MetaResponse, bytes: usize) -> MetaResponse {
+fn marker_for(r: &MetaResponse, bytes: usize) -> Option<MetaResponse> {
     match r {
         MetaResponse::Fs(Ok(crate::fs::FsReply::Mapped(_))) if bytes > Answered::LARGE => {
-            MetaResponse::Fs(Ok(crate::fs::FsReply::Mapped(Vec::new())))
+            Some(MetaResponse::Fs(Ok(crate::fs::FsReply::Mapped(Vec::new()))))
         }
-        _ => r.clone(),
+        _ => None,
     }
 }
 
@@ -155,8 +155,17 @@ impl Answered {
             Some(b) => b,
             None => self.recent.iter().map(|(n, r)| answer_bytes(*n, r)).sum(),
         };
-        let kept = remembered(&r, answer_bytes(nonce, &r));
-        bytes += answer_bytes(nonce, &kept);
+        let whole = answer_bytes(nonce, &r);
+        let kept = match marker_for(&r, whole) {
+            Some(marker) => {
+                bytes += answer_bytes(nonce, &marker);
+                marker
+            }
+            None => {
+                bytes += whole;
+                r.clone()
+            }
+        };
         self.recent.push_back((nonce, kept));
         while self.recent.len() > Self::MAX || (bytes > Self::MAX_BYTES && self.recent.len() > 1) {
             if let Some((n, old)) = self.recent.pop_front() {

@@ -29,6 +29,28 @@ pub const MAX_PAYLOAD_LEN: usize = 8 * 1024 * 1024;
 /// Largest encoded frame: what an authenticated record of node frames may hold.
 pub const MAX_FRAME_LEN: usize = HEADER_LEN + MAX_CTRL_LEN + MAX_PAYLOAD_LEN;
 
+/// Bytes of a control section a page of entries in a reply may fill: the limit, less
+/// room for the reply's own fields.
+pub const CTRL_PAGE_BUDGET: usize = MAX_CTRL_LEN - 256;
+
+/// How many of `entries`, from the first, fit in `budget` encoded bytes; at least
+/// one (if any), so a page always moves on.
+pub fn fitting<'a, T: Serialize + 'a>(
+    entries: impl IntoIterator<Item = &'a T>,
+    budget: usize,
+) -> usize {
+    let mut used = 0usize;
+    let mut n = 0;
+    for e in entries {
+        used = used.saturating_add(postcard::experimental::serialized_size(e).unwrap_or(budget));
+        if used > budget && n > 0 {
+            break;
+        }
+        n += 1;
+    }
+    n
+}
+
 /// Node frames in authenticated records.
 pub type SealedFrames = crate::auth::SealedCodec<FrameCodec>;
 
