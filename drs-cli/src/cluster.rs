@@ -46,6 +46,11 @@ pub struct UpArgs {
     /// for it freed) [default: 90000].
     #[arg(long)]
     pub session_expiry_ms: Option<u64>,
+    /// MiB of file system namespace (encoded; a small file takes about 50 bytes)
+    /// past which files are no longer created (ENOSPC); every metadata replica holds
+    /// the namespace in memory [default: 64].
+    #[arg(long)]
+    pub namespace_limit_mib: Option<u64>,
     /// Seconds between the nodes' background scrub passes, which read every block
     /// and check it against its checksum (0: never).
     #[arg(long, default_value_t = 86400)]
@@ -78,6 +83,7 @@ pub async fn up(a: UpArgs) -> anyhow::Result<()> {
         scrub_rate_mib: a.scrub_rate_mib,
         metrics: a.metrics,
         session_expiry_ms: a.session_expiry_ms,
+        namespace_limit_mib: a.namespace_limit_mib,
         ..NodeOptions::default()
     };
     let local = LocalCluster::create(&a.dir, &spec, crate::server_command()?, options)?;

@@ -53,6 +53,12 @@ pub struct ServeArgs {
     /// held for it freed) [default: 90000].
     #[arg(long, env = "DRS_SESSION_EXPIRY_MS")]
     pub session_expiry_ms: Option<u64>,
+    /// With a metadata service: MiB of file system namespace (encoded; a small file
+    /// takes about 50 bytes) past which files are no longer created (ENOSPC). Every
+    /// metadata replica holds the namespace in memory, about 12 times this at the
+    /// limit; set it alike on every node that hosts one [default: 64].
+    #[arg(long, env = "DRS_NAMESPACE_LIMIT_MIB")]
+    pub namespace_limit_mib: Option<u64>,
     /// MiB per second this node rebuilds blocks at most when it rejoins or replaces
     /// another (0: no limit) [default: 0].
     #[arg(long, env = "DRS_REBUILD_RATE_MIB")]
@@ -97,6 +103,7 @@ pub struct ConfigFile {
     pub verify_interval_ms: Option<u64>,
     pub down_after_ms: Option<u64>,
     pub session_expiry_ms: Option<u64>,
+    pub namespace_limit_mib: Option<u64>,
     pub rebuild_rate_mib: Option<f64>,
     pub scrub_every_s: Option<u64>,
     pub scrub_rate_mib: Option<f64>,
@@ -148,6 +155,7 @@ impl ServeArgs {
             verify_interval_ms,
             down_after_ms,
             session_expiry_ms,
+            namespace_limit_mib,
             rebuild_rate_mib,
             scrub_every_s,
             scrub_rate_mib,
@@ -205,6 +213,13 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .session_expiry_ms
         .map_or(drs_meta::DEFAULT_SESSION_EXPIRY, Duration::from_millis)
         .max(Duration::from_millis(500));
+    if let Some(mib) = args.namespace_limit_mib {
+        let max = (drs_meta::store::MAX_STATE_LEN >> 20) / 2;
+        if mib == 0 || mib as usize > max {
+            bail!("--namespace-limit-mib must be between 1 and {max} (got {mib})");
+        }
+        cfg.namespace_limit = (mib as usize) << 20;
+    }
     if cfg.session_expiry < Duration::from_secs(60) {
         tracing::warn!(
             expiry_ms = cfg.session_expiry.as_millis() as u64,

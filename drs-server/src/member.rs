@@ -41,6 +41,7 @@ pub async fn start_replica(
     let mut cfg = MetaConfig::new(me.id, me.addr, dir.clone(), map.cluster_id);
     cfg.down_after_ms = down_after.as_millis() as u64;
     cfg.session_expiry_ms = node.cfg.session_expiry.as_millis() as u64;
+    cfg.namespace_limit = node.cfg.namespace_limit;
     cfg.key = node.cfg.key.clone();
     let meta = MetaNode::start(cfg)
         .await

@@ -63,6 +63,9 @@ pub struct NodeConfig {
     /// With a metadata service: a mount session silent this long is ended (by the
     /// replica this node may host).
     pub session_expiry: Duration,
+    /// With a metadata service: encoded bytes of file system namespace past which
+    /// the replica this node may host refuses, as leader, to let it grow.
+    pub namespace_limit: usize,
     /// Bytes per second a rejoining or replacing node rebuilds at most (0: no limit).
     pub rebuild_rate: u64,
     /// Fault injection for tests: SIGUSR1 cuts the metadata replica this node hosts
@@ -95,6 +98,7 @@ impl NodeConfig {
             unsettled_bytes: 256 << 20,
             meta_down_after: Duration::from_secs(3),
             session_expiry: drs_meta::DEFAULT_SESSION_EXPIRY,
+            namespace_limit: drs_meta::NAMESPACE_LIMIT,
             rebuild_rate: 0,
             fault_signals: false,
             metrics: None,

@@ -185,6 +185,9 @@ pub struct NodeOptions {
     /// `--session-expiry-ms`: silence after which the metadata service ends a
     /// mount's session (`None`: the node's default).
     pub session_expiry_ms: Option<u64>,
+    /// `--namespace-limit-mib`: encoded size of the file system namespace past which
+    /// it no longer grows (`None`: the node's default).
+    pub namespace_limit_mib: Option<u64>,
 }
 
 impl Default for NodeOptions {
@@ -200,6 +203,7 @@ impl Default for NodeOptions {
             scrub_rate_mib: 8.0,
             metrics: false,
             session_expiry_ms: None,
+            namespace_limit_mib: None,
         }
     }
 }
@@ -514,6 +518,12 @@ impl LocalCluster {
                     .session_expiry_ms
                     .iter()
                     .flat_map(|ms| ["--session-expiry-ms".to_string(), ms.to_string()]),
+            )
+            .args(
+                self.options
+                    .namespace_limit_mib
+                    .iter()
+                    .flat_map(|mib| ["--namespace-limit-mib".to_string(), mib.to_string()]),
             )
             .env("RUST_LOG", &self.options.log)
             .stdin(Stdio::null())

@@ -39,6 +39,8 @@ use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use serde::{Deserialize, Serialize};
 
+use crate::tracked::Tracked;
+
 /// An inode number.
 pub type Ino = u64;
 /// A mount's session number (see [`FsCommand::OpenSession`]).
@@ -512,15 +514,39 @@ pub struct FsState {
     pub blocks: u64,
     pub used: u64,
     next_ino: Ino,
-    inodes: BTreeMap<Ino, Inode>,
+    inodes: Tracked<Ino, Inode>,
     /// Free data blocks: start -> count, non-adjacent runs.
-    free: BTreeMap<u64, u64>,
+    free: Tracked<u64, u64>,
     next_session: SessionId,
     /// The mounts' sessions.
     sessions: BTreeMap<SessionId, Session>,
     /// Freeings waiting for acknowledgements, by number (counted in `used`).
     held: BTreeMap<u64, Held>,
     next_freeing: u64,
+}
+
+/// The namespace less its inodes and free runs, which the store keeps in a record
+/// each (see [`FsState::take_changes`]): the counters, the sessions and the held
+/// freeings, stored whole.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FsHead {
+    formatted: bool,
+    block_size: u32,
+    blocks: u64,
+    used: u64,
+    next_ino: Ino,
+    next_session: SessionId,
+    sessions: BTreeMap<SessionId, Session>,
+    held: BTreeMap<u64, Held>,
+    next_freeing: u64,
+}
+
+/// The keys of the inodes and free runs changed (set or removed) since the last
+/// [`FsState::take_changes`].
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct FsChanges {
+    pub inodes: BTreeSet<Ino>,
+    pub free: BTreeSet<u64>,
 }
 
 /// Longest extended attribute name (as the kernel's `XATTR_NAME_MAX`).
@@ -565,6 +591,62 @@ fn check_name(name: &[u8]) -> Result<(), FsError> {
 }
 
 impl FsState {
+    /// Everything but the inodes and the free runs.
+    pub fn head(&self) -> FsHead {
+        FsHead {
+            formatted: self.formatted,
+            block_size: self.block_size,
+            blocks: self.blocks,
+            used: self.used,
+            next_ino: self.next_ino,
+            next_session: self.next_session,
+            sessions: self.sessions.clone(),
+            held: self.held.clone(),
+            next_freeing: self.next_freeing,
+        }
+    }
+
+    /// The state put back together from what [`FsState::head`], [`FsState::inodes`]
+    /// and [`FsState::free_runs`] gave (nothing noted as changed).
+    pub fn from_parts(
+        head: FsHead,
+        inodes: BTreeMap<Ino, Inode>,
+        free: BTreeMap<u64, u64>,
+    ) -> FsState {
+        FsState {
+            formatted: head.formatted,
+            block_size: head.block_size,
+            blocks: head.blocks,
+            used: head.used,
+            next_ino: head.next_ino,
+            inodes: inodes.into(),
+            free: free.into(),
+            next_session: head.next_session,
+            sessions: head.sessions,
+            held: head.held,
+            next_freeing: head.next_freeing,
+        }
+    }
+
+    /// Every inode.
+    pub fn inodes(&self) -> &BTreeMap<Ino, Inode> {
+        &self.inodes
+    }
+
+    /// The free data blocks: start -> count.
+    pub fn free_runs(&self) -> &BTreeMap<u64, u64> {
+        &self.free
+    }
+
+    /// The inodes and free runs changed since the last call: the store writes (or
+    /// deletes) their records and no others.
+    pub fn take_changes(&mut self) -> FsChanges {
+        FsChanges {
+            inodes: self.inodes.take_changed(),
+            free: self.free.take_changed(),
+        }
+    }
+
     /// How many of file blocks `first .. first + n` of `ino` have a data block.
     pub fn mapped_count(&self, ino: Ino, first: u64, n: u64) -> u64 {
         self.inodes
@@ -748,7 +830,7 @@ impl FsState {
                 self.block_size = *block_size;
                 self.blocks = *blocks;
                 self.used = 0;
-                self.free = BTreeMap::from([(0, *blocks)]);
+                self.free.replace(BTreeMap::from([(0, *blocks)]));
                 self.next_ino = ROOT + 1;
                 self.inodes.insert(
                     ROOT,
@@ -1753,6 +1835,12 @@ impl SharedFs {
     /// Another handle on the same state (not a copy).
     pub fn share(&self) -> SharedFs {
         SharedFs(self.0.clone())
+    }
+}
+
+impl From<FsState> for SharedFs {
+    fn from(fs: FsState) -> SharedFs {
+        SharedFs(Arc::new(RwLock::new(fs)))
     }
 }
 

@@ -36,13 +36,14 @@ pub mod net;
 pub mod service;
 pub mod state;
 pub mod store;
+pub mod tracked;
 
 use std::io::Cursor;
 
 pub use client::{ClientConfig, MetaClient};
 pub use error::MetaError;
 pub use net::{HeartbeatAck, MetaStatus, Role};
-pub use service::{MetaConfig, MetaNode, DEFAULT_SESSION_EXPIRY};
+pub use service::{MetaConfig, MetaNode, DEFAULT_SESSION_EXPIRY, NAMESPACE_LIMIT};
 pub use state::{
     Answered, MetaCommand, MetaResponse, MetaState, NodeRecord, NodeState, Proposal, Refusal,
     ReplicaId,

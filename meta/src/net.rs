@@ -18,7 +18,8 @@
 //!
 //! A connection carries one request at a time: the caller sends a [`RequestEnvelope`]
 //! (cluster id, the time it will wait, the [`Request`]) and reads one [`Response`]. Raft
-//! traffic (AppendEntries, Vote, InstallSnapshot, and whole snapshots in one message) and
+//! traffic (AppendEntries, Vote, and snapshots: whole in one message when they fit a
+//! frame, else in InstallSnapshot chunks of `snapshot_max_chunk_size`) and
 //! client requests (Propose, Read, Status, Heartbeat, Watch, AddReplica, RemoveReplica,
 //! FsQuery)
 //! share the format; a replica serves both on one port.
@@ -198,10 +199,10 @@ pub enum Request {
     AppendEntries(Box<AppendEntriesRequest<TypeConfig>>),
     /// Raft: request a vote.
     Vote(VoteRequest<u64>),
-    /// Raft: one chunk of a snapshot (openraft's chunked transfer; this transport sends
-    /// whole snapshots with `FullSnapshot`, but serves both).
+    /// Raft: one chunk of a snapshot (openraft's chunked transfer), for snapshots
+    /// that do not fit one frame.
     InstallSnapshot(Box<InstallSnapshotRequest<TypeConfig>>),
-    /// Raft: a whole snapshot.
+    /// Raft: a whole snapshot that fits one frame.
     FullSnapshot(Box<FullSnapshot>),
     /// Leader: append a command and answer once it is applied.
     /// A command, with the nonce its retries share.
@@ -613,6 +614,10 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         cancel: impl Future<Output = ReplicationClosed> + Send + 'static,
         option: RPCOption,
     ) -> Result<SnapshotResponse<u64>, StreamingError<TypeConfig, Fatal<u64>>> {
+        if snapshot.snapshot.get_ref().len() > MAX_WHOLE_SNAPSHOT {
+            use openraft::network::snapshot_transport::{Chunked, SnapshotTransport};
+            return Chunked::send_snapshot(self, vote, snapshot, cancel, option).await;
+        }
         let req = Request::FullSnapshot(Box::new(FullSnapshot {
             vote,
             meta: snapshot.meta,
@@ -644,6 +649,10 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         Backoff::new(std::iter::repeat(Duration::from_millis(200)))
     }
 }
+
+/// Largest snapshot sent whole in one [`FullSnapshot`]; a larger one goes in chunks
+/// (openraft's `snapshot_max_chunk_size`, well under a frame).
+const MAX_WHOLE_SNAPSHOT: usize = MAX_FRAME_LEN - (64 << 10);
 
 /// Builds the snapshot openraft installs from a received [`FullSnapshot`].
 pub(crate) fn into_snapshot(fs: FullSnapshot) -> (Vote<u64>, Snapshot<TypeConfig>) {

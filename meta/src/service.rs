@@ -92,7 +92,9 @@ pub struct MetaConfig {
     pub down_after_ms: u64,
     /// A mount session silent for this long is ended by the leader.
     pub session_expiry_ms: u64,
-    /// Build a snapshot (and purge the log) after this many applied entries.
+    /// Build a snapshot (and purge the log) after this many applied entries. A
+    /// snapshot copies the whole namespace (the state machine itself is persisted a
+    /// changed record at a time), so this is not small.
     pub snapshot_after_logs: u64,
     /// Entries kept in the log behind the snapshot, for slow followers.
     pub logs_kept_after_snapshot: u64,
@@ -104,16 +106,20 @@ pub struct MetaConfig {
     /// The cluster key every connection proves (open: none).
     pub key: drs_proto::ClusterKey,
     /// Encoded bytes of the namespace past which the leader refuses commands that
-    /// grow it (`NoSpace`): the state machine is one record of at most
-    /// [`crate::store::MAX_RECORD_LEN`] bytes, and one it could not write would stop
-    /// every replica. Default [`NAMESPACE_LIMIT`].
+    /// grow it (`NoSpace`): a snapshot holds the whole namespace and must stay under
+    /// [`crate::store::MAX_STATE_LEN`] (one a replica could not write would stop
+    /// every replica), and every replica holds it in memory. Default
+    /// [`NAMESPACE_LIMIT`].
     pub namespace_limit: usize,
 }
 
-/// The default [`MetaConfig::namespace_limit`]: 12 MiB of the record's 16 MiB, the
-/// rest for the remembered answers (2 MiB at most), the cluster map, and what
-/// commands admitted between two measurements add.
-pub const NAMESPACE_LIMIT: usize = 12 << 20;
+/// The default [`MetaConfig::namespace_limit`]: 64 MiB encoded, about a million
+/// small files. Every replica keeps the namespace in memory (a few times its encoded
+/// size) and a snapshot is a copy of it, so this bounds a replica's memory.
+pub const NAMESPACE_LIMIT: usize = 64 << 20;
+
+/// Snapshots larger than a frame travel in chunks of this size.
+const SNAPSHOT_CHUNK: usize = 4 << 20;
 
 impl MetaConfig {
     /// A configuration with the default timings.
@@ -128,7 +134,7 @@ impl MetaConfig {
             election_timeout_max_ms: 1500,
             down_after_ms: 3000,
             session_expiry_ms: DEFAULT_SESSION_EXPIRY.as_millis() as u64,
-            snapshot_after_logs: 1000,
+            snapshot_after_logs: 10_000,
             logs_kept_after_snapshot: 200,
             propose_timeout_ms: 5000,
             sm_persist_every: 256,
@@ -138,12 +144,20 @@ impl MetaConfig {
     }
 
     fn raft_config(&self) -> Result<openraft::Config, MetaError> {
+        // Room beside the namespace in a snapshot: the remembered answers, the map.
+        if self.namespace_limit > crate::store::MAX_STATE_LEN - (64 << 20) {
+            return Err(MetaError::Config(format!(
+                "namespace limit {} is more than a snapshot can hold",
+                self.namespace_limit
+            )));
+        }
         let config = openraft::Config {
             cluster_name: format!("drs-{:016x}", self.cluster_id),
             heartbeat_interval: self.heartbeat_ms,
             election_timeout_min: self.election_timeout_min_ms,
             election_timeout_max: self.election_timeout_max_ms,
             install_snapshot_timeout: 10_000,
+            snapshot_max_chunk_size: SNAPSHOT_CHUNK as u64,
             max_payload_entries: 256,
             snapshot_policy: SnapshotPolicy::LogsSinceLast(self.snapshot_after_logs.max(1)),
             max_in_snapshot_log_to_keep: self.logs_kept_after_snapshot,
@@ -228,9 +242,10 @@ impl Room {
 /// How long the bound of a command whose proposal failed or timed out still counts.
 const ROOM_UNSURE_FOR: Duration = Duration::from_secs(30);
 
-/// Measure again after this long, or once admitted commands may have added this much
-/// (the bounds are generous: a measurement gives back what they overstated).
-const ROOM_MEASURE_EVERY: Duration = Duration::from_secs(1);
+/// Measure again once admitted commands may have added this much, or an eighth of
+/// the room left at the last measurement if that is more (the bounds are generous: a
+/// measurement gives back what they overstated). A measurement walks the whole
+/// namespace, so far from the limit it runs seldom, and more often as room runs out.
 const ROOM_MEASURE_AFTER: usize = 1 << 20;
 /// Over the limit, measure again at most this often (the namespace may have shrunk),
 /// so a stream of refusals does not walk it for each.
@@ -385,6 +400,12 @@ impl MetaNode {
         self.inner.status()
     }
 
+    /// The file system namespace as applied on this replica (not a linearizable
+    /// read: see `MetaClient::fs_query`).
+    pub fn fs(&self) -> crate::fs::SharedFs {
+        self.inner.fs.share()
+    }
+
     /// The applied state, updated after every applied batch.
     pub fn state(&self) -> watch::Receiver<Arc<MetaState>> {
         self.inner.state_rx.clone()
@@ -533,8 +554,9 @@ impl Inner {
                 room.unsure.pop_front();
             }
             let age = room.at.map(|t| t.elapsed());
-            let stale = age.is_none_or(|a| a >= ROOM_MEASURE_EVERY)
-                || room.admitted >= ROOM_MEASURE_AFTER
+            let left = limit.saturating_sub(room.measured.saturating_add(room.carried));
+            let stale = age.is_none()
+                || room.admitted >= ROOM_MEASURE_AFTER.max(left / 8)
                 || (room.total(grows) > limit && age.is_none_or(|a| a >= ROOM_REMEASURE_OVER));
             if stale && !room.measuring {
                 room.measuring = true;

@@ -123,12 +123,11 @@ impl Answered {
     /// Proposals remembered. Retries come within seconds of the first try, while
     /// proposals are a few per second at most.
     pub const MAX: usize = 4096;
-    /// Encoded bytes of the answers remembered. The state machine is one record of
-    /// at most [`crate::store::MAX_RECORD_LEN`] bytes; a `Map` answer lists up to
-    /// [`crate::fs::MAP_MAX`] blocks (some 45 KiB), so 4096 of them would not fit
-    /// beside the namespace. Such answers are remembered as a marker (see
-    /// [`Answered::LARGE`]), so this bound only guards against answers that grow in
-    /// the future.
+    /// Encoded bytes of the answers remembered. They are stored in the state
+    /// machine's head record, rewritten at every persist; a `Map` answer lists up to
+    /// [`crate::fs::MAP_MAX`] blocks (some 45 KiB), so 4096 of them would make some
+    /// 180 MiB. Such answers are remembered as a marker (see [`Answered::LARGE`]), so
+    /// this bound only guards against answers that grow in the future.
     pub const MAX_BYTES: usize = 2 << 20;
     /// A `Map` answer longer than this is remembered as a marker that has its retry
     /// applied again (idempotent for a `Map`), not whole.

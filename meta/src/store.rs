@@ -3,16 +3,26 @@
 //!
 //! Tables (file `meta.redb` in the replica's directory):
 //! - `raft_log`: log index -> postcard of the openraft entry.
-//! - `raft_meta`: `vote`, `committed`, `purged` (last purged log id), `state_machine`
-//!   (the [`MetaState`] and the file system with the last applied log id and last
-//!   membership, rewritten every `persist_every` applied entries and whenever a
-//!   snapshot is built or installed; on restart openraft applies the log entries after
-//!   it again) and `snapshot` (the current snapshot's metadata and bytes).
+//! - `raft_meta`: `vote`, `committed`, `purged` (last purged log id), `state_head`
+//!   (the last applied log id and last membership, the [`MetaState`], the remembered
+//!   answers, and the file system's [`FsHead`]: counters, sessions, held freeings) and
+//!   `snapshot` (the current snapshot's metadata and bytes).
+//! - `fs_inodes`: inode number -> postcard of the [`Inode`].
+//! - `fs_free`: first block of a free run -> its length.
 //!
-//! A snapshot is the postcard encoding of the state machine record; installing one
-//! replaces the state machine and the current snapshot in one transaction. Writes are
-//! committed durably (fsync) before they are reported done, except the committed log id,
-//! which openraft only needs as a hint and which becomes durable with the next write.
+//! The state machine is persisted every `persist_every` applied entries and before a
+//! snapshot is built: one transaction writes the head and the inodes and free runs
+//! that changed since the last time ([`FsState::take_changes`]), so its cost follows
+//! the change, not the size of the namespace. On restart openraft applies the log
+//! entries after the persisted position again. A database of the earlier layout (the
+//! whole state machine in one `state_machine` record) is rewritten in this one when
+//! it is opened.
+//!
+//! A snapshot is the postcard encoding of the whole state machine ([`SmData`]), sent in
+//! chunks when it does not fit one frame; installing one replaces the state machine's
+//! records and the current snapshot in one transaction. Writes are committed durably
+//! (fsync) before they are reported done, except the committed log id, which openraft
+//! only needs as a hint and which becomes durable with the next write.
 //!
 //! Everything read back from disk is size-checked and decoded into typed errors
 //! ([`StoreError`]); nothing on this path panics on bad data. redb checks the integrity
@@ -36,18 +46,24 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use crate::fs::SharedFs;
+use crate::fs::{FsHead, FsState, Ino, Inode, SharedFs};
 use crate::state::{Answered, MetaCommand, MetaResponse, MetaState, ReplicaId};
 use crate::TypeConfig;
 
 /// The database file inside a replica's directory.
 pub const DB_FILE: &str = "meta.redb";
-/// Largest record read back from or written to the database (a log entry, the state
-/// machine, a snapshot). It matches the transport's frame limit, so anything stored can
-/// also be sent.
+/// Largest log entry (and vote, marker) read back from or written to the database. It
+/// matches the transport's frame limit, so any entry stored can also be sent.
 pub const MAX_RECORD_LEN: usize = crate::net::MAX_FRAME_LEN - 64 * 1024;
+/// Largest record of the state machine (its head, one inode) and largest snapshot.
+/// Snapshots travel in chunks, so this bound is the memory a replica gives one, not
+/// the frame's.
+pub const MAX_STATE_LEN: usize = 1 << 30;
 /// Budget of one replication batch read by [`RaftLogReader::limited_get_log_entries`].
-const REPLICATION_BATCH_BYTES: usize = 4 << 20;
+/// openraft gives an AppendEntries one heartbeat interval (150 ms by default) to
+/// come back, so a batch stays small enough to cross in that time even while the
+/// receiver is busy: a follower whose batches always time out never catches up.
+const REPLICATION_BATCH_BYTES: usize = 1 << 20;
 /// redb page cache: the metadata is small.
 const CACHE_BYTES: usize = 16 << 20;
 /// How long `open` waits for a previous instance in this process to release the file.
@@ -58,7 +74,11 @@ const META: TableDefinition<&str, &[u8]> = TableDefinition::new("raft_meta");
 const KEY_VOTE: &str = "vote";
 const KEY_COMMITTED: &str = "committed";
 const KEY_PURGED: &str = "purged";
+/// The earlier layout's whole state machine record, migrated when found.
 const KEY_SM: &str = "state_machine";
+const KEY_HEAD: &str = "state_head";
+const INODES: TableDefinition<u64, &[u8]> = TableDefinition::new("fs_inodes");
+const FREE: TableDefinition<u64, u64> = TableDefinition::new("fs_free");
 const KEY_SNAPSHOT: &str = "snapshot";
 
 type NodeId = u64;
@@ -85,8 +105,12 @@ pub enum StoreError {
         what: &'static str,
         source: postcard::Error,
     },
-    #[error("record {what} is {len} bytes, more than the limit of {MAX_RECORD_LEN}")]
-    TooLarge { what: String, len: usize },
+    #[error("record {what} is {len} bytes, more than the limit of {limit}")]
+    TooLarge {
+        what: String,
+        len: usize,
+        limit: usize,
+    },
     #[error("log entry stored at index {key} says it is index {index}")]
     Misplaced { key: u64, index: u64 },
     #[error("snapshot: {0}")]
@@ -133,6 +157,142 @@ pub struct SmData {
     pub fs: SharedFs,
 }
 
+/// The state machine record less the inodes and free runs, as written.
+#[derive(Serialize)]
+struct HeadRef<'a> {
+    last_applied: &'a Option<LogId<NodeId>>,
+    last_membership: &'a StoredMembership<NodeId, BasicNode>,
+    state: &'a MetaState,
+    answered: &'a Answered,
+    fs: &'a FsHead,
+}
+
+/// [`HeadRef`] as read back (the same fields in the same order).
+#[derive(Deserialize)]
+struct Head {
+    last_applied: Option<LogId<NodeId>>,
+    last_membership: StoredMembership<NodeId, BasicNode>,
+    state: MetaState,
+    answered: Answered,
+    fs: FsHead,
+}
+
+/// One persist of the state machine, encoded: the head, and the inodes and free runs
+/// to write (`Some`) or delete (`None`); `whole` clears both tables first.
+struct Persist {
+    head: Vec<u8>,
+    inodes: Vec<(Ino, Option<Vec<u8>>)>,
+    free: Vec<(u64, Option<u64>)>,
+    whole: bool,
+}
+
+impl Persist {
+    /// What changed in `sm` since the last persist, or all of it (`whole`).
+    fn of(sm: &SmData, whole: bool) -> Result<Persist, StoreError> {
+        let mut fs = sm.fs.write();
+        let changes = fs.take_changes();
+        let head = encode_state(
+            "state head",
+            &HeadRef {
+                last_applied: &sm.last_applied,
+                last_membership: &sm.last_membership,
+                state: &sm.state,
+                answered: &sm.answered,
+                fs: &fs.head(),
+            },
+        )?;
+        let encode_inode = |ino: Ino, i: &Inode| encode_state("inode", i).map(|b| (ino, Some(b)));
+        let (inodes, free) = if whole {
+            let inodes = fs.inodes().iter().map(|(n, i)| encode_inode(*n, i));
+            let free = fs.free_runs().iter().map(|(s, c)| (*s, Some(*c)));
+            (inodes.collect::<Result<_, _>>()?, free.collect())
+        } else {
+            let inodes = changes.inodes.iter().map(|n| match fs.inode(*n) {
+                Some(i) => encode_inode(*n, i),
+                None => Ok((*n, None)),
+            });
+            let free = changes
+                .free
+                .iter()
+                .map(|s| (*s, fs.free_runs().get(s).copied()));
+            (inodes.collect::<Result<_, _>>()?, free.collect())
+        };
+        Ok(Persist {
+            head,
+            inodes,
+            free,
+            whole,
+        })
+    }
+
+    /// Writes it, with the current snapshot if one is given, in one durable
+    /// transaction; the earlier layout's record goes.
+    fn write(self, db: &Database, snapshot: Option<Vec<u8>>) -> Result<(), StoreError> {
+        let txn = db.begin_write()?;
+        {
+            let mut meta = txn.open_table(META)?;
+            meta.insert(KEY_HEAD, self.head.as_slice())?;
+            meta.remove(KEY_SM)?;
+            if let Some(s) = &snapshot {
+                meta.insert(KEY_SNAPSHOT, s.as_slice())?;
+            }
+            let mut inodes = txn.open_table(INODES)?;
+            let mut free = txn.open_table(FREE)?;
+            if self.whole {
+                inodes.retain(|_, _| false)?;
+                free.retain(|_, _| false)?;
+            }
+            for (ino, bytes) in &self.inodes {
+                match bytes {
+                    Some(b) => inodes.insert(*ino, b.as_slice())?,
+                    None => inodes.remove(*ino)?,
+                };
+            }
+            for (start, count) in &self.free {
+                match count {
+                    Some(c) => free.insert(*start, *c)?,
+                    None => free.remove(*start)?,
+                };
+            }
+        }
+        txn.commit()?;
+        Ok(())
+    }
+}
+
+/// Loads the state machine: from its records, or from the earlier layout's single
+/// record (then `true`: it is to be rewritten), or empty.
+fn load(db: &Database) -> Result<(SmData, bool), StoreError> {
+    let txn = db.begin_read()?;
+    let meta = txn.open_table(META)?;
+    if let Some(v) = meta.get(KEY_HEAD)? {
+        let head: Head = decode_state(KEY_HEAD, v.value())?;
+        let mut inodes = std::collections::BTreeMap::new();
+        for item in txn.open_table(INODES)?.iter()? {
+            let (k, v) = item?;
+            let ino = k.value();
+            inodes.insert(ino, decode_state(&format!("inode {ino}"), v.value())?);
+        }
+        let mut free = std::collections::BTreeMap::new();
+        for item in txn.open_table(FREE)?.iter()? {
+            let (k, v) = item?;
+            free.insert(k.value(), v.value());
+        }
+        let sm = SmData {
+            last_applied: head.last_applied,
+            last_membership: head.last_membership,
+            state: head.state,
+            answered: head.answered,
+            fs: FsState::from_parts(head.fs, inodes, free).into(),
+        };
+        return Ok((sm, false));
+    }
+    match meta.get(KEY_SM)? {
+        Some(v) => Ok((decode_state(KEY_SM, v.value())?, true)),
+        None => Ok((SmData::default(), false)),
+    }
+}
+
 /// The current snapshot as stored.
 #[derive(Serialize, Deserialize)]
 struct StoredSnapshot {
@@ -165,15 +325,20 @@ pub fn open(dir: &Path) -> Result<(LogStore, StateMachine), StoreError> {
     {
         txn.open_table(LOG)?;
         txn.open_table(META)?;
+        txn.open_table(INODES)?;
+        txn.open_table(FREE)?;
     }
     txn.commit()?;
-    let sm: SmData = get_meta(&db, KEY_SM)?.unwrap_or_default();
+    let (sm, earlier_layout) = load(&db)?;
+    if earlier_layout {
+        Persist::of(&sm, true)?.write(&db, None)?;
+        tracing::info!(path = %path.display(), "state machine rewritten in one record per inode");
+    }
     let db = Arc::new(db);
     let (state_tx, _) = watch::channel(Arc::new(sm.state.clone()));
     Ok((
         LogStore { db: db.clone() },
         StateMachine {
-            persisted: Arc::new(std::sync::Mutex::new(sm.last_applied)),
             db,
             sm,
             state_tx,
@@ -191,14 +356,20 @@ pub fn decode_log_entry(bytes: &[u8]) -> Result<Entry<TypeConfig>, StoreError> {
 /// Decodes a snapshot as stored and as `InstallSnapshot` carries it (for tools and
 /// fuzzing).
 pub fn decode_snapshot(bytes: &[u8]) -> Result<SmData, StoreError> {
-    decode("snapshot", bytes)
+    decode_state("snapshot", bytes)
 }
 
-fn decode<T: DeserializeOwned>(what: &str, bytes: &[u8]) -> Result<T, StoreError> {
-    if bytes.len() > MAX_RECORD_LEN {
+/// Decodes a record of at most `limit` bytes.
+fn decode_within<T: DeserializeOwned>(
+    what: &str,
+    bytes: &[u8],
+    limit: usize,
+) -> Result<T, StoreError> {
+    if bytes.len() > limit {
         return Err(StoreError::TooLarge {
             what: what.to_owned(),
             len: bytes.len(),
+            limit,
         });
     }
     postcard::from_bytes(bytes).map_err(|source| StoreError::Decode {
@@ -207,24 +378,56 @@ fn decode<T: DeserializeOwned>(what: &str, bytes: &[u8]) -> Result<T, StoreError
     })
 }
 
-fn encode<T: Serialize>(what: &'static str, value: &T) -> Result<Vec<u8>, StoreError> {
+/// Encodes a record of at most `limit` bytes.
+fn encode_within<T: Serialize>(
+    what: &'static str,
+    value: &T,
+    limit: usize,
+) -> Result<Vec<u8>, StoreError> {
     let bytes = postcard::to_stdvec(value).map_err(|source| StoreError::Encode { what, source })?;
-    if bytes.len() > MAX_RECORD_LEN {
+    if bytes.len() > limit {
         return Err(StoreError::TooLarge {
             what: what.to_owned(),
             len: bytes.len(),
+            limit,
         });
     }
     Ok(bytes)
 }
 
+/// A log entry or marker ([`MAX_RECORD_LEN`]).
+fn decode<T: DeserializeOwned>(what: &str, bytes: &[u8]) -> Result<T, StoreError> {
+    decode_within(what, bytes, MAX_RECORD_LEN)
+}
+
+fn encode<T: Serialize>(what: &'static str, value: &T) -> Result<Vec<u8>, StoreError> {
+    encode_within(what, value, MAX_RECORD_LEN)
+}
+
+/// A state machine record or snapshot ([`MAX_STATE_LEN`]).
+fn decode_state<T: DeserializeOwned>(what: &str, bytes: &[u8]) -> Result<T, StoreError> {
+    decode_within(what, bytes, MAX_STATE_LEN)
+}
+
+fn encode_state<T: Serialize>(what: &'static str, value: &T) -> Result<Vec<u8>, StoreError> {
+    encode_within(what, value, MAX_STATE_LEN)
+}
+
 fn get_meta<T: DeserializeOwned>(db: &Database, key: &str) -> Result<Option<T>, StoreError> {
+    get_meta_within(db, key, MAX_RECORD_LEN)
+}
+
+fn get_meta_within<T: DeserializeOwned>(
+    db: &Database,
+    key: &str,
+    limit: usize,
+) -> Result<Option<T>, StoreError> {
     let txn = db.begin_read()?;
     let table = txn.open_table(META)?;
     let value = table.get(key)?;
     match value {
         None => Ok(None),
-        Some(v) => decode(key, v.value()).map(Some),
+        Some(v) => decode_within(key, v.value(), limit).map(Some),
     }
 }
 
@@ -484,8 +687,6 @@ pub struct StateMachine {
     persist_every: u64,
     /// Entries applied since it was last persisted.
     unpersisted: u64,
-    /// The last applied log id of the record on disk (shared with snapshot builders).
-    persisted: Arc<std::sync::Mutex<Option<LogId<NodeId>>>>,
 }
 
 impl StateMachine {
@@ -494,12 +695,11 @@ impl StateMachine {
         self.state_tx.subscribe()
     }
 
-    /// Persists the state machine record only every `n` applied entries (default 1:
-    /// every batch). Entries applied since are in the Raft log, which keeps them until
-    /// a snapshot holds them, and a snapshot is stored with the state machine record
-    /// (see [`SnapshotBuilder`]); on restart openraft applies them again. The record
-    /// holds every inode, so writing it for each file system change would cost time
-    /// in proportion to the file system's size.
+    /// Persists the state machine only every `n` applied entries (default 1: every
+    /// batch). Entries applied since are in the Raft log, which keeps them until a
+    /// snapshot holds them, and the state machine is persisted before a snapshot is
+    /// built; on restart openraft applies them again. Each persist is one durable
+    /// transaction (an fsync) writing the head and what changed.
     pub fn set_persist_every(&mut self, n: u64) {
         self.persist_every = n.max(1);
     }
@@ -526,12 +726,12 @@ impl StateMachine {
         });
     }
 
-    async fn persist(&self) -> Result<(), StoreError> {
-        let bytes = encode("state machine", &self.sm)?;
+    /// Writes the head and the inodes and free runs changed since the last persist.
+    async fn persist(&mut self) -> Result<(), StoreError> {
+        let persist = Persist::of(&self.sm, false)?;
         let db = self.db.clone();
-        blocking(move || put_meta(&db, &[(KEY_SM, &bytes)], Durability::Immediate)).await?;
-        let mut p = self.persisted.lock().unwrap_or_else(|e| e.into_inner());
-        *p = (*p).max(self.sm.last_applied);
+        blocking(move || persist.write(&db, None)).await?;
+        self.unpersisted = 0;
         Ok(())
     }
 }
@@ -605,17 +805,32 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             self.persist()
                 .await
                 .map_err(|e| e.into_raft(ErrorSubject::StateMachine, ErrorVerb::Write))?;
-            self.unpersisted = 0;
         }
         self.publish();
         Ok(responses)
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        // openraft purges the log up to the snapshot once it is built: the persisted
+        // state machine must not need those entries.
+        let persisted = if self.unpersisted > 0 {
+            self.persist().await.map_err(|e| e.to_string())
+        } else {
+            Ok(())
+        };
+        // Encoded here rather than copied: the encoding is a fraction of the size of
+        // the namespace in memory.
+        let prepared = persisted.and_then(|()| {
+            let data = encode_state("snapshot data", &self.sm).map_err(|e| e.to_string())?;
+            Ok(Prepared {
+                data,
+                last_applied: self.sm.last_applied,
+                last_membership: self.sm.last_membership.clone(),
+            })
+        });
         SnapshotBuilder {
             db: self.db.clone(),
-            persisted: self.persisted.clone(),
-            data: self.sm.clone(),
+            prepared,
         }
     }
 
@@ -630,7 +845,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     ) -> StorageResult<()> {
         let subject = ErrorSubject::Snapshot(Some(meta.signature()));
         let data = snapshot.into_inner();
-        let mut sm: SmData = decode("received snapshot", &data)
+        let mut sm: SmData = decode_state("received snapshot", &data)
             .map_err(|e| e.into_raft(subject.clone(), ErrorVerb::Read))?;
         if sm.last_applied != meta.last_log_id {
             let e = StoreError::Snapshot(format!(
@@ -644,20 +859,14 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             meta: meta.clone(),
             data,
         };
-        let sm_bytes = encode("state machine", &sm)
-            .map_err(|e| e.into_raft(subject.clone(), ErrorVerb::Write))?;
-        let snap_bytes = encode("snapshot", &stored)
+        let persist =
+            Persist::of(&sm, true).map_err(|e| e.into_raft(subject.clone(), ErrorVerb::Write))?;
+        let snap_bytes = encode_state("snapshot", &stored)
             .map_err(|e| e.into_raft(subject.clone(), ErrorVerb::Write))?;
         let db = self.db.clone();
-        blocking(move || {
-            put_meta(
-                &db,
-                &[(KEY_SM, &sm_bytes), (KEY_SNAPSHOT, &snap_bytes)],
-                Durability::Immediate,
-            )
-        })
-        .await
-        .map_err(|e| e.into_raft(subject, ErrorVerb::Write))?;
+        blocking(move || persist.write(&db, Some(snap_bytes)))
+            .await
+            .map_err(|e| e.into_raft(subject, ErrorVerb::Write))?;
         tracing::info!(snapshot = %meta, epoch = sm.state.epoch, "installed snapshot");
         // Keep the shared file system handle: the query handler holds it.
         let fs = std::mem::take(&mut *sm.fs.write());
@@ -665,19 +874,16 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         sm.fs = self.sm.fs.share();
         self.sm = sm;
         self.unpersisted = 0;
-        {
-            let mut p = self.persisted.lock().unwrap_or_else(|e| e.into_inner());
-            *p = (*p).max(self.sm.last_applied);
-        }
         self.publish();
         Ok(())
     }
 
     async fn get_current_snapshot(&mut self) -> StorageResult<Option<Snapshot<TypeConfig>>> {
         let db = self.db.clone();
-        let stored: Option<StoredSnapshot> = blocking(move || get_meta(&db, KEY_SNAPSHOT))
-            .await
-            .map_err(|e| e.into_raft(ErrorSubject::Snapshot(None), ErrorVerb::Read))?;
+        let stored: Option<StoredSnapshot> =
+            blocking(move || get_meta_within(&db, KEY_SNAPSHOT, MAX_STATE_LEN))
+                .await
+                .map_err(|e| e.into_raft(ErrorSubject::Snapshot(None), ErrorVerb::Read))?;
         Ok(stored.map(|s| Snapshot {
             meta: s.meta,
             snapshot: Box::new(Cursor::new(s.data)),
@@ -685,27 +891,38 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 }
 
-/// Builds a snapshot from a copy of the state machine taken when it was requested,
-/// and stores that copy as the state machine record too if the stored one is older:
-/// openraft purges the log up to the snapshot once it is built, so the record must
-/// not need the purged entries.
+/// The state machine encoded when a snapshot was requested, after it was persisted
+/// up to that point.
+struct Prepared {
+    data: Vec<u8>,
+    last_applied: Option<LogId<NodeId>>,
+    last_membership: StoredMembership<NodeId, BasicNode>,
+}
+
+/// Stores and hands out the snapshot prepared when it was requested.
 pub struct SnapshotBuilder {
     db: Arc<Database>,
-    persisted: Arc<std::sync::Mutex<Option<LogId<NodeId>>>>,
-    data: SmData,
+    /// The encoded state machine, or why persisting or encoding it failed.
+    prepared: Result<Prepared, String>,
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     async fn build_snapshot(&mut self) -> StorageResult<Snapshot<TypeConfig>> {
-        let data = encode("snapshot data", &self.data)
-            .map_err(|e| e.into_raft(ErrorSubject::Snapshot(None), ErrorVerb::Write))?;
-        let snapshot_id = match &self.data.last_applied {
+        let p = match std::mem::replace(&mut self.prepared, Err("built already".into())) {
+            Ok(p) => p,
+            Err(e) => {
+                let e = StoreError::Snapshot(format!("state machine not prepared: {e}"));
+                return Err(e.into_raft(ErrorSubject::Snapshot(None), ErrorVerb::Write));
+            }
+        };
+        let data = p.data;
+        let snapshot_id = match &p.last_applied {
             Some(l) => format!("{}-{}-{:08x}", l.leader_id, l.index, rand::random::<u32>()),
             None => format!("empty-{:08x}", rand::random::<u32>()),
         };
         let meta = SnapshotMeta {
-            last_log_id: self.data.last_applied,
-            last_membership: self.data.last_membership.clone(),
+            last_log_id: p.last_applied,
+            last_membership: p.last_membership,
             snapshot_id,
         };
         let subject = ErrorSubject::Snapshot(Some(meta.signature()));
@@ -713,34 +930,21 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             meta: meta.clone(),
             data: data.clone(),
         };
-        let bytes = encode("snapshot", &stored)
+        let bytes = encode_state("snapshot", &stored)
             .map_err(|e| e.into_raft(subject.clone(), ErrorVerb::Write))?;
         let db = self.db.clone();
         let last = meta.last_log_id;
-        let record_older = *self.persisted.lock().unwrap_or_else(|e| e.into_inner()) < last;
-        let record = data.clone();
         blocking(move || {
             // Never replace a newer snapshot (one installed meanwhile) with this one.
-            let current: Option<StoredSnapshot> = get_meta(&db, KEY_SNAPSHOT)?;
+            let current: Option<StoredSnapshot> =
+                get_meta_within(&db, KEY_SNAPSHOT, MAX_STATE_LEN)?;
             if current.is_some_and(|c| c.meta.last_log_id > last) {
                 return Ok(());
             }
-            if record_older {
-                put_meta(
-                    &db,
-                    &[(KEY_SNAPSHOT, &bytes), (KEY_SM, &record)],
-                    Durability::Immediate,
-                )
-            } else {
-                put_meta(&db, &[(KEY_SNAPSHOT, &bytes)], Durability::Immediate)
-            }
+            put_meta(&db, &[(KEY_SNAPSHOT, &bytes)], Durability::Immediate)
         })
         .await
         .map_err(|e| e.into_raft(subject, ErrorVerb::Write))?;
-        if record_older {
-            let mut p = self.persisted.lock().unwrap_or_else(|e| e.into_inner());
-            *p = (*p).max(last);
-        }
         tracing::debug!(snapshot = %meta, "built snapshot");
         Ok(Snapshot {
             meta,

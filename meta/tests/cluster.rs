@@ -566,3 +566,76 @@ async fn a_namespace_at_its_size_limit_refuses_to_grow_and_can_shrink() {
     assert!(client.fs(create(made)).await.unwrap().is_ok());
     c.shutdown().await;
 }
+
+/// A namespace larger than a frame (some 18 MiB of extended attributes) reaches a
+/// replica that joins after the log was purged: the snapshot goes in chunks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_larger_than_a_frame_reaches_a_new_replica_in_chunks() {
+    use drs_meta::fs::{FsCommand, FsReply, Kind, Time, ROOT};
+    let _serial = SERIAL.lock().await;
+    init_tracing();
+    let mut c = Cluster::start(3, 8, |cfg| {
+        cfg.snapshot_after_logs = 400;
+        cfg.logs_kept_after_snapshot = 0;
+    })
+    .await;
+    let client = c.client();
+    let now = Time { secs: 1, nanos: 0 };
+    let format = FsCommand::Format {
+        blocks: 1 << 16,
+        block_size: 4096,
+        uid: 0,
+        gid: 0,
+        now,
+    };
+    assert!(client.fs(format).await.unwrap().is_ok());
+    for i in 0..300 {
+        let create = FsCommand::Create {
+            parent: ROOT,
+            name: format!("file-{i:04}").into_bytes(),
+            kind: Kind::File,
+            perm: 0o644,
+            uid: 0,
+            gid: 0,
+            rdev: 0,
+            target: Vec::new(),
+            now,
+        };
+        let Ok(FsReply::Attr(a)) = client.fs(create).await.unwrap() else {
+            panic!("create {i}");
+        };
+        let xattr = FsCommand::SetXattr {
+            ino: a.ino,
+            name: b"user.payload".to_vec(),
+            value: vec![i as u8; 60 << 10],
+            create: true,
+            replace: false,
+            now,
+        };
+        assert!(client.fs(xattr).await.unwrap().is_ok(), "xattr {i}");
+    }
+    let leader = c.wait_leader(Duration::from_secs(10)).await;
+    let size = c.nodes[&leader].fs().read().encoded_len();
+    assert!(size > drs_meta::net::MAX_FRAME_LEN, "{size} bytes");
+    wait_until(Duration::from_secs(20), "the log to be purged", || {
+        c.nodes[&leader].raft().metrics().borrow().purged.is_some()
+    })
+    .await;
+
+    let fourth = c.start_replica(4, None).await;
+    let t = Instant::now();
+    let members = client.add_replica(4, fourth.local_addr()).await.unwrap();
+    eprintln!("replica 4 added in {:?}", t.elapsed());
+    assert_eq!(members.len(), 4);
+    let leader = c.wait_leader(Duration::from_secs(10)).await;
+    wait_until(Duration::from_secs(20), "the newcomer's snapshot", || {
+        fourth.raft().metrics().borrow().snapshot.is_some()
+    })
+    .await;
+    wait_until(Duration::from_secs(20), "the newcomer's namespace", || {
+        *fourth.fs().read() == *c.nodes[&leader].fs().read()
+    })
+    .await;
+    assert_eq!(fourth.fs().read().inode_count(), 301);
+    c.shutdown().await;
+}

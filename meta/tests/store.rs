@@ -284,3 +284,308 @@ async fn corrupt_records_are_typed_errors() {
         Err(store::StoreError::Open { .. })
     ));
 }
+
+mod namespace {
+    //! The namespace is stored a record per inode and per free run: what a persist
+    //! writes, a reopen reads back whole; a snapshot larger than a frame builds and
+    //! installs; the earlier single-record layout is rewritten when opened.
+
+    use super::*;
+    use drs_meta::fs::{FsCommand, FsReply, FsState, Kind, Time, ROOT};
+    use drs_meta::store::SmData;
+
+    const NOW: Time = Time { secs: 5, nanos: 0 };
+
+    fn fs_entry(index: u64, cmd: FsCommand) -> Entry<TypeConfig> {
+        entry(
+            1,
+            index,
+            EntryPayload::Normal(once(1000 + index, MetaCommand::Fs(cmd))),
+        )
+    }
+
+    fn create(name: &str) -> FsCommand {
+        FsCommand::Create {
+            parent: ROOT,
+            name: name.as_bytes().to_vec(),
+            kind: Kind::File,
+            perm: 0o644,
+            uid: 0,
+            gid: 0,
+            rdev: 0,
+            target: Vec::new(),
+            now: NOW,
+        }
+    }
+
+    /// Applies `cmds` one entry each from log index `*next`; the answers.
+    async fn apply(sm: &mut StateMachine, next: &mut u64, cmds: Vec<FsCommand>) -> Vec<FsReply> {
+        let entries: Vec<_> = cmds
+            .into_iter()
+            .map(|c| {
+                *next += 1;
+                fs_entry(*next - 1, c)
+            })
+            .collect();
+        sm.apply(entries)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| match r {
+                MetaResponse::Fs(Ok(reply)) => reply,
+                other => panic!("refused: {other:?}"),
+            })
+            .collect()
+    }
+
+    fn fs_of(sm: &StateMachine) -> FsState {
+        sm.fs().read().clone()
+    }
+
+    /// Record counts of the two namespace tables, read behind the store's back.
+    fn records(dir: &std::path::Path) -> (u64, u64) {
+        use redb::{ReadableDatabase, ReadableTableMetadata};
+        let db = redb::Database::create(dir.join(store::DB_FILE)).unwrap();
+        let txn = db.begin_read().unwrap();
+        let inodes: redb::TableDefinition<u64, &[u8]> = redb::TableDefinition::new("fs_inodes");
+        let free: redb::TableDefinition<u64, u64> = redb::TableDefinition::new("fs_free");
+        let n = txn.open_table(inodes).unwrap().len().unwrap();
+        let f = txn.open_table(free).unwrap().len().unwrap();
+        (n, f)
+    }
+
+    /// Files with data blocks here and there (so the free runs split and merge),
+    /// extended attributes, a rename, and files removed (their records must go).
+    async fn busy_namespace(sm: &mut StateMachine, next: &mut u64) {
+        let format = FsCommand::Format {
+            blocks: 10_000,
+            block_size: 4096,
+            uid: 0,
+            gid: 0,
+            now: NOW,
+        };
+        apply(sm, next, vec![format]).await;
+        let made = apply(
+            sm,
+            next,
+            (0..200).map(|i| create(&format!("f{i}"))).collect(),
+        )
+        .await;
+        let inos: Vec<u64> = made
+            .iter()
+            .map(|r| match r {
+                FsReply::Attr(a) => a.ino,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        let maps = inos
+            .iter()
+            .enumerate()
+            .map(|(i, ino)| FsCommand::Map {
+                ino: *ino,
+                first: (i as u64 % 7) * 3,
+                count: 1 + i as u64 % 5,
+                ahead: 0,
+            })
+            .collect();
+        apply(sm, next, maps).await;
+        let xattrs = inos
+            .iter()
+            .step_by(9)
+            .map(|ino| FsCommand::SetXattr {
+                ino: *ino,
+                name: b"user.tag".to_vec(),
+                value: ino.to_le_bytes().repeat(20),
+                create: true,
+                replace: false,
+                now: NOW,
+            })
+            .collect();
+        apply(sm, next, xattrs).await;
+        let rename = FsCommand::Rename {
+            parent: ROOT,
+            name: b"f1".to_vec(),
+            new_parent: ROOT,
+            new_name: b"g1".to_vec(),
+            noreplace: false,
+            exchange: false,
+            now: NOW,
+        };
+        apply(sm, next, vec![rename]).await;
+        let unlinks = (100..160)
+            .map(|i| FsCommand::Unlink {
+                parent: ROOT,
+                name: format!("f{i}").into_bytes(),
+                dir: false,
+                now: NOW,
+            })
+            .collect();
+        let drops = apply(sm, next, unlinks)
+            .await
+            .into_iter()
+            .filter_map(|r| match r {
+                FsReply::Orphaned(Some(ino)) => Some(FsCommand::Drop { ino }),
+                _ => None,
+            })
+            .collect::<Vec<_>>();
+        assert_eq!(drops.len(), 60);
+        apply(sm, next, drops).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_persisted_namespace_reopens_whole_with_a_record_per_inode() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut next = 1;
+        let expected = {
+            let (_log, mut sm) = store::open(dir.path()).unwrap();
+            busy_namespace(&mut sm, &mut next).await;
+            fs_of(&sm)
+        };
+        expected.check().unwrap();
+        assert_eq!(expected.inode_count(), 141);
+        let (inodes, free) = records(dir.path());
+        assert_eq!(inodes, 141, "one record per inode, the removed ones gone");
+        assert_eq!(free, expected.free_runs().len() as u64);
+        assert!(free > 1, "the free list is split: {free}");
+
+        // Persisted only every 1000 entries: a snapshot persists first, so what was
+        // applied before it is on disk without the log.
+        let (_log, mut sm) = store::open(dir.path()).unwrap();
+        assert_eq!(fs_of(&sm), expected);
+        sm.set_persist_every(1000);
+        let unlinks = (0..40)
+            .map(|i| FsCommand::Unlink {
+                parent: ROOT,
+                name: format!("f{}", 2 + i).into_bytes(),
+                dir: false,
+                now: NOW,
+            })
+            .collect();
+        let drops: Vec<_> = apply(&mut sm, &mut next, unlinks)
+            .await
+            .into_iter()
+            .filter_map(|r| match r {
+                FsReply::Orphaned(Some(ino)) => Some(FsCommand::Drop { ino }),
+                _ => None,
+            })
+            .collect();
+        apply(&mut sm, &mut next, drops).await;
+        apply(&mut sm, &mut next, vec![create("late")]).await;
+        let after = fs_of(&sm);
+        assert_ne!(after, expected);
+        sm.get_snapshot_builder()
+            .await
+            .build_snapshot()
+            .await
+            .unwrap();
+        drop(sm);
+        drop(_log);
+        let (inodes, _) = records(dir.path());
+        assert_eq!(inodes, after.inode_count() as u64);
+        let (_log, sm) = store::open(dir.path()).unwrap();
+        assert_eq!(fs_of(&sm), after);
+        assert_eq!(
+            sm.data().last_applied.map(|l| l.index),
+            Some(next - 1),
+            "persisted up to the snapshot"
+        );
+    }
+
+    /// A namespace of more than a frame (some 20 MiB of extended attributes) makes a
+    /// snapshot that installs whole into another store.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_snapshot_larger_than_a_frame_builds_and_installs() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_log, mut sm) = store::open(dir.path()).unwrap();
+        let mut next = 1;
+        busy_namespace(&mut sm, &mut next).await;
+        apply(
+            &mut sm,
+            &mut next,
+            (0..200).map(|i| create(&format!("h{i}"))).collect(),
+        )
+        .await;
+        let inos: Vec<u64> = fs_of(&sm).inodes().keys().copied().collect();
+        let big = inos
+            .iter()
+            .map(|ino| FsCommand::SetXattr {
+                ino: *ino,
+                name: b"user.big".to_vec(),
+                value: vec![*ino as u8; 60 << 10],
+                create: false,
+                replace: false,
+                now: NOW,
+            })
+            .collect::<Vec<_>>();
+        for chunk in big.chunks(64) {
+            apply(&mut sm, &mut next, chunk.to_vec()).await;
+        }
+        let expected = fs_of(&sm);
+        assert!(expected.encoded_len() > drs_meta::net::MAX_FRAME_LEN);
+        let snap = sm
+            .get_snapshot_builder()
+            .await
+            .build_snapshot()
+            .await
+            .unwrap();
+        let other = tempfile::tempdir().unwrap();
+        {
+            let (_log2, mut sm2) = store::open(other.path()).unwrap();
+            sm2.install_snapshot(&snap.meta, snap.snapshot)
+                .await
+                .unwrap();
+            assert_eq!(fs_of(&sm2), expected);
+            let stored = sm2.get_current_snapshot().await.unwrap().unwrap();
+            assert_eq!(stored.meta, snap.meta);
+        }
+        let (_log2, sm2) = store::open(other.path()).unwrap();
+        assert_eq!(fs_of(&sm2), expected, "the installed namespace reopens");
+    }
+
+    /// A database of the earlier layout (the whole state machine in one record) opens
+    /// with the same state, rewritten as a record per inode.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_single_record_layout_is_rewritten_when_opened() {
+        let dir = tempfile::tempdir().unwrap();
+        let (data, expected): (SmData, FsState) = {
+            let scratch = tempfile::tempdir().unwrap();
+            let (_log, mut sm) = store::open(scratch.path()).unwrap();
+            let mut next = 1;
+            busy_namespace(&mut sm, &mut next).await;
+            (sm.data().clone(), fs_of(&sm))
+        };
+        {
+            let db = redb::Database::create(dir.path().join(store::DB_FILE)).unwrap();
+            let txn = db.begin_write().unwrap();
+            {
+                let meta: redb::TableDefinition<&str, &[u8]> =
+                    redb::TableDefinition::new("raft_meta");
+                let mut t = txn.open_table(meta).unwrap();
+                let old = postcard::to_stdvec(&data).unwrap();
+                t.insert("state_machine", old.as_slice()).unwrap();
+            }
+            txn.commit().unwrap();
+        }
+        {
+            let (_log, sm) = store::open(dir.path()).unwrap();
+            assert_eq!(fs_of(&sm), expected);
+            assert_eq!(sm.data().last_applied, data.last_applied);
+            assert_eq!(sm.data().answered, data.answered);
+        }
+        assert_eq!(records(dir.path()).0, expected.inode_count() as u64);
+        {
+            use redb::ReadableDatabase;
+            let db = redb::Database::create(dir.path().join(store::DB_FILE)).unwrap();
+            let txn = db.begin_read().unwrap();
+            let meta: redb::TableDefinition<&str, &[u8]> = redb::TableDefinition::new("raft_meta");
+            let t = txn.open_table(meta).unwrap();
+            assert!(
+                t.get("state_machine").unwrap().is_none(),
+                "the old record is gone"
+            );
+            assert!(t.get("state_head").unwrap().is_some());
+        }
+        let (_log, sm) = store::open(dir.path()).unwrap();
+        assert_eq!(fs_of(&sm), expected);
+    }
+}

@@ -839,6 +839,85 @@ fn thousands_of_files_in_one_directory() {
     );
 }
 
+/// Goal: a full namespace fails what would grow it with ENOSPC (never EIO, never a
+/// hang), lets files be removed, and has room again afterwards.
+///
+/// Method: nodes started with `--namespace-limit-mib 1`; files with 60 KiB extended
+/// attributes made until the mount answers ENOSPC, then empty files until two
+/// creates 150 ms apart (the leader measures again at most every 100 ms when full)
+/// are refused; then making a directory and a 1 MiB write to a file that has no
+/// blocks yet fail with ENOSPC (both ask for more than a create), while reading
+/// works; once half the files are gone, renaming over works and a new file is
+/// written and reads back the same through a second mount.
+#[test]
+fn a_full_namespace_fails_with_enospc_then_has_room_again() {
+    let c = Cluster::up_sized(
+        1024,
+        "64KiB",
+        &["--down-after-ms", "1000", "--namespace-limit-mib", "1"],
+    );
+    let m = Mount::new(&c, "mnt", &[]);
+    let enospc = |r: std::io::Result<()>, what: &str| match r {
+        Err(e) if errno_of(&e) == libc::ENOSPC => {}
+        other => panic!("{what}: {other:?}, not ENOSPC"),
+    };
+    let fill = vec![0x5a_u8; 60 << 10];
+    let mut made = 0;
+    let full = loop {
+        let path = m.p(&format!("f{made:03}"));
+        let r = match File::create(&path) {
+            Ok(_) => xattr::set(&path, "user.fill", &fill, 0),
+            Err(e) => Err(errno_of(&e)),
+        };
+        match r {
+            Ok(()) => made += 1,
+            Err(e) => break e,
+        }
+        assert!(made < 64, "{made} files of 60 KiB under a 1 MiB limit");
+    };
+    assert_eq!(full, libc::ENOSPC, "errno {full}");
+    assert!(made >= 8, "only {made} files before the limit");
+    let mut empty = 0;
+    let mut refused = 0;
+    while refused < 2 {
+        match File::create(m.p(&format!("e{empty:04}"))) {
+            Ok(_) => {
+                empty += 1;
+                refused = 0;
+            }
+            Err(e) => {
+                assert_eq!(errno_of(&e), libc::ENOSPC, "{e}");
+                refused += 1;
+                thread::sleep(Duration::from_millis(150));
+            }
+        }
+        assert!(empty < 5000, "{empty} empty files and not full");
+    }
+    enospc(
+        fs::create_dir(m.p(&"a-directory-with-a-long-name-".repeat(3))),
+        "mkdir",
+    );
+    let mut f = OpenOptions::new().write(true).open(m.p("f000")).unwrap();
+    enospc(
+        f.write_all(&random_bytes(1, 1 << 20))
+            .and_then(|_| f.sync_all()),
+        "a write to new blocks",
+    );
+    drop(f);
+    assert_eq!(xattr::get(&m.p("f001"), "user.fill").unwrap(), fill);
+    for i in (3..made).step_by(2) {
+        fs::remove_file(m.p(&format!("f{i:03}"))).unwrap();
+    }
+    fs::rename(m.p("f002"), m.p("f001")).unwrap();
+    thread::sleep(Duration::from_millis(300));
+    let data = random_bytes(2, 200_000);
+    fs::write(m.p("after"), &data).unwrap();
+    let other = Mount::new(&c, "mnt2", &[]);
+    assert_eq!(fs::read(other.p("after")).unwrap(), data);
+    assert!(!other.p("f002").exists());
+    assert_eq!(xattr::get(&other.p("f001"), "user.fill").unwrap(), fill);
+}
+
 #[test]
 fn a_reader_in_another_mount_sees_closed_writes() {
     let c = cluster(1024);

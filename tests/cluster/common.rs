@@ -123,6 +123,7 @@ impl TestCluster {
             scrub_rate_mib: 0.0,
             metrics: false,
             session_expiry_ms: setup.session_expiry_ms,
+            namespace_limit_mib: None,
         };
         let local = LocalCluster::create(dir.path(), &spec, server(), options)
             .expect("create the local cluster");
