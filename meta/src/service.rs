@@ -156,7 +156,8 @@ impl MetaConfig {
             heartbeat_interval: self.heartbeat_ms,
             election_timeout_min: self.election_timeout_min_ms,
             election_timeout_max: self.election_timeout_max_ms,
-            install_snapshot_timeout: 10_000,
+            // Per chunk, and the last one's answer waits for the whole install.
+            install_snapshot_timeout: 30_000,
             snapshot_max_chunk_size: SNAPSHOT_CHUNK as u64,
             max_payload_entries: 256,
             snapshot_policy: SnapshotPolicy::LogsSinceLast(self.snapshot_after_logs.max(1)),
@@ -200,6 +201,8 @@ struct Inner {
     refusals: drs_proto::RefusalGate,
     /// The namespace's size as the leader last measured it, for admission.
     room: Mutex<Room>,
+    /// Snapshot chunks received (`InstallSnapshot`: snapshots larger than a frame).
+    snapshot_chunks: std::sync::atomic::AtomicU64,
 }
 
 /// The leader's view of the namespace's encoded size: measured now and then (a walk
@@ -221,6 +224,8 @@ struct Room {
     unsure: std::collections::VecDeque<(Instant, usize)>,
     /// A measurement is under way (one at a time).
     measuring: bool,
+    /// How long the last measurement took.
+    walk: Duration,
     /// The Raft term this leader measured in: a new term measures afresh, once what
     /// earlier leaders committed is applied here.
     term: u64,
@@ -248,7 +253,8 @@ const ROOM_UNSURE_FOR: Duration = Duration::from_secs(30);
 /// namespace, so far from the limit it runs seldom, and more often as room runs out.
 const ROOM_MEASURE_AFTER: usize = 1 << 20;
 /// Over the limit, measure again at most this often (the namespace may have shrunk),
-/// so a stream of refusals does not walk it for each.
+/// or ten times as long as the last walk took if that is longer, so a stream of
+/// refusals does not walk it for each.
 const ROOM_REMEASURE_OVER: Duration = Duration::from_millis(100);
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -313,6 +319,7 @@ impl MetaNode {
             connections: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
             refusals: Default::default(),
             room: Mutex::new(Room::default()),
+            snapshot_chunks: Default::default(),
         });
         let serve = tokio::spawn(serve(inner.clone(), listener));
         let detector = tokio::spawn(failure_detector(inner.clone()));
@@ -398,6 +405,12 @@ impl MetaNode {
     /// This replica's own view (no consensus).
     pub fn status(&self) -> MetaStatus {
         self.inner.status()
+    }
+
+    /// Snapshot chunks this replica received: snapshots larger than a frame come in
+    /// chunks, smaller ones whole.
+    pub fn snapshot_chunks_received(&self) -> u64 {
+        self.inner.snapshot_chunks.load(Ordering::Relaxed)
     }
 
     /// The file system namespace as applied on this replica (not a linearizable
@@ -555,9 +568,11 @@ impl Inner {
             }
             let age = room.at.map(|t| t.elapsed());
             let left = limit.saturating_sub(room.measured.saturating_add(room.carried));
+            // Over the limit, not more than a tenth of the time walking.
+            let again = ROOM_REMEASURE_OVER.max(room.walk * 10);
             let stale = age.is_none()
                 || room.admitted >= ROOM_MEASURE_AFTER.max(left / 8)
-                || (room.total(grows) > limit && age.is_none_or(|a| a >= ROOM_REMEASURE_OVER));
+                || (room.total(grows) > limit && age.is_none_or(|a| a >= again));
             if stale && !room.measuring {
                 room.measuring = true;
                 Some((room.admitted, room.in_flight))
@@ -569,8 +584,10 @@ impl Inner {
             // The walk holds the namespace's read lock (the state machine's applies
             // wait for it), not the admission lock; until it ends the old numbers
             // count, with everything admitted meanwhile.
+            let started = Instant::now();
             let measured = self.fs.read().encoded_len();
             let mut room = lock(&self.room);
+            room.walk = started.elapsed();
             room.measured = measured;
             // What was admitted before the walk is in it, unless it was still on its
             // way (it may have been applied after the walk read it).
@@ -861,10 +878,26 @@ impl Inner {
                 Ok(r) => Response::Vote(r),
                 Err(e) => fatal(e),
             },
-            Request::InstallSnapshot(rpc) => match self.raft.install_snapshot(*rpc).await {
-                Ok(r) => Response::InstallSnapshot(r),
-                Err(e) => Response::Error(WireError::Raft(e.to_string())),
-            },
+            // A chunk past what a snapshot may hold would grow the receiving buffer
+            // without bound (openraft writes it at its offset).
+            Request::InstallSnapshot(rpc)
+                if rpc.offset.saturating_add(rpc.data.len() as u64)
+                    > crate::store::MAX_STATE_LEN as u64 =>
+            {
+                Response::Error(WireError::Raft(format!(
+                    "snapshot chunk at {} of {} bytes passes the {} bytes a snapshot may hold",
+                    rpc.offset,
+                    rpc.data.len(),
+                    crate::store::MAX_STATE_LEN
+                )))
+            }
+            Request::InstallSnapshot(rpc) => {
+                self.snapshot_chunks.fetch_add(1, Ordering::Relaxed);
+                match self.raft.install_snapshot(*rpc).await {
+                    Ok(r) => Response::InstallSnapshot(r),
+                    Err(e) => Response::Error(WireError::Raft(e.to_string())),
+                }
+            }
             Request::FullSnapshot(fs) => {
                 let (vote, snapshot) = net::into_snapshot(*fs);
                 match self.raft.install_full_snapshot(vote, snapshot).await {

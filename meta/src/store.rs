@@ -13,8 +13,10 @@
 //! The state machine is persisted every `persist_every` applied entries and before a
 //! snapshot is built: one transaction writes the head and the inodes and free runs
 //! that changed since the last time ([`FsState::take_changes`]), so its cost follows
-//! the change, not the size of the namespace. On restart openraft applies the log
-//! entries after the persisted position again. A database of the earlier layout (the
+//! what changed (a changed directory is rewritten with all its entries), not the
+//! size of the namespace. On restart openraft applies the log entries after the
+//! persisted position again. A persist that failed leaves the state machine unable
+//! to persist until it restarts: the changes it took are in neither place. A database of the earlier layout (the
 //! whole state machine in one `state_machine` record) is rewritten in this one when
 //! it is opened.
 //!
@@ -117,6 +119,8 @@ pub enum StoreError {
     Snapshot(String),
     #[error("storage task failed: {0}")]
     Task(String),
+    #[error("an earlier persist of the state machine failed; restart the replica")]
+    Unpersisted,
 }
 
 macro_rules! from_redb {
@@ -344,6 +348,7 @@ pub fn open(dir: &Path) -> Result<(LogStore, StateMachine), StoreError> {
             state_tx,
             persist_every: 1,
             unpersisted: 0,
+            failed: false,
         },
     ))
 }
@@ -687,6 +692,10 @@ pub struct StateMachine {
     persist_every: u64,
     /// Entries applied since it was last persisted.
     unpersisted: u64,
+    /// A persist failed: the changes it took are not on disk and not noted any more,
+    /// so no later persist may write a head that claims them. Cleared by a restart
+    /// (which loads what is on disk and replays the log) or an installed snapshot.
+    failed: bool,
 }
 
 impl StateMachine {
@@ -728,9 +737,15 @@ impl StateMachine {
 
     /// Writes the head and the inodes and free runs changed since the last persist.
     async fn persist(&mut self) -> Result<(), StoreError> {
+        if self.failed {
+            return Err(StoreError::Unpersisted);
+        }
+        // The changes are taken before the write: failing here or there loses them.
+        self.failed = true;
         let persist = Persist::of(&self.sm, false)?;
         let db = self.db.clone();
         blocking(move || persist.write(&db, None)).await?;
+        self.failed = false;
         self.unpersisted = 0;
         Ok(())
     }
@@ -874,6 +889,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         sm.fs = self.sm.fs.share();
         self.sm = sm;
         self.unpersisted = 0;
+        self.failed = false;
         self.publish();
         Ok(())
     }

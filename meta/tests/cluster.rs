@@ -476,7 +476,7 @@ async fn a_fourth_replica_joins_by_snapshot_and_a_replica_leaves() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_namespace_at_its_size_limit_refuses_to_grow_and_can_shrink() {
     use drs_meta::fs::{FsCommand, FsError, FsReply, Kind, Time, ROOT};
-    // A limit of 16 KiB instead of 12 MiB: some 200 small files.
+    // A limit of 16 KiB instead of 64 MiB: some 200 small files.
     let c = Cluster::start(3, 8, |cfg| cfg.namespace_limit = 16 << 10).await;
     c.wait_leader(Duration::from_secs(10)).await;
     let client = c.client();
@@ -574,8 +574,9 @@ async fn a_snapshot_larger_than_a_frame_reaches_a_new_replica_in_chunks() {
     use drs_meta::fs::{FsCommand, FsReply, Kind, Time, ROOT};
     let _serial = SERIAL.lock().await;
     init_tracing();
+    // No snapshot until asked for: the one taken holds every write.
     let mut c = Cluster::start(3, 8, |cfg| {
-        cfg.snapshot_after_logs = 400;
+        cfg.snapshot_after_logs = 100_000;
         cfg.logs_kept_after_snapshot = 0;
     })
     .await;
@@ -617,8 +618,12 @@ async fn a_snapshot_larger_than_a_frame_reaches_a_new_replica_in_chunks() {
     let leader = c.wait_leader(Duration::from_secs(10)).await;
     let size = c.nodes[&leader].fs().read().encoded_len();
     assert!(size > drs_meta::net::MAX_FRAME_LEN, "{size} bytes");
-    wait_until(Duration::from_secs(20), "the log to be purged", || {
-        c.nodes[&leader].raft().metrics().borrow().purged.is_some()
+    let raft = c.nodes[&leader].raft().clone();
+    raft.trigger().snapshot().await.unwrap();
+    let applied = raft.metrics().borrow().last_applied;
+    wait_until(Duration::from_secs(20), "a snapshot of everything", || {
+        let m = raft.metrics().borrow().clone();
+        m.snapshot >= applied && m.purged.is_some()
     })
     .await;
 
@@ -637,5 +642,10 @@ async fn a_snapshot_larger_than_a_frame_reaches_a_new_replica_in_chunks() {
     })
     .await;
     assert_eq!(fourth.fs().read().inode_count(), 301);
+    let chunks = fourth.snapshot_chunks_received();
+    assert!(
+        chunks >= 5,
+        "{chunks} chunks of 4 MiB for a snapshot of {size} bytes"
+    );
     c.shutdown().await;
 }

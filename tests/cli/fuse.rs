@@ -844,11 +844,13 @@ fn thousands_of_files_in_one_directory() {
 ///
 /// Method: nodes started with `--namespace-limit-mib 1`; files with 60 KiB extended
 /// attributes made until the mount answers ENOSPC, then empty files until two
-/// creates 150 ms apart (the leader measures again at most every 100 ms when full)
-/// are refused; then making a directory and a 1 MiB write to a file that has no
-/// blocks yet fail with ENOSPC (both ask for more than a create), while reading
-/// works; once half the files are gone, renaming over works and a new file is
-/// written and reads back the same through a second mount.
+/// creates a second apart are refused (once full, the leader measures the namespace
+/// again at most every 100 ms, or ten times as long as a walk of it takes); then making a directory with a 250-byte name and a 1 MiB write to a
+/// file that has no blocks yet (16 new blocks) fail with ENOSPC (each counts some
+/// 200 bytes more than a create, more than the opens and closes in between change),
+/// while reading works; once half the files are gone (and the
+/// leader has measured again), renaming over works and a new file is written and
+/// reads back the same through a second mount.
 #[test]
 fn a_full_namespace_fails_with_enospc_then_has_room_again() {
     let c = Cluster::up_sized(
@@ -888,15 +890,12 @@ fn a_full_namespace_fails_with_enospc_then_has_room_again() {
             Err(e) => {
                 assert_eq!(errno_of(&e), libc::ENOSPC, "{e}");
                 refused += 1;
-                thread::sleep(Duration::from_millis(150));
+                thread::sleep(Duration::from_secs(1));
             }
         }
         assert!(empty < 5000, "{empty} empty files and not full");
     }
-    enospc(
-        fs::create_dir(m.p(&"a-directory-with-a-long-name-".repeat(3))),
-        "mkdir",
-    );
+    enospc(fs::create_dir(m.p(&"d".repeat(250))), "mkdir");
     let mut f = OpenOptions::new().write(true).open(m.p("f000")).unwrap();
     enospc(
         f.write_all(&random_bytes(1, 1 << 20))
@@ -908,8 +907,8 @@ fn a_full_namespace_fails_with_enospc_then_has_room_again() {
     for i in (3..made).step_by(2) {
         fs::remove_file(m.p(&format!("f{i:03}"))).unwrap();
     }
+    thread::sleep(Duration::from_secs(1));
     fs::rename(m.p("f002"), m.p("f001")).unwrap();
-    thread::sleep(Duration::from_millis(300));
     let data = random_bytes(2, 200_000);
     fs::write(m.p("after"), &data).unwrap();
     let other = Mount::new(&c, "mnt2", &[]);
