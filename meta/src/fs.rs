@@ -541,6 +541,36 @@ pub struct FsHead {
     next_freeing: u64,
 }
 
+impl FsHead {
+    /// Appends to `out` what postcard makes of the [`FsState`] of this head with the
+    /// inodes and free runs that `inodes` and `free` append (each a map: its length,
+    /// then its entries), without building that state: a snapshot straight from the
+    /// store's records. The order is `FsState`'s fields'.
+    pub fn encode_state_with<E: From<postcard::Error>>(
+        &self,
+        out: Vec<u8>,
+        inodes: impl FnOnce(Vec<u8>) -> Result<Vec<u8>, E>,
+        free: impl FnOnce(Vec<u8>) -> Result<Vec<u8>, E>,
+    ) -> Result<Vec<u8>, E> {
+        let first = (
+            self.formatted,
+            self.block_size,
+            self.blocks,
+            self.used,
+            self.next_ino,
+        );
+        let out = postcard::to_extend(&first, out)?;
+        let out = free(inodes(out)?)?;
+        let last = (
+            self.next_session,
+            &self.sessions,
+            &self.held,
+            self.next_freeing,
+        );
+        Ok(postcard::to_extend(&last, out)?)
+    }
+}
+
 /// The keys of the inodes and free runs changed (set or removed) since the last
 /// [`FsState::take_changes`].
 #[derive(Debug, Default, PartialEq, Eq)]

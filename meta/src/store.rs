@@ -21,7 +21,10 @@
 //! it is opened.
 //!
 //! A snapshot is the postcard encoding of the whole state machine ([`SmData`]), sent in
-//! chunks when it does not fit one frame; installing one replaces the state machine's
+//! chunks when it does not fit one frame. It is encoded from the records a read
+//! transaction sees, opened when openraft asks for a snapshot just after the state
+//! machine was persisted, on the blocking pool: applying goes on meanwhile, and the
+//! namespace is not copied in memory. Installing one replaces the state machine's
 //! records and the current snapshot in one transaction. Writes are committed durably
 //! (fsync) before they are reported done, except the committed log id, which openraft
 //! only needs as a hint and which becomes durable with the next write.
@@ -43,7 +46,9 @@ use openraft::{
     OptionalSend, RaftLogReader, RaftSnapshotBuilder, Snapshot, SnapshotMeta, StorageError,
     StorageIOError, StoredMembership, Vote,
 };
-use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{
+    Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
+};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
@@ -139,6 +144,16 @@ from_redb!(
     redb::CommitError,
     redb::SetDurabilityError
 );
+
+/// Encoding a snapshot piece by piece ([`snapshot_from`]).
+impl From<postcard::Error> for StoreError {
+    fn from(source: postcard::Error) -> Self {
+        StoreError::Encode {
+            what: "snapshot data",
+            source,
+        }
+    }
+}
 
 impl StoreError {
     fn into_raft(self, subject: ErrorSubject<NodeId>, verb: ErrorVerb) -> StorageError<NodeId> {
@@ -833,19 +848,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         } else {
             Ok(())
         };
-        // Encoded here rather than copied: the encoding is a fraction of the size of
-        // the namespace in memory.
-        let prepared = persisted.and_then(|()| {
-            let data = encode_state("snapshot data", &self.sm).map_err(|e| e.to_string())?;
-            Ok(Prepared {
-                data,
-                last_applied: self.sm.last_applied,
-                last_membership: self.sm.last_membership.clone(),
-            })
-        });
+        // The records as of now: the builder encodes them while this goes on.
+        let txn = persisted.and_then(|()| self.db.begin_read().map_err(|e| e.to_string()));
         SnapshotBuilder {
             db: self.db.clone(),
-            prepared,
+            txn,
         }
     }
 
@@ -907,30 +914,94 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 }
 
-/// The state machine encoded when a snapshot was requested, after it was persisted
-/// up to that point.
+/// A snapshot as encoded from the store's records.
 struct Prepared {
     data: Vec<u8>,
     last_applied: Option<LogId<NodeId>>,
     last_membership: StoredMembership<NodeId, BasicNode>,
 }
 
-/// Stores and hands out the snapshot prepared when it was requested.
+/// Encodes the state machine as a snapshot from the records a read transaction sees:
+/// the bytes postcard makes of the [`SmData`] they hold, without building it (the
+/// inodes' records are copied as they are), so the state machine goes on applying
+/// meanwhile and the namespace is not copied in memory.
+fn snapshot_from(txn: &redb::ReadTransaction) -> Result<Prepared, StoreError> {
+    let meta = txn.open_table(META)?;
+    let Some(head) = meta.get(KEY_HEAD)? else {
+        // Nothing persisted yet: the empty state machine.
+        let sm = SmData::default();
+        return Ok(Prepared {
+            data: encode_state("snapshot data", &sm)?,
+            last_applied: sm.last_applied,
+            last_membership: sm.last_membership,
+        });
+    };
+    let head: Head = decode_state(KEY_HEAD, head.value())?;
+    let parts = (
+        &head.last_applied,
+        &head.last_membership,
+        &head.state,
+        &head.answered,
+    );
+    let out = postcard::to_extend(&parts, Vec::new())?;
+    let inodes = txn.open_table(INODES)?;
+    let free = txn.open_table(FREE)?;
+    let data = head.fs.encode_state_with(
+        out,
+        |out| {
+            let n = usize::try_from(inodes.len()?).unwrap_or(usize::MAX);
+            let mut out = postcard::to_extend(&n, out)?;
+            for item in inodes.iter()? {
+                let (k, v) = item?;
+                out = postcard::to_extend(&k.value(), out)?;
+                out.extend_from_slice(v.value());
+            }
+            Ok::<_, StoreError>(out)
+        },
+        |out| {
+            let n = usize::try_from(free.len()?).unwrap_or(usize::MAX);
+            let mut out = postcard::to_extend(&n, out)?;
+            for item in free.iter()? {
+                let (k, v) = item?;
+                out = postcard::to_extend(&(k.value(), v.value()), out)?;
+            }
+            Ok(out)
+        },
+    )?;
+    if data.len() > MAX_STATE_LEN {
+        return Err(StoreError::TooLarge {
+            what: "snapshot data".into(),
+            len: data.len(),
+            limit: MAX_STATE_LEN,
+        });
+    }
+    Ok(Prepared {
+        data,
+        last_applied: head.last_applied,
+        last_membership: head.last_membership,
+    })
+}
+
+/// Builds the snapshot from the records of the read transaction opened when it was
+/// requested, just after the state machine was persisted up to that point.
 pub struct SnapshotBuilder {
     db: Arc<Database>,
-    /// The encoded state machine, or why persisting or encoding it failed.
-    prepared: Result<Prepared, String>,
+    /// The read transaction, or why persisting or opening it failed.
+    txn: Result<redb::ReadTransaction, String>,
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     async fn build_snapshot(&mut self) -> StorageResult<Snapshot<TypeConfig>> {
-        let p = match std::mem::replace(&mut self.prepared, Err("built already".into())) {
-            Ok(p) => p,
+        let txn = match std::mem::replace(&mut self.txn, Err("built already".into())) {
+            Ok(t) => t,
             Err(e) => {
-                let e = StoreError::Snapshot(format!("state machine not prepared: {e}"));
+                let e = StoreError::Snapshot(format!("state machine not persisted: {e}"));
                 return Err(e.into_raft(ErrorSubject::Snapshot(None), ErrorVerb::Write));
             }
         };
+        let p = blocking(move || snapshot_from(&txn))
+            .await
+            .map_err(|e| e.into_raft(ErrorSubject::Snapshot(None), ErrorVerb::Read))?;
         let data = p.data;
         let snapshot_id = match &p.last_applied {
             Some(l) => format!("{}-{}-{:08x}", l.leader_id, l.index, rand::random::<u32>()),

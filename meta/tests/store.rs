@@ -473,11 +473,17 @@ mod namespace {
         apply(&mut sm, &mut next, vec![create("late")]).await;
         let after = fs_of(&sm);
         assert_ne!(after, expected);
-        sm.get_snapshot_builder()
+        let snap = sm
+            .get_snapshot_builder()
             .await
             .build_snapshot()
             .await
             .unwrap();
+        // Encoded from the records: the same bytes as the state machine's own encoding.
+        assert_eq!(
+            snap.snapshot.into_inner(),
+            postcard::to_stdvec(sm.data()).unwrap()
+        );
         drop(sm);
         drop(_log);
         let (inodes, _) = records(dir.path());
@@ -522,12 +528,22 @@ mod namespace {
         }
         let expected = fs_of(&sm);
         assert!(expected.encoded_len() > drs_meta::net::MAX_FRAME_LEN);
-        let snap = sm
-            .get_snapshot_builder()
-            .await
-            .build_snapshot()
-            .await
-            .unwrap();
+        let builder = sm.get_snapshot_builder().await;
+        // Applied after the request: not in the snapshot, which the records as of the
+        // request make.
+        let late = vec![fs_entry(next, create("late"))];
+        sm.apply(late).await.unwrap();
+        let mut builder = builder;
+        let snap = builder.build_snapshot().await.unwrap();
+        assert_eq!(snap.meta.last_log_id.map(|l| l.index), Some(next - 1));
+        assert_eq!(
+            store::decode_snapshot(snap.snapshot.get_ref())
+                .unwrap()
+                .fs
+                .read()
+                .clone(),
+            expected
+        );
         let other = tempfile::tempdir().unwrap();
         {
             let (_log2, mut sm2) = store::open(other.path()).unwrap();
