@@ -382,12 +382,17 @@ impl Client {
             .call(node, lane, &Request::GetMap, Bytes::new(), timeout)
             .await
         {
-            Ok((Response::Map { toml }, _)) => match ClusterMap::from_toml(&toml) {
-                Ok(map) => {
-                    self.set_map(map);
+            Ok((Response::Map, toml)) => {
+                match std::str::from_utf8(&toml)
+                    .map_err(|e| e.to_string())
+                    .and_then(|t| ClusterMap::from_toml(t).map_err(|e| e.to_string()))
+                {
+                    Ok(map) => {
+                        self.set_map(map);
+                    }
+                    Err(e) => tracing::warn!(node, error = %e, "node sent an invalid cluster map"),
                 }
-                Err(e) => tracing::warn!(node, error = %e, "node sent an invalid cluster map"),
-            },
+            }
             Ok((other, _)) => tracing::warn!(node, ?other, "unexpected answer to GetMap"),
             Err(e) => tracing::debug!(node, error = %e, "GetMap failed"),
         }

@@ -435,13 +435,24 @@ impl Node {
         }
     }
 
-    /// The answer to `GetMap`.
-    fn map_answer(&self) -> Response {
+    /// The answer to `GetMap`: the map's TOML goes in the payload.
+    fn map_answer(&self) -> (Response, Bytes) {
         match self.live_map().to_toml() {
-            Ok(toml) => Response::Map { toml },
-            Err(e) => Response::Error(WireError::Io {
-                kind: format!("cluster map: {e}"),
-            }),
+            Ok(toml) if toml.len() <= drs_proto::frame::MAX_PAYLOAD_LEN => {
+                (Response::Map, Bytes::from(toml))
+            }
+            Ok(toml) => (
+                Response::Error(WireError::Io {
+                    kind: format!("cluster map of {} bytes does not fit a frame", toml.len()),
+                }),
+                Bytes::new(),
+            ),
+            Err(e) => (
+                Response::Error(WireError::Io {
+                    kind: format!("cluster map: {e}"),
+                }),
+                Bytes::new(),
+            ),
         }
     }
 
@@ -466,8 +477,9 @@ impl Node {
         // An older epoch may not know a node is down or replaced: the sender must
         // learn the new map first. A newer one only means this node has not heard yet.
         let epoch = self.epoch();
+        // Answered whatever the epoch (its payload needs the concurrent path).
         if let Request::GetMap = req {
-            return Admitted::Answer(self.map_answer());
+            return Admitted::Run(req);
         }
         // A heartbeat only says the client is alive, whatever map it has: refusing it
         // for a stale epoch would let the lease of a live client run out while it
@@ -537,7 +549,7 @@ impl Node {
         };
         let res = match req {
             Request::Ping => Ok((Response::Pong(self.info()), Bytes::new())),
-            Request::GetMap => Ok((self.map_answer(), Bytes::new())),
+            Request::GetMap => Ok(self.map_answer()),
             Request::Read(r) => {
                 let (store, mode) = match self.volume(r.volume) {
                     Ok(v) => (v.store.clone(), r.mode),

@@ -917,3 +917,33 @@ async fn a_cache_groups_copies_come_back_in_pages_that_fit_a_frame() {
     assert_eq!(seen, (0..BLOCKS).collect::<Vec<_>>());
     assert!(pages >= 3, "{BLOCKS} copies came in {pages} pages");
 }
+
+#[tokio::test]
+async fn a_map_of_hundreds_of_nodes_comes_whole_whatever_the_epoch() {
+    // 1000 nodes with their data directories: the TOML is well over a frame's 64 KiB
+    // control section.
+    let n = start_with(|map| {
+        let mut extra = map.nodes[1].clone();
+        for id in 3..1000 {
+            extra.id = id;
+            extra.addr = SocketAddr::from(([127, 0, 1, (id % 250) as u8], 7000 + id as u16));
+            extra.data_dir = Some(format!("/srv/drs/rack-{}/node-{id}", id / 40).into());
+            map.nodes.push(extra.clone());
+        }
+    })
+    .await;
+    let mut c = connect(&n).await;
+    // A sender with an older epoch still gets it.
+    let mut h = header(1);
+    h.epoch = 0;
+    let (resp, toml) = ask_with(&mut c, h, &Request::GetMap, Bytes::new()).await;
+    assert!(matches!(resp, Response::Map), "{resp:?}");
+    assert!(
+        toml.len() > drs_proto::frame::MAX_CTRL_LEN,
+        "{} bytes",
+        toml.len()
+    );
+    let map = drs_proto::map::ClusterMap::from_toml(std::str::from_utf8(&toml).unwrap()).unwrap();
+    assert_eq!(map.nodes.len(), 1000);
+    assert_eq!(map.nodes[999].id, 999);
+}

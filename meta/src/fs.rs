@@ -1849,7 +1849,7 @@ fn cut_range(i: &mut Inode, from: u64, to: u64) -> Vec<Extent> {
 
 /// The file system state as the state machine holds it: shared with the replica's
 /// query handler (which reads it under the lock after a linearizable read) without
-/// copying. Cloning copies the state (a snapshot is a consistent copy).
+/// copying. Cloning copies the state.
 #[derive(Debug, Default)]
 pub struct SharedFs(Arc<RwLock<FsState>>);
 

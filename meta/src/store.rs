@@ -849,7 +849,15 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             Ok(())
         };
         // The records as of now: the builder encodes them while this goes on.
-        let txn = persisted.and_then(|()| self.db.begin_read().map_err(|e| e.to_string()));
+        let txn = match persisted {
+            Ok(()) => {
+                let db = self.db.clone();
+                blocking(move || Ok(db.begin_read()?))
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+            Err(e) => Err(e),
+        };
         SnapshotBuilder {
             db: self.db.clone(),
             txn,
@@ -1022,13 +1030,25 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
         let db = self.db.clone();
         let last = meta.last_log_id;
         blocking(move || {
-            // Never replace a newer snapshot (one installed meanwhile) with this one.
-            let current: Option<StoredSnapshot> =
-                get_meta_within(&db, KEY_SNAPSHOT, MAX_STATE_LEN)?;
-            if current.is_some_and(|c| c.meta.last_log_id > last) {
-                return Ok(());
+            // Never replace a newer snapshot (one installed meanwhile) with this one:
+            // compared and written in one transaction, so no install comes between.
+            let txn = db.begin_write()?;
+            {
+                let mut table = txn.open_table(META)?;
+                let newer = match table.get(KEY_SNAPSHOT)? {
+                    Some(v) => {
+                        let c: StoredSnapshot =
+                            decode_within(KEY_SNAPSHOT, v.value(), MAX_STATE_LEN)?;
+                        c.meta.last_log_id > last
+                    }
+                    None => false,
+                };
+                if !newer {
+                    table.insert(KEY_SNAPSHOT, bytes.as_slice())?;
+                }
             }
-            put_meta(&db, &[(KEY_SNAPSHOT, &bytes)], Durability::Immediate)
+            txn.commit()?;
+            Ok(())
         })
         .await
         .map_err(|e| e.into_raft(subject, ErrorVerb::Write))?;

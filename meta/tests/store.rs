@@ -354,9 +354,22 @@ mod namespace {
         (n, f)
     }
 
-    /// Files with data blocks here and there (so the free runs split and merge),
-    /// extended attributes, a rename, and files removed (their records must go).
+    /// A membership and a cluster map, then files with data blocks here and there (so
+    /// the free runs split and merge), extended attributes, a rename, a mount's
+    /// session with a file open that another truncates (a held freeing), and files
+    /// removed (their records must go): every part of the state machine set.
     async fn busy_namespace(sm: &mut StateMachine, next: &mut u64) {
+        let members: BTreeMap<u64, BasicNode> = [(1, BasicNode::new("127.0.0.1:7001"))].into();
+        let ids: BTreeSet<u64> = members.keys().copied().collect();
+        let membership = EntryPayload::Membership(Membership::new(vec![ids], members));
+        let bootstrap = EntryPayload::Normal(once(3, MetaCommand::Bootstrap { map: small_map() }));
+        sm.apply(vec![
+            entry(1, *next, membership),
+            entry(1, *next + 1, bootstrap),
+        ])
+        .await
+        .unwrap();
+        *next += 2;
         let format = FsCommand::Format {
             blocks: 10_000,
             block_size: 4096,
@@ -412,6 +425,29 @@ mod namespace {
             now: NOW,
         };
         apply(sm, next, vec![rename]).await;
+        let [FsReply::Session(session)] =
+            apply(sm, next, vec![FsCommand::OpenSession { now: NOW }]).await[..]
+        else {
+            panic!("no session");
+        };
+        let open = FsCommand::Open {
+            session,
+            ino: inos[5],
+        };
+        let truncate = FsCommand::SetAttr {
+            ino: inos[5],
+            set: drs_meta::fs::SetAttr {
+                size: Some(0),
+                ..Default::default()
+            },
+            now: NOW,
+        };
+        apply(sm, next, vec![open, truncate]).await;
+        assert_eq!(
+            sm.fs().read().held().len(),
+            1,
+            "a freeing held for the session"
+        );
         let unlinks = (100..160)
             .map(|i| FsCommand::Unlink {
                 parent: ROOT,

@@ -8,7 +8,7 @@
 //! | request | sent by | payload in | payload out | reply |
 //! |---|---|---|---|---|
 //! | `Ping` | client, tool, node | - | - | `Pong` |
-//! | `GetMap` | client refused for a stale epoch | - | - | `Map` |
+//! | `GetMap` | client refused for a stale epoch; client probing a node | - | the map's TOML | `Map` |
 //! | `Read` | client, scrub, rebuilding node | - | bytes read | `Read` |
 //! | `Lock` (`read = true`: lock-and-read) | client | - | block (lock-and-read) | `Lock` |
 //! | `Unlock` | client | - | - | `Unlocked` |
@@ -470,10 +470,9 @@ pub enum Response {
     Repaired(RepairReply),
     List(ListReply),
     Error(WireError),
-    /// The node's cluster map, as the TOML of a cluster file.
-    Map {
-        toml: String,
-    },
+    /// The node's cluster map, as the TOML of a cluster file, in the payload (a map
+    /// of a few hundred nodes would not fit the control section).
+    Map,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
