@@ -475,34 +475,17 @@ async fn a_fourth_replica_joins_by_snapshot_and_a_replica_leaves() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_namespace_at_its_size_limit_refuses_to_grow_and_can_shrink() {
-    use drs_meta::fs::{FsCommand, FsError, FsReply, Kind, Time, ROOT};
+    use drs_meta::fs::{FsCommand, FsError, FsReply, Time, ROOT};
     // A limit of 16 KiB instead of 64 MiB: some 200 small files.
     let c = Cluster::start(3, 8, |cfg| cfg.namespace_limit = 16 << 10).await;
     c.wait_leader(Duration::from_secs(10)).await;
     let client = c.client();
     let now = Time { secs: 1, nanos: 0 };
-    let format = FsCommand::Format {
-        blocks: 1 << 16,
-        block_size: 4096,
-        uid: 0,
-        gid: 0,
-        now,
-    };
     assert!(matches!(
-        client.fs(format).await.unwrap(),
+        client.fs(format(1 << 16, now)).await.unwrap(),
         Ok(FsReply::Attr(_))
     ));
-    let create = |i: usize| FsCommand::Create {
-        parent: ROOT,
-        name: format!("file-{i:05}").into_bytes(),
-        kind: Kind::File,
-        perm: 0o644,
-        uid: 0,
-        gid: 0,
-        rdev: 0,
-        target: Vec::new(),
-        now,
-    };
+    let create = |i: usize| create_file(format!("file-{i:05}").as_bytes(), now);
     // A file with 16 blocks, mapped before the namespace is full.
     let Ok(FsReply::Attr(file)) = client.fs(create(99_999)).await.unwrap() else {
         panic!("create");
@@ -571,7 +554,7 @@ async fn a_namespace_at_its_size_limit_refuses_to_grow_and_can_shrink() {
 /// replica that joins after the log was purged: the snapshot goes in chunks.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_snapshot_larger_than_a_frame_reaches_a_new_replica_in_chunks() {
-    use drs_meta::fs::{FsCommand, FsReply, Kind, Time, ROOT};
+    use drs_meta::fs::{FsCommand, FsReply, Time};
     let _serial = SERIAL.lock().await;
     init_tracing();
     // No snapshot until asked for: the one taken holds every write.
@@ -582,26 +565,9 @@ async fn a_snapshot_larger_than_a_frame_reaches_a_new_replica_in_chunks() {
     .await;
     let client = c.client();
     let now = Time { secs: 1, nanos: 0 };
-    let format = FsCommand::Format {
-        blocks: 1 << 16,
-        block_size: 4096,
-        uid: 0,
-        gid: 0,
-        now,
-    };
-    assert!(client.fs(format).await.unwrap().is_ok());
+    assert!(client.fs(format(1 << 16, now)).await.unwrap().is_ok());
     for i in 0..300 {
-        let create = FsCommand::Create {
-            parent: ROOT,
-            name: format!("file-{i:04}").into_bytes(),
-            kind: Kind::File,
-            perm: 0o644,
-            uid: 0,
-            gid: 0,
-            rdev: 0,
-            target: Vec::new(),
-            now,
-        };
+        let create = create_file(format!("file-{i:04}").as_bytes(), now);
         let Ok(FsReply::Attr(a)) = client.fs(create).await.unwrap() else {
             panic!("create {i}");
         };

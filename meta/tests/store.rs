@@ -6,6 +6,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 
+mod common;
+
 use drs_meta::store::{self, LogStore, StateMachine};
 use drs_meta::{MetaCommand, MetaResponse, Proposal, TypeConfig};
 use drs_proto::map::{ClusterMap, MemberState, NodeEntry};
@@ -291,7 +293,7 @@ mod namespace {
     //! installs; the earlier single-record layout is rewritten when opened.
 
     use super::*;
-    use drs_meta::fs::{FsCommand, FsReply, FsState, Kind, Time, ROOT};
+    use drs_meta::fs::{FsCommand, FsReply, FsState, Time, ROOT};
     use drs_meta::store::SmData;
 
     const NOW: Time = Time { secs: 5, nanos: 0 };
@@ -305,17 +307,7 @@ mod namespace {
     }
 
     fn create(name: &str) -> FsCommand {
-        FsCommand::Create {
-            parent: ROOT,
-            name: name.as_bytes().to_vec(),
-            kind: Kind::File,
-            perm: 0o644,
-            uid: 0,
-            gid: 0,
-            rdev: 0,
-            target: Vec::new(),
-            now: NOW,
-        }
+        crate::common::create_file(name.as_bytes(), NOW)
     }
 
     /// Applies `cmds` one entry each from log index `*next`; the answers.
@@ -370,14 +362,7 @@ mod namespace {
         .await
         .unwrap();
         *next += 2;
-        let format = FsCommand::Format {
-            blocks: 10_000,
-            block_size: 4096,
-            uid: 0,
-            gid: 0,
-            now: NOW,
-        };
-        apply(sm, next, vec![format]).await;
+        apply(sm, next, vec![crate::common::format(10_000, NOW)]).await;
         let made = apply(
             sm,
             next,

@@ -228,3 +228,29 @@ pub async fn wait_until(within: Duration, what: &str, mut f: impl FnMut() -> boo
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// A `Create` of regular file `name` in the root directory, owned by root.
+pub fn create_file(name: &[u8], now: drs_meta::fs::Time) -> drs_meta::fs::FsCommand {
+    drs_meta::fs::FsCommand::Create {
+        parent: drs_meta::fs::ROOT,
+        name: name.to_vec(),
+        kind: drs_meta::fs::Kind::File,
+        perm: 0o644,
+        uid: 0,
+        gid: 0,
+        rdev: 0,
+        target: Vec::new(),
+        now,
+    }
+}
+
+/// A `Format` of `blocks` 4 KiB data blocks, owned by root.
+pub fn format(blocks: u64, now: drs_meta::fs::Time) -> drs_meta::fs::FsCommand {
+    drs_meta::fs::FsCommand::Format {
+        blocks,
+        block_size: 4096,
+        uid: 0,
+        gid: 0,
+        now,
+    }
+}
