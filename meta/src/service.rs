@@ -100,7 +100,7 @@ pub struct MetaConfig {
     pub logs_kept_after_snapshot: u64,
     /// Longest a proposal waits to be applied.
     pub propose_timeout_ms: u64,
-    /// Persist the state machine record every this many applied entries (the log
+    /// Persist the state machine every this many applied entries (the log
     /// holds the rest; see `StateMachine::set_persist_every`).
     pub sm_persist_every: u64,
     /// The cluster key every connection proves (open: none).

@@ -16,9 +16,9 @@
 //! what changed (a changed directory is rewritten with all its entries), not the
 //! size of the namespace. On restart openraft applies the log entries after the
 //! persisted position again. A persist that failed leaves the state machine unable
-//! to persist until it restarts: the changes it took are in neither place. A database of the earlier layout (the
-//! whole state machine in one `state_machine` record) is rewritten in this one when
-//! it is opened.
+//! to persist until it restarts: the changes it took are in neither place. A
+//! database of the earlier layout (the whole state machine in one `state_machine`
+//! record) is rewritten in this one when it is opened.
 //!
 //! A snapshot is the postcard encoding of the whole state machine ([`SmData`]), sent in
 //! chunks when it does not fit one frame. It is encoded from the records a read
@@ -703,7 +703,7 @@ pub struct StateMachine {
     db: Arc<Database>,
     sm: SmData,
     state_tx: watch::Sender<Arc<MetaState>>,
-    /// Persist the state machine record after this many applied entries.
+    /// Persist the state machine after this many applied entries.
     persist_every: u64,
     /// Entries applied since it was last persisted.
     unpersisted: u64,
