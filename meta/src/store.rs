@@ -319,6 +319,35 @@ struct StoredSnapshot {
     data: Vec<u8>,
 }
 
+impl StoredSnapshot {
+    /// The record of a snapshot, the bytes postcard makes of a `StoredSnapshot`,
+    /// without copying `data` into one first.
+    fn encode(meta: &SnapshotMeta<NodeId, BasicNode>, data: &[u8]) -> Result<Vec<u8>, StoreError> {
+        let out = Vec::with_capacity(data.len().saturating_add(1024));
+        // A byte vector is its length, then its bytes.
+        let mut out = postcard::to_extend(&(meta, data.len()), out)?;
+        out.extend_from_slice(data);
+        if out.len() > MAX_STATE_LEN {
+            return Err(StoreError::TooLarge {
+                what: "snapshot".into(),
+                len: out.len(),
+                limit: MAX_STATE_LEN,
+            });
+        }
+        Ok(out)
+    }
+
+    /// The metadata of a stored snapshot, without decoding its data.
+    fn meta_of(bytes: &[u8]) -> Result<SnapshotMeta<NodeId, BasicNode>, StoreError> {
+        postcard::take_from_bytes(bytes)
+            .map(|(meta, _)| meta)
+            .map_err(|source| StoreError::Decode {
+                what: KEY_SNAPSHOT.to_owned(),
+                source,
+            })
+    }
+}
+
 /// Opens (or creates) the database in `dir` and loads the state machine.
 ///
 /// Returns the log store, the state machine, and a receiver that sees the state after
@@ -885,14 +914,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             return Err(e.into_raft(subject, ErrorVerb::Read));
         }
         sm.last_membership = meta.last_membership.clone();
-        let stored = StoredSnapshot {
-            meta: meta.clone(),
-            data,
-        };
         let persist =
             Persist::of(&sm, true).map_err(|e| e.into_raft(subject.clone(), ErrorVerb::Write))?;
-        let snap_bytes = encode_state("snapshot", &stored)
+        let snap_bytes = StoredSnapshot::encode(meta, &data)
             .map_err(|e| e.into_raft(subject.clone(), ErrorVerb::Write))?;
+        drop(data);
         let db = self.db.clone();
         blocking(move || persist.write(&db, Some(snap_bytes)))
             .await
@@ -1021,11 +1047,7 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             snapshot_id,
         };
         let subject = ErrorSubject::Snapshot(Some(meta.signature()));
-        let stored = StoredSnapshot {
-            meta: meta.clone(),
-            data: data.clone(),
-        };
-        let bytes = encode_state("snapshot", &stored)
+        let bytes = StoredSnapshot::encode(&meta, &data)
             .map_err(|e| e.into_raft(subject.clone(), ErrorVerb::Write))?;
         let db = self.db.clone();
         let last = meta.last_log_id;
@@ -1036,11 +1058,7 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             {
                 let mut table = txn.open_table(META)?;
                 let newer = match table.get(KEY_SNAPSHOT)? {
-                    Some(v) => {
-                        let c: StoredSnapshot =
-                            decode_within(KEY_SNAPSHOT, v.value(), MAX_STATE_LEN)?;
-                        c.meta.last_log_id > last
-                    }
+                    Some(v) => StoredSnapshot::meta_of(v.value())?.last_log_id > last,
                     None => false,
                 };
                 if !newer {
@@ -1057,5 +1075,29 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             meta,
             snapshot: Box::new(Cursor::new(data)),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_snapshot_record_is_encoded_and_read_as_a_stored_snapshot() {
+        let meta = SnapshotMeta {
+            last_log_id: Some(LogId::new(openraft::CommittedLeaderId::new(3, 1), 77)),
+            last_membership: StoredMembership::default(),
+            snapshot_id: "3-77-abc".into(),
+        };
+        for len in [0usize, 1, 127, 128, 300_000] {
+            let data: Vec<u8> = (0..len).map(|i| (i * 7) as u8).collect();
+            let bytes = StoredSnapshot::encode(&meta, &data).expect("encodes");
+            let whole = StoredSnapshot {
+                meta: meta.clone(),
+                data: data.clone(),
+            };
+            assert_eq!(bytes, postcard::to_stdvec(&whole).expect("encodes"));
+            assert_eq!(StoredSnapshot::meta_of(&bytes).expect("decodes"), meta);
+        }
     }
 }
