@@ -14,11 +14,12 @@ use drs_meta::fs::{Attr, DirEntry, Kind, SetAttr, Time};
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
     KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
-    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr,
-    Request, TimeOrNow, WriteFlags,
+    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLock, ReplyOpen, ReplyStatfs, ReplyWrite,
+    ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
 use crate::errno::errno;
+use crate::ops::locks::LockRequest;
 use crate::ops::{time_of, OpError, Ops};
 
 /// How long the kernel may trust attributes and names without asking again.
@@ -71,7 +72,10 @@ impl DrsFuse {
 }
 
 fn fail(e: &OpError) -> Errno {
-    if !matches!(e, OpError::Fs(_) | OpError::Unsupported(_)) {
+    if !matches!(
+        e,
+        OpError::Fs(_) | OpError::Unsupported(_) | OpError::Interrupted
+    ) {
         tracing::warn!(error = %e, "operation failed");
     }
     Errno::from_i32(errno(e))
@@ -152,6 +156,10 @@ impl Filesystem for DrsFuse {
             InitFlags::FUSE_PARALLEL_DIROPS,
             InitFlags::FUSE_ASYNC_READ,
             InitFlags::FUSE_BIG_WRITES,
+            // Byte-range and flock locks go to the metadata service (ops::locks),
+            // so they hold across mounts.
+            InitFlags::FUSE_POSIX_LOCKS,
+            InitFlags::FUSE_FLOCK_LOCKS,
         ];
         if self.writeback_cache {
             flags.push(InitFlags::FUSE_WRITEBACK_CACHE);
@@ -436,11 +444,15 @@ impl Filesystem for DrsFuse {
         _req: &Request,
         ino: INodeNo,
         _fh: FileHandle,
-        _lock_owner: LockOwner,
+        lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
         self.spawn("flush", |ops| async move {
-            empty(reply, ops.flush(ino.0).await)
+            let flushed = ops.flush(ino.0).await;
+            // A close drops the closing process's locks on the file, whatever the
+            // flush did.
+            let released = ops.release_locks(ino.0, lock_owner.0).await;
+            empty(reply, flushed.and(released))
         });
     }
 
@@ -450,12 +462,72 @@ impl Filesystem for DrsFuse {
         ino: INodeNo,
         _fh: FileHandle,
         _flags: OpenFlags,
-        _lock_owner: Option<LockOwner>,
+        lock_owner: Option<LockOwner>,
         _flush: bool,
         reply: ReplyEmpty,
     ) {
         self.spawn("release", |ops| async move {
-            empty(reply, ops.release(ino.0).await)
+            // The open file's `flock`, if it had one (the kernel names its owner).
+            let released = match lock_owner {
+                Some(o) => ops.release_locks(ino.0, o.0).await,
+                None => Ok(()),
+            };
+            empty(reply, ops.release(ino.0).await.and(released))
+        });
+    }
+
+    fn getlk(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        lock_owner: LockOwner,
+        start: u64,
+        end: u64,
+        typ: i32,
+        pid: u32,
+        reply: ReplyLock,
+    ) {
+        let r = LockRequest {
+            ino: ino.0,
+            owner: lock_owner.0,
+            start,
+            end,
+            typ,
+            pid,
+        };
+        self.spawn("getlk", |ops| async move {
+            match ops.getlk(r).await {
+                Ok(h) => reply.locked(h.start, h.end, h.typ, h.pid),
+                Err(e) => reply.error(fail(&e)),
+            }
+        });
+    }
+
+    fn setlk(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        lock_owner: LockOwner,
+        start: u64,
+        end: u64,
+        typ: i32,
+        pid: u32,
+        sleep: bool,
+        reply: ReplyEmpty,
+    ) {
+        let r = LockRequest {
+            ino: ino.0,
+            owner: lock_owner.0,
+            start,
+            end,
+            typ,
+            pid,
+        };
+        let waiter = req.pid();
+        self.spawn("setlk", |ops| async move {
+            empty(reply, ops.setlk(r, sleep, waiter).await)
         });
     }
 

@@ -25,9 +25,12 @@ pub fn errno(e: &OpError) -> i32 {
             FsError::NoXattr => libc::ENODATA,
             FsError::XattrNotSupported => libc::EOPNOTSUPP,
             FsError::XattrTooLarge => libc::ERANGE,
+            FsError::WouldBlock => libc::EAGAIN,
+            FsError::NoLocks => libc::ENOLCK,
             _ => libc::EIO,
         },
         OpError::Unsupported(_) => libc::EOPNOTSUPP,
+        OpError::Interrupted => libc::EINTR,
         OpError::Meta(_)
         | OpError::Data(_)
         | OpError::Timeout(_)
@@ -53,6 +56,9 @@ mod tests {
         );
         assert_eq!(errno(&OpError::Fs(FsError::NoSpace)), libc::ENOSPC);
         assert_eq!(errno(&OpError::Unsupported("x")), libc::EOPNOTSUPP);
+        assert_eq!(errno(&OpError::Fs(FsError::WouldBlock)), libc::EAGAIN);
+        assert_eq!(errno(&OpError::Fs(FsError::NoLocks)), libc::ENOLCK);
+        assert_eq!(errno(&OpError::Interrupted), libc::EINTR);
         assert_eq!(
             errno(&OpError::Timeout(std::time::Duration::from_secs(1))),
             libc::EIO

@@ -33,7 +33,7 @@
 //! - **Bounded operations.** Every operation gives up with [`OpError::Timeout`] (EIO)
 //!   after the configured time, so an application never hangs on a lost cluster.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -65,6 +65,8 @@ use futures::stream::{self, StreamExt};
 #[path = "session.rs"]
 mod session;
 pub use session::{SESSION_GUARD, SESSION_TICK};
+#[path = "locks.rs"]
+pub mod locks;
 
 /// Why an operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -94,6 +96,9 @@ pub enum OpError {
     /// The file was dropped while the mount's session was ended.
     #[error("the file was lost while the mount was cut off")]
     Lost,
+    /// A waiting lock request's process got a signal (EINTR).
+    #[error("interrupted while waiting for a lock")]
+    Interrupted,
 }
 
 pub type OpResult<T> = Result<T, OpError>;
@@ -245,6 +250,8 @@ pub struct Ops {
     latencies: drs_metrics::Latencies,
     /// The mount's session with the metadata service.
     session: Arc<session::MountSession>,
+    /// (inode, lock owner) pairs that may hold byte-range locks (see [`locks`]).
+    locked: Arc<Mutex<HashSet<(Ino, u64)>>>,
 }
 
 impl Ops {
@@ -427,6 +434,7 @@ impl Ops {
             atime_updates: Arc::new(tokio::sync::Semaphore::new(ATIME_IN_FLIGHT)),
             latencies: drs_metrics::latencies(),
             session: Arc::new(session::MountSession::new(0)),
+            locked: Arc::default(),
         };
         let format = FsCommand::Format {
             blocks: ops.data.blocks(),

@@ -425,6 +425,14 @@ impl Ops {
         }
         *lock(&self.session.alive) = Instant::now();
         self.session.suspended.store(false, Ordering::Relaxed);
+        let lost = self.forget_locks();
+        if lost > 0 {
+            tracing::warn!(
+                session = expired,
+                owners = lost,
+                "the expired session's byte-range locks were released by the metadata service"
+            );
+        }
         tracing::info!(session = id, "new session open");
         Ok(())
     }

@@ -18,7 +18,9 @@
 //!   freeing, and used (files' and held blocks) + free = the volume's blocks;
 //! - every held freeing waits for at least one session, and each of those has the
 //!   file marked stale with a number at least the freeing's; sessions have open only
-//!   inodes that exist.
+//!   inodes that exist;
+//! - byte-range locks ([`crate::locks`]) are on inodes that exist and held by
+//!   sessions that exist, and keep the lock table's own invariants.
 //!
 //! Mount sessions ([`Session`]): a mount registers its opens, and blocks freed from a
 //! file that other sessions have open are [`Held`] until each of them acknowledged
@@ -39,6 +41,7 @@ use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use serde::{Deserialize, Serialize};
 
+use crate::locks::{LockError, LockKind, LockTable, Owner, RangeLock};
 use crate::tracked::Tracked;
 
 /// An inode number.
@@ -345,6 +348,26 @@ pub enum FsCommand {
         ino: Ino,
         cmd: Box<FsCommand>,
     },
+    /// `session`'s lock owner `owner` locks (or unlocks) bytes `start ..= end` of
+    /// `ino` (`fcntl`'s `F_SETLK`, by POSIX's rules: see [`crate::locks`]):
+    /// `WouldBlock` if another owner holds a conflicting lock, `NoLocks` if the
+    /// table is full. `pid` is the process as its mount saw it.
+    SetLock {
+        session: SessionId,
+        ino: Ino,
+        owner: u64,
+        start: u64,
+        end: u64,
+        kind: LockKind,
+        pid: u32,
+    },
+    /// Drops every lock of `session`'s lock owner `owner` on `ino` (the owner
+    /// closed the file).
+    ReleaseLocks {
+        session: SessionId,
+        ino: Ino,
+        owner: u64,
+    },
 }
 
 impl FsCommand {
@@ -434,6 +457,17 @@ pub enum FsQuery {
     Session {
         session: SessionId,
     },
+    /// The first lock on `ino` of an owner other than `session`'s `owner` that a lock
+    /// of bytes `start ..= end` would conflict with (`F_GETLK`;
+    /// [`FsReply::Lock`]).
+    GetLock {
+        session: SessionId,
+        ino: Ino,
+        owner: u64,
+        start: u64,
+        end: u64,
+        write: bool,
+    },
 }
 
 /// The answer to a command or query.
@@ -454,6 +488,8 @@ pub enum FsReply {
     Session(SessionId),
     /// `Session`: (inode, freeing) pairs to acknowledge with `Refreshed`.
     Stale(Vec<(Ino, u64)>),
+    /// `GetLock`: the conflicting lock, if there is one.
+    Lock(Option<RangeLock>),
 }
 
 /// Why a command or query was refused.
@@ -496,6 +532,12 @@ pub enum FsError {
     /// blocks: the blocks it names may have been taken from it (refresh, then retry).
     #[error("the mount's block map of the file is stale")]
     StaleMap,
+    /// `SetLock`: another owner holds a conflicting lock.
+    #[error("a conflicting lock is held")]
+    WouldBlock,
+    /// `SetLock`: the lock table is full ([`crate::locks::MAX_LOCKS`]).
+    #[error("no locks available")]
+    NoLocks,
 }
 
 type FsResult = Result<FsReply, FsError>;
@@ -523,6 +565,10 @@ pub struct FsState {
     /// Freeings waiting for acknowledgements, by number (counted in `used`).
     held: BTreeMap<u64, Held>,
     next_freeing: u64,
+    /// The mounts' byte-range locks: not part of the namespace's encoding (the store
+    /// keeps them in a record of their own, and a snapshot carries them after it).
+    #[serde(skip)]
+    locks: LockTable,
 }
 
 /// The namespace less its inodes and free runs, which the store keeps in a record
@@ -655,7 +701,25 @@ impl FsState {
             sessions: head.sessions,
             held: head.held,
             next_freeing: head.next_freeing,
+            locks: LockTable::default(),
         }
+    }
+
+    /// The mounts' byte-range locks.
+    pub fn locks(&self) -> &LockTable {
+        &self.locks
+    }
+
+    /// Puts back the locks that [`FsState::locks`] gave (the store's record, or a
+    /// snapshot's), noted as unchanged.
+    pub fn set_locks(&mut self, mut locks: LockTable) {
+        locks.take_changed();
+        self.locks = locks;
+    }
+
+    /// Whether the locks changed since the last call (the store then writes them).
+    pub fn take_locks_changed(&mut self) -> bool {
+        self.locks.take_changed()
     }
 
     /// Every inode.
@@ -795,6 +859,25 @@ impl FsState {
                 Ok(FsReply::Stale(
                     s.stale.iter().map(|(i, f)| (*i, *f)).collect(),
                 ))
+            }
+            FsQuery::GetLock {
+                session,
+                ino,
+                owner,
+                start,
+                end,
+                write,
+            } => {
+                self.get(*ino)?;
+                let owner = Owner {
+                    session: *session,
+                    owner: *owner,
+                };
+                if start > end {
+                    return Err(FsError::Invalid);
+                }
+                let l = self.locks.conflict(*ino, owner, *start, *end, *write);
+                Ok(FsReply::Lock(l.cloned()))
             }
             FsQuery::ListXattr { ino } => {
                 let i = self.get(*ino)?;
@@ -1103,6 +1186,7 @@ impl FsState {
                     return Ok(FsReply::Done);
                 };
                 self.acknowledge(*session, |_| true);
+                self.locks.release_session(*session);
                 for ino in s.opens.keys() {
                     self.drop_if_unused(*ino);
                 }
@@ -1194,6 +1278,42 @@ impl FsState {
                 )?;
                 Ok(reply)
             }
+            FsCommand::SetLock {
+                session,
+                ino,
+                owner,
+                start,
+                end,
+                kind,
+                pid,
+            } => {
+                self.get(*ino)?;
+                if !self.sessions.contains_key(session) {
+                    return Err(FsError::NoSession);
+                }
+                let owner = Owner {
+                    session: *session,
+                    owner: *owner,
+                };
+                match self.locks.set(*ino, owner, *start, *end, *kind, *pid) {
+                    Ok(()) => Ok(FsReply::Done),
+                    Err(LockError::Conflict) => Err(FsError::WouldBlock),
+                    Err(LockError::TooMany) => Err(FsError::NoLocks),
+                    Err(LockError::Invalid) => Err(FsError::Invalid),
+                }
+            }
+            FsCommand::ReleaseLocks {
+                session,
+                ino,
+                owner,
+            } => {
+                let owner = Owner {
+                    session: *session,
+                    owner: *owner,
+                };
+                self.locks.release(*ino, owner);
+                Ok(FsReply::Done)
+            }
         }
     }
 
@@ -1215,6 +1335,7 @@ impl FsState {
 
     /// Removes an inode and frees its blocks (no session has it open).
     fn drop_inode(&mut self, ino: Ino) {
+        self.locks.release_file(ino);
         if let Some(i) = self.inodes.remove(&ino) {
             for e in i.extents.values() {
                 self.release(*e);
@@ -1682,6 +1803,20 @@ impl FsState {
                 .find(|(i, n)| **n == 0 || !self.inodes.contains_key(i))
             {
                 return Err(format!("session {id} has {ino} open, which is gone"));
+            }
+        }
+        self.locks.check()?;
+        for ino in self.locks.files() {
+            if !self.inodes.contains_key(&ino) {
+                return Err(format!("inode {ino} is gone and has locks"));
+            }
+            if let Some(l) = self
+                .locks
+                .of(ino)
+                .iter()
+                .find(|l| !self.sessions.contains_key(&l.owner.session))
+            {
+                return Err(format!("inode {ino}: {l:?} of an ended session"));
             }
         }
         let mut free = 0;

@@ -10,6 +10,7 @@
 //! - [`state`]: the state and its commands, pure; `MetaState::apply` is the state machine.
 //! - [`fs`]: the file system namespace and block allocation, pure; replicated in the
 //!   same log (`MetaCommand::Fs`), read with `MetaClient::fs_query`.
+//! - [`locks`]: the mounts' POSIX byte-range locks, pure; part of the namespace's state.
 //! - [`store`]: openraft's log and state-machine storage on one redb database.
 //! - [`net`]: the TCP transport: the frame format, every metadata message, and the
 //!   openraft network client (with the isolation switch for tests).
@@ -32,6 +33,7 @@
 pub mod client;
 pub mod error;
 pub mod fs;
+pub mod locks;
 pub mod net;
 pub mod service;
 pub mod state;

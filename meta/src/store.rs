@@ -54,6 +54,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::fs::{FsHead, FsState, Ino, Inode, SharedFs};
+use crate::locks::LockTable;
 use crate::state::{Answered, MetaCommand, MetaResponse, MetaState, ReplicaId};
 use crate::TypeConfig;
 
@@ -87,6 +88,8 @@ const KEY_HEAD: &str = "state_head";
 const INODES: TableDefinition<u64, &[u8]> = TableDefinition::new("fs_inodes");
 const FREE: TableDefinition<u64, u64> = TableDefinition::new("fs_free");
 const KEY_SNAPSHOT: &str = "snapshot";
+/// The mounts' byte-range locks ([`LockTable`]), absent while there are none yet.
+const KEY_LOCKS: &str = "fs_locks";
 
 type NodeId = u64;
 type StorageResult<T> = Result<T, StorageError<NodeId>>;
@@ -200,6 +203,8 @@ struct Head {
 /// to write (`Some`) or delete (`None`); `whole` clears both tables first.
 struct Persist {
     head: Vec<u8>,
+    /// The lock table, if it changed.
+    locks: Option<Vec<u8>>,
     inodes: Vec<(Ino, Option<Vec<u8>>)>,
     free: Vec<(u64, Option<u64>)>,
     whole: bool,
@@ -210,6 +215,12 @@ impl Persist {
     fn of(sm: &SmData, whole: bool) -> Result<Persist, StoreError> {
         let mut fs = sm.fs.write();
         let changes = fs.take_changes();
+        let locks_changed = fs.take_locks_changed();
+        let locks = if whole || locks_changed {
+            Some(encode_state("locks", fs.locks())?)
+        } else {
+            None
+        };
         let head = encode_state(
             "state head",
             &HeadRef {
@@ -238,6 +249,7 @@ impl Persist {
         };
         Ok(Persist {
             head,
+            locks,
             inodes,
             free,
             whole,
@@ -251,6 +263,9 @@ impl Persist {
         {
             let mut meta = txn.open_table(META)?;
             meta.insert(KEY_HEAD, self.head.as_slice())?;
+            if let Some(l) = &self.locks {
+                meta.insert(KEY_LOCKS, l.as_slice())?;
+            }
             meta.remove(KEY_SM)?;
             if let Some(s) = &snapshot {
                 meta.insert(KEY_SNAPSHOT, s.as_slice())?;
@@ -297,12 +312,16 @@ fn load(db: &Database) -> Result<(SmData, bool), StoreError> {
             let (k, v) = item?;
             free.insert(k.value(), v.value());
         }
+        let mut fs = FsState::from_parts(head.fs, inodes, free);
+        if let Some(v) = meta.get(KEY_LOCKS)? {
+            fs.set_locks(decode_locks(KEY_LOCKS, v.value())?);
+        }
         let sm = SmData {
             last_applied: head.last_applied,
             last_membership: head.last_membership,
             state: head.state,
             answered: head.answered,
-            fs: FsState::from_parts(head.fs, inodes, free).into(),
+            fs: fs.into(),
         };
         return Ok((sm, false));
     }
@@ -403,9 +422,49 @@ pub fn decode_log_entry(bytes: &[u8]) -> Result<Entry<TypeConfig>, StoreError> {
 }
 
 /// Decodes a snapshot as stored and as `InstallSnapshot` carries it (for tools and
-/// fuzzing).
+/// fuzzing): the [`SmData`], then the mounts' byte-range locks, if there are any
+/// (a snapshot of a state without locks is the `SmData` alone, as before locks
+/// existed).
 pub fn decode_snapshot(bytes: &[u8]) -> Result<SmData, StoreError> {
-    decode_state("snapshot", bytes)
+    decode_snapshot_as("snapshot", bytes)
+}
+
+fn decode_snapshot_as(what: &str, bytes: &[u8]) -> Result<SmData, StoreError> {
+    if bytes.len() > MAX_STATE_LEN {
+        return Err(StoreError::TooLarge {
+            what: what.to_owned(),
+            len: bytes.len(),
+            limit: MAX_STATE_LEN,
+        });
+    }
+    let (sm, rest): (SmData, &[u8]) =
+        postcard::take_from_bytes(bytes).map_err(|source| StoreError::Decode {
+            what: what.to_owned(),
+            source,
+        })?;
+    if !rest.is_empty() {
+        sm.fs.write().set_locks(decode_locks(what, rest)?);
+    }
+    Ok(sm)
+}
+
+/// The bytes of a snapshot of `sm`, as [`decode_snapshot`] reads them.
+pub fn encode_snapshot(sm: &SmData) -> Result<Vec<u8>, StoreError> {
+    let out = encode_state("snapshot data", sm)?;
+    let fs = sm.fs.read();
+    if fs.locks().is_empty() {
+        return Ok(out);
+    }
+    Ok(postcard::to_extend(fs.locks(), out)?)
+}
+
+/// Decodes a lock table, which must have the shape its arithmetic relies on.
+fn decode_locks(what: &str, bytes: &[u8]) -> Result<LockTable, StoreError> {
+    let locks: LockTable = decode_state(what, bytes)?;
+    locks
+        .check_shape()
+        .map_err(|e| StoreError::Snapshot(format!("{what}: the lock table is not valid: {e}")))?;
+    Ok(locks)
 }
 
 /// Decodes a record of at most `limit` bytes.
@@ -904,7 +963,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     ) -> StorageResult<()> {
         let subject = ErrorSubject::Snapshot(Some(meta.signature()));
         let data = snapshot.into_inner();
-        let mut sm: SmData = decode_state("received snapshot", &data)
+        let mut sm = decode_snapshot_as("received snapshot", &data)
             .map_err(|e| e.into_raft(subject.clone(), ErrorVerb::Read))?;
         if sm.last_applied != meta.last_log_id {
             let e = StoreError::Snapshot(format!(
@@ -965,7 +1024,7 @@ fn snapshot_from(txn: &redb::ReadTransaction) -> Result<Prepared, StoreError> {
         // Nothing persisted yet: the empty state machine.
         let sm = SmData::default();
         return Ok(Prepared {
-            data: encode_state("snapshot data", &sm)?,
+            data: encode_snapshot(&sm)?,
             last_applied: sm.last_applied,
             last_membership: sm.last_membership,
         });
@@ -1002,6 +1061,14 @@ fn snapshot_from(txn: &redb::ReadTransaction) -> Result<Prepared, StoreError> {
             Ok(out)
         },
     )?;
+    // The locks follow, as they are stored (postcard of the table), if there are any.
+    let mut data = data;
+    if let Some(l) = meta.get(KEY_LOCKS)? {
+        let locks: LockTable = decode_state(KEY_LOCKS, l.value())?;
+        if !locks.is_empty() {
+            data.extend_from_slice(l.value());
+        }
+    }
     if data.len() > MAX_STATE_LEN {
         return Err(StoreError::TooLarge {
             what: "snapshot data".into(),

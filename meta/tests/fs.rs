@@ -3688,3 +3688,100 @@ fn a_retried_large_map_is_applied_again_and_changes_nothing_or_maps_afresh() {
     assert!(matches!(&afresh, MetaResponse::Fs(Ok(FsReply::Mapped(m))) if m.len() == 4096));
     fs.check().unwrap();
 }
+
+/// Byte-range locks in the namespace (the table's own rules are a property test
+/// against a model in `drs_meta::locks`): they need an inode and a live session,
+/// conflict across sessions and owners, `GetLock` names the holder, a release drops
+/// one owner's locks on one file, and an ended session's and a dropped file's locks
+/// go.
+#[test]
+fn byte_range_locks_follow_sessions_and_files() {
+    use drs_meta::locks::LockKind;
+    let mut fs = formatted(64);
+    let f = create(&mut fs, ROOT, b"f", Kind::File, t(1));
+    let a = open_session(&mut fs);
+    let b = open_session(&mut fs);
+    let lock = |session, ino, owner, start, end, kind| FsCommand::SetLock {
+        session,
+        ino,
+        owner,
+        start,
+        end,
+        kind,
+        pid: 100 + session as u32,
+    };
+    let holder =
+        |fs: &FsState, session, owner, start, end, write| match fs.query(&FsQuery::GetLock {
+            session,
+            ino: f,
+            owner,
+            start,
+            end,
+            write,
+        }) {
+            Ok(FsReply::Lock(l)) => l.map(|l| (l.owner.session, l.start, l.end, l.write, l.pid)),
+            other => panic!("GetLock: {other:?}"),
+        };
+    refused(
+        &mut fs,
+        &lock(a, 999, 1, 0, 9, LockKind::Write),
+        FsError::NotFound,
+    );
+    refused(
+        &mut fs,
+        &lock(77, f, 1, 0, 9, LockKind::Write),
+        FsError::NoSession,
+    );
+    refused(
+        &mut fs,
+        &lock(a, f, 1, 9, 0, LockKind::Write),
+        FsError::Invalid,
+    );
+    apply_ok(&mut fs, &lock(a, f, 1, 0, 9, LockKind::Write));
+    // Another session, or another owner of the same session, conflicts.
+    refused(
+        &mut fs,
+        &lock(b, f, 1, 5, 5, LockKind::Read),
+        FsError::WouldBlock,
+    );
+    refused(
+        &mut fs,
+        &lock(a, f, 2, 9, 20, LockKind::Write),
+        FsError::WouldBlock,
+    );
+    assert_eq!(
+        holder(&fs, b, 1, 0, u64::MAX, false),
+        Some((a, 0, 9, true, 101))
+    );
+    assert_eq!(holder(&fs, a, 1, 0, u64::MAX, true), None, "its own lock");
+    apply_ok(&mut fs, &lock(b, f, 1, 10, u64::MAX, LockKind::Read));
+    apply_ok(&mut fs, &lock(a, f, 2, 20, 29, LockKind::Read));
+    assert_eq!(fs.locks().len(), 3);
+    fs.check().unwrap();
+    // The owner's close releases its locks on the file, and no one else's.
+    apply_ok(
+        &mut fs,
+        &FsCommand::ReleaseLocks {
+            session: a,
+            ino: f,
+            owner: 1,
+        },
+    );
+    assert_eq!(holder(&fs, b, 1, 0, 9, true), None);
+    assert_eq!(fs.locks().len(), 2);
+    // An ended session's locks go.
+    apply_ok(&mut fs, &FsCommand::EndSession { session: b });
+    assert_eq!(
+        holder(&fs, a, 1, 0, u64::MAX, true),
+        Some((a, 20, 29, false, 101))
+    );
+    assert_eq!(fs.locks().len(), 1);
+    fs.check().unwrap();
+    // A file dropped at its last close loses its locks.
+    apply_ok(&mut fs, &FsCommand::Open { session: a, ino: f });
+    apply_ok(&mut fs, &unlink_cmd(ROOT, b"f", false, t(2)));
+    apply_ok(&mut fs, &FsCommand::Close { session: a, ino: f });
+    assert!(fs.inode(f).is_none());
+    assert!(fs.locks().is_empty());
+    fs.check().unwrap();
+}

@@ -294,6 +294,7 @@ mod namespace {
 
     use super::*;
     use drs_meta::fs::{FsCommand, FsReply, FsState, Time, ROOT};
+    use drs_meta::locks::LockKind;
     use drs_meta::store::SmData;
 
     const NOW: Time = Time { secs: 5, nanos: 0 };
@@ -428,6 +429,28 @@ mod namespace {
             now: NOW,
         };
         apply(sm, next, vec![open, truncate]).await;
+        // Byte-range locks of the session: a write lock split by an unlock, and a
+        // read lock to the end of a file.
+        let lock = |ino: u64, start: u64, end: u64, kind: LockKind| FsCommand::SetLock {
+            session,
+            ino,
+            owner: 77,
+            start,
+            end,
+            kind,
+            pid: 4321,
+        };
+        apply(
+            sm,
+            next,
+            vec![
+                lock(inos[5], 0, 99, LockKind::Write),
+                lock(inos[5], 10, 19, LockKind::Unlock),
+                lock(inos[6], 4096, u64::MAX, LockKind::Read),
+            ],
+        )
+        .await;
+        assert_eq!(sm.fs().read().locks().len(), 3);
         assert_eq!(
             sm.fs().read().held().len(),
             1,
@@ -464,6 +487,11 @@ mod namespace {
         };
         expected.check().unwrap();
         assert_eq!(expected.inode_count(), 141);
+        assert_eq!(
+            expected.locks().len(),
+            3,
+            "the locks are part of what reopens"
+        );
         let (inodes, free) = records(dir.path());
         assert_eq!(inodes, 141, "one record per inode, the removed ones gone");
         assert_eq!(free, expected.free_runs().len() as u64);
@@ -500,11 +528,21 @@ mod namespace {
             .build_snapshot()
             .await
             .unwrap();
-        // Encoded from the records: the same bytes as the state machine's own encoding.
-        assert_eq!(
-            snap.snapshot.into_inner(),
-            postcard::to_stdvec(sm.data()).unwrap()
-        );
+        // Encoded from the records: the same bytes as the state machine's own encoding
+        // (the `SmData`, then the locks), which decode to the same state.
+        let bytes = snap.snapshot.into_inner();
+        assert_eq!(bytes, store::encode_snapshot(sm.data()).unwrap());
+        let decoded = store::decode_snapshot(&bytes).unwrap();
+        assert_eq!(*decoded.fs.read(), after);
+        // Without locks, a snapshot is the `SmData` alone, as before locks existed.
+        let mut unlocked = after.clone();
+        unlocked.set_locks(Default::default());
+        let plain = postcard::to_stdvec(&SmData {
+            fs: unlocked.clone().into(),
+            ..sm.data().clone()
+        })
+        .unwrap();
+        assert_eq!(*store::decode_snapshot(&plain).unwrap().fs.read(), unlocked);
         drop(sm);
         drop(_log);
         let (inodes, _) = records(dir.path());
@@ -589,7 +627,10 @@ mod namespace {
             let (_log, mut sm) = store::open(scratch.path()).unwrap();
             let mut next = 1;
             busy_namespace(&mut sm, &mut next).await;
-            (sm.data().clone(), fs_of(&sm))
+            // That layout had no byte-range locks.
+            let mut fs = fs_of(&sm);
+            fs.set_locks(Default::default());
+            (sm.data().clone(), fs)
         };
         {
             let db = redb::Database::create(dir.path().join(store::DB_FILE)).unwrap();

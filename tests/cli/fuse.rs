@@ -1228,3 +1228,188 @@ fn blocks_of_a_killed_mount_never_show_another_files_bytes() {
         "bytes past the durable size read as zeros, never the old file's"
     );
 }
+
+/// A POSIX lock of `len` bytes from `start` (0: to the end of the file).
+fn byte_range(typ: i32, start: i64, len: i64) -> libc::flock {
+    libc::flock {
+        l_type: typ as libc::c_short,
+        l_whence: libc::SEEK_SET as libc::c_short,
+        l_start: start,
+        l_len: len,
+        l_pid: 0,
+    }
+}
+
+fn setlk(f: &File, typ: i32, start: i64, len: i64) -> nix::Result<()> {
+    let l = byte_range(typ, start, len);
+    nix::fcntl::fcntl(f, nix::fcntl::FcntlArg::F_SETLK(&l)).map(|_| ())
+}
+
+/// `fcntl(F_GETLK)`: the conflicting lock (`l_type` `F_UNLCK` if none).
+fn getlk(f: &File, typ: i32, start: i64, len: i64) -> libc::flock {
+    let mut l = byte_range(typ, start, len);
+    nix::fcntl::fcntl(f, nix::fcntl::FcntlArg::F_GETLK(&mut l)).unwrap();
+    l
+}
+
+fn open_rw(p: &Path) -> File {
+    OpenOptions::new().read(true).write(true).open(p).unwrap()
+}
+
+/// `flock(1)` on `path` without waiting: whether it got the lock (exit 0) or found
+/// it held (exit 75).
+fn flock_now(path: &Path) -> bool {
+    let st = Command::new("flock")
+        .args(["-n", "-E", "75", s(path), "true"])
+        .status()
+        .unwrap();
+    assert!(matches!(st.code(), Some(0 | 75)), "flock: {st}");
+    st.success()
+}
+
+/// `fcntl` and `flock` locks taken through one mount hold against processes of
+/// another (each mount is a machine of its own): conflicts, `F_GETLK` naming the
+/// holder, shared read locks, a downgrade, `F_SETLKW` waiting until the holder
+/// closes the file, a process killed while it waits returning at once, a killed
+/// holder's lock released with its files, and the locks of a killed mount released
+/// when its session expires.
+#[test]
+fn byte_range_and_flock_locks_hold_across_mounts() {
+    let c = Cluster::up_sized(
+        1024,
+        "64KiB",
+        &["--down-after-ms", "1000", "--session-expiry-ms", "4000"],
+    );
+    let a = Mount::new(&c, "a", &[]);
+    let b = Mount::new(&c, "b", &[]);
+    fs::write(a.p("f"), vec![7u8; 4096]).unwrap();
+    let fa = open_rw(&a.p("f"));
+    let fb = open_rw(&b.p("f"));
+    let busy = Err(nix::errno::Errno::EAGAIN);
+
+    // A write lock through a excludes b over its bytes, and only those.
+    setlk(&fa, libc::F_WRLCK, 0, 100).unwrap();
+    assert_eq!(setlk(&fb, libc::F_WRLCK, 50, 10), busy);
+    assert_eq!(setlk(&fb, libc::F_RDLCK, 99, 1), busy);
+    setlk(&fb, libc::F_RDLCK, 100, 10).unwrap();
+    let held = getlk(&fb, libc::F_WRLCK, 0, 0);
+    assert_eq!(held.l_type, libc::F_WRLCK as libc::c_short);
+    assert_eq!((held.l_start, held.l_len), (0, 100));
+    assert_eq!(held.l_pid, std::process::id() as i32);
+    // Nothing conflicts past b's own read lock.
+    let free = getlk(&fb, libc::F_WRLCK, 110, 0);
+    assert_eq!(free.l_type, libc::F_UNLCK as libc::c_short);
+
+    // Downgraded to a read lock, it is shared; b cannot take it for writing.
+    setlk(&fa, libc::F_RDLCK, 0, 100).unwrap();
+    setlk(&fb, libc::F_RDLCK, 0, 100).unwrap();
+    assert_eq!(setlk(&fb, libc::F_WRLCK, 0, 100), busy);
+    assert_eq!(setlk(&fa, libc::F_WRLCK, 100, 1), busy);
+
+    // F_SETLKW through b waits for a's read lock, which goes when a's file closes.
+    let waiter = {
+        let fb = fb.try_clone().unwrap();
+        thread::spawn(move || {
+            let l = byte_range(libc::F_WRLCK, 0, 100);
+            let r = nix::fcntl::fcntl(&fb, nix::fcntl::FcntlArg::F_SETLKW(&l));
+            // Kept open: closing any descriptor of the file drops this process's
+            // locks on it.
+            (r, Instant::now(), fb)
+        })
+    };
+    thread::sleep(Duration::from_millis(800));
+    assert!(
+        !waiter.is_finished(),
+        "F_SETLKW returned while a held a read lock"
+    );
+    let closed = Instant::now();
+    drop(fa);
+    let (r, got, fb2) = waiter.join().unwrap();
+    r.unwrap();
+    assert!(got >= closed, "the waiter got the lock before a's close");
+    eprintln!(
+        "F_SETLKW granted {:?} after the holder's close",
+        got - closed
+    );
+    let fa = open_rw(&a.p("f"));
+    assert_eq!(setlk(&fa, libc::F_RDLCK, 0, 1), busy);
+
+    // flock: a whole-file lock, held through b against a.
+    fs::write(a.p("g"), b"g").unwrap();
+    let gb = File::open(b.p("g")).unwrap();
+    // The plain call: `Flock`'s guard unlocks before it closes, and this checks
+    // the release at close.
+    #[allow(deprecated)]
+    nix::fcntl::flock(
+        std::os::fd::AsRawFd::as_raw_fd(&gb),
+        nix::fcntl::FlockArg::LockExclusiveNonblock,
+    )
+    .unwrap();
+    assert!(!flock_now(&a.p("g")), "a took b's flock");
+    // A process waiting for it through a and killed meanwhile returns at once.
+    let mut blocked = Command::new("flock")
+        .args([s(&a.p("g")), "true"])
+        .spawn()
+        .unwrap();
+    thread::sleep(Duration::from_millis(500));
+    assert!(blocked.try_wait().unwrap().is_none(), "flock did not wait");
+    blocked.kill().unwrap();
+    let killed = Instant::now();
+    while blocked.try_wait().unwrap().is_none() {
+        assert!(
+            killed.elapsed() < Duration::from_secs(5),
+            "a process killed while it waited for a lock did not end"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+    eprintln!("a killed waiter ended after {:?}", killed.elapsed());
+    // The lock goes with the last close of b's open file (not unlocked first).
+    drop(gb);
+    assert!(flock_now(&a.p("g")), "b's flock outlived its file");
+
+    // A holder killed: its files close, and its lock goes with them.
+    let mut holder = Command::new("flock")
+        .args(["-o", s(&b.p("g")), "sleep", "60"])
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    while flock_now(&a.p("g")) {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "flock -o never locked"
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+    let started = Instant::now();
+    while !flock_now(&a.p("g")) {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "a killed holder's flock was not released"
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+
+    // Mount b killed while its write lock on f is held: the lock goes when b's
+    // session expires (4 s here), and a's F_SETLKW gets it then.
+    let mut b = b;
+    let pid = b.child.as_ref().unwrap().id();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let killed = Instant::now();
+    b.wait(Duration::from_secs(10));
+    let l = byte_range(libc::F_WRLCK, 0, 0);
+    nix::fcntl::fcntl(&fa, nix::fcntl::FcntlArg::F_SETLKW(&l)).unwrap();
+    let after = killed.elapsed();
+    eprintln!("a killed mount's lock taken through another after {after:?}");
+    assert!(
+        after < Duration::from_secs(20),
+        "a killed mount's locks held for {after:?}"
+    );
+    drop((fb, fb2));
+    drop(b);
+}
