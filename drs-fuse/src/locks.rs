@@ -7,9 +7,10 @@
 //! - A lock or an unlock is a metadata command (`SetLock`), `F_GETLK` a linearizable
 //!   read (`GetLock`).
 //! - `F_SETLKW` waits: while the lock conflicts, it asks `GetLock` (a read, no log
-//!   entry) at growing intervals up to [`POLL_MAX`], then tries `SetLock` again. There
-//!   is no queue, so waiters are not served in order, and no deadlock detection
-//!   (`EDEADLK` is never returned).
+//!   entry) at growing intervals up to [`POLL_MAX`], and at once when a lock owner of
+//!   this mount unlocks or releases, then tries `SetLock` again. There is no queue,
+//!   so waiters are not served in order, and no deadlock detection (`EDEADLK` is
+//!   never returned).
 //! - The kernel's interrupt requests are not delivered to the file system, so a
 //!   waiter watches its own process instead: once the waiting thread has a signal
 //!   pending that it does not block (`/proc/<tid>/status`), the wait ends with
@@ -112,8 +113,16 @@ impl Ops {
                 kind,
                 pid: r.pid,
             };
+            // Armed before the attempt, so an unlock here meanwhile is not missed.
+            let mut unlocked = Box::pin(self.unlocked.notified());
+            unlocked.as_mut().enable();
             match self.bounded(self.command(cmd)).await {
-                Ok(_) => return Ok(()),
+                Ok(_) => {
+                    if kind == LockKind::Unlock {
+                        self.unlocked.notify_waiters();
+                    }
+                    return Ok(());
+                }
                 Err(OpError::Fs(FsError::WouldBlock)) if wait => {}
                 Err(e) => return Err(e),
             }
@@ -122,8 +131,12 @@ impl Ops {
                 if signal_pending(waiter) {
                     return Err(OpError::Interrupted);
                 }
-                tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(POLL_MAX);
+                tokio::select! {
+                    _ = tokio::time::sleep(pause) => pause = (pause * 2).min(POLL_MAX),
+                    _ = unlocked.as_mut() => {}
+                }
+                unlocked = Box::pin(self.unlocked.notified());
+                unlocked.as_mut().enable();
                 if self.bounded(self.conflict(&r, kind)).await?.is_none() {
                     break;
                 }
@@ -143,9 +156,12 @@ impl Ops {
             owner,
         };
         let r = self.bounded(self.command(cmd)).await;
-        if r.is_err() {
+        match r {
+            Ok(_) => self.unlocked.notify_waiters(),
             // The next close of this owner tries again (or the session's end).
-            lock(&self.locked).insert((ino, owner));
+            Err(_) => {
+                lock(&self.locked).insert((ino, owner));
+            }
         }
         r.map(|_| ())
     }

@@ -252,6 +252,8 @@ pub struct Ops {
     session: Arc<session::MountSession>,
     /// (inode, lock owner) pairs that may hold byte-range locks (see [`locks`]).
     locked: Arc<Mutex<HashSet<(Ino, u64)>>>,
+    /// Woken when a lock owner of this mount unlocks or releases (waiters look again).
+    unlocked: Arc<tokio::sync::Notify>,
 }
 
 impl Ops {
@@ -435,6 +437,7 @@ impl Ops {
             latencies: drs_metrics::latencies(),
             session: Arc::new(session::MountSession::new(0)),
             locked: Arc::default(),
+            unlocked: Arc::default(),
         };
         let format = FsCommand::Format {
             blocks: ops.data.blocks(),

@@ -1367,6 +1367,24 @@ fn byte_range_and_flock_locks_hold_across_mounts() {
     drop(gb);
     assert!(flock_now(&a.p("g")), "b's flock outlived its file");
 
+    // A waiter on the same mount as the holder looks again as soon as the holder
+    // closes (not at its next poll): printed, as timings on a busy machine vary.
+    let ha = open_rw(&a.p("g"));
+    setlk(&ha, libc::F_WRLCK, 0, 0).unwrap();
+    let mut same = Command::new("flock")
+        .args([s(&a.p("g")), "true"])
+        .spawn()
+        .unwrap();
+    thread::sleep(Duration::from_millis(1500));
+    assert!(same.try_wait().unwrap().is_none(), "flock did not wait");
+    let closed = Instant::now();
+    drop(ha);
+    assert!(same.wait().unwrap().success());
+    eprintln!(
+        "a waiter on the holder's mount got the lock {:?} after its close",
+        closed.elapsed()
+    );
+
     // A holder killed: its files close, and its lock goes with them.
     let mut holder = Command::new("flock")
         .args(["-o", s(&b.p("g")), "sleep", "60"])
