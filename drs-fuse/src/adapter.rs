@@ -7,13 +7,13 @@ use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use drs_meta::fs::{Attr, DirEntry, Kind, SetAttr, Time};
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
-    KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
+    KernelConfig, LockOwner, Notifier, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
     ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLock, ReplyOpen, ReplyStatfs, ReplyWrite,
     ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
@@ -36,6 +36,9 @@ pub struct DrsFuse {
     writeback_cache: bool,
     /// Open directories: the entries read at opendir (offsets index into it).
     dirs: Arc<Mutex<HashMap<u64, Arc<Listing>>>>,
+    /// Notifications to the kernel, once the session is made (see
+    /// [`DrsFuse::notifier_slot`]).
+    notifier: Arc<OnceLock<Notifier>>,
 }
 
 /// A directory as read at opendir: (inode, type, name), `.` and `..` first.
@@ -53,7 +56,13 @@ impl DrsFuse {
             next_fh: AtomicU64::new(1),
             writeback_cache,
             dirs: Arc::new(Mutex::new(HashMap::new())),
+            notifier: Arc::default(),
         }
+    }
+
+    /// Where the mount puts the session's notifier, once it has the session.
+    pub fn notifier_slot(&self) -> Arc<OnceLock<Notifier>> {
+        self.notifier.clone()
     }
 
     /// Runs operation `op` on the runtime, timing it for the metrics.
@@ -79,6 +88,26 @@ fn fail(e: &OpError) -> Errno {
         tracing::warn!(error = %e, "operation failed");
     }
     Errno::from_i32(errno(e))
+}
+
+/// Has the kernel drop its cached pages and attributes of `ino` (on the blocking
+/// pool: the kernel may wait for pages under reads in flight).
+async fn drop_cached_pages(notifier: &Arc<OnceLock<Notifier>>, ino: INodeNo) {
+    let notifier = notifier.clone();
+    let done = tokio::task::spawn_blocking(move || match notifier.get() {
+        Some(n) => n.inval_inode(ino, 0, 0),
+        None => Ok(()),
+    })
+    .await;
+    match done {
+        Ok(Ok(())) => {}
+        // The kernel has forgotten the inode: nothing is cached.
+        Ok(Err(e)) if e.raw_os_error() == Some(libc::ENOENT) => {}
+        Ok(Err(e)) => {
+            tracing::warn!(ino = ino.0, error = %e, "cannot drop the kernel's cached pages")
+        }
+        Err(e) => tracing::warn!(error = %e, "the page invalidation task ended"),
+    }
 }
 
 fn system_time(t: Time) -> SystemTime {
@@ -460,19 +489,21 @@ impl Filesystem for DrsFuse {
         &self,
         _req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         _flags: OpenFlags,
         lock_owner: Option<LockOwner>,
         _flush: bool,
         reply: ReplyEmpty,
     ) {
         self.spawn("release", |ops| async move {
-            // The open file's `flock`, if it had one (the kernel names its owner).
-            let released = match lock_owner {
+            // The open file's own locks: its `flock` (the kernel names its owner)
+            // and open file description locks.
+            let flock = match lock_owner {
                 Some(o) => ops.release_locks(ino.0, o.0).await,
                 None => Ok(()),
             };
-            empty(reply, ops.release(ino.0).await.and(released))
+            let own = ops.release_handle(fh.0).await;
+            empty(reply, ops.release(ino.0).await.and(flock).and(own))
         });
     }
 
@@ -480,7 +511,7 @@ impl Filesystem for DrsFuse {
         &self,
         _req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         lock_owner: LockOwner,
         start: u64,
         end: u64,
@@ -490,6 +521,7 @@ impl Filesystem for DrsFuse {
     ) {
         let r = LockRequest {
             ino: ino.0,
+            fh: fh.0,
             owner: lock_owner.0,
             start,
             end,
@@ -508,7 +540,7 @@ impl Filesystem for DrsFuse {
         &self,
         req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         lock_owner: LockOwner,
         start: u64,
         end: u64,
@@ -519,6 +551,7 @@ impl Filesystem for DrsFuse {
     ) {
         let r = LockRequest {
             ino: ino.0,
+            fh: fh.0,
             owner: lock_owner.0,
             start,
             end,
@@ -526,8 +559,15 @@ impl Filesystem for DrsFuse {
             pid,
         };
         let waiter = req.pid();
+        let notifier = self.notifier.clone();
         self.spawn("setlk", |ops| async move {
-            empty(reply, ops.setlk(r, sleep, waiter).await)
+            let res = ops.setlk(r, sleep, waiter).await;
+            if res.is_ok() && typ != libc::F_UNLCK {
+                // The pages the kernel cached of the file may be older than what
+                // the lock's last holder wrote.
+                drop_cached_pages(&notifier, ino).await;
+            }
+            empty(reply, res)
         });
     }
 

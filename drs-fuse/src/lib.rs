@@ -138,6 +138,7 @@ pub fn mount(cfg: &MountConfig) -> anyhow::Result<()> {
         tracing::info!(%addr, "serving metrics at /metrics");
     }
     let fs = adapter::DrsFuse::new(ops.clone(), rt.handle().clone(), cfg.writeback_cache);
+    let notifier = fs.notifier_slot();
     let mut options = fuser::Config::default();
     options.mount_options = vec![
         fuser::MountOption::FSName("drs".into()),
@@ -156,6 +157,7 @@ pub fn mount(cfg: &MountConfig) -> anyhow::Result<()> {
     options.n_threads = Some(cfg.threads.max(1));
     let mut session = fuser::Session::new(fs, &cfg.mountpoint, &options)
         .with_context(|| format!("mount at {}", cfg.mountpoint.display()))?;
+    let _ = notifier.set(session.notifier());
     raise_readahead(&cfg.mountpoint);
     let mut unmounter = session.unmount_callable();
     rt.spawn(async move {

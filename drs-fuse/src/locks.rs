@@ -2,34 +2,50 @@
 //! open file description locks `F_OFD_*`) and `flock`, which the kernel sends as a
 //! lock of the whole file. They are held in the metadata service's lock table
 //! ([`drs_meta::locks`]) under the mount's session, so processes on every mount of
-//! the file system exclude each other, as on one machine.
+//! the file system exclude each other.
 //!
 //! - A lock or an unlock is a metadata command (`SetLock`), `F_GETLK` a linearizable
-//!   read (`GetLock`).
+//!   read (`GetLock`). `F_GETLK` names the holder's process only if it locked
+//!   through this mount (else 0).
+//! - Data under a lock (as NFS does it): before an unlock or a downgrade the mount
+//!   commits its writes of the file, and when a lock is granted it forgets the
+//!   file's size and block map and has the kernel drop its cached pages, so a holder
+//!   reads what earlier holders wrote, even through a descriptor it kept open. A
+//!   `writeback_cache` mount holds writes in the kernel until they are flushed: use
+//!   `fsync` before unlocking there.
 //! - `F_SETLKW` waits: while the lock conflicts, it asks `GetLock` (a read, no log
 //!   entry) at growing intervals up to [`POLL_MAX`], and at once when a lock owner of
 //!   this mount unlocks or releases, then tries `SetLock` again. There is no queue,
 //!   so waiters are not served in order, and no deadlock detection (`EDEADLK` is
 //!   never returned).
 //! - The kernel's interrupt requests are not delivered to the file system, so a
-//!   waiter watches its own process instead: once the waiting thread has a signal
-//!   pending that it does not block (`/proc/<tid>/status`), the wait ends with
-//!   `EINTR`. A process killed while it waits thus returns at once.
-//! - The kernel flushes a file at every `close` with the closing process's lock
-//!   owner: that owner's locks on the file are released (POSIX: any close drops the
-//!   process's locks on the file), and so is a `flock` at the release of its open
-//!   file. Only owners that took a lock in this mount cost a command.
+//!   waiter watches its own thread instead ([`signal_pending`]): once it has a
+//!   signal pending that it does not block, the wait ends with `EINTR`, so a process
+//!   killed while it waits returns within a poll interval. Where the mount cannot
+//!   read the waiter's `/proc` status (`hidepid`, another pid namespace), a wait
+//!   ends only with the lock.
+//! - Releases: the kernel flushes a file at every `close` with the closing
+//!   process's lock owner, whose locks on the file then go (POSIX: any close drops
+//!   the process's locks on the file); at the release of an open file (its last
+//!   close) go its `flock` and its open file description locks, whose owner is the
+//!   open file. Only owners that took a lock through this mount cost a command. A
+//!   release that fails (no metadata quorum within the timeout) leaves the lock to
+//!   the owner's next close, or to the session's end.
 //! - The locks of a session that ends (unmount) or expires (a mount killed or cut
 //!   off for `--session-expiry-ms`) are released by the metadata service. A mount
 //!   that finds its session expired has lost its locks: it logs it, and later
-//!   unlocks of them succeed without effect.
-//! - `flock` locks are whole-file locks of the open file's owner, as on NFS: they
-//!   conflict with `fcntl` locks of other owners on the same file, which on a local
-//!   file system they do not.
+//!   unlocks of them succeed without effect; a lock request in that window fails
+//!   (EIO).
+//! - `flock` locks are whole-file locks of the open file, as on NFS: they conflict
+//!   with `fcntl` locks of other owners of the same file, even of the same process
+//!   (which on a local file system they do not), and one open file's `flock` and
+//!   open file description locks are one owner's.
 
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use drs_meta::fs::{FsCommand, FsError, FsQuery, FsReply, Ino};
+use drs_meta::fs::{FsCommand, FsError, FsQuery, FsReply, Ino, SessionId};
 use drs_meta::locks::LockKind;
 
 use super::{lock, OpError, OpResult, Ops};
@@ -38,12 +54,28 @@ use super::{lock, OpError, OpResult, Ops};
 const POLL_FIRST: Duration = Duration::from_millis(5);
 /// Longest pause between two checks of a waiting `F_SETLKW`.
 pub const POLL_MAX: Duration = Duration::from_millis(200);
+/// The kernel's "to the end of the file, however far" (`OFFSET_MAX`); it sends no
+/// larger offset and takes none back.
+const OFFSET_MAX: u64 = i64::MAX as u64;
 
-/// A lock request of the kernel: lock owner `owner` of this mount asks for bytes
-/// `start ..= end` of `ino`.
+/// What this mount knows of its lock owners' locks.
+#[derive(Debug, Default)]
+pub(super) struct LockBook {
+    /// (session, inode, lock owner) that may hold locks: only these cost a
+    /// `ReleaseLocks` at a close.
+    held: HashSet<(SessionId, Ino, u64)>,
+    /// Open file handle -> its inode and the owners that locked through it. An
+    /// open file description lock (`F_OFD_*`) is owned by the open file, which the
+    /// kernel names at no close: its owner is released with the handle.
+    by_fh: HashMap<u64, (Ino, HashSet<u64>)>,
+}
+
+/// A lock request of the kernel: lock owner `owner` of this mount asks, through
+/// open file handle `fh`, for bytes `start ..= end` of `ino`.
 #[derive(Debug, Clone, Copy)]
 pub struct LockRequest {
     pub ino: Ino,
+    pub fh: u64,
     pub owner: u64,
     pub start: u64,
     pub end: u64,
@@ -59,6 +91,8 @@ pub struct LockHolder {
     pub start: u64,
     pub end: u64,
     pub typ: i32,
+    /// The holder's process if it locked through this mount, else 0 (a process of
+    /// another machine has no number here).
     pub pid: u32,
 }
 
@@ -71,9 +105,19 @@ fn kind_of(typ: i32) -> OpResult<LockKind> {
     }
 }
 
+impl LockRequest {
+    /// The range within what the kernel can express.
+    fn clamped(mut self) -> LockRequest {
+        self.start = self.start.min(OFFSET_MAX);
+        self.end = self.end.min(OFFSET_MAX);
+        self
+    }
+}
+
 impl Ops {
     /// `F_GETLK`: the first lock of another owner that `r` conflicts with.
     pub async fn getlk(&self, r: LockRequest) -> OpResult<LockHolder> {
+        let r = r.clamped();
         let kind = kind_of(r.typ)?;
         let none = LockHolder {
             start: r.start,
@@ -91,21 +135,34 @@ impl Ops {
     }
 
     /// `F_SETLK` (`wait`: `F_SETLKW`, by thread `waiter` of the mount's pid
-    /// namespace, the request's sender).
+    /// namespace, the request's sender). Before an unlock or a downgrade, the
+    /// mount commits its writes of the file, so the next holder reads them; after
+    /// a lock is granted, it forgets what it knew of the file's size and blocks (the
+    /// adapter drops the kernel's cached pages too), so it reads what the last
+    /// holder committed.
     pub async fn setlk(&self, r: LockRequest, wait: bool, waiter: u32) -> OpResult<()> {
+        let r = r.clamped();
         let kind = kind_of(r.typ)?;
-        if kind == LockKind::Unlock && !lock(&self.locked).contains(&(r.ino, r.owner)) {
+        let known = {
+            let book = lock(&self.locks);
+            book.held.contains(&(self.session_id(), r.ino, r.owner))
+        };
+        if kind == LockKind::Unlock && !known {
             // This owner took no lock here (or lost them with an expired session).
             return Ok(());
         }
+        if known && kind != LockKind::Write {
+            self.flush(r.ino).await?;
+        }
         let mut pause = POLL_FIRST;
         loop {
+            let session = self.session_id();
             // Noted first: a lock granted whose answer is lost is released at close.
             if kind != LockKind::Unlock {
-                lock(&self.locked).insert((r.ino, r.owner));
+                self.note_lock(session, &r);
             }
             let cmd = FsCommand::SetLock {
-                session: self.session_id(),
+                session,
                 ino: r.ino,
                 owner: r.owner,
                 start: r.start,
@@ -117,10 +174,14 @@ impl Ops {
             let mut unlocked = Box::pin(self.unlocked.notified());
             unlocked.as_mut().enable();
             match self.bounded(self.command(cmd)).await {
+                Ok(_) if kind == LockKind::Unlock => {
+                    self.unlocked.notify_waiters();
+                    return Ok(());
+                }
                 Ok(_) => {
-                    if kind == LockKind::Unlock {
-                        self.unlocked.notify_waiters();
-                    }
+                    // Noted again: a close of the owner may have run meanwhile.
+                    self.note_lock(session, &r);
+                    self.refresh_after_lock(r.ino).await;
                     return Ok(());
                 }
                 Err(OpError::Fs(FsError::WouldBlock)) if wait => {}
@@ -133,7 +194,7 @@ impl Ops {
                 }
                 tokio::select! {
                     _ = tokio::time::sleep(pause) => pause = (pause * 2).min(POLL_MAX),
-                    _ = unlocked.as_mut() => {}
+                    _ = unlocked.as_mut() => pause = POLL_FIRST,
                 }
                 unlocked = Box::pin(self.unlocked.notified());
                 unlocked.as_mut().enable();
@@ -144,37 +205,103 @@ impl Ops {
         }
     }
 
+    fn note_lock(&self, session: SessionId, r: &LockRequest) {
+        let mut book = lock(&self.locks);
+        book.held.insert((session, r.ino, r.owner));
+        book.by_fh
+            .entry(r.fh)
+            .or_insert_with(|| (r.ino, HashSet::new()))
+            .1
+            .insert(r.owner);
+    }
+
+    /// After a lock is granted: what this mount knows of the file's size and block
+    /// map is forgotten (unless it has writes not yet committed), as at an open.
+    async fn refresh_after_lock(&self, ino: Ino) {
+        let Ok(a) = self.getattr(ino).await else {
+            return;
+        };
+        let _freeing = self.freeing(ino).await;
+        if let Some(o) = lock(&self.open).get_mut(&ino) {
+            o.forget_view(&a);
+        }
+    }
+
     /// The kernel flushed `ino` for lock owner `owner` (a `close`), or released an
     /// open file `flock`ed by `owner`: every lock of that owner on the file goes.
     pub async fn release_locks(&self, ino: Ino, owner: u64) -> OpResult<()> {
-        if !lock(&self.locked).remove(&(ino, owner)) {
+        let session = self.session_id();
+        let known = {
+            let mut book = lock(&self.locks);
+            book.held
+                .retain(|(s, i, o)| (*i, *o) != (ino, owner) || *s == session);
+            book.held.remove(&(session, ino, owner))
+        };
+        if !known {
             return Ok(());
         }
         let cmd = FsCommand::ReleaseLocks {
-            session: self.session_id(),
+            session,
             ino,
             owner,
         };
         let r = self.bounded(self.command(cmd)).await;
         match r {
             Ok(_) => self.unlocked.notify_waiters(),
-            // The next close of this owner tries again (or the session's end).
+            // Left to the owner's next close, or the session's end.
             Err(_) => {
-                lock(&self.locked).insert((ino, owner));
+                lock(&self.locks).held.insert((session, ino, owner));
             }
         }
         r.map(|_| ())
     }
 
-    /// The lock owners of this mount that may hold locks: after the session
-    /// expired, none do.
-    pub(super) fn forget_locks(&self) -> usize {
-        std::mem::take(&mut *lock(&self.locked)).len()
+    /// The kernel released open file handle `fh` (its last close): the locks owned
+    /// by the open file itself (`F_OFD_*`, `flock`) go. An owner that also locked
+    /// through another handle of this mount is a process's, whose locks its closes
+    /// release.
+    pub async fn release_handle(&self, fh: u64) -> OpResult<()> {
+        let (ino, owners) = {
+            let mut book = lock(&self.locks);
+            let Some((ino, owners)) = book.by_fh.remove(&fh) else {
+                return Ok(());
+            };
+            let elsewhere: HashSet<u64> = book
+                .by_fh
+                .values()
+                .filter(|(i, _)| *i == ino)
+                .flat_map(|(_, o)| o.iter().copied())
+                .collect();
+            (
+                ino,
+                owners
+                    .into_iter()
+                    .filter(|o| !elsewhere.contains(o))
+                    .collect::<Vec<_>>(),
+            )
+        };
+        let mut result = Ok(());
+        for owner in owners {
+            if let Err(e) = self.release_locks(ino, owner).await {
+                result = Err(e);
+            }
+        }
+        result
+    }
+
+    /// The session `expired` ended: the metadata service released its locks. How
+    /// many owners had some.
+    pub(super) fn forget_locks(&self, expired: SessionId) -> usize {
+        let mut book = lock(&self.locks);
+        let before = book.held.len();
+        book.held.retain(|(s, _, _)| *s != expired);
+        before - book.held.len()
     }
 
     async fn conflict(&self, r: &LockRequest, kind: LockKind) -> OpResult<Option<LockHolder>> {
+        let session = self.session_id();
         let q = FsQuery::GetLock {
-            session: self.session_id(),
+            session,
             ino: r.ino,
             owner: r.owner,
             start: r.start,
@@ -183,14 +310,14 @@ impl Ops {
         };
         match self.query(q).await? {
             FsReply::Lock(l) => Ok(l.map(|l| LockHolder {
-                start: l.start,
-                end: l.end,
+                start: l.start.min(OFFSET_MAX),
+                end: l.end.min(OFFSET_MAX),
                 typ: if l.write {
                     libc::F_WRLCK
                 } else {
                     libc::F_RDLCK
                 },
-                pid: l.pid,
+                pid: if l.owner.session == session { l.pid } else { 0 },
             })),
             other => Err(OpError::Unexpected(format!("{other:?}"))),
         }
@@ -199,25 +326,49 @@ impl Ops {
 
 /// Whether thread `tid` has a signal pending that it does not block (what would
 /// make the kernel interrupt its request). A thread whose status cannot be read
-/// (another pid namespace) is taken to have none.
+/// (`/proc` mounted with `hidepid`, a requester in another pid namespace) is taken to
+/// have none, and that is logged once: its waits can then only end with the lock.
 pub fn signal_pending(tid: u32) -> bool {
-    let Ok(status) = std::fs::read_to_string(format!("/proc/{tid}/status")) else {
+    static UNREADABLE: AtomicBool = AtomicBool::new(false);
+    let status = (tid != 0)
+        .then(|| std::fs::read_to_string(format!("/proc/{tid}/status")).ok())
+        .flatten();
+    let Some(status) = status else {
+        if !UNREADABLE.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                tid,
+                "cannot read a lock waiter's /proc status: a waiting F_SETLKW cannot be \
+                 interrupted by a signal"
+            );
+        }
         return false;
     };
     pending_in(&status)
 }
 
-/// [`signal_pending`] of a `/proc/<tid>/status` text.
+/// [`signal_pending`] of a `/proc/<tid>/status` text: a signal for the thread, or
+/// for its process if the process has this one thread, or SIGKILL (which ends
+/// every thread). Another signal for a process of several threads may be taken by
+/// another thread: an `EINTR` to this one would then reach the caller as a bare
+/// restart code.
 fn pending_in(status: &str) -> bool {
     let field = |name: &str| {
         status
             .lines()
             .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+            .map(str::trim)
+    };
+    let mask = |name: &str| {
+        field(name)
+            .and_then(|v| u64::from_str_radix(v, 16).ok())
             .unwrap_or(0)
     };
-    let pending = field("SigPnd:") | field("ShdPnd:");
-    pending & !field("SigBlk:") != 0
+    let blocked = mask("SigBlk:");
+    let own = mask("SigPnd:") & !blocked;
+    let shared = mask("ShdPnd:") & !blocked;
+    let kill = 1 << (libc::SIGKILL - 1);
+    let alone = field("Threads:").is_some_and(|t| t == "1");
+    own != 0 || shared & kill != 0 || (alone && shared != 0)
 }
 
 #[cfg(test)]
@@ -225,21 +376,37 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_pending_signal_counts_unless_blocked() {
-        let status = "Name:\tx\nSigQ:\t0/1\nSigPnd:\t0000000000000000\n\
-                      ShdPnd:\t0000000000000100\nSigBlk:\t0000000000000000\n";
-        // SIGKILL (9) pending for the process.
-        assert!(pending_in(status));
-        let blocked = status.replace("SigBlk:\t0000000000000000", "SigBlk:\t0000000000000100");
-        assert!(!pending_in(&blocked));
-        let none = status.replace("0000000000000100", "0000000000000000");
-        assert!(!pending_in(&none));
+    fn a_pending_signal_counts_unless_blocked_or_for_another_thread() {
+        let status = |threads: u32, own: &str, shared: &str, blocked: &str| {
+            format!(
+                "Name:\tx\nThreads:\t{threads}\nSigQ:\t0/1\nSigPnd:\t{own}\n\
+                 ShdPnd:\t{shared}\nSigBlk:\t{blocked}\n"
+            )
+        };
+        let none = "0000000000000000";
+        let kill = "0000000000000100";
+        let term = "0000000000004000";
+        assert!(
+            pending_in(&status(4, none, kill, none)),
+            "SIGKILL ends every thread"
+        );
+        assert!(pending_in(&status(4, term, none, none)), "the thread's own");
+        assert!(
+            pending_in(&status(1, none, term, none)),
+            "a one-thread process"
+        );
+        assert!(
+            !pending_in(&status(4, none, term, none)),
+            "maybe another thread's"
+        );
+        assert!(!pending_in(&status(1, term, term, term)), "blocked");
+        assert!(!pending_in(&status(1, none, none, none)));
         // This thread has no signal pending.
-        assert!(!signal_pending(
-            std::fs::read_to_string("/proc/thread-self/stat")
-                .ok()
-                .and_then(|s| s.split(' ').next()?.parse().ok())
-                .unwrap_or(0)
-        ));
+        let me = std::fs::read_to_string("/proc/thread-self/stat")
+            .ok()
+            .and_then(|s| s.split(' ').next()?.parse().ok())
+            .unwrap_or(0);
+        assert_ne!(me, 0);
+        assert!(!signal_pending(me));
     }
 }

@@ -33,7 +33,7 @@
 //! - **Bounded operations.** Every operation gives up with [`OpError::Timeout`] (EIO)
 //!   after the configured time, so an application never hangs on a lost cluster.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -232,6 +232,22 @@ pub struct CacheStats {
 }
 
 /// One mount's file system: the namespace in the metadata service, data in DRS.
+impl Open {
+    /// Forgets what this mount knew of the file (its capability, size and block
+    /// map), as after another mount's changes: at an open (close-to-open) and when
+    /// a byte-range lock is granted. Uncommitted writes (cached blocks, blocks to
+    /// name) keep the map they were made with.
+    fn forget_view(&mut self, a: &Attr) {
+        self.no_capability = false;
+        if self.dirty.is_none() && self.cached.is_empty() && self.settled.is_empty() {
+            self.size = a.size;
+            self.blocks.clear();
+            self.window = (0, 0);
+            self.fresh.clear();
+        }
+    }
+}
+
 pub struct Ops {
     meta: MetaClient,
     data: Client,
@@ -250,8 +266,8 @@ pub struct Ops {
     latencies: drs_metrics::Latencies,
     /// The mount's session with the metadata service.
     session: Arc<session::MountSession>,
-    /// (inode, lock owner) pairs that may hold byte-range locks (see [`locks`]).
-    locked: Arc<Mutex<HashSet<(Ino, u64)>>>,
+    /// What this mount knows of its byte-range locks (see [`locks`]).
+    locks: Arc<Mutex<locks::LockBook>>,
     /// Woken when a lock owner of this mount unlocks or releases (waiters look again).
     unlocked: Arc<tokio::sync::Notify>,
 }
@@ -436,7 +452,7 @@ impl Ops {
             atime_updates: Arc::new(tokio::sync::Semaphore::new(ATIME_IN_FLIGHT)),
             latencies: drs_metrics::latencies(),
             session: Arc::new(session::MountSession::new(0)),
-            locked: Arc::default(),
+            locks: Arc::default(),
             unlocked: Arc::default(),
         };
         let format = FsCommand::Format {
@@ -827,16 +843,7 @@ impl Ops {
                     let o = open.entry(ino).or_default();
                     o.handles += 1;
                     o.atime_due = self.cfg.atime && drs_meta::fs::atime_due(a, now());
-                    // Close-to-open: asked again after each open.
-                    o.no_capability = false;
-                    // Uncommitted writes (cached blocks, blocks to name) keep the
-                    // map they were made with.
-                    if o.dirty.is_none() && o.cached.is_empty() && o.settled.is_empty() {
-                        o.size = a.size;
-                        o.blocks.clear();
-                        o.window = (0, 0);
-                        o.fresh.clear();
-                    }
+                    o.forget_view(a);
                 })
                 .await?;
             Ok(self.overlay(a))

@@ -425,7 +425,7 @@ impl Ops {
         }
         *lock(&self.session.alive) = Instant::now();
         self.session.suspended.store(false, Ordering::Relaxed);
-        let lost = self.forget_locks();
+        let lost = self.forget_locks(expired);
         if lost > 0 {
             tracing::warn!(
                 session = expired,

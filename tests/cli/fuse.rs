@@ -8,6 +8,7 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::thread;
@@ -1256,6 +1257,32 @@ fn open_rw(p: &Path) -> File {
     OpenOptions::new().read(true).write(true).open(p).unwrap()
 }
 
+/// Polls `ok` for up to 20 s.
+fn until(ok: impl Fn() -> bool, what: &str) {
+    let started = Instant::now();
+    while !ok() {
+        assert!(started.elapsed() < Duration::from_secs(20), "{what}");
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Waits until process `pid` is asleep in a request to a FUSE file system (its
+/// `wchan`), for up to 10 s.
+fn wait_in_lock_request(pid: u32) {
+    let started = Instant::now();
+    loop {
+        let wchan = fs::read_to_string(format!("/proc/{pid}/wchan")).unwrap_or_default();
+        if wchan.contains("fuse") || wchan.contains("request_wait") {
+            return;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "process {pid} is not waiting in the file system (wchan {wchan:?})"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// `flock(1)` on `path` without waiting: whether it got the lock (exit 0) or found
 /// it held (exit 75).
 fn flock_now(path: &Path) -> bool {
@@ -1295,7 +1322,8 @@ fn byte_range_and_flock_locks_hold_across_mounts() {
     let held = getlk(&fb, libc::F_WRLCK, 0, 0);
     assert_eq!(held.l_type, libc::F_WRLCK as libc::c_short);
     assert_eq!((held.l_start, held.l_len), (0, 100));
-    assert_eq!(held.l_pid, std::process::id() as i32);
+    // A process of another mount has no number here.
+    assert_eq!(held.l_pid, 0);
     // Nothing conflicts past b's own read lock.
     let free = getlk(&fb, libc::F_WRLCK, 110, 0);
     assert_eq!(free.l_type, libc::F_UNLCK as libc::c_short);
@@ -1351,7 +1379,7 @@ fn byte_range_and_flock_locks_hold_across_mounts() {
         .args([s(&a.p("g")), "true"])
         .spawn()
         .unwrap();
-    thread::sleep(Duration::from_millis(500));
+    wait_in_lock_request(blocked.id());
     assert!(blocked.try_wait().unwrap().is_none(), "flock did not wait");
     blocked.kill().unwrap();
     let killed = Instant::now();
@@ -1363,9 +1391,10 @@ fn byte_range_and_flock_locks_hold_across_mounts() {
         thread::sleep(Duration::from_millis(20));
     }
     eprintln!("a killed waiter ended after {:?}", killed.elapsed());
-    // The lock goes with the last close of b's open file (not unlocked first).
+    // The lock goes with the last close of b's open file (not unlocked first; the
+    // kernel's release of the file comes after the close returns).
     drop(gb);
-    assert!(flock_now(&a.p("g")), "b's flock outlived its file");
+    until(|| flock_now(&a.p("g")), "b's flock outlived its file");
 
     // A waiter on the same mount as the holder looks again as soon as the holder
     // closes (not at its next poll): printed, as timings on a busy machine vary.
@@ -1388,6 +1417,7 @@ fn byte_range_and_flock_locks_hold_across_mounts() {
     // A holder killed: its files close, and its lock goes with them.
     let mut holder = Command::new("flock")
         .args(["-o", s(&b.p("g")), "sleep", "60"])
+        .process_group(0)
         .spawn()
         .unwrap();
     let started = Instant::now();
@@ -1398,7 +1428,11 @@ fn byte_range_and_flock_locks_hold_across_mounts() {
         );
         thread::sleep(Duration::from_millis(50));
     }
-    holder.kill().unwrap();
+    // The whole group: flock and the sleep it runs.
+    let _ = nix::sys::signal::killpg(
+        nix::unistd::Pid::from_raw(holder.id() as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    );
     holder.wait().unwrap();
     let started = Instant::now();
     while !flock_now(&a.p("g")) {
@@ -1408,6 +1442,42 @@ fn byte_range_and_flock_locks_hold_across_mounts() {
         );
         thread::sleep(Duration::from_millis(50));
     }
+
+    // An open file description lock goes with the open file's last close.
+    let ofd = open_rw(&a.p("f"));
+    let l = byte_range(libc::F_WRLCK, 200, 100);
+    nix::fcntl::fcntl(&ofd, nix::fcntl::FcntlArg::F_OFD_SETLK(&l)).unwrap();
+    assert_eq!(setlk(&fb2, libc::F_RDLCK, 250, 1), busy);
+    drop(ofd);
+    until(
+        || setlk(&fb2, libc::F_RDLCK, 250, 1).is_ok(),
+        "an open file description lock outlived its file",
+    );
+
+    // Locks order writes and reads across mounts: what a writes under its lock, b
+    // reads under its own, through a descriptor it read the file with before (so
+    // the kernel had its pages cached).
+    fs::write(a.p("c"), vec![b'x'; 8192]).unwrap();
+    let cb = open_rw(&b.p("c"));
+    let mut before = vec![0u8; 8192];
+    cb.read_exact_at(&mut before, 0).unwrap();
+    assert!(before.iter().all(|x| *x == b'x'));
+    let ca = open_rw(&a.p("c"));
+    setlk(&ca, libc::F_WRLCK, 0, 0).unwrap();
+    ca.write_all_at(&[b'y'; 100], 4000).unwrap();
+    setlk(&ca, libc::F_UNLCK, 0, 0).unwrap();
+    setlk(&cb, libc::F_RDLCK, 0, 0).unwrap();
+    let mut after = vec![0u8; 8192];
+    cb.read_exact_at(&mut after, 0).unwrap();
+    assert!(
+        after[4000..4100].iter().all(|x| *x == b'y'),
+        "b read what it had cached, not a's write under the lock"
+    );
+    assert!(after[..4000]
+        .iter()
+        .chain(&after[4100..])
+        .all(|x| *x == b'x'));
+    drop((ca, cb));
 
     // Mount b killed while its write lock on f is held: the lock goes when b's
     // session expires (4 s here), and a's F_SETLKW gets it then.
@@ -1420,8 +1490,10 @@ fn byte_range_and_flock_locks_hold_across_mounts() {
     .unwrap();
     let killed = Instant::now();
     b.wait(Duration::from_secs(10));
-    let l = byte_range(libc::F_WRLCK, 0, 0);
-    nix::fcntl::fcntl(&fa, nix::fcntl::FcntlArg::F_SETLKW(&l)).unwrap();
+    until(
+        || setlk(&fa, libc::F_WRLCK, 0, 0).is_ok(),
+        "a killed mount's locks were never released",
+    );
     let after = killed.elapsed();
     eprintln!("a killed mount's lock taken through another after {after:?}");
     assert!(
