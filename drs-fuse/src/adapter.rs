@@ -172,8 +172,10 @@ fn when(t: TimeOrNow) -> Time {
     }
 }
 
-fn perm_of(mode: u32, umask: u32) -> u16 {
-    ((mode & !umask) & 0o7777) as u16
+/// The permission bits a process asked for, and its umask (applied by the
+/// namespace: see `drs_meta::acl`).
+fn perm_of(mode: u32, umask: u32) -> (u16, u16) {
+    ((mode & 0o7777) as u16, (umask & 0o777) as u16)
 }
 
 impl Filesystem for DrsFuse {
@@ -189,6 +191,10 @@ impl Filesystem for DrsFuse {
             // so they hold across mounts.
             InitFlags::FUSE_POSIX_LOCKS,
             InitFlags::FUSE_FLOCK_LOCKS,
+            // POSIX ACLs: the kernel enforces them; the namespace keeps them and
+            // applies the umask itself (not where a default ACL is inherited).
+            InitFlags::FUSE_POSIX_ACL,
+            InitFlags::FUSE_DONT_MASK,
         ];
         if self.writeback_cache {
             flags.push(InitFlags::FUSE_WRITEBACK_CACHE);
@@ -357,7 +363,7 @@ impl Filesystem for DrsFuse {
             parent,
             link_name,
             Kind::Symlink,
-            0o777,
+            (0o777, 0),
             0,
             target,
             reply,
@@ -705,9 +711,12 @@ impl Filesystem for DrsFuse {
         let name = name.as_bytes().to_vec();
         let (uid, gid) = (req.uid(), req.gid());
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        let perm = perm_of(mode, umask);
+        let (perm, umask) = perm_of(mode, umask);
         self.spawn("create", |ops| async move {
-            match ops.create_open(parent.0, &name, perm, uid, gid).await {
+            match ops
+                .create_open(parent.0, &name, perm, umask, uid, gid)
+                .await
+            {
                 Ok(a) => reply.created(
                     &TTL,
                     &file_attr(&a, ops.block_size()),
@@ -729,7 +738,7 @@ impl DrsFuse {
         parent: INodeNo,
         name: &OsStr,
         kind: Kind,
-        perm: u16,
+        (perm, umask): (u16, u16),
         rdev: u32,
         target: Vec<u8>,
         reply: ReplyEntry,
@@ -738,7 +747,7 @@ impl DrsFuse {
         let (uid, gid) = (req.uid(), req.gid());
         self.spawn("make_node", |ops| async move {
             let r = ops
-                .create(parent.0, &name, kind, perm, uid, gid, rdev, &target)
+                .create(parent.0, &name, kind, perm, umask, uid, gid, rdev, &target)
                 .await;
             entry(reply, &ops, r)
         });

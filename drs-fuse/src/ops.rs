@@ -545,7 +545,8 @@ impl Ops {
             .await
     }
 
-    /// Creates a node; `target` is a symlink's.
+    /// Creates a node with the mode `perm` a process asked for and its `umask`
+    /// (applied unless the directory has a default ACL); `target` is a symlink's.
     #[allow(clippy::too_many_arguments)]
     pub async fn create(
         &self,
@@ -553,12 +554,13 @@ impl Ops {
         name: &[u8],
         kind: Kind,
         perm: u16,
+        umask: u16,
         uid: u32,
         gid: u32,
         rdev: u32,
         target: &[u8],
     ) -> OpResult<Attr> {
-        self.attr_command(FsCommand::Create {
+        let create = FsCommand::Create {
             parent,
             name: name.to_vec(),
             kind,
@@ -568,6 +570,10 @@ impl Ops {
             rdev,
             target: target.to_vec(),
             now: now(),
+        };
+        self.attr_command(FsCommand::Umask {
+            umask,
+            cmd: Box::new(create),
         })
         .await
     }
@@ -858,6 +864,7 @@ impl Ops {
         parent: Ino,
         name: &[u8],
         perm: u16,
+        umask: u16,
         uid: u32,
         gid: u32,
     ) -> OpResult<Attr> {
@@ -871,6 +878,10 @@ impl Ops {
             rdev: 0,
             target: Vec::new(),
             now: now(),
+        };
+        let create = FsCommand::Umask {
+            umask,
+            cmd: Box::new(create),
         };
         let made = self.register_create(create, |a| {
             let mut open = lock(&self.open);

@@ -1,7 +1,9 @@
 //! The metadata store's records from arbitrary bytes (a damaged database or a hostile
 //! snapshot sent by a peer): log entries, snapshots and commands decode or fail
 //! cleanly, never panic, and refuse oversized input before decoding; a decoded
-//! snapshot's lock table takes locks, unlocks and releases without panicking.
+//! snapshot's lock table takes locks, unlocks and releases without panicking; an
+//! ACL decodes or is refused, and a valid one stays valid through a chmod and an
+//! inheritance.
 #![no_main]
 
 use drs_meta::locks::{LockKind, Owner};
@@ -26,4 +28,10 @@ fuzz_target!(|data: &[u8]| {
         locks.release_session(2);
     }
     let _ = postcard::from_bytes::<MetaCommand>(data);
+    // An ACL a mount sends to be kept: decoded and, if valid, changed and encoded.
+    if let Ok(mut acl) = drs_meta::acl::Acl::decode(data) {
+        acl.chmod(0o754);
+        let (inherited, _) = acl.inherit(0o666);
+        assert!(drs_meta::acl::Acl::decode(&inherited.encode()).is_ok());
+    }
 });

@@ -41,6 +41,7 @@ use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use serde::{Deserialize, Serialize};
 
+use crate::acl::{self, Acl};
 use crate::locks::{LockError, LockKind, LockTable, Owner, RangeLock};
 use crate::tracked::Tracked;
 
@@ -368,6 +369,11 @@ pub enum FsCommand {
         ino: Ino,
         owner: u64,
     },
+    /// `cmd`, a `Create` whose `perm` is the mode the process asked for, made with
+    /// the process's `umask`: a node made in a directory with a default ACL
+    /// inherits it (a symlink excepted), the mode asked for masking it, and the
+    /// umask does not apply; elsewhere the umask does (see [`crate::acl`]).
+    Umask { umask: u16, cmd: Box<FsCommand> },
 }
 
 impl FsCommand {
@@ -400,6 +406,10 @@ impl FsCommand {
             FsCommand::Punch { .. } => Some(96),
             FsCommand::From { cmd, .. } => cmd.grows_by(mapped),
             FsCommand::CreateOpen { cmd, .. } => Some(cmd.grows_by(mapped).unwrap_or(0) + 32),
+            // The inherited access and default ACLs.
+            FsCommand::Umask { cmd, .. } => {
+                Some(cmd.grows_by(mapped).unwrap_or(0) + 2 * (acl::MAX_LEN + 32))
+            }
             _ => None,
         }
     }
@@ -634,14 +644,18 @@ pub const XATTR_VALUE_MAX: usize = 64 * 1024;
 pub const XATTR_TOTAL_MAX: usize = 64 * 1024;
 
 /// Checks an extended attribute name: `user.`, `trusted.` and `security.` names are
-/// kept (the kernel checks who may set each); `system.` names (POSIX ACLs) are not
-/// supported, as the file system does not enforce ACLs.
+/// kept (the kernel checks who may set each), and of `system.` names the two POSIX
+/// ACLs ([`crate::acl`]; the kernel enforces them); other `system.` names are not
+/// supported.
 fn check_xattr_name(name: &[u8]) -> Result<(), FsError> {
     if name.is_empty() || name.contains(&0) {
         return Err(FsError::Invalid);
     }
     if name.len() > XATTR_NAME_MAX {
         return Err(FsError::XattrTooLarge);
+    }
+    if acl::is_acl(name) {
+        return Ok(());
     }
     if [&b"user."[..], b"trusted.", b"security."]
         .iter()
@@ -951,57 +965,11 @@ impl FsState {
                 );
                 self.attr(ROOT)
             }
-            FsCommand::Create {
-                parent,
-                name,
-                kind,
-                perm,
-                uid,
-                gid,
-                rdev,
-                target,
-                now,
-            } => {
-                check_name(name)?;
-                let d = self.dir(*parent)?;
-                if d.entries.contains_key(name) {
-                    return Err(FsError::Exists);
-                }
-                if *kind == Kind::Symlink && (target.is_empty() || target.len() > SYMLINK_MAX) {
-                    return Err(if target.is_empty() {
-                        FsError::NotFound
-                    } else {
-                        FsError::NameTooLong
-                    });
-                }
-                if *kind == Kind::Dir && d.attr.nlink >= LINK_MAX {
-                    return Err(FsError::TooManyLinks);
-                }
-                // A set-gid directory gives its group to what is made in it, and
-                // its set-gid bit to new directories.
-                let (gid, perm) = if d.attr.perm & 0o2000 != 0 {
-                    let sgid = if *kind == Kind::Dir { 0o2000 } else { 0 };
-                    (d.attr.gid, (*perm & 0o7777) | sgid)
-                } else {
-                    (*gid, *perm & 0o7777)
-                };
-                let ino = self.next_ino;
-                self.next_ino += 1;
-                let mut inode = new_inode(ino, *kind, perm, *uid, gid, *rdev, *now, *parent);
-                if *kind == Kind::Symlink {
-                    inode.target = target.clone();
-                    inode.attr.size = target.len() as u64;
-                }
-                let attr = inode.attr.clone();
-                self.inodes.insert(ino, inode);
-                let d = self.get_mut(*parent)?;
-                d.entries.insert(name.clone(), ino);
-                if *kind == Kind::Dir {
-                    d.attr.nlink += 1;
-                }
-                self.touch_dir(*parent, *now);
-                Ok(FsReply::Attr(attr))
-            }
+            FsCommand::Create { .. } => self.create(cmd, None),
+            FsCommand::Umask { umask, cmd } => match **cmd {
+                FsCommand::Create { .. } => self.create(cmd, Some(*umask)),
+                _ => Err(FsError::Invalid),
+            },
             FsCommand::Link {
                 ino,
                 parent,
@@ -1087,6 +1055,22 @@ impl FsState {
                     return Err(FsError::XattrTooLarge);
                 }
                 let i = self.get(*ino)?;
+                // An ACL is kept in the kernel's order; an access ACL sets the
+                // mode's bits and is not kept if it says no more than the mode.
+                let mut value = value;
+                let normalized;
+                let mut perm = None;
+                if acl::is_acl(name) {
+                    let a = Acl::decode(value)?;
+                    if name == acl::DEFAULT && i.attr.kind != Kind::Dir {
+                        return Err(FsError::Invalid);
+                    }
+                    normalized = a.encode();
+                    value = &normalized;
+                    if name == acl::ACCESS {
+                        perm = Some((i.attr.perm & !0o777 | a.mode_bits(), a.is_minimal()));
+                    }
+                }
                 let old = i.xattrs.get(name);
                 match (old.is_some(), *create, *replace) {
                     (true, true, _) => return Err(FsError::Exists),
@@ -1100,7 +1084,19 @@ impl FsState {
                     return Err(FsError::NoSpace);
                 }
                 let i = self.get_mut(*ino)?;
-                i.xattrs.insert(name.clone(), value.clone());
+                match perm {
+                    Some((perm, minimal)) => {
+                        i.attr.perm = perm;
+                        if minimal {
+                            i.xattrs.remove(name);
+                        } else {
+                            i.xattrs.insert(name.clone(), value.clone());
+                        }
+                    }
+                    None => {
+                        i.xattrs.insert(name.clone(), value.clone());
+                    }
+                }
                 i.attr.ctime = *now;
                 Ok(FsReply::Attr(i.attr.clone()))
             }
@@ -1240,8 +1236,12 @@ impl FsState {
                 self.apply_as(cmd, Some(*session))
             }
             FsCommand::CreateOpen { session, cmd } => {
+                let create = match &**cmd {
+                    FsCommand::Umask { cmd, .. } => cmd,
+                    _ => cmd,
+                };
                 if !matches!(
-                    **cmd,
+                    **create,
                     FsCommand::Create {
                         kind: Kind::File,
                         ..
@@ -1314,6 +1314,87 @@ impl FsState {
                 self.locks.release(*ino, owner);
                 Ok(FsReply::Done)
             }
+        }
+    }
+
+    /// Applies a `Create` (`umask`: that of a [`FsCommand::Umask`], whose `perm` is
+    /// not masked yet).
+    fn create(&mut self, cmd: &FsCommand, umask: Option<u16>) -> FsResult {
+        let FsCommand::Create {
+            parent,
+            name,
+            kind,
+            perm,
+            uid,
+            gid,
+            rdev,
+            target,
+            now,
+        } = cmd
+        else {
+            return Err(FsError::Invalid);
+        };
+        {
+            check_name(name)?;
+            let d = self.dir(*parent)?;
+            if d.entries.contains_key(name) {
+                return Err(FsError::Exists);
+            }
+            if *kind == Kind::Symlink && (target.is_empty() || target.len() > SYMLINK_MAX) {
+                return Err(if target.is_empty() {
+                    FsError::NotFound
+                } else {
+                    FsError::NameTooLong
+                });
+            }
+            if *kind == Kind::Dir && d.attr.nlink >= LINK_MAX {
+                return Err(FsError::TooManyLinks);
+            }
+            // A default ACL of the directory is inherited (not by a symlink), the
+            // mode asked for masking it; else the umask applies.
+            let inherited = match d.xattrs.get(acl::DEFAULT) {
+                Some(v) if *kind != Kind::Symlink => Some((Acl::decode(v)?, v.clone())),
+                _ => None,
+            };
+            let mut perm = *perm & 0o7777;
+            let mut access = None;
+            if let Some((default, _)) = &inherited {
+                let (a, mode) = default.inherit(perm);
+                perm = mode;
+                access = (!a.is_minimal()).then(|| a.encode());
+            } else if let Some(u) = umask {
+                perm &= !(u & 0o777);
+            }
+            // A set-gid directory gives its group to what is made in it, and
+            // its set-gid bit to new directories.
+            let (gid, perm) = if d.attr.perm & 0o2000 != 0 {
+                let sgid = if *kind == Kind::Dir { 0o2000 } else { 0 };
+                (d.attr.gid, perm | sgid)
+            } else {
+                (*gid, perm)
+            };
+            let ino = self.next_ino;
+            self.next_ino += 1;
+            let mut inode = new_inode(ino, *kind, perm, *uid, gid, *rdev, *now, *parent);
+            if *kind == Kind::Symlink {
+                inode.target = target.clone();
+                inode.attr.size = target.len() as u64;
+            }
+            if let Some(a) = access {
+                inode.xattrs.insert(acl::ACCESS.to_vec(), a);
+            }
+            if let (Some((_, default)), Kind::Dir) = (inherited, *kind) {
+                inode.xattrs.insert(acl::DEFAULT.to_vec(), default);
+            }
+            let attr = inode.attr.clone();
+            self.inodes.insert(ino, inode);
+            let d = self.get_mut(*parent)?;
+            d.entries.insert(name.clone(), ino);
+            if *kind == Kind::Dir {
+                d.attr.nlink += 1;
+            }
+            self.touch_dir(*parent, *now);
+            Ok(FsReply::Attr(attr))
         }
     }
 
@@ -1545,6 +1626,13 @@ impl FsState {
         }
         if let Some(p) = set.perm {
             i.attr.perm = p & 0o7777;
+            // (A stored ACL is always valid: it was checked when set.)
+            if let Some(v) = i.xattrs.get_mut(acl::ACCESS) {
+                if let Ok(mut a) = Acl::decode(v) {
+                    a.chmod(i.attr.perm);
+                    *v = a.encode();
+                }
+            }
         }
         if let Some(u) = set.uid {
             i.attr.uid = u;

@@ -10,6 +10,7 @@
 //! - [`state`]: the state and its commands, pure; `MetaState::apply` is the state machine.
 //! - [`fs`]: the file system namespace and block allocation, pure; replicated in the
 //!   same log (`MetaCommand::Fs`), read with `MetaClient::fs_query`.
+//! - [`acl`]: POSIX ACLs in the kernel's format and their rules with the mode, pure.
 //! - [`locks`]: the mounts' POSIX byte-range locks, pure; part of the namespace's state.
 //! - [`store`]: openraft's log and state-machine storage on one redb database.
 //! - [`net`]: the TCP transport: the frame format, every metadata message, and the
@@ -30,6 +31,7 @@
 //! every second or so per live storage node (the leader marks a node silent for
 //! `down_after_ms` down).
 
+pub mod acl;
 pub mod client;
 pub mod error;
 pub mod fs;

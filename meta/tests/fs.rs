@@ -3072,12 +3072,7 @@ fn extended_attributes_follow_setxattr_semantics() {
     assert_eq!(getx(&fs, f, b"user.none"), Err(FsError::NoXattr));
     assert_eq!(listx(&fs, f), b"security.b\0user.a\0");
 
-    for bad in [
-        &b"system.posix_acl_access"[..],
-        b"user.",
-        b"other.x",
-        b"noprefix",
-    ] {
+    for bad in [&b"system.other"[..], b"user.", b"other.x", b"noprefix"] {
         refused(
             &mut fs,
             &setx(f, bad, b"v", false, false, t(4)),
@@ -3783,5 +3778,159 @@ fn byte_range_locks_follow_sessions_and_files() {
     apply_ok(&mut fs, &FsCommand::Close { session: a, ino: f });
     assert!(fs.inode(f).is_none());
     assert!(fs.locks().is_empty());
+    fs.check().unwrap();
+}
+
+/// An ACL in the kernel's format: version 2, then (tag, perm, id) entries.
+fn acl_bytes(entries: &[(u16, u16, u32)]) -> Vec<u8> {
+    let mut out = 2u32.to_le_bytes().to_vec();
+    for (tag, perm, id) in entries {
+        out.extend_from_slice(&tag.to_le_bytes());
+        out.extend_from_slice(&perm.to_le_bytes());
+        out.extend_from_slice(&id.to_le_bytes());
+    }
+    out
+}
+
+const NO_ID: u32 = u32::MAX;
+
+/// POSIX ACLs in the namespace (their rules one by one are unit tests of
+/// `drs_meta::acl`): an access ACL sets the mode and a minimal one is not kept, a
+/// chmod changes the ACL, a default ACL is inherited with the mode asked for (the
+/// umask not applied) by files and directories but not symlinks, and elsewhere the
+/// umask applies.
+#[test]
+fn acls_follow_the_mode_and_are_inherited() {
+    use drs_meta::acl::{ACCESS, DEFAULT};
+    let mut fs = formatted(64);
+    let f = create(&mut fs, ROOT, b"f", Kind::File, t(1));
+    // user::rw- user:1000:rwx group::r-- mask::rwx other::---
+    let named = acl_bytes(&[
+        (0x01, 6, NO_ID),
+        (0x02, 7, 1000),
+        (0x04, 4, NO_ID),
+        (0x10, 7, NO_ID),
+        (0x20, 0, NO_ID),
+    ]);
+    apply_ok(&mut fs, &setx(f, ACCESS, &named, false, false, t(2)));
+    assert_eq!(attr(&fs, f).perm, 0o670, "the group bits are the mask's");
+    assert_eq!(attr(&fs, f).ctime, t(2));
+    assert_eq!(getx(&fs, f, ACCESS).unwrap(), named);
+    // chmod: the owner, mask and other entries follow.
+    apply_ok(
+        &mut fs,
+        &FsCommand::SetAttr {
+            ino: f,
+            set: SetAttr {
+                perm: Some(0o604),
+                ..SetAttr::default()
+            },
+            now: t(3),
+        },
+    );
+    let chmodded = acl_bytes(&[
+        (0x01, 6, NO_ID),
+        (0x02, 7, 1000),
+        (0x04, 4, NO_ID),
+        (0x10, 0, NO_ID),
+        (0x20, 4, NO_ID),
+    ]);
+    assert_eq!(getx(&fs, f, ACCESS).unwrap(), chmodded);
+    // A minimal ACL is the mode alone.
+    let minimal = acl_bytes(&[(0x01, 7, NO_ID), (0x04, 5, NO_ID), (0x20, 1, NO_ID)]);
+    apply_ok(&mut fs, &setx(f, ACCESS, &minimal, false, false, t(4)));
+    assert_eq!(attr(&fs, f).perm, 0o751);
+    assert_eq!(getx(&fs, f, ACCESS), Err(FsError::NoXattr));
+    refused(
+        &mut fs,
+        &setx(f, ACCESS, b"\x02\0\0\0\x01", false, false, t(5)),
+        FsError::Invalid,
+    );
+    refused(
+        &mut fs,
+        &setx(f, DEFAULT, &minimal, false, false, t(5)),
+        FsError::Invalid,
+    );
+    refused(
+        &mut fs,
+        &setx(f, b"system.other", b"x", false, false, t(5)),
+        FsError::XattrNotSupported,
+    );
+
+    // A directory with a default ACL: group rwx, a named group, other r-x.
+    let d = create(&mut fs, ROOT, b"d", Kind::Dir, t(6));
+    let default = acl_bytes(&[
+        (0x01, 7, NO_ID),
+        (0x04, 7, NO_ID),
+        (0x08, 5, 50),
+        (0x10, 7, NO_ID),
+        (0x20, 5, NO_ID),
+    ]);
+    apply_ok(&mut fs, &setx(d, DEFAULT, &default, false, false, t(6)));
+    let made = |fs: &mut FsState, name: &[u8], kind: Kind, perm: u16| {
+        let mut cmd = create_cmd(d, name, kind, t(7));
+        if let FsCommand::Create { perm: p, .. } = &mut cmd {
+            *p = perm;
+        }
+        ok_attr(
+            fs.apply(&FsCommand::Umask {
+                umask: 0o077,
+                cmd: Box::new(cmd),
+            }),
+            "create",
+        )
+    };
+    // The umask (077) is not applied; the mode asked for (666) masks the ACL.
+    let g = made(&mut fs, b"g", Kind::File, 0o666);
+    assert_eq!(g.perm, 0o664);
+    assert_eq!(
+        getx(&fs, g.ino, ACCESS).unwrap(),
+        acl_bytes(&[
+            (0x01, 6, NO_ID),
+            (0x04, 7, NO_ID),
+            (0x08, 5, 50),
+            (0x10, 6, NO_ID),
+            (0x20, 4, NO_ID),
+        ])
+    );
+    assert_eq!(getx(&fs, g.ino, DEFAULT), Err(FsError::NoXattr));
+    let sub = made(&mut fs, b"sub", Kind::Dir, 0o777);
+    assert_eq!(sub.perm, 0o775);
+    assert_eq!(getx(&fs, sub.ino, DEFAULT).unwrap(), default, "passed on");
+    let l = made(&mut fs, b"l", Kind::Symlink, 0o777);
+    assert_eq!(getx(&fs, l.ino, ACCESS), Err(FsError::NoXattr));
+    // Through `CreateOpen` as well.
+    let s = open_session(&mut fs);
+    let cmd = FsCommand::CreateOpen {
+        session: s,
+        cmd: Box::new(FsCommand::Umask {
+            umask: 0o022,
+            cmd: Box::new(create_cmd(d, b"h", Kind::File, t(8))),
+        }),
+    };
+    let h = ok_attr(fs.apply(&cmd), "create open");
+    assert_eq!(h.perm, 0o644 & 0o664);
+    assert!(getx(&fs, h.ino, ACCESS).is_ok());
+    // Elsewhere the umask applies.
+    let mut plain = create_cmd(ROOT, b"p", Kind::File, t(9));
+    if let FsCommand::Create { perm, .. } = &mut plain {
+        *perm = 0o666;
+    }
+    let p = ok_attr(
+        fs.apply(&FsCommand::Umask {
+            umask: 0o027,
+            cmd: Box::new(plain),
+        }),
+        "create",
+    );
+    assert_eq!(p.perm, 0o640);
+    refused(
+        &mut fs,
+        &FsCommand::Umask {
+            umask: 0,
+            cmd: Box::new(FsCommand::Drop { ino: p.ino }),
+        },
+        FsError::Invalid,
+    );
     fs.check().unwrap();
 }

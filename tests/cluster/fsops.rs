@@ -31,7 +31,7 @@ async fn cluster(name: &str) -> TestCluster {
 /// Creates a regular file and opens it (as create(2) does).
 async fn create(ops: &Ops, parent: Ino, name: &[u8]) -> Ino {
     let a = ops
-        .create_open(parent, name, 0o644, 0, 0)
+        .create_open(parent, name, 0o644, 0, 0, 0)
         .await
         .expect("create");
     a.ino
@@ -149,7 +149,7 @@ async fn file_system_operations_without_the_kernel() {
 
     // Directories and rename.
     let d = a
-        .create(ROOT, b"d", Kind::Dir, 0o755, 0, 0, 0, b"")
+        .create(ROOT, b"d", Kind::Dir, 0o755, 0, 0, 0, 0, b"")
         .await
         .expect("mkdir")
         .ino;
@@ -573,7 +573,7 @@ async fn reads_update_the_atime_by_relatime() {
 
     // Directories: a listing updates the atime the same way.
     let d = a
-        .create(ROOT, b"d", Kind::Dir, 0o755, 0, 0, 0, b"")
+        .create(ROOT, b"d", Kind::Dir, 0o755, 0, 0, 0, 0, b"")
         .await
         .expect("mkdir")
         .ino;
