@@ -34,8 +34,8 @@
 //! - The locks of a session that ends (unmount) or expires (a mount killed or cut
 //!   off for `--session-expiry-ms`) are released by the metadata service. A mount
 //!   that finds its session expired has lost its locks: it logs it, and later
-//!   unlocks of them succeed without effect; a lock request in that window fails
-//!   (EIO).
+//!   unlocks of them succeed without effect; a lock request in that window waits
+//!   for the new session.
 //! - `flock` locks are whole-file locks of the open file, as on NFS: they conflict
 //!   with `fcntl` locks of other owners of the same file, even of the same process
 //!   (which on a local file system they do not), and one open file's `flock` and
@@ -185,6 +185,16 @@ impl Ops {
                     return Ok(());
                 }
                 Err(OpError::Fs(FsError::WouldBlock)) if wait => {}
+                // The session ended, and its locks with it.
+                Err(OpError::Fs(FsError::NoSession)) if kind == LockKind::Unlock => return Ok(()),
+                Err(OpError::Fs(FsError::NoSession)) => {
+                    self.bounded(async {
+                        self.await_new_session(session).await;
+                        Ok(())
+                    })
+                    .await?;
+                    continue;
+                }
                 Err(e) => return Err(e),
             }
             // Wait until the conflicting locks are gone, then try again.

@@ -168,11 +168,17 @@ impl Ops {
                     Err(e) => return Err(e),
                 }
             }
-            // The heartbeat opens the new one (the caller's bound applies).
-            self.session.suspended.store(true, Ordering::Relaxed);
-            while self.session.id() == session {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
+            self.await_new_session(session).await;
+        }
+    }
+
+    /// Waits until the mount has a session other than `ended`, which the metadata
+    /// service refused as ended: the heartbeat opens the new one (the caller's
+    /// bound applies).
+    pub(super) async fn await_new_session(&self, ended: SessionId) {
+        self.session.suspended.store(true, Ordering::Relaxed);
+        while self.session.id() == ended {
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 
