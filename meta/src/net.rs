@@ -331,6 +331,10 @@ pub enum WireError {
     Raft(String),
     #[error("internal: {0}")]
     Internal(String),
+    /// An `InstallSnapshot` chunk of another snapshot, or at another offset, than
+    /// the one being received: the sender starts that snapshot over from offset 0.
+    #[error("{0}")]
+    SnapshotMismatch(openraft::error::SnapshotMismatch),
 }
 
 /// One client connection: one request at a time.
@@ -525,6 +529,10 @@ impl PeerClient {
         }
         self.conn = Some(conn);
         match resp {
+            // For `install_snapshot` to hand to openraft as what it is.
+            Response::Error(WireError::SnapshotMismatch(m)) => {
+                Ok(Response::Error(WireError::SnapshotMismatch(m)))
+            }
             Response::Error(e) => Err(PeerError::Unreachable(MetaError::from_wire(e))),
             other => Ok(other),
         }
@@ -586,6 +594,14 @@ impl RaftNetwork<TypeConfig> for PeerClient {
             .await
         {
             Ok(Response::InstallSnapshot(r)) => Ok(r),
+            // Openraft's sender resets its offset on this one (any other error is
+            // retried at the same offset, five times, then the whole send).
+            Ok(Response::Error(WireError::SnapshotMismatch(m))) => {
+                Err(RPCError::RemoteError(openraft::error::RemoteError::new(
+                    self.target,
+                    RaftError::APIError(InstallSnapshotError::SnapshotMismatch(m)),
+                )))
+            }
             Ok(other) => Err(RPCError::Network(NetworkError::new(
                 &self.unexpected(&other),
             ))),

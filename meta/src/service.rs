@@ -37,7 +37,8 @@ use drs_proto::map::ClusterMap;
 use drs_proto::NodeId;
 use futures::{SinkExt, StreamExt};
 use openraft::error::{
-    CheckIsLeaderError, ClientWriteError, ForwardToLeader, InitializeError, RaftError,
+    CheckIsLeaderError, ClientWriteError, ForwardToLeader, InitializeError, InstallSnapshotError,
+    RaftError,
 };
 use openraft::{BasicNode, ChangeMembers, Membership, ServerState, SnapshotPolicy};
 use tokio::net::{TcpListener, TcpStream};
@@ -895,6 +896,9 @@ impl Inner {
                 self.snapshot_chunks.fetch_add(1, Ordering::Relaxed);
                 match self.raft.install_snapshot(*rpc).await {
                     Ok(r) => Response::InstallSnapshot(r),
+                    Err(RaftError::APIError(InstallSnapshotError::SnapshotMismatch(m))) => {
+                        Response::Error(WireError::SnapshotMismatch(m))
+                    }
                     Err(e) => Response::Error(WireError::Raft(e.to_string())),
                 }
             }

@@ -615,3 +615,51 @@ async fn a_snapshot_larger_than_a_frame_reaches_a_new_replica_in_chunks() {
     );
     c.shutdown().await;
 }
+
+/// An `InstallSnapshot` chunk that does not continue the snapshot being received
+/// comes back as openraft's `SnapshotMismatch` (on which its sender starts the
+/// snapshot over at offset 0), not as a network error (retried five times at the
+/// same offset, then the whole transfer).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_chunk_out_of_place_is_answered_as_a_mismatch() {
+    use openraft::error::{InstallSnapshotError, RPCError, RaftError};
+    use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+    use openraft::raft::InstallSnapshotRequest;
+
+    let c = Cluster::start(3, 8, |_| {}).await;
+    let leader = c.wait_leader(Duration::from_secs(10)).await;
+    let follower = *c.nodes.keys().find(|id| **id != leader).unwrap();
+    let m = c.nodes[&leader].raft().metrics().borrow().clone();
+    let mut factory = drs_meta::net::NetworkFactory::new(
+        CLUSTER_ID,
+        test_key(),
+        Arc::new(AtomicBool::new(false)),
+    );
+    let node = openraft::BasicNode::new(c.addrs[&follower].to_string());
+    let mut client = factory.new_client(follower, &node).await;
+    let req = InstallSnapshotRequest {
+        vote: m.vote,
+        meta: openraft::SnapshotMeta {
+            last_log_id: m.last_applied,
+            last_membership: m.membership_config.as_ref().clone(),
+            snapshot_id: "never-started".into(),
+        },
+        offset: 4096,
+        data: vec![0; 16],
+        done: false,
+    };
+    let r = client
+        .install_snapshot(req, RPCOption::new(Duration::from_secs(5)))
+        .await;
+    match r {
+        Err(RPCError::RemoteError(e)) => assert!(
+            matches!(
+                e.source,
+                RaftError::APIError(InstallSnapshotError::SnapshotMismatch(_))
+            ),
+            "{e}"
+        ),
+        other => panic!("expected a snapshot mismatch, got {other:?}"),
+    }
+    c.shutdown().await;
+}
