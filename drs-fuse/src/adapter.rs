@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -39,6 +39,8 @@ pub struct DrsFuse {
     /// Notifications to the kernel, once the session is made (see
     /// [`DrsFuse::notifier_slot`]).
     notifier: Arc<OnceLock<Notifier>>,
+    /// The kernel enforces POSIX ACLs and leaves the umask to the file system.
+    acls: AtomicBool,
 }
 
 /// A directory as read at opendir: (inode, type, name), `.` and `..` first.
@@ -57,7 +59,14 @@ impl DrsFuse {
             writeback_cache,
             dirs: Arc::new(Mutex::new(HashMap::new())),
             notifier: Arc::default(),
+            acls: AtomicBool::new(false),
         }
+    }
+
+    /// Whether `name` is an ACL this mount may not set (its kernel does not
+    /// enforce them).
+    fn acl_refused(&self, name: &OsStr) -> bool {
+        drs_meta::acl::is_acl(name.as_bytes()) && !self.acls.load(Ordering::Relaxed)
     }
 
     /// Where the mount puts the session's notifier, once it has the session.
@@ -199,10 +208,22 @@ impl Filesystem for DrsFuse {
         if self.writeback_cache {
             flags.push(InitFlags::FUSE_WRITEBACK_CACHE);
         }
+        let mut refused = Vec::new();
         for flag in flags {
             if config.add_capabilities(flag).is_err() {
                 tracing::info!(?flag, "the kernel does not offer this capability");
+                refused.push(flag);
             }
+        }
+        // A kernel that would not enforce ACLs (or would apply the umask itself)
+        // is not given any: their mode bits alone would then grant the mask's
+        // rights to the owning group.
+        let acls = !refused
+            .iter()
+            .any(|f| *f == InitFlags::FUSE_POSIX_ACL || *f == InitFlags::FUSE_DONT_MASK);
+        self.acls.store(acls, Ordering::Relaxed);
+        if !acls {
+            tracing::warn!("POSIX ACLs are not supported by this kernel: setting one fails");
         }
         Ok(())
     }
@@ -265,6 +286,10 @@ impl Filesystem for DrsFuse {
             reply.error(Errno::from_i32(libc::EINVAL));
             return;
         }
+        if self.acl_refused(name) {
+            reply.error(Errno::from_i32(libc::EOPNOTSUPP));
+            return;
+        }
         let (name, value) = (name.as_bytes().to_vec(), value.to_vec());
         let create = flags & libc::XATTR_CREATE != 0;
         let replace = flags & libc::XATTR_REPLACE != 0;
@@ -290,6 +315,10 @@ impl Filesystem for DrsFuse {
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        if self.acl_refused(name) {
+            reply.error(Errno::from_i32(libc::EOPNOTSUPP));
+            return;
+        }
         let name = name.as_bytes().to_vec();
         self.spawn("removexattr", |ops| async move {
             empty(reply, ops.removexattr(ino.0, name).await)

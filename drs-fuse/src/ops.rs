@@ -232,6 +232,40 @@ pub struct CacheStats {
 }
 
 /// One mount's file system: the namespace in the metadata service, data in DRS.
+/// Answers to ACL reads (`system.posix_acl_*`: the value, or none), each kept for
+/// [`ACL_TTL`] at most. The kernel reads a file's ACL to check a permission for
+/// anyone but the owner, and forgets it at every attribute refresh: without this,
+/// that is a metadata round trip per inode per second of use.
+#[derive(Debug, Default)]
+struct AclCache {
+    /// (inode, attribute name) -> when it was read, and the value if there is one.
+    answers: HashMap<(Ino, Vec<u8>), AclAnswer>,
+    /// Counts this mount's changes of ACLs and modes: an answer read across one is
+    /// not kept.
+    changes: u64,
+}
+
+/// When an ACL was read, and its value if it had one.
+type AclAnswer = (Instant, Option<Vec<u8>>);
+
+/// How long an ACL read is answered from [`AclCache`]: the attribute timeout, so
+/// another mount's change shows as soon as a mode change would.
+const ACL_TTL: Duration = Duration::from_secs(1);
+/// Most answers [`AclCache`] keeps (it starts over past this).
+const ACL_CACHE_MAX: usize = 16_384;
+
+impl AclCache {
+    fn get(&self, ino: Ino, name: &[u8]) -> Option<Option<Vec<u8>>> {
+        let (at, v) = self.answers.get(&(ino, name.to_vec()))?;
+        (at.elapsed() < ACL_TTL).then(|| v.clone())
+    }
+
+    fn changed(&mut self, ino: Ino) {
+        self.changes += 1;
+        self.answers.retain(|(i, _), _| *i != ino);
+    }
+}
+
 impl Open {
     /// Forgets what this mount knew of the file (its capability, size and block
     /// map), as after another mount's changes: at an open (close-to-open) and when
@@ -266,6 +300,8 @@ pub struct Ops {
     latencies: drs_metrics::Latencies,
     /// The mount's session with the metadata service.
     session: Arc<session::MountSession>,
+    /// Recent answers to the kernel's ACL reads (see [`Ops::getxattr`]).
+    acls: Mutex<AclCache>,
     /// What this mount knows of its byte-range locks (see [`locks`]).
     locks: Arc<Mutex<locks::LockBook>>,
     /// Woken when a lock owner of this mount unlocks or releases (waiters look again).
@@ -453,6 +489,7 @@ impl Ops {
             latencies: drs_metrics::latencies(),
             session: Arc::new(session::MountSession::new(0)),
             locks: Arc::default(),
+            acls: Mutex::default(),
             unlocked: Arc::default(),
         };
         let format = FsCommand::Format {
@@ -686,6 +723,9 @@ impl Ops {
         if set.mtime.is_none() && set.size.is_some() {
             set.mtime = Some(now());
         }
+        // A chmod changes the access ACL.
+        let chmod = set.perm.is_some();
+        self.acl_changing(chmod, ino);
         let cmd = FsCommand::SetAttr {
             ino,
             set: set.clone(),
@@ -697,8 +737,9 @@ impl Ops {
         } else {
             cmd
         };
-        let r = self.command(cmd).await?;
-        self.attr_reply(r)
+        let r = self.command(cmd).await;
+        self.acl_changing(chmod, ino);
+        self.attr_reply(r?)
     }
 
     /// Zeroes the bytes from `size` to the end of its block, if that block is mapped,
@@ -753,6 +794,7 @@ impl Ops {
             }
         };
         forget_absence();
+        let acl = drs_meta::acl::is_acl(&name);
         let cmd = FsCommand::SetXattr {
             ino,
             name,
@@ -761,19 +803,33 @@ impl Ops {
             replace,
             now: now(),
         };
+        self.acl_changing(acl, ino);
         let r = self.attr_command(cmd).await.map(drop);
+        self.acl_changing(acl, ino);
         forget_absence();
         r
     }
 
+    /// Before and after this mount changes an ACL (`acl`) or a mode: answers read
+    /// meanwhile are not kept.
+    fn acl_changing(&self, acl: bool, ino: Ino) {
+        if acl {
+            lock(&self.acls).changed(ino);
+        }
+    }
+
     /// Removes an extended attribute.
     pub async fn removexattr(&self, ino: Ino, name: Vec<u8>) -> OpResult<()> {
+        let acl = drs_meta::acl::is_acl(&name);
         let cmd = FsCommand::RemoveXattr {
             ino,
             name,
             now: now(),
         };
-        self.attr_command(cmd).await.map(drop)
+        self.acl_changing(acl, ino);
+        let r = self.attr_command(cmd).await.map(drop);
+        self.acl_changing(acl, ino);
+        r
     }
 
     /// An extended attribute's value. The kernel asks for `security.capability`
@@ -781,6 +837,9 @@ impl Ops {
     /// remembered (close-to-open, as for data), so a write costs no metadata round
     /// trip for it.
     pub async fn getxattr(&self, ino: Ino, name: Vec<u8>) -> OpResult<Vec<u8>> {
+        if drs_meta::acl::is_acl(&name) {
+            return self.get_acl(ino, name).await;
+        }
         let capability = name == CAPABILITY;
         if capability && lock(&self.open).get(&ino).is_some_and(|o| o.no_capability) {
             return Err(FsError::NoXattr.into());
@@ -796,6 +855,40 @@ impl Ops {
             expect_reply!(r?, FsReply::Bytes(b) => b)
         })
         .await
+    }
+
+    /// An ACL, from [`AclCache`] if it was read within [`ACL_TTL`].
+    async fn get_acl(&self, ino: Ino, name: Vec<u8>) -> OpResult<Vec<u8>> {
+        let changes = {
+            let cache = lock(&self.acls);
+            if let Some(v) = cache.get(ino, &name) {
+                return v.ok_or(OpError::Fs(FsError::NoXattr));
+            }
+            cache.changes
+        };
+        let read = Instant::now();
+        let r = self
+            .bounded(async {
+                let r = self
+                    .query(FsQuery::GetXattr {
+                        ino,
+                        name: name.clone(),
+                    })
+                    .await;
+                match r {
+                    Err(OpError::Fs(FsError::NoXattr)) => Ok(None),
+                    r => expect_reply!(r?, FsReply::Bytes(b) => Some(b)),
+                }
+            })
+            .await?;
+        let mut cache = lock(&self.acls);
+        if cache.changes == changes {
+            if cache.answers.len() >= ACL_CACHE_MAX {
+                cache.answers.clear();
+            }
+            cache.answers.insert((ino, name), (read, r.clone()));
+        }
+        r.ok_or(OpError::Fs(FsError::NoXattr))
     }
 
     /// The names of an inode's extended attributes, each ending in a zero byte.

@@ -218,7 +218,8 @@ pub enum FsCommand {
         gid: u32,
         now: Time,
     },
-    /// A new inode named `name` in `parent`. `target` is a symlink's.
+    /// A new inode named `name` in `parent` with mode `perm` as it is (no ACL
+    /// inherited: see [`FsCommand::Umask`]). `target` is a symlink's.
     Create {
         parent: Ino,
         name: Vec<u8>,
@@ -381,10 +382,8 @@ impl FsCommand {
     /// inode or name, an extended attribute, blocks mapped in `fs`, an extent split
     /// by a punch), an upper bound of what it adds to the namespace's encoding;
     /// `None` for the others, which are always admitted (so a full namespace can
-    /// still be shrunk and its files closed).
-    /// `mapped(ino, first, n)`: how many of file blocks `first .. first + n` of `ino`
-    /// have a data block now.
-    pub fn grows_by(&self, mapped: impl Fn(Ino, u64, u64) -> u64) -> Option<usize> {
+    /// still be shrunk and its files closed). `fs` is the namespace as it is now.
+    pub fn grows_by(&self, fs: &FsState) -> Option<usize> {
         match self {
             FsCommand::Create { name, target, .. } => Some(name.len() + target.len() + 192),
             FsCommand::Link { name, .. } => Some(name.len() + 64),
@@ -399,16 +398,29 @@ impl FsCommand {
                 ahead,
             } => {
                 let n = count.saturating_add(*ahead).min(MAP_MAX);
-                let new = n.saturating_sub(mapped(*ino, *first, n));
+                let new = n.saturating_sub(fs.mapped_count(*ino, *first, n));
                 (new > 0).then_some(new as usize * 24 + 64)
             }
             // A split extent and a new free run (or held freeing).
             FsCommand::Punch { .. } => Some(96),
-            FsCommand::From { cmd, .. } => cmd.grows_by(mapped),
-            FsCommand::CreateOpen { cmd, .. } => Some(cmd.grows_by(mapped).unwrap_or(0) + 32),
-            // The inherited access and default ACLs.
+            FsCommand::From { cmd, .. } => cmd.grows_by(fs),
+            FsCommand::CreateOpen { cmd, .. } => Some(cmd.grows_by(fs).unwrap_or(0) + 32),
+            // The ACLs inherited from the directory's default ACL as it is now: an
+            // access ACL, and for a directory the default ACL too (a default ACL
+            // set after this is admitted and applied before it may add up to
+            // `acl::MAX_LEN` twice, slack the limit leaves).
             FsCommand::Umask { cmd, .. } => {
-                Some(cmd.grows_by(mapped).unwrap_or(0) + 2 * (acl::MAX_LEN + 32))
+                let inherited = match &**cmd {
+                    FsCommand::Create { parent, kind, .. } if *kind != Kind::Symlink => {
+                        let len = fs
+                            .inode(*parent)
+                            .and_then(|d| d.xattrs.get(acl::DEFAULT))
+                            .map_or(0, |v| v.len() + acl::DEFAULT.len() + 16);
+                        len * if *kind == Kind::Dir { 2 } else { 1 }
+                    }
+                    _ => 0,
+                };
+                Some(cmd.grows_by(fs).unwrap_or(0) + inherited)
             }
             _ => None,
         }
@@ -1078,8 +1090,13 @@ impl FsState {
                     _ => {}
                 }
                 let total: usize = i.xattrs.iter().map(|(n, v)| n.len() + v.len()).sum();
-                let after =
-                    total - old.map_or(0, |v| name.len() + v.len()) + name.len() + value.len();
+                // A minimal access ACL is not kept: it only sets the mode.
+                let kept = if matches!(perm, Some((_, true))) {
+                    0
+                } else {
+                    name.len() + value.len()
+                };
+                let after = total - old.map_or(0, |v| name.len() + v.len()) + kept;
                 if after > XATTR_TOTAL_MAX {
                     return Err(FsError::NoSpace);
                 }
@@ -1352,8 +1369,11 @@ impl FsState {
             }
             // A default ACL of the directory is inherited (not by a symlink), the
             // mode asked for masking it; else the umask applies.
+            // A plain `Create` (a mount of a version before ACLs) inherits none.
             let inherited = match d.xattrs.get(acl::DEFAULT) {
-                Some(v) if *kind != Kind::Symlink => Some((Acl::decode(v)?, v.clone())),
+                Some(v) if umask.is_some() && *kind != Kind::Symlink => {
+                    Some((Acl::decode(v)?, v.clone()))
+                }
                 _ => None,
             };
             let mut perm = *perm & 0o7777;
@@ -1362,7 +1382,8 @@ impl FsState {
                 let (a, mode) = default.inherit(perm);
                 perm = mode;
                 access = (!a.is_minimal()).then(|| a.encode());
-            } else if let Some(u) = umask {
+            } else if let (Some(u), false) = (umask, *kind == Kind::Symlink) {
+                // (A symlink's mode is never masked.)
                 perm &= !(u & 0o777);
             }
             // A set-gid directory gives its group to what is made in it, and

@@ -620,9 +620,7 @@ impl Inner {
     async fn propose(&self, p: Proposal, wait: Duration) -> Result<MetaResponse, MetaError> {
         // Only the leader admits (a follower's `client_write` forwards to it).
         let grows = match &p.cmd {
-            MetaCommand::Fs(c) if self.is_leader() => {
-                c.grows_by(|ino, first, n| self.fs.read().mapped_count(ino, first, n))
-            }
+            MetaCommand::Fs(c) if self.is_leader() => c.grows_by(&self.fs.read()),
             _ => None,
         };
         if let Some(g) = grows {

@@ -3901,16 +3901,35 @@ fn acls_follow_the_mode_and_are_inherited() {
     assert_eq!(getx(&fs, l.ino, ACCESS), Err(FsError::NoXattr));
     // Through `CreateOpen` as well.
     let s = open_session(&mut fs);
+    let mut create_h = create_cmd(d, b"h", Kind::File, t(8));
+    if let FsCommand::Create { perm, .. } = &mut create_h {
+        *perm = 0o666;
+    }
     let cmd = FsCommand::CreateOpen {
         session: s,
         cmd: Box::new(FsCommand::Umask {
-            umask: 0o022,
-            cmd: Box::new(create_cmd(d, b"h", Kind::File, t(8))),
+            umask: 0o077,
+            cmd: Box::new(create_h),
         }),
     };
     let h = ok_attr(fs.apply(&cmd), "create open");
-    assert_eq!(h.perm, 0o644 & 0o664);
+    assert_eq!(h.perm, 0o664, "the umask is not applied");
     assert!(getx(&fs, h.ino, ACCESS).is_ok());
+    // A plain `Create` inherits nothing; a symlink's mode is never masked.
+    let old = ok_attr(fs.apply(&create_cmd(d, b"old", Kind::File, t(8))), "create");
+    assert_eq!(getx(&fs, old.ino, ACCESS), Err(FsError::NoXattr));
+    let mut link = create_cmd(ROOT, b"l2", Kind::Symlink, t(8));
+    if let FsCommand::Create { perm, .. } = &mut link {
+        *perm = 0o777;
+    }
+    let l2 = ok_attr(
+        fs.apply(&FsCommand::Umask {
+            umask: 0o077,
+            cmd: Box::new(link),
+        }),
+        "symlink",
+    );
+    assert_eq!(l2.perm, 0o777);
     // Elsewhere the umask applies.
     let mut plain = create_cmd(ROOT, b"p", Kind::File, t(9));
     if let FsCommand::Create { perm, .. } = &mut plain {
