@@ -3,6 +3,7 @@
 //! passthrough FUSE mount of that directory (bindfs), all in the same run. Row 14:
 //! 4 KiB writes through the mount, with its write-back cache and without. Row 15:
 //! small files created and read back, on the mount and in the local directory.
+//! Row 16: a byte-range lock and its unlock, beside a chmod.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
@@ -217,4 +218,42 @@ pub fn small_files(dir: &Path, n: usize, content: &[u8]) -> anyhow::Result<(Dura
         }
     }
     Ok((created, t.elapsed()))
+}
+
+/// `n` rounds of a write lock of the whole of file `path` and its unlock
+/// (`fcntl` `F_SETLK`), and `n` `chmod`s of it; the time of each, sorted.
+pub fn lock_rounds(path: &Path, n: usize) -> anyhow::Result<(Vec<Duration>, Vec<Duration>)> {
+    use std::os::unix::fs::PermissionsExt;
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .with_context(|| format!("open {}", path.display()))?;
+    let range = |typ: i32| libc::flock {
+        l_type: typ as libc::c_short,
+        l_whence: libc::SEEK_SET as libc::c_short,
+        l_start: 0,
+        l_len: 0,
+        l_pid: 0,
+    };
+    let (lock, unlock) = (range(libc::F_WRLCK), range(libc::F_UNLCK));
+    let mut locks = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        nix::fcntl::fcntl(&f, nix::fcntl::FcntlArg::F_SETLK(&lock)).context("lock")?;
+        nix::fcntl::fcntl(&f, nix::fcntl::FcntlArg::F_SETLK(&unlock)).context("unlock")?;
+        locks.push(t.elapsed());
+    }
+    let mut chmods = Vec::with_capacity(n);
+    for i in 0..n {
+        let mode = if i % 2 == 0 { 0o640 } else { 0o644 };
+        let t = Instant::now();
+        fs::set_permissions(path, fs::Permissions::from_mode(mode)).context("chmod")?;
+        chmods.push(t.elapsed());
+    }
+    locks.sort();
+    chmods.sort();
+    Ok((locks, chmods))
 }

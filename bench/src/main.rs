@@ -874,12 +874,15 @@ fn run(opts: Opts, rt: &tokio::runtime::Runtime) -> anyhow::Result<()> {
 /// mount, through the library, in a local directory and through bindfs over it. Row
 /// 14: [`SMALL_WRITES_BYTES`] in 4 KiB writes through a mount, with its write-back
 /// cache and with `-o write_through`. Row 15: [`SMALL_FILES`] small files created
-/// and read back, on a mount and in the local directory.
+/// and read back, on a mount and in the local directory. Row 16: [`LOCK_ROUNDS`]
+/// byte-range locks and unlocks, beside chmods.
 /// Bytes row 14 writes in 4 KiB writes.
 const SMALL_WRITES_BYTES: usize = 4 << 20;
 /// Files row 15 creates and reads back, and the bytes of each.
 const SMALL_FILES: usize = 200;
 const SMALL_FILE_BYTES: usize = 4096;
+/// Rounds of row 16: a byte-range lock and its unlock, and a chmod.
+const LOCK_ROUNDS: usize = 100;
 
 fn fuse_rows(
     local: &LocalCluster,
@@ -955,6 +958,10 @@ fn fuse_rows(
         fuse::small_files(&m.path.join("small-files"), SMALL_FILES, content)?
     };
     let files_local = fuse::small_files(&plain.join("small-files"), SMALL_FILES, content)?;
+    // Row 16: a byte-range lock and its unlock, beside a chmod (one metadata
+    // commit) on the same mount, and both on the local directory.
+    let locks_drs = fuse::lock_rounds(&mount(false)?.path.join("locked"), LOCK_ROUNDS)?;
+    let locks_local = fuse::lock_rounds(&plain.join("locked"), LOCK_ROUNDS)?;
     let show = |d: Duration| mib_per_s(bytes, d);
     let others = |w: bool| {
         let (l, b) = if w {
@@ -1036,6 +1043,27 @@ fn fuse_rows(
         row.baseline,
         per_s(files_drs.1),
         per_s(files_local.1),
+    );
+    rows.push(row);
+    let p50 = |v: &[Duration]| ms(percentile(v, 50.0));
+    let p99 = |v: &[Duration]| ms(percentile(v, 99.0));
+    let row = Row {
+        name: "FUSE lock + unlock (p50)".into(),
+        unit: Unit::Ms,
+        drs: p50(&locks_drs.0),
+        baseline_name: "FUSE chmod (one metadata commit)".into(),
+        baseline: p50(&locks_drs.1),
+        scale: 1.0,
+        target: None,
+    };
+    println!(
+        "[16] fcntl write lock + unlock of a file, {LOCK_ROUNDS} times: FUSE p50 {:.2} ms, p99 {:.2} ms; chmod on the mount p50 {:.2} ms, p99 {:.2} ms; local directory: lock + unlock p50 {:.3} ms, chmod p50 {:.3} ms",
+        row.drs,
+        p99(&locks_drs.0),
+        row.baseline,
+        p99(&locks_drs.1),
+        p50(&locks_local.0),
+        p50(&locks_local.1),
     );
     rows.push(row);
     Ok(())
