@@ -152,7 +152,15 @@ impl Ops {
             return Ok(());
         }
         if known && kind != LockKind::Write {
-            self.flush(r.ino).await?;
+            if let Err(e) = self.flush(r.ino).await {
+                // A downgrade fails and changes nothing. An unlock goes on (a lock
+                // kept would outlive the error): the writes stay uncommitted, and
+                // the file's next flush, fsync or close tries again or fails.
+                if kind == LockKind::Read {
+                    return Err(e);
+                }
+                tracing::warn!(ino = r.ino, error = %e, "unlocking with writes not committed");
+            }
         }
         let mut pause = POLL_FIRST;
         loop {
