@@ -182,9 +182,14 @@ fn when(t: TimeOrNow) -> Time {
 }
 
 /// The permission bits a process asked for, and its umask (applied by the
-/// namespace: see `drs_meta::acl`).
-fn perm_of(mode: u32, umask: u32) -> (u16, u16) {
-    ((mode & 0o7777) as u16, (umask & 0o777) as u16)
+/// namespace: see `drs_meta::acl`). Where the kernel does not enforce ACLs, the
+/// umask is applied here and none is sent, so nothing inherits an ACL past it.
+fn perm_of(mode: u32, umask: u32, acls: bool) -> (u16, u16) {
+    if acls {
+        ((mode & 0o7777) as u16, (umask & 0o777) as u16)
+    } else {
+        ((mode & !umask & 0o7777) as u16, 0)
+    }
 }
 
 impl Filesystem for DrsFuse {
@@ -350,7 +355,7 @@ impl Filesystem for DrsFuse {
             parent,
             name,
             kind,
-            perm_of(mode, umask),
+            perm_of(mode, umask, self.acls.load(Ordering::Relaxed)),
             rdev,
             Vec::new(),
             reply,
@@ -371,7 +376,7 @@ impl Filesystem for DrsFuse {
             parent,
             name,
             Kind::Dir,
-            perm_of(mode, umask),
+            perm_of(mode, umask, self.acls.load(Ordering::Relaxed)),
             0,
             Vec::new(),
             reply,
@@ -533,12 +538,14 @@ impl Filesystem for DrsFuse {
         self.spawn("release", |ops| async move {
             // The open file's own locks: its `flock` (the kernel names its owner)
             // and open file description locks.
+            // After the last writes are committed, for the next holder to read.
+            let released = ops.release(ino.0).await;
             let flock = match lock_owner {
                 Some(o) => ops.release_locks(ino.0, o.0).await,
                 None => Ok(()),
             };
             let own = ops.release_handle(fh.0).await;
-            empty(reply, ops.release(ino.0).await.and(flock).and(own))
+            empty(reply, released.and(flock).and(own))
         });
     }
 
@@ -740,7 +747,7 @@ impl Filesystem for DrsFuse {
         let name = name.as_bytes().to_vec();
         let (uid, gid) = (req.uid(), req.gid());
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        let (perm, umask) = perm_of(mode, umask);
+        let (perm, umask) = perm_of(mode, umask, self.acls.load(Ordering::Relaxed));
         self.spawn("create", |ops| async move {
             match ops
                 .create_open(parent.0, &name, perm, umask, uid, gid)

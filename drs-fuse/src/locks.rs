@@ -155,7 +155,13 @@ impl Ops {
             if let Err(e) = self.flush(r.ino).await {
                 // A downgrade fails and changes nothing. An unlock goes on (a lock
                 // kept would outlive the error): the writes stay uncommitted, and
-                // the file's next flush, fsync or close tries again or fails.
+                // the file's next flush, fsync or close tries again or fails (a
+                // lost write-back is kept for it to report).
+                if let OpError::WriteBack(m) = &e {
+                    if let Some(o) = lock(&self.open).get_mut(&r.ino) {
+                        o.write_error.get_or_insert_with(|| m.clone());
+                    }
+                }
                 if kind == LockKind::Read {
                     return Err(e);
                 }
@@ -236,21 +242,40 @@ impl Ops {
     /// After a lock is granted: what this mount knows of the file's size and block
     /// map is forgotten (unless it has writes not yet committed), as at an open.
     async fn refresh_after_lock(&self, ino: Ino) {
-        let Ok(a) = self.getattr(ino).await else {
-            return;
-        };
+        // Alone with the file first: no commit of this mount can come between the
+        // attributes read and what is forgotten.
         let _freeing = self.freeing(ino).await;
+        let a = self.getattr(ino).await;
         if let Some(o) = lock(&self.open).get_mut(&ino) {
-            o.forget_view(&a);
+            match &a {
+                Ok(a) => o.forget_view(a),
+                // The size stays; the block map is read again as needed.
+                Err(_) => o.forget_map(),
+            }
         }
     }
 
     /// The kernel flushed `ino` for lock owner `owner` (a `close`), or released an
     /// open file `flock`ed by `owner`: every lock of that owner on the file goes.
     pub async fn release_locks(&self, ino: Ino, owner: u64) -> OpResult<()> {
+        self.release_unless(ino, owner, None).await
+    }
+
+    /// Releases `owner`'s locks on `ino` if it may hold some, and (`handle`) if it
+    /// locked through no open handle of the file but that one: both decided with
+    /// the book locked, so a lock noted meanwhile is never released.
+    async fn release_unless(&self, ino: Ino, owner: u64, handle: Option<u64>) -> OpResult<()> {
         let session = self.session_id();
         let known = {
             let mut book = lock(&self.locks);
+            let elsewhere = handle.is_some_and(|fh| {
+                book.by_fh
+                    .iter()
+                    .any(|(h, (i, o))| *h != fh && *i == ino && o.contains(&owner))
+            });
+            if elsewhere {
+                return Ok(());
+            }
             book.held
                 .retain(|(s, i, o)| (*i, *o) != (ino, owner) || *s == session);
             book.held.remove(&(session, ino, owner))
@@ -279,28 +304,12 @@ impl Ops {
     /// through another handle of this mount is a process's, whose locks its closes
     /// release.
     pub async fn release_handle(&self, fh: u64) -> OpResult<()> {
-        let (ino, owners) = {
-            let mut book = lock(&self.locks);
-            let Some((ino, owners)) = book.by_fh.remove(&fh) else {
-                return Ok(());
-            };
-            let elsewhere: HashSet<u64> = book
-                .by_fh
-                .values()
-                .filter(|(i, _)| *i == ino)
-                .flat_map(|(_, o)| o.iter().copied())
-                .collect();
-            (
-                ino,
-                owners
-                    .into_iter()
-                    .filter(|o| !elsewhere.contains(o))
-                    .collect::<Vec<_>>(),
-            )
+        let Some((ino, owners)) = lock(&self.locks).by_fh.remove(&fh) else {
+            return Ok(());
         };
         let mut result = Ok(());
         for owner in owners {
-            if let Err(e) = self.release_locks(ino, owner).await {
+            if let Err(e) = self.release_unless(ino, owner, Some(fh)).await {
                 result = Err(e);
             }
         }
@@ -381,9 +390,13 @@ fn pending_in(status: &str) -> bool {
             .and_then(|v| u64::from_str_radix(v, 16).ok())
             .unwrap_or(0)
     };
-    let blocked = mask("SigBlk:");
-    let own = mask("SigPnd:") & !blocked;
-    let shared = mask("ShdPnd:") & !blocked;
+    // A stop signal with no handler stops the process, which then waits on.
+    let stops = [libc::SIGSTOP, libc::SIGTSTP, libc::SIGTTIN, libc::SIGTTOU]
+        .iter()
+        .fold(0u64, |m, s| m | 1 << (s - 1));
+    let ignored = mask("SigBlk:") | (stops & !mask("SigCgt:"));
+    let own = mask("SigPnd:") & !ignored;
+    let shared = mask("ShdPnd:") & !ignored;
     let kill = 1 << (libc::SIGKILL - 1);
     let alone = field("Threads:").is_some_and(|t| t == "1");
     own != 0 || shared & kill != 0 || (alone && shared != 0)
@@ -419,6 +432,11 @@ mod tests {
         );
         assert!(!pending_in(&status(1, term, term, term)), "blocked");
         assert!(!pending_in(&status(1, none, none, none)));
+        // A stop signal (SIGTSTP, 20) stops the process unless it is caught.
+        let tstp = "0000000000080000";
+        assert!(!pending_in(&status(1, tstp, none, none)));
+        let caught = status(1, tstp, none, none) + "SigCgt:\t0000000000080000\n";
+        assert!(pending_in(&caught));
         // This thread has no signal pending.
         let me = std::fs::read_to_string("/proc/thread-self/stat")
             .ok()

@@ -231,7 +231,6 @@ pub struct CacheStats {
     pub failed: AtomicU64,
 }
 
-/// One mount's file system: the namespace in the metadata service, data in DRS.
 /// Answers to ACL reads (`system.posix_acl_*`: the value, or none), each kept for
 /// [`ACL_TTL`] at most. The kernel reads a file's ACL to check a permission for
 /// anyone but the owner, and forgets it at every attribute refresh: without this,
@@ -248,8 +247,9 @@ struct AclCache {
 /// When an ACL was read, and its value if it had one.
 type AclAnswer = (Instant, Option<Vec<u8>>);
 
-/// How long an ACL read is answered from [`AclCache`]: the attribute timeout, so
-/// another mount's change shows as soon as a mode change would.
+/// How long an ACL read is answered from [`AclCache`]: the attribute timeout. The
+/// kernel may read a fresh mode and then be answered an ACL read up to this long
+/// before, so another mount's ACL change or chmod shows within about twice this.
 const ACL_TTL: Duration = Duration::from_secs(1);
 /// Most answers [`AclCache`] keeps (it starts over past this).
 const ACL_CACHE_MAX: usize = 16_384;
@@ -273,15 +273,28 @@ impl Open {
     /// name) keep the map they were made with.
     fn forget_view(&mut self, a: &Attr) {
         self.no_capability = false;
-        if self.dirty.is_none() && self.cached.is_empty() && self.settled.is_empty() {
+        if self.unchanged() {
             self.size = a.size;
+            self.forget_map();
+        }
+    }
+
+    /// Forgets the block map, unless uncommitted writes keep it.
+    fn forget_map(&mut self) {
+        if self.unchanged() {
             self.blocks.clear();
             self.window = (0, 0);
             self.fresh.clear();
         }
     }
+
+    /// No write of this mount waits to be committed.
+    fn unchanged(&self) -> bool {
+        self.dirty.is_none() && self.cached.is_empty() && self.settled.is_empty()
+    }
 }
 
+/// One mount's file system: the namespace in the metadata service, data in DRS.
 pub struct Ops {
     meta: MetaClient,
     data: Client,

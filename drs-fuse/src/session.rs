@@ -176,7 +176,14 @@ impl Ops {
     /// service refused as ended: the heartbeat opens the new one (the caller's
     /// bound applies).
     pub(super) async fn await_new_session(&self, ended: SessionId) {
-        self.session.suspended.store(true, Ordering::Relaxed);
+        {
+            // Under the gate, which a resume holds alone while it changes the
+            // session and lifts the suspension: not set again once it is lifted.
+            let _gate = self.session.gate().await;
+            if self.session.id() == ended {
+                self.session.suspended.store(true, Ordering::Relaxed);
+            }
+        }
         while self.session.id() == ended {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
