@@ -3794,6 +3794,25 @@ fn acl_bytes(entries: &[(u16, u16, u32)]) -> Vec<u8> {
 
 const NO_ID: u32 = u32::MAX;
 
+/// A mount's create: mode `perm` asked for with `umask` (see `FsCommand::Umask`).
+fn umask_create(
+    parent: Ino,
+    name: &[u8],
+    kind: Kind,
+    perm: u16,
+    umask: u16,
+    now: Time,
+) -> FsCommand {
+    let mut cmd = create_cmd(parent, name, kind, now);
+    if let FsCommand::Create { perm: p, .. } = &mut cmd {
+        *p = perm;
+    }
+    FsCommand::Umask {
+        umask,
+        cmd: Box::new(cmd),
+    }
+}
+
 /// POSIX ACLs in the namespace (their rules one by one are unit tests of
 /// `drs_meta::acl`): an access ACL sets the mode and a minimal one is not kept, a
 /// chmod changes the ACL, a default ACL is inherited with the mode asked for (the
@@ -3868,15 +3887,8 @@ fn acls_follow_the_mode_and_are_inherited() {
     ]);
     apply_ok(&mut fs, &setx(d, DEFAULT, &default, false, false, t(6)));
     let made = |fs: &mut FsState, name: &[u8], kind: Kind, perm: u16| {
-        let mut cmd = create_cmd(d, name, kind, t(7));
-        if let FsCommand::Create { perm: p, .. } = &mut cmd {
-            *p = perm;
-        }
         ok_attr(
-            fs.apply(&FsCommand::Umask {
-                umask: 0o077,
-                cmd: Box::new(cmd),
-            }),
+            fs.apply(&umask_create(d, name, kind, perm, 0o077, t(7))),
             "create",
         )
     };
@@ -3901,16 +3913,9 @@ fn acls_follow_the_mode_and_are_inherited() {
     assert_eq!(getx(&fs, l.ino, ACCESS), Err(FsError::NoXattr));
     // Through `CreateOpen` as well.
     let s = open_session(&mut fs);
-    let mut create_h = create_cmd(d, b"h", Kind::File, t(8));
-    if let FsCommand::Create { perm, .. } = &mut create_h {
-        *perm = 0o666;
-    }
     let cmd = FsCommand::CreateOpen {
         session: s,
-        cmd: Box::new(FsCommand::Umask {
-            umask: 0o077,
-            cmd: Box::new(create_h),
-        }),
+        cmd: Box::new(umask_create(d, b"h", Kind::File, 0o666, 0o077, t(8))),
     };
     let h = ok_attr(fs.apply(&cmd), "create open");
     assert_eq!(h.perm, 0o664, "the umask is not applied");
@@ -3918,30 +3923,12 @@ fn acls_follow_the_mode_and_are_inherited() {
     // A plain `Create` inherits nothing; a symlink's mode is never masked.
     let old = ok_attr(fs.apply(&create_cmd(d, b"old", Kind::File, t(8))), "create");
     assert_eq!(getx(&fs, old.ino, ACCESS), Err(FsError::NoXattr));
-    let mut link = create_cmd(ROOT, b"l2", Kind::Symlink, t(8));
-    if let FsCommand::Create { perm, .. } = &mut link {
-        *perm = 0o777;
-    }
-    let l2 = ok_attr(
-        fs.apply(&FsCommand::Umask {
-            umask: 0o077,
-            cmd: Box::new(link),
-        }),
-        "symlink",
-    );
+    let link = umask_create(ROOT, b"l2", Kind::Symlink, 0o777, 0o077, t(8));
+    let l2 = ok_attr(fs.apply(&link), "symlink");
     assert_eq!(l2.perm, 0o777);
     // Elsewhere the umask applies.
-    let mut plain = create_cmd(ROOT, b"p", Kind::File, t(9));
-    if let FsCommand::Create { perm, .. } = &mut plain {
-        *perm = 0o666;
-    }
-    let p = ok_attr(
-        fs.apply(&FsCommand::Umask {
-            umask: 0o027,
-            cmd: Box::new(plain),
-        }),
-        "create",
-    );
+    let plain = umask_create(ROOT, b"p", Kind::File, 0o666, 0o027, t(9));
+    let p = ok_attr(fs.apply(&plain), "create");
     assert_eq!(p.perm, 0o640);
     refused(
         &mut fs,
