@@ -475,7 +475,7 @@ impl Filesystem for DrsFuse {
         &self,
         _req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         offset: u64,
         size: u32,
         _flags: OpenFlags,
@@ -483,7 +483,11 @@ impl Filesystem for DrsFuse {
         reply: ReplyData,
     ) {
         self.spawn("read", |ops| async move {
-            data(reply, ops.read(ino.0, offset, size as usize).await)
+            let read = match ops.check_handle(fh.0) {
+                Ok(()) => ops.read(ino.0, offset, size as usize).await,
+                Err(e) => Err(e),
+            };
+            data(reply, read)
         });
     }
 
@@ -491,7 +495,7 @@ impl Filesystem for DrsFuse {
         &self,
         _req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         offset: u64,
         data: &[u8],
         _write_flags: WriteFlags,
@@ -501,7 +505,11 @@ impl Filesystem for DrsFuse {
     ) {
         let data = data.to_vec();
         self.spawn("write", |ops| async move {
-            match ops.write(ino.0, offset, &data).await {
+            let written = match ops.check_handle(fh.0) {
+                Ok(()) => ops.write(ino.0, offset, &data).await,
+                Err(e) => Err(e),
+            };
+            match written {
                 Ok(n) => reply.written(u32::try_from(n).unwrap_or(u32::MAX)),
                 Err(e) => reply.error(fail(&e)),
             }
@@ -617,12 +625,16 @@ impl Filesystem for DrsFuse {
         &self,
         _req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
         self.spawn("fsync", |ops| async move {
-            empty(reply, ops.fsync(ino.0).await)
+            let synced = match ops.check_handle(fh.0) {
+                Ok(()) => ops.fsync(ino.0).await,
+                Err(e) => Err(e),
+            };
+            empty(reply, synced)
         });
     }
 

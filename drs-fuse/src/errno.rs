@@ -37,7 +37,8 @@ pub fn errno(e: &OpError) -> i32 {
         | OpError::Unexpected(_)
         | OpError::WriteBack(_)
         | OpError::SessionLapsed(_)
-        | OpError::Lost => libc::EIO,
+        | OpError::Lost
+        | OpError::LocksLost => libc::EIO,
     }
 }
 
@@ -64,5 +65,6 @@ mod tests {
             libc::EIO
         );
         assert_eq!(errno(&OpError::WriteBack("x".into())), libc::EIO);
+        assert_eq!(errno(&OpError::LocksLost), libc::EIO);
     }
 }

@@ -33,9 +33,14 @@
 //!   the owner's next close, or to the session's end.
 //! - The locks of a session that ends (unmount) or expires (a mount killed or cut
 //!   off for `--session-expiry-ms`) are released by the metadata service. A mount
-//!   that finds its session expired has lost its locks: it logs it, and later
-//!   unlocks of them succeed without effect; a lock request in that window waits
-//!   for the new session.
+//!   that finds its session expired has lost its locks, and another mount may
+//!   have taken them and changed the file meanwhile. As NFS does it, every open
+//!   file through which a lost lock was taken then fails its reads, writes, fsyncs
+//!   and lock requests with EIO until it is closed ([`OpError::LocksLost`]), so
+//!   the process does not go on as if it still held the lock; unlocks succeed
+//!   without effect, and a new open of the file works. (A process that locked
+//!   through one open file and writes through another is not stopped.) A lock
+//!   request made while the session is being replaced waits for the new one.
 //! - `flock` locks are whole-file locks of the open file, as on NFS: they conflict
 //!   with `fcntl` locks of other owners of the same file, even of the same process
 //!   (which on a local file system they do not), and one open file's `flock` and
@@ -68,6 +73,9 @@ pub(super) struct LockBook {
     /// open file description lock (`F_OFD_*`) is owned by the open file, which the
     /// kernel names at no close: its owner is released with the handle.
     by_fh: HashMap<u64, (Ino, HashSet<u64>)>,
+    /// Open file handles through which locks were taken that an expired session
+    /// lost: their I/O fails until the kernel releases them.
+    lost: HashSet<u64>,
 }
 
 /// A lock request of the kernel: lock owner `owner` of this mount asks, through
@@ -151,6 +159,7 @@ impl Ops {
             // This owner took no lock here (or lost them with an expired session).
             return Ok(());
         }
+        self.check_handle(r.fh)?;
         if known && kind != LockKind::Write {
             if let Err(e) = self.flush(r.ino).await {
                 // A downgrade fails and changes nothing. An unlock goes on (a lock
@@ -304,7 +313,12 @@ impl Ops {
     /// through another handle of this mount is a process's, whose locks its closes
     /// release.
     pub async fn release_handle(&self, fh: u64) -> OpResult<()> {
-        let Some((ino, owners)) = lock(&self.locks).by_fh.remove(&fh) else {
+        let entry = {
+            let mut book = lock(&self.locks);
+            book.lost.remove(&fh);
+            book.by_fh.remove(&fh)
+        };
+        let Some((ino, owners)) = entry else {
             return Ok(());
         };
         let mut result = Ok(());
@@ -316,13 +330,35 @@ impl Ops {
         result
     }
 
-    /// The session `expired` ended: the metadata service released its locks. How
-    /// many owners had some.
+    /// The session `expired` ended: the metadata service released its locks. The
+    /// open files through which they were taken are marked lost; how many owners
+    /// had some.
     pub(super) fn forget_locks(&self, expired: SessionId) -> usize {
         let mut book = lock(&self.locks);
-        let before = book.held.len();
+        let gone: HashSet<(Ino, u64)> = book
+            .held
+            .iter()
+            .filter(|(s, _, _)| *s == expired)
+            .map(|(_, ino, owner)| (*ino, *owner))
+            .collect();
         book.held.retain(|(s, _, _)| *s != expired);
-        before - book.held.len()
+        let lost: Vec<u64> = book
+            .by_fh
+            .iter()
+            .filter(|(_, (ino, owners))| owners.iter().any(|o| gone.contains(&(*ino, *o))))
+            .map(|(fh, _)| *fh)
+            .collect();
+        book.lost.extend(lost);
+        gone.len()
+    }
+
+    /// Fails with [`OpError::LocksLost`] if open file handle `fh` lost locks with
+    /// an expired session.
+    pub fn check_handle(&self, fh: u64) -> OpResult<()> {
+        if lock(&self.locks).lost.contains(&fh) {
+            return Err(OpError::LocksLost);
+        }
+        Ok(())
     }
 
     async fn conflict(&self, r: &LockRequest, kind: LockKind) -> OpResult<Option<LockHolder>> {

@@ -99,6 +99,11 @@ pub enum OpError {
     /// A waiting lock request's process got a signal (EINTR).
     #[error("interrupted while waiting for a lock")]
     Interrupted,
+    /// The open file's byte-range locks were released while the mount was cut
+    /// off (its session expired): its reads, writes and locks fail until it is
+    /// closed.
+    #[error("the open file's locks were lost while the mount was cut off")]
+    LocksLost,
 }
 
 pub type OpResult<T> = Result<T, OpError>;

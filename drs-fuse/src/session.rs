@@ -430,6 +430,17 @@ impl Ops {
             let _ = self.command(FsCommand::EndSession { session: id }).await;
             return Err(e);
         }
+        // Before reads and writes go on: no I/O through an open file whose locks
+        // are gone.
+        let lost = self.forget_locks(expired);
+        if lost > 0 {
+            tracing::warn!(
+                session = expired,
+                owners = lost,
+                "the expired session's byte-range locks were released by the metadata service; \
+                 the open files that took them fail their reads, writes and locks until closed"
+            );
+        }
         self.session.id.store(id, Ordering::Relaxed);
         if self.session.ended.load(Ordering::Relaxed) {
             // The mount ended meanwhile (its end named the old session).
@@ -438,14 +449,6 @@ impl Ops {
         }
         *lock(&self.session.alive) = Instant::now();
         self.session.suspended.store(false, Ordering::Relaxed);
-        let lost = self.forget_locks(expired);
-        if lost > 0 {
-            tracing::warn!(
-                session = expired,
-                owners = lost,
-                "the expired session's byte-range locks were released by the metadata service"
-            );
-        }
         tracing::info!(session = id, "new session open");
         Ok(())
     }

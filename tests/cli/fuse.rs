@@ -1475,12 +1475,7 @@ fn byte_range_and_flock_locks_hold_across_mounts() {
     // Mount b killed while its write lock on f is held: the lock goes when b's
     // session expires (4 s here), and a's F_SETLKW gets it then.
     let mut b = b;
-    let pid = b.child.as_ref().unwrap().id();
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid as i32),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
+    signal_mount(&b, nix::sys::signal::Signal::SIGKILL);
     let killed = Instant::now();
     b.wait(Duration::from_secs(10));
     until(
@@ -1495,6 +1490,94 @@ fn byte_range_and_flock_locks_hold_across_mounts() {
     );
     drop((fb, fb2));
     drop(b);
+}
+
+/// Sends `sig` to a mount's process.
+fn signal_mount(m: &Mount, sig: nix::sys::signal::Signal) {
+    let pid = m.child.as_ref().unwrap().id();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig).unwrap();
+}
+
+/// A mount cut off (SIGSTOPped) for longer than its session expiry loses its locks:
+/// another mount takes the lock and writes, and once the first mount is back every
+/// read, write, fsync and lock request through the open file that held the lock
+/// fails with EIO until it is closed, so its process cannot go on as if it still
+/// held the lock; another open file of the same mount reads the other mount's
+/// write, and a new open locks and writes again.
+#[test]
+fn a_mount_cut_off_past_its_session_expiry_fails_io_through_files_whose_locks_it_lost() {
+    let c = Cluster::up_sized(
+        1024,
+        "64KiB",
+        &["--down-after-ms", "1000", "--session-expiry-ms", "4000"],
+    );
+    let a = Mount::new(&c, "a", &[]);
+    let b = Mount::new(&c, "b", &[]);
+    fs::write(a.p("f"), vec![b'a'; 8192]).unwrap();
+    let other = open_rw(&a.p("f"));
+    let locked = open_rw(&a.p("f"));
+    setlk(&locked, libc::F_WRLCK, 0, 0).unwrap();
+    let fb = open_rw(&b.p("f"));
+    assert_eq!(
+        setlk(&fb, libc::F_WRLCK, 0, 0),
+        Err(nix::errno::Errno::EAGAIN)
+    );
+
+    // Mount a stopped past its session's expiry: b gets the lock and writes.
+    signal_mount(&a, nix::sys::signal::Signal::SIGSTOP);
+    until(
+        || setlk(&fb, libc::F_WRLCK, 0, 0).is_ok(),
+        "a stopped mount's lock was never released",
+    );
+    fb.write_all_at(&[b'b'; 100], 0).unwrap();
+    setlk(&fb, libc::F_UNLCK, 0, 0).unwrap();
+
+    // a goes on, finds its session ended and opens a new one.
+    signal_mount(&a, nix::sys::signal::Signal::SIGCONT);
+    until(
+        || a.stderr().contains("new session open"),
+        "mount a never opened a new session",
+    );
+    let eio = |r: std::io::Result<()>, what: &str| {
+        let e = r.expect_err(what);
+        assert_eq!(errno_of(&e), libc::EIO, "{what}: {e}");
+    };
+    let mut buf = vec![0u8; 8192];
+    eio(
+        locked.read_exact_at(&mut buf, 0),
+        "a read through the open file that lost its lock",
+    );
+    other.read_exact_at(&mut buf, 0).unwrap();
+    assert!(buf[..100].iter().all(|x| *x == b'b'), "b's write not seen");
+    assert!(buf[100..].iter().all(|x| *x == b'a'));
+    eio(
+        locked.write_all_at(b"late", 0),
+        "a write through the open file that lost its lock",
+    );
+    eio(
+        locked.sync_all(),
+        "an fsync of the open file that lost its lock",
+    );
+    assert_eq!(
+        setlk(&locked, libc::F_WRLCK, 0, 0),
+        Err(nix::errno::Errno::EIO)
+    );
+    setlk(&locked, libc::F_UNLCK, 0, 0).unwrap();
+
+    // Closed, and opened again: it locks and writes as before.
+    drop((locked, other));
+    let again = open_rw(&a.p("f"));
+    setlk(&again, libc::F_WRLCK, 0, 0).unwrap();
+    again.write_all_at(b"again", 0).unwrap();
+    setlk(&again, libc::F_UNLCK, 0, 0).unwrap();
+    drop(again);
+    let mut seen = vec![0u8; 5];
+    File::open(b.p("f"))
+        .unwrap()
+        .read_exact_at(&mut seen, 0)
+        .unwrap();
+    assert_eq!(&seen, b"again");
+    drop(fb);
 }
 
 /// Runs `cmd` as user `nobody` (uid and gid 65534, no other groups).
