@@ -1104,12 +1104,20 @@ impl Ops {
         let last = chunks.len() - 1;
         tracing::debug!(ino, size, ?ranges, trim, "commit");
         for (n, written) in chunks.into_iter().enumerate() {
-            let cmd = FsCommand::Written {
+            let written = FsCommand::Written {
                 ino,
                 size,
                 now: t,
                 written,
                 trim: trim && n == last,
+            };
+            // Blocks another mount of the file took and wrote past the end stay.
+            let cmd = if trim && n == last {
+                FsCommand::TrimAlone {
+                    cmd: Box::new(written),
+                }
+            } else {
+                written
             };
             let closing = *close == Closing::ToDo && n == last;
             let sent = if closing {

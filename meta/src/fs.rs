@@ -280,6 +280,12 @@ pub enum FsCommand {
         written: Vec<BlockRange>,
         trim: bool,
     },
+    /// `cmd`, a `Written`, whose `trim` frees nothing while another session has the
+    /// file open: that mount may have written blocks past the end that it took and
+    /// has not yet named, and freeing them would drop its data. A mount's last
+    /// close sends its `Written` so; a plain one (from a mount of an earlier
+    /// version) trims whatever other sessions hold.
+    TrimAlone { cmd: Box<FsCommand> },
     /// Frees an orphan (no names left, closed).
     Drop { ino: Ino },
     /// Sets extended attribute `name` to `value`: with `create`, `Exists` if it is
@@ -403,7 +409,7 @@ impl FsCommand {
             }
             // A split extent and a new free run (or held freeing).
             FsCommand::Punch { .. } => Some(96),
-            FsCommand::From { cmd, .. } => cmd.grows_by(fs),
+            FsCommand::From { cmd, .. } | FsCommand::TrimAlone { cmd } => cmd.grows_by(fs),
             FsCommand::CreateOpen { cmd, .. } => Some(cmd.grows_by(fs).unwrap_or(0) + 32),
             // The ACLs inherited from the directory's default ACL as it is now: an
             // access ACL, and for a directory the default ACL too (a default ACL
@@ -1139,6 +1145,22 @@ impl FsState {
                 written,
                 trim,
             } => self.written(*ino, *size, *now, written, *trim, by),
+            FsCommand::TrimAlone { cmd } => match &**cmd {
+                FsCommand::Written {
+                    ino,
+                    size,
+                    now,
+                    written,
+                    trim,
+                } => {
+                    let shared = self
+                        .sessions
+                        .iter()
+                        .any(|(id, s)| Some(*id) != by && s.opens.contains_key(ino));
+                    self.written(*ino, *size, *now, written, *trim && !shared, by)
+                }
+                _ => Err(FsError::Invalid),
+            },
             FsCommand::Punch {
                 ino,
                 first,
@@ -1276,7 +1298,11 @@ impl FsState {
                 Ok(reply)
             }
             FsCommand::WrittenClose { session, ino, cmd } => {
-                if !matches!(**cmd, FsCommand::Written { ino: i, .. } if i == *ino) {
+                let written = match &**cmd {
+                    FsCommand::TrimAlone { cmd } => cmd,
+                    _ => cmd,
+                };
+                if !matches!(**written, FsCommand::Written { ino: i, .. } if i == *ino) {
                     return Err(FsError::Invalid);
                 }
                 let s = self.sessions.get(session).ok_or(FsError::NoSession)?;

@@ -3155,6 +3155,64 @@ fn from(session: u64, cmd: FsCommand) -> FsCommand {
     }
 }
 
+/// A mount's last close (`TrimAlone`) trims the blocks past the end only when no
+/// other mount has the file open: there, another mount may have written blocks it
+/// took and not yet named, and trimming them would drop its data. A plain
+/// `Written{trim}` (a mount of an earlier version) trims as it always did.
+#[test]
+fn a_trim_leaves_the_blocks_another_mount_may_be_writing() {
+    let mut fs = formatted(64);
+    let a = open_session(&mut fs);
+    let b = open_session(&mut fs);
+    let f = create(&mut fs, ROOT, b"f", Kind::File, t(6));
+    apply_ok(&mut fs, &FsCommand::Open { session: a, ino: f });
+    apply_ok(&mut fs, &FsCommand::Open { session: b, ino: f });
+    // b takes blocks 0.. and writes them (not yet named); a writes 10 bytes.
+    let b_map = map_ahead(&mut fs, f, 0, 1, 7).unwrap();
+    let close = |session, size, now, written: &[(u64, u64)]| FsCommand::WrittenClose {
+        session,
+        ino: f,
+        cmd: Box::new(FsCommand::TrimAlone {
+            cmd: Box::new(written_cmd(f, size, now, written, true)),
+        }),
+    };
+    apply_ok(&mut fs, &close(a, 10, t(7), &[]));
+    assert_eq!(extents(&fs, f), b_map, "a's close trimmed b's blocks");
+    assert_eq!(
+        stale(&fs, b).unwrap(),
+        vec![],
+        "b is asked to forget nothing"
+    );
+    // b names what it wrote: it is all there; b's own last close, with nobody
+    // else left, trims what it did not use.
+    let closed = ok_attr(
+        Ok(apply_ok(&mut fs, &close(b, 3 * BSZ, t(8), &[(0, 3)]))),
+        "b's close",
+    );
+    assert_eq!((closed.size, closed.blocks), (3 * BSZ, 3));
+    let named: Vec<Mapping> = b_map[..3]
+        .iter()
+        .map(|m| Mapping { fresh: false, ..*m })
+        .collect();
+    assert_eq!(extents(&fs, f), named);
+    // Only a `Written` goes inside.
+    refused(
+        &mut fs,
+        &FsCommand::TrimAlone {
+            cmd: Box::new(size_cmd(f, 0, t(9))),
+        },
+        FsError::Invalid,
+    );
+
+    // A plain trim frees what another session holds open.
+    let g = create(&mut fs, ROOT, b"g", Kind::File, t(10));
+    apply_ok(&mut fs, &FsCommand::Open { session: a, ino: g });
+    apply_ok(&mut fs, &FsCommand::Open { session: b, ino: g });
+    map_ahead(&mut fs, g, 0, 1, 7).unwrap();
+    apply_ok(&mut fs, &from(a, written_cmd(g, 10, t(11), &[], true)));
+    assert_eq!(attr(&fs, g).blocks, 1);
+}
+
 #[test]
 fn blocks_freed_under_another_mounts_open_file_wait_for_its_acknowledgement() {
     let mut fs = formatted(8);

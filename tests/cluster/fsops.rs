@@ -337,6 +337,30 @@ async fn a_last_close_overlapping_the_next_open_loses_nothing() {
     assert_eq!(free, free_at_start, "blocks leaked");
 }
 
+/// Goal: a mount's last close gives back the blocks it took ahead, but not those
+/// another mount with the file open has written into and not yet committed.
+///
+/// Method: `a` creates a file and writes 10 bytes (taking blocks ahead); `b` opens
+/// it and writes three whole blocks after the first (into blocks `a` took); `a`
+/// closes first, then `b`. A fresh read shows `a`'s bytes and every one of `b`'s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_last_close_keeps_the_blocks_another_mount_wrote_past_the_end() {
+    let tc = cluster("fsops-trim").await;
+    let (a, b) = (mount(&tc).await, mount(&tc).await);
+    let bs = a.block_size();
+    let f = create(&a, ROOT, b"f").await;
+    write(&a, f, 0, b"0123456789").await;
+    b.open(f).await.expect("open");
+    let theirs = bytes(7, 3 * bs as usize);
+    write(&b, f, bs, &theirs).await;
+    a.release(f).await.expect("a's close");
+    b.release(f).await.expect("b's close");
+    let all = open_read_all(&a, f).await;
+    assert_eq!(all.len() as u64, 4 * bs, "size");
+    assert_eq!(&all[..10], b"0123456789");
+    assert!(all[bs as usize..] == theirs, "b's blocks were lost");
+}
+
 /// Goal: writes of parts of blocks go through the mount's write-back cache: many
 /// small writes to a block cost one write-back, the writer reads its own cached
 /// bytes, another mount sees them after the close (close-to-open) and within about a
