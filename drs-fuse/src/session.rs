@@ -32,7 +32,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
-use drs_meta::fs::{Attr, FsCommand, FsError, FsQuery, FsReply, Ino, SessionId, MAP_MAX};
+use drs_meta::fs::{Attr, FsCommand, FsError, FsQuery, FsReply, Ino, Mapping, SessionId, MAP_MAX};
 use drs_meta::MetaClient;
 
 use super::{lock, now, OpError, OpResult, Open, Ops};
@@ -115,21 +115,28 @@ impl Ops {
         ino: Ino,
         local: impl FnOnce(&Attr),
     ) -> OpResult<Attr> {
-        self.register_with(|session| FsCommand::Open { session, ino }, Some(ino), local)
-            .await
+        self.register_with(
+            |session| FsCommand::Open { session, ino },
+            Some(ino),
+            |a, _| local(a),
+        )
+        .await
     }
 
-    /// Creates a regular file and registers one open of it with the session, in one
-    /// command (`CreateOpen`; `create` is the `Create`), as [`Ops::register_open`].
+    /// Creates a regular file, registers one open of it with the session and maps
+    /// its first `blocks` blocks, in one command (`CreateOpenMapped`; `create` is
+    /// the `Create`), as [`Ops::register_open`]; `local` also gets the blocks.
     pub(super) async fn register_create(
         &self,
         create: FsCommand,
-        local: impl FnOnce(&Attr),
+        blocks: u64,
+        local: impl FnOnce(&Attr, &[Mapping]),
     ) -> OpResult<Attr> {
         self.register_with(
-            |session| FsCommand::CreateOpen {
+            |session| FsCommand::CreateOpenMapped {
                 session,
                 cmd: Box::new(create.clone()),
+                blocks,
             },
             None,
             local,
@@ -146,7 +153,7 @@ impl Ops {
         &self,
         cmd: impl Fn(SessionId) -> FsCommand,
         ino: Option<Ino>,
-        local: impl FnOnce(&Attr),
+        local: impl FnOnce(&Attr, &[Mapping]),
     ) -> OpResult<Attr> {
         let mut local = Some(local);
         loop {
@@ -158,9 +165,9 @@ impl Ops {
                     None => None,
                 };
                 match self.registering(session, cmd(session)).await {
-                    Ok(a) => {
+                    Ok((a, mapped)) => {
                         if let Some(f) = local.take() {
-                            f(&a);
+                            f(&a, &mapped);
                         }
                         return Ok(a);
                     }
@@ -196,18 +203,25 @@ impl Ops {
         let session = self.session.id();
         self.registering(session, FsCommand::Open { session, ino })
             .await
+            .map(|(a, _)| a)
     }
 
     /// Sends `cmd`, which registers an open with `session` and answers the inode's
-    /// attributes, in a task of its own: if the caller is cancelled after it was
-    /// applied, a `Close` follows.
-    async fn registering(&self, session: SessionId, cmd: FsCommand) -> OpResult<Attr> {
+    /// attributes (and for a create, the blocks it mapped), in a task of its own: if
+    /// the caller is cancelled after it was applied, a `Close` follows (blocks a
+    /// create mapped then stay with the file, past its end, until a trim or a
+    /// truncate).
+    async fn registering(
+        &self,
+        session: SessionId,
+        cmd: FsCommand,
+    ) -> OpResult<(Attr, Vec<Mapping>)> {
         let state = Arc::new(Mutex::new(Registration::Pending));
         let task = {
             let (meta, state) = (self.meta.clone(), state.clone());
             tokio::spawn(async move {
                 let r = meta.fs(cmd).await;
-                if let Ok(Ok(FsReply::Attr(a))) = &r {
+                if let Ok(Ok(FsReply::Attr(a) | FsReply::Created { attr: a, .. })) = &r {
                     let gave_up = {
                         let mut s = lock(&state);
                         let gave_up = *s == Registration::GaveUp;
@@ -233,7 +247,12 @@ impl Ops {
             Ok(Ok(FsReply::Attr(a))) => {
                 *lock(&state) = Registration::Kept;
                 drop(give_up);
-                Ok(a)
+                Ok((a, Vec::new()))
+            }
+            Ok(Ok(FsReply::Created { attr, mapped })) => {
+                *lock(&state) = Registration::Kept;
+                drop(give_up);
+                Ok((attr, mapped))
             }
             Ok(Ok(other)) => Err(OpError::Unexpected(format!("{other:?}"))),
             Ok(Err(e)) => Err(e.into()),

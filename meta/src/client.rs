@@ -68,6 +68,8 @@ struct Inner {
     replicas: Mutex<Vec<SocketAddr>>,
     leader: Mutex<Option<SocketAddr>>,
     pool: Mutex<Vec<Conn>>,
+    /// Proposals sent (each a Raft commit once applied), retries not counted.
+    proposals: std::sync::atomic::AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -119,6 +121,7 @@ impl MetaClient {
                 replicas: Mutex::new(replicas),
                 leader: Mutex::new(None),
                 pool: Mutex::new(Vec::new()),
+                proposals: std::sync::atomic::AtomicU64::new(0),
             }),
         }
     }
@@ -145,6 +148,9 @@ impl MetaClient {
     /// whose first try was applied and its answer lost is not applied again: the retry
     /// gets the first answer.
     pub async fn propose(&self, cmd: MetaCommand) -> Result<MetaResponse, MetaError> {
+        self.inner
+            .proposals
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let timeout = self.inner.cfg.rpc_timeout;
         let nonce = rand::random::<u64>().max(1);
         match self
@@ -154,6 +160,14 @@ impl MetaClient {
             (Response::Proposed(r), _) => Ok(r),
             (other, addr) => Err(unexpected(addr, &other)),
         }
+    }
+
+    /// How many proposals this client (and its clones) has made, each a Raft
+    /// commit (a retry of one is not counted again).
+    pub fn proposals(&self) -> u64 {
+        self.inner
+            .proposals
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Applies a file system command through the leader; its answer.

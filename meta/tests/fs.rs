@@ -3155,6 +3155,80 @@ fn from(session: u64, cmd: FsCommand) -> FsCommand {
     }
 }
 
+/// `CreateOpenMapped` creates, opens and maps the new file's first blocks in one
+/// command; a volume without free blocks still gets the file (no blocks), and a
+/// refused create takes nothing.
+#[test]
+fn a_create_maps_the_new_files_first_blocks() {
+    let mut fs = formatted(20);
+    let s = open_session(&mut fs);
+    let cmd = |name: &[u8], blocks| FsCommand::CreateOpenMapped {
+        session: s,
+        cmd: Box::new(create_cmd(ROOT, name, Kind::File, t(2))),
+        blocks,
+    };
+    let (attr, mapped) = match apply_ok(&mut fs, &cmd(b"f", 4)) {
+        FsReply::Created { attr, mapped } => (attr, mapped),
+        other => panic!("create: {other:?}"),
+    };
+    assert_eq!(attr.blocks, 4);
+    assert_eq!(attr.size, 0);
+    assert_eq!(
+        mapped.iter().map(|m| m.block).collect::<Vec<_>>(),
+        vec![0, 1, 2, 3]
+    );
+    assert!(mapped.iter().all(|m| m.fresh), "handed out unwritten");
+    assert_eq!(extents(&fs, attr.ino), mapped);
+    assert_eq!(statfs(&fs).free, 16);
+    // Registered as open by the session: its close is accepted.
+    apply_ok(
+        &mut fs,
+        &FsCommand::Close {
+            session: s,
+            ino: attr.ino,
+        },
+    );
+    // A refused create takes nothing.
+    refused(&mut fs, &cmd(b"f", 4), FsError::Exists);
+    refused(&mut fs, &cmd(b"g", MAP_MAX + 1), FsError::Invalid);
+    assert_eq!(lookup(&fs, ROOT, b"g"), Err(FsError::NotFound));
+    assert_eq!(statfs(&fs).free, 16);
+
+    // Blocks ahead only as far as the free share goes; none left: the file all
+    // the same.
+    let mut fs = formatted(2);
+    let s = open_session(&mut fs);
+    let cmd = |name: &[u8], blocks| FsCommand::CreateOpenMapped {
+        session: s,
+        cmd: Box::new(create_cmd(ROOT, name, Kind::File, t(2))),
+        blocks,
+    };
+    let m = match apply_ok(&mut fs, &cmd(b"g", 4)) {
+        FsReply::Created { mapped, .. } => mapped,
+        other => panic!("create: {other:?}"),
+    };
+    assert_eq!(m.len(), 1, "block 0 and none ahead of the 1 free left");
+    apply_ok(&mut fs, &cmd(b"g2", 4));
+    match apply_ok(&mut fs, &cmd(b"h", 4)) {
+        FsReply::Created { attr, mapped } => {
+            assert!(mapped.is_empty());
+            assert_eq!(attr.blocks, 0);
+        }
+        other => panic!("create: {other:?}"),
+    }
+    assert_eq!(statfs(&fs).free, 0);
+    // Only regular files, as `CreateOpen`.
+    refused(
+        &mut fs,
+        &FsCommand::CreateOpenMapped {
+            session: s,
+            cmd: Box::new(create_cmd(ROOT, b"d", Kind::Dir, t(3))),
+            blocks: 1,
+        },
+        FsError::Invalid,
+    );
+}
+
 /// A mount's last close (`TrimAlone`) trims the blocks past the end only when no
 /// other mount has the file open: there, another mount may have written blocks it
 /// took and not yet named, and trimming them would drop its data. A plain
@@ -3997,4 +4071,81 @@ fn acls_follow_the_mode_and_are_inherited() {
         FsError::Invalid,
     );
     fs.check().unwrap();
+}
+
+/// Commands and replies travel and sit in the Raft log as postcard, which numbers
+/// an enum's variants in the order they are declared: a variant added anywhere but
+/// at the end would make every log, snapshot and peer of an earlier version read
+/// the later ones as something else. Their numbers stay as they are.
+#[test]
+fn command_and_reply_variants_keep_their_numbers() {
+    let number = |bytes: Vec<u8>| bytes[0];
+    let cmd = |c: FsCommand| number(postcard::to_allocvec(&c).unwrap());
+    let created = create_cmd(ROOT, b"f", Kind::File, t(1));
+    let written = written_cmd(2, 0, t(1), &[], true);
+    assert_eq!(cmd(format_cmd(8)), 0);
+    assert_eq!(cmd(created.clone()), 1);
+    assert_eq!(cmd(map_cmd(2, 0, 1)), 6);
+    assert_eq!(cmd(written.clone()), 7);
+    assert_eq!(cmd(FsCommand::Drop { ino: 2 }), 8);
+    assert_eq!(cmd(FsCommand::OpenSession { now: t(1) }), 13);
+    assert_eq!(cmd(FsCommand::Close { session: 1, ino: 2 }), 16);
+    assert_eq!(
+        cmd(FsCommand::CreateOpen {
+            session: 1,
+            cmd: Box::new(created.clone()),
+        }),
+        19
+    );
+    assert_eq!(
+        cmd(FsCommand::WrittenClose {
+            session: 1,
+            ino: 2,
+            cmd: Box::new(written.clone()),
+        }),
+        20
+    );
+    assert_eq!(
+        cmd(FsCommand::ReleaseLocks {
+            session: 1,
+            ino: 2,
+            owner: 3,
+        }),
+        22
+    );
+    assert_eq!(
+        cmd(FsCommand::Umask {
+            umask: 0o22,
+            cmd: Box::new(created.clone()),
+        }),
+        23
+    );
+    assert_eq!(
+        cmd(FsCommand::CreateOpenMapped {
+            session: 1,
+            cmd: Box::new(created),
+            blocks: 16,
+        }),
+        24
+    );
+    assert_eq!(
+        cmd(FsCommand::TrimAlone {
+            cmd: Box::new(written),
+        }),
+        25
+    );
+    let reply = |r: FsReply| number(postcard::to_allocvec(&r).unwrap());
+    assert_eq!(reply(FsReply::Done), 7);
+    assert_eq!(reply(FsReply::Session(1)), 8);
+    assert_eq!(reply(FsReply::Lock(None)), 10);
+    let mut fs = formatted(8);
+    let a = create_attr(&mut fs, ROOT, b"f", Kind::File, t(1));
+    assert_eq!(reply(FsReply::Attr(a.clone())), 0);
+    assert_eq!(
+        reply(FsReply::Created {
+            attr: a,
+            mapped: Vec::new(),
+        }),
+        11
+    );
 }
