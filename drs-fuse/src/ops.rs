@@ -48,9 +48,6 @@ use drs_meta::fs::{
 /// Blocks a sequential writer takes ahead of its writes with one `Map` (16 MiB of
 /// 64 KiB blocks): one metadata round trip per this many blocks instead of per write.
 const AHEAD: u64 = 256;
-/// Blocks a create maps for the new file in the same command (1 MiB of 64 KiB
-/// blocks): its first writes need no `Map` of their own.
-const CREATE_BLOCKS: u64 = 16;
 /// Background atime updates a mount runs at once.
 const ATIME_IN_FLIGHT: usize = 64;
 /// The extended attribute holding a file's capabilities.
@@ -982,8 +979,7 @@ impl Ops {
     }
 
     /// Creates a regular file and opens it (create(2)), registering the open with
-    /// the session and mapping its first [`CREATE_BLOCKS`] blocks in the same
-    /// command (`CreateOpenMapped`).
+    /// the session in the same command (`CreateOpen`).
     pub async fn create_open(
         &self,
         parent: Ino,
@@ -1008,21 +1004,12 @@ impl Ops {
             umask,
             cmd: Box::new(create),
         };
-        let made = self.register_create(create, CREATE_BLOCKS, |a, mapped| {
-            {
-                let mut open = lock(&self.open);
-                let o = open.entry(a.ino).or_default();
-                o.handles += 1;
-                if o.dirty.is_none() {
-                    o.size = a.size;
-                }
-                if !mapped.is_empty() {
-                    // Given back by the last close if not written.
-                    o.took_ahead = true;
-                }
-            }
-            if !mapped.is_empty() {
-                self.learn(a.ino, 0, CREATE_BLOCKS, mapped);
+        let made = self.register_create(create, |a| {
+            let mut open = lock(&self.open);
+            let o = open.entry(a.ino).or_default();
+            o.handles += 1;
+            if o.dirty.is_none() {
+                o.size = a.size;
             }
         });
         self.bounded(made).await

@@ -32,7 +32,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
-use drs_meta::fs::{Attr, FsCommand, FsError, FsQuery, FsReply, Ino, Mapping, SessionId, MAP_MAX};
+use drs_meta::fs::{Attr, FsCommand, FsError, FsQuery, FsReply, Ino, SessionId, MAP_MAX};
 use drs_meta::MetaClient;
 
 use super::{lock, now, OpError, OpResult, Open, Ops};
@@ -115,28 +115,21 @@ impl Ops {
         ino: Ino,
         local: impl FnOnce(&Attr),
     ) -> OpResult<Attr> {
-        self.register_with(
-            |session| FsCommand::Open { session, ino },
-            Some(ino),
-            |a, _| local(a),
-        )
-        .await
+        self.register_with(|session| FsCommand::Open { session, ino }, Some(ino), local)
+            .await
     }
 
-    /// Creates a regular file, registers one open of it with the session and maps
-    /// its first `blocks` blocks, in one command (`CreateOpenMapped`; `create` is
-    /// the `Create`), as [`Ops::register_open`]; `local` also gets the blocks.
+    /// Creates a regular file and registers one open of it with the session, in one
+    /// command (`CreateOpen`; `create` is the `Create`), as [`Ops::register_open`].
     pub(super) async fn register_create(
         &self,
         create: FsCommand,
-        blocks: u64,
-        local: impl FnOnce(&Attr, &[Mapping]),
+        local: impl FnOnce(&Attr),
     ) -> OpResult<Attr> {
         self.register_with(
-            |session| FsCommand::CreateOpenMapped {
+            |session| FsCommand::CreateOpen {
                 session,
                 cmd: Box::new(create.clone()),
-                blocks,
             },
             None,
             local,
@@ -153,7 +146,7 @@ impl Ops {
         &self,
         cmd: impl Fn(SessionId) -> FsCommand,
         ino: Option<Ino>,
-        local: impl FnOnce(&Attr, &[Mapping]),
+        local: impl FnOnce(&Attr),
     ) -> OpResult<Attr> {
         let mut local = Some(local);
         loop {
@@ -165,9 +158,9 @@ impl Ops {
                     None => None,
                 };
                 match self.registering(session, cmd(session)).await {
-                    Ok((a, mapped)) => {
+                    Ok(a) => {
                         if let Some(f) = local.take() {
-                            f(&a, &mapped);
+                            f(&a);
                         }
                         return Ok(a);
                     }
@@ -203,25 +196,18 @@ impl Ops {
         let session = self.session.id();
         self.registering(session, FsCommand::Open { session, ino })
             .await
-            .map(|(a, _)| a)
     }
 
     /// Sends `cmd`, which registers an open with `session` and answers the inode's
-    /// attributes (and for a create, the blocks it mapped), in a task of its own: if
-    /// the caller is cancelled after it was applied, a `Close` follows (blocks a
-    /// create mapped then stay with the file, past its end, until a trim or a
-    /// truncate).
-    async fn registering(
-        &self,
-        session: SessionId,
-        cmd: FsCommand,
-    ) -> OpResult<(Attr, Vec<Mapping>)> {
+    /// attributes, in a task of its own: if the caller is cancelled after it was
+    /// applied, a `Close` follows.
+    async fn registering(&self, session: SessionId, cmd: FsCommand) -> OpResult<Attr> {
         let state = Arc::new(Mutex::new(Registration::Pending));
         let task = {
             let (meta, state) = (self.meta.clone(), state.clone());
             tokio::spawn(async move {
                 let r = meta.fs(cmd).await;
-                if let Ok(Ok(FsReply::Attr(a) | FsReply::Created { attr: a, .. })) = &r {
+                if let Ok(Ok(FsReply::Attr(a))) = &r {
                     let gave_up = {
                         let mut s = lock(&state);
                         let gave_up = *s == Registration::GaveUp;
@@ -247,12 +233,7 @@ impl Ops {
             Ok(Ok(FsReply::Attr(a))) => {
                 *lock(&state) = Registration::Kept;
                 drop(give_up);
-                Ok((a, Vec::new()))
-            }
-            Ok(Ok(FsReply::Created { attr, mapped })) => {
-                *lock(&state) = Registration::Kept;
-                drop(give_up);
-                Ok((attr, mapped))
+                Ok(a)
             }
             Ok(Ok(other)) => Err(OpError::Unexpected(format!("{other:?}"))),
             Ok(Err(e)) => Err(e.into()),

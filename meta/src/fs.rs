@@ -375,16 +375,6 @@ pub enum FsCommand {
     /// inherits it (a symlink excepted), the mode asked for masking it, and the
     /// umask does not apply; elsewhere the umask does (see [`crate::acl`]).
     Umask { umask: u16, cmd: Box<FsCommand> },
-    /// `CreateOpen{session, cmd}`, then data blocks for the new file's first
-    /// `blocks` file blocks (as `Map` of block 0 with `blocks - 1` ahead; none if
-    /// the volume has no free block), as one command: a mount's create, which is
-    /// nearly always followed by a write, saves that write's `Map`. Answers
-    /// [`FsReply::Created`]. `blocks` is at most [`MAP_MAX`].
-    CreateOpenMapped {
-        session: SessionId,
-        cmd: Box<FsCommand>,
-        blocks: u64,
-    },
     /// `cmd`, a `Written`, whose `trim` frees nothing while another session has the
     /// file open: that mount may have written blocks past the end that it took and
     /// has not yet named, and freeing them would drop its data. A mount's last
@@ -421,9 +411,6 @@ impl FsCommand {
             FsCommand::Punch { .. } => Some(96),
             FsCommand::From { cmd, .. } | FsCommand::TrimAlone { cmd } => cmd.grows_by(fs),
             FsCommand::CreateOpen { cmd, .. } => Some(cmd.grows_by(fs).unwrap_or(0) + 32),
-            FsCommand::CreateOpenMapped { cmd, blocks, .. } => {
-                Some(cmd.grows_by(fs).unwrap_or(0) + 32 + (*blocks).min(MAP_MAX) as usize * 24 + 64)
-            }
             // The ACLs inherited from the directory's default ACL as it is now: an
             // access ACL, and for a directory the default ACL too (a default ACL
             // set after this is admitted and applied before it may add up to
@@ -531,12 +518,6 @@ pub enum FsReply {
     Stale(Vec<(Ino, u64)>),
     /// `GetLock`: the conflicting lock, if there is one.
     Lock(Option<RangeLock>),
-    /// `CreateOpenMapped`: the new file's attributes and its first blocks (empty
-    /// if none could be had).
-    Created {
-        attr: Attr,
-        mapped: Vec<Mapping>,
-    },
 }
 
 /// Why a command or query was refused.
@@ -1315,31 +1296,6 @@ impl FsState {
                     *s.opens.entry(a.ino).or_default() += 1;
                 }
                 Ok(reply)
-            }
-            FsCommand::CreateOpenMapped {
-                session,
-                cmd,
-                blocks,
-            } => {
-                if *blocks > MAP_MAX {
-                    return Err(FsError::Invalid);
-                }
-                let create = FsCommand::CreateOpen {
-                    session: *session,
-                    cmd: cmd.clone(),
-                };
-                let FsReply::Attr(attr) = self.apply_as(&create, by)? else {
-                    return Err(FsError::Invalid);
-                };
-                let mapped = match blocks.checked_sub(1) {
-                    Some(ahead) => match self.map(attr.ino, 0, 1, ahead) {
-                        Ok(FsReply::Mapped(m)) => m,
-                        _ => Vec::new(),
-                    },
-                    None => Vec::new(),
-                };
-                let attr = self.get(attr.ino)?.attr.clone();
-                Ok(FsReply::Created { attr, mapped })
             }
             FsCommand::WrittenClose { session, ino, cmd } => {
                 let written = match &**cmd {

@@ -3155,80 +3155,6 @@ fn from(session: u64, cmd: FsCommand) -> FsCommand {
     }
 }
 
-/// `CreateOpenMapped` creates, opens and maps the new file's first blocks in one
-/// command; a volume without free blocks still gets the file (no blocks), and a
-/// refused create takes nothing.
-#[test]
-fn a_create_maps_the_new_files_first_blocks() {
-    let mut fs = formatted(20);
-    let s = open_session(&mut fs);
-    let cmd = |name: &[u8], blocks| FsCommand::CreateOpenMapped {
-        session: s,
-        cmd: Box::new(create_cmd(ROOT, name, Kind::File, t(2))),
-        blocks,
-    };
-    let (attr, mapped) = match apply_ok(&mut fs, &cmd(b"f", 4)) {
-        FsReply::Created { attr, mapped } => (attr, mapped),
-        other => panic!("create: {other:?}"),
-    };
-    assert_eq!(attr.blocks, 4);
-    assert_eq!(attr.size, 0);
-    assert_eq!(
-        mapped.iter().map(|m| m.block).collect::<Vec<_>>(),
-        vec![0, 1, 2, 3]
-    );
-    assert!(mapped.iter().all(|m| m.fresh), "handed out unwritten");
-    assert_eq!(extents(&fs, attr.ino), mapped);
-    assert_eq!(statfs(&fs).free, 16);
-    // Registered as open by the session: its close is accepted.
-    apply_ok(
-        &mut fs,
-        &FsCommand::Close {
-            session: s,
-            ino: attr.ino,
-        },
-    );
-    // A refused create takes nothing.
-    refused(&mut fs, &cmd(b"f", 4), FsError::Exists);
-    refused(&mut fs, &cmd(b"g", MAP_MAX + 1), FsError::Invalid);
-    assert_eq!(lookup(&fs, ROOT, b"g"), Err(FsError::NotFound));
-    assert_eq!(statfs(&fs).free, 16);
-
-    // Blocks ahead only as far as the free share goes; none left: the file all
-    // the same.
-    let mut fs = formatted(2);
-    let s = open_session(&mut fs);
-    let cmd = |name: &[u8], blocks| FsCommand::CreateOpenMapped {
-        session: s,
-        cmd: Box::new(create_cmd(ROOT, name, Kind::File, t(2))),
-        blocks,
-    };
-    let m = match apply_ok(&mut fs, &cmd(b"g", 4)) {
-        FsReply::Created { mapped, .. } => mapped,
-        other => panic!("create: {other:?}"),
-    };
-    assert_eq!(m.len(), 1, "block 0 and none ahead of the 1 free left");
-    apply_ok(&mut fs, &cmd(b"g2", 4));
-    match apply_ok(&mut fs, &cmd(b"h", 4)) {
-        FsReply::Created { attr, mapped } => {
-            assert!(mapped.is_empty());
-            assert_eq!(attr.blocks, 0);
-        }
-        other => panic!("create: {other:?}"),
-    }
-    assert_eq!(statfs(&fs).free, 0);
-    // Only regular files, as `CreateOpen`.
-    refused(
-        &mut fs,
-        &FsCommand::CreateOpenMapped {
-            session: s,
-            cmd: Box::new(create_cmd(ROOT, b"d", Kind::Dir, t(3))),
-            blocks: 1,
-        },
-        FsError::Invalid,
-    );
-}
-
 /// A mount's last close (`TrimAlone`) trims the blocks past the end only when no
 /// other mount has the file open: there, another mount may have written blocks it
 /// took and not yet named, and trimming them would drop its data. A plain
@@ -4116,23 +4042,15 @@ fn command_and_reply_variants_keep_their_numbers() {
     assert_eq!(
         cmd(FsCommand::Umask {
             umask: 0o22,
-            cmd: Box::new(created.clone()),
+            cmd: Box::new(created),
         }),
         23
-    );
-    assert_eq!(
-        cmd(FsCommand::CreateOpenMapped {
-            session: 1,
-            cmd: Box::new(created),
-            blocks: 16,
-        }),
-        24
     );
     assert_eq!(
         cmd(FsCommand::TrimAlone {
             cmd: Box::new(written),
         }),
-        25
+        24
     );
     let reply = |r: FsReply| number(postcard::to_allocvec(&r).unwrap());
     assert_eq!(reply(FsReply::Done), 7);
@@ -4140,12 +4058,5 @@ fn command_and_reply_variants_keep_their_numbers() {
     assert_eq!(reply(FsReply::Lock(None)), 10);
     let mut fs = formatted(8);
     let a = create_attr(&mut fs, ROOT, b"f", Kind::File, t(1));
-    assert_eq!(reply(FsReply::Attr(a.clone())), 0);
-    assert_eq!(
-        reply(FsReply::Created {
-            attr: a,
-            mapped: Vec::new(),
-        }),
-        11
-    );
+    assert_eq!(reply(FsReply::Attr(a)), 0);
 }
