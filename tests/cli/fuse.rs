@@ -1056,6 +1056,7 @@ fn a_copy_with_m_nodes_killed_during_it_verifies() {
         "drs_client_degraded_reads_total",
         "drs_client_reconstructions_total",
         "drs_fs_op_seconds_count{op=\"read\"}",
+        "drs_fs_metadata_commands_total",
     ] {
         assert!(
             crate::metrics::sample(&body, name).is_some_and(|v| v > 0.0),
