@@ -35,12 +35,16 @@
 //!   off for `--session-expiry-ms`) are released by the metadata service. A mount
 //!   that finds its session expired has lost its locks, and another mount may
 //!   have taken them and changed the file meanwhile. As NFS does it, every open
-//!   file through which a lost lock was taken then fails its reads, writes, fsyncs
-//!   and lock requests with EIO until it is closed ([`OpError::LocksLost`]), so
-//!   the process does not go on as if it still held the lock; unlocks succeed
-//!   without effect, and a new open of the file works. (A process that locked
-//!   through one open file and writes through another is not stopped.) A lock
-//!   request made while the session is being replaced waits for the new one.
+//!   file through which a lock still held then was taken fails its reads, writes,
+//!   fsyncs and new lock requests with EIO until it is closed
+//!   ([`OpError::LocksLost`]), so the process does not go on as if it still held
+//!   the lock; unlocks succeed without effect, and a new open of the file works.
+//!   The mount marks them as soon as it finds the session ended, before reads and
+//!   writes go on. Not stopped: a process that locked through one open file and
+//!   does its I/O through another, reads the kernel answers from its page cache,
+//!   and writes on a `writeback_cache` mount (the kernel sends them through any
+//!   open file). A lock request made while the session is being replaced waits
+//!   for the new one.
 //! - `flock` locks are whole-file locks of the open file, as on NFS: they conflict
 //!   with `fcntl` locks of other owners of the same file, even of the same process
 //!   (which on a local file system they do not), and one open file's `flock` and
@@ -76,6 +80,42 @@ pub(super) struct LockBook {
     /// Open file handles through which locks were taken that an expired session
     /// lost: their I/O fails until the kernel releases them.
     lost: HashSet<u64>,
+    /// The byte ranges (`start ..= end`, merged) each (session, inode, lock owner)
+    /// was granted and has not unlocked: the owners an expired session leaves
+    /// without locks they held. (`held` also names owners that only tried.)
+    granted: HashMap<(SessionId, Ino, u64), Vec<(u64, u64)>>,
+}
+
+/// Adds `start ..= end` to merged ranges `v`.
+fn add_range(v: &mut Vec<(u64, u64)>, start: u64, end: u64) {
+    v.push((start, end));
+    v.sort_unstable();
+    let mut merged: Vec<(u64, u64)> = Vec::with_capacity(v.len());
+    for (s, e) in v.drain(..) {
+        match merged.last_mut() {
+            Some(last) if s <= last.1.saturating_add(1) => last.1 = last.1.max(e),
+            _ => merged.push((s, e)),
+        }
+    }
+    *v = merged;
+}
+
+/// Takes `start ..= end` out of ranges `v`.
+fn cut_range(v: &mut Vec<(u64, u64)>, start: u64, end: u64) {
+    let mut kept = Vec::with_capacity(v.len() + 1);
+    for &(s, e) in v.iter() {
+        if e < start || s > end {
+            kept.push((s, e));
+            continue;
+        }
+        if s < start {
+            kept.push((s, start - 1));
+        }
+        if e > end {
+            kept.push((end + 1, e));
+        }
+    }
+    *v = kept;
 }
 
 /// A lock request of the kernel: lock owner `owner` of this mount asks, through
@@ -198,12 +238,30 @@ impl Ops {
             unlocked.as_mut().enable();
             match self.bounded(self.command(cmd)).await {
                 Ok(_) if kind == LockKind::Unlock => {
+                    {
+                        let mut book = lock(&self.locks);
+                        let key = (session, r.ino, r.owner);
+                        if let Some(v) = book.granted.get_mut(&key) {
+                            cut_range(v, r.start, r.end);
+                            if v.is_empty() {
+                                book.granted.remove(&key);
+                            }
+                        }
+                    }
                     self.unlocked.notify_waiters();
                     return Ok(());
                 }
                 Ok(_) => {
                     // Noted again: a close of the owner may have run meanwhile.
                     self.note_lock(session, &r);
+                    add_range(
+                        lock(&self.locks)
+                            .granted
+                            .entry((session, r.ino, r.owner))
+                            .or_default(),
+                        r.start,
+                        r.end,
+                    );
                     self.refresh_after_lock(r.ino).await;
                     return Ok(());
                 }
@@ -216,6 +274,8 @@ impl Ops {
                         Ok(())
                     })
                     .await?;
+                    // Its earlier locks may have gone with the session.
+                    self.check_handle(r.fh)?;
                     continue;
                 }
                 Err(e) => return Err(e),
@@ -287,6 +347,8 @@ impl Ops {
             }
             book.held
                 .retain(|(s, i, o)| (*i, *o) != (ino, owner) || *s == session);
+            book.granted
+                .retain(|(s, i, o), _| (*i, *o) != (ino, owner) || *s == session);
             book.held.remove(&(session, ino, owner))
         };
         if !known {
@@ -299,7 +361,10 @@ impl Ops {
         };
         let r = self.bounded(self.command(cmd)).await;
         match r {
-            Ok(_) => self.unlocked.notify_waiters(),
+            Ok(_) => {
+                lock(&self.locks).granted.remove(&(session, ino, owner));
+                self.unlocked.notify_waiters()
+            }
             // Left to the owner's next close, or the session's end.
             Err(_) => {
                 lock(&self.locks).held.insert((session, ino, owner));
@@ -331,17 +396,18 @@ impl Ops {
     }
 
     /// The session `expired` ended: the metadata service released its locks. The
-    /// open files through which they were taken are marked lost; how many owners
-    /// had some.
+    /// open files through which the owners that held some took them are marked
+    /// lost; how many owners held some.
     pub(super) fn forget_locks(&self, expired: SessionId) -> usize {
         let mut book = lock(&self.locks);
         let gone: HashSet<(Ino, u64)> = book
-            .held
+            .granted
             .iter()
-            .filter(|(s, _, _)| *s == expired)
-            .map(|(_, ino, owner)| (*ino, *owner))
+            .filter(|((s, _, _), ranges)| *s == expired && !ranges.is_empty())
+            .map(|((_, ino, owner), _)| (*ino, *owner))
             .collect();
         book.held.retain(|(s, _, _)| *s != expired);
+        book.granted.retain(|(s, _, _), _| *s != expired);
         let lost: Vec<u64> = book
             .by_fh
             .iter()
@@ -441,6 +507,24 @@ fn pending_in(status: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn granted_ranges_merge_and_split() {
+        let mut v = Vec::new();
+        add_range(&mut v, 10, 19);
+        add_range(&mut v, 30, 39);
+        add_range(&mut v, 20, 25);
+        assert_eq!(v, vec![(10, 25), (30, 39)]);
+        cut_range(&mut v, 12, 31);
+        assert_eq!(v, vec![(10, 11), (32, 39)]);
+        add_range(&mut v, 0, u64::MAX);
+        assert_eq!(v, vec![(0, u64::MAX)]);
+        cut_range(&mut v, 0, 4);
+        cut_range(&mut v, 100, u64::MAX);
+        assert_eq!(v, vec![(5, 99)]);
+        cut_range(&mut v, 0, u64::MAX);
+        assert!(v.is_empty());
+    }
 
     #[test]
     fn a_pending_signal_counts_unless_blocked_or_for_another_thread() {

@@ -421,6 +421,17 @@ impl Ops {
             session = expired,
             "the mount's session was ended; opening a new one"
         );
+        // The session's locks are gone: from now on (no read or write gets past
+        // the suspension first), no I/O through an open file that held one.
+        let lost = self.forget_locks(expired);
+        if lost > 0 {
+            tracing::warn!(
+                session = expired,
+                owners = lost,
+                "the expired session's byte-range locks were released by the metadata service; \
+                 the open files that held them fail their reads, writes and new locks until closed"
+            );
+        }
         let r = self.command(FsCommand::OpenSession { now: now() }).await?;
         let id = match r {
             FsReply::Session(id) => id,
@@ -429,17 +440,6 @@ impl Ops {
         if let Err(e) = self.recheck_all(Some(id)).await {
             let _ = self.command(FsCommand::EndSession { session: id }).await;
             return Err(e);
-        }
-        // Before reads and writes go on: no I/O through an open file whose locks
-        // are gone.
-        let lost = self.forget_locks(expired);
-        if lost > 0 {
-            tracing::warn!(
-                session = expired,
-                owners = lost,
-                "the expired session's byte-range locks were released by the metadata service; \
-                 the open files that took them fail their reads, writes and locks until closed"
-            );
         }
         self.session.id.store(id, Ordering::Relaxed);
         if self.session.ended.load(Ordering::Relaxed) {

@@ -1503,8 +1503,9 @@ fn signal_mount(m: &Mount, sig: nix::sys::signal::Signal) {
 /// another mount takes the lock and writes, and once the first mount is back every
 /// read, write, fsync and lock request through the open file that held the lock
 /// fails with EIO until it is closed, so its process cannot go on as if it still
-/// held the lock; another open file of the same mount reads the other mount's
-/// write, and a new open locks and writes again.
+/// held the lock; another open file of the same mount (which held a lock of its
+/// own and gave it up before) reads the other mount's write, and a new open locks
+/// and writes again.
 #[test]
 fn a_mount_cut_off_past_its_session_expiry_fails_io_through_files_whose_locks_it_lost() {
     let c = Cluster::up_sized(
@@ -1516,6 +1517,11 @@ fn a_mount_cut_off_past_its_session_expiry_fails_io_through_files_whose_locks_it
     let b = Mount::new(&c, "b", &[]);
     fs::write(a.p("f"), vec![b'a'; 8192]).unwrap();
     let other = open_rw(&a.p("f"));
+    // An open file that held a lock and gave it up before is not stopped later.
+    for typ in [libc::F_RDLCK, libc::F_UNLCK] {
+        let l = byte_range(typ, 200, 10);
+        nix::fcntl::fcntl(&other, nix::fcntl::FcntlArg::F_OFD_SETLK(&l)).unwrap();
+    }
     let locked = open_rw(&a.p("f"));
     setlk(&locked, libc::F_WRLCK, 0, 0).unwrap();
     let fb = open_rw(&b.p("f"));
