@@ -3353,8 +3353,9 @@ enum SessionOp {
     OpenSession,
     EndSession(usize),
     Open(usize, usize),
-    /// A close; with a size, as a `WrittenClose` whose `Written` trims to it.
-    Close(usize, usize, Option<u64>),
+    /// A close; with a size, as a `WrittenClose` whose `Written` trims to it (with
+    /// `true`, as `TrimAlone`: only if no other session has the file open).
+    Close(usize, usize, Option<u64>, bool),
     Map(usize, usize, u64, u64),
     Truncate(Option<usize>, usize, u64),
     Punch(Option<usize>, usize, u64, u64),
@@ -3371,7 +3372,7 @@ fn session_op() -> impl Strategy<Value = SessionOp> {
         1 => Just(SessionOp::OpenSession),
         1 => s.clone().prop_map(SessionOp::EndSession),
         4 => (s.clone(), f.clone()).prop_map(|(s, f)| SessionOp::Open(s, f)),
-        2 => (s.clone(), f.clone(), prop::option::of(0..6u64)).prop_map(|(s, f, w)| SessionOp::Close(s, f, w)),
+        2 => (s.clone(), f.clone(), prop::option::of(0..6u64), any::<bool>()).prop_map(|(s, f, w, alone)| SessionOp::Close(s, f, w, alone)),
         4 => (s.clone(), f.clone(), 0..6u64, 1..4u64).prop_map(|(s, f, a, n)| SessionOp::Map(s, f, a, n)),
         2 => (by.clone(), f.clone(), 0..6u64).prop_map(|(b, f, n)| SessionOp::Truncate(b, f, n)),
         2 => (by.clone(), f.clone(), 0..6u64, 1..3u64).prop_map(|(b, f, a, n)| SessionOp::Punch(b, f, a, n)),
@@ -3441,7 +3442,7 @@ proptest! {
                         }
                     }
                 }
-                SessionOp::Close(s, f, written) => {
+                SessionOp::Close(s, f, written, alone) => {
                     if let Some((id, known, opens)) = sessions[*s].as_mut() {
                         let ino = files[*f];
                         if let Some(n) = opens.get_mut(&ino) {
@@ -3451,10 +3452,15 @@ proptest! {
                                 }
                                 Some(blocks) => {
                                     let before = block_map(&fs, ino);
+                                    let trim = written_cmd(ino, blocks * BSZ, now, &[], true);
                                     let cmd = FsCommand::WrittenClose {
                                         session: *id,
                                         ino,
-                                        cmd: Box::new(written_cmd(ino, blocks * BSZ, now, &[], true)),
+                                        cmd: Box::new(if *alone {
+                                            FsCommand::TrimAlone { cmd: Box::new(trim) }
+                                        } else {
+                                            trim
+                                        }),
                                     };
                                     apply_ok(&mut fs, &cmd);
                                     // The closing mount forgets what it trimmed.
