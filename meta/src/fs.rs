@@ -1138,29 +1138,8 @@ impl FsState {
                 count,
                 ahead,
             } => self.map(*ino, *first, *count, *ahead),
-            FsCommand::Written {
-                ino,
-                size,
-                now,
-                written,
-                trim,
-            } => self.written(*ino, *size, *now, written, *trim, by),
-            FsCommand::TrimAlone { cmd } => match &**cmd {
-                FsCommand::Written {
-                    ino,
-                    size,
-                    now,
-                    written,
-                    trim,
-                } => {
-                    let shared = self
-                        .sessions
-                        .iter()
-                        .any(|(id, s)| Some(*id) != by && s.opens.contains_key(ino));
-                    self.written(*ino, *size, *now, written, *trim && !shared, by)
-                }
-                _ => Err(FsError::Invalid),
-            },
+            FsCommand::Written { .. } => self.apply_written(cmd, false, by),
+            FsCommand::TrimAlone { cmd } => self.apply_written(cmd, true, by),
             FsCommand::Punch {
                 ino,
                 first,
@@ -1696,6 +1675,27 @@ impl FsState {
         i.attr.ctime = now;
         i.attr.blocks = i.extents.values().map(|e| e.count).sum();
         Ok(FsReply::Attr(i.attr.clone()))
+    }
+
+    /// `cmd`, a `Written`; with `alone`, its trim only if no session but `by` has
+    /// the file open.
+    fn apply_written(&mut self, cmd: &FsCommand, alone: bool, by: Option<SessionId>) -> FsResult {
+        let FsCommand::Written {
+            ino,
+            size,
+            now,
+            written,
+            trim,
+        } = cmd
+        else {
+            return Err(FsError::Invalid);
+        };
+        let shared = alone
+            && self
+                .sessions
+                .iter()
+                .any(|(id, s)| Some(*id) != by && s.opens.contains_key(ino));
+        self.written(*ino, *size, *now, written, *trim && !shared, by)
     }
 
     fn written(

@@ -1288,6 +1288,19 @@ fn flock_now(path: &Path) -> bool {
     st.success()
 }
 
+/// A cluster whose mount sessions expire after 4 s of silence, and two mounts of
+/// it, `a` and `b`.
+fn two_mounts_with_short_sessions() -> (Cluster, Mount, Mount) {
+    let c = Cluster::up_sized(
+        1024,
+        "64KiB",
+        &["--down-after-ms", "1000", "--session-expiry-ms", "4000"],
+    );
+    let a = Mount::new(&c, "a", &[]);
+    let b = Mount::new(&c, "b", &[]);
+    (c, a, b)
+}
+
 /// `fcntl` and `flock` locks taken through one mount hold against processes of
 /// another (each mount is a machine of its own): conflicts, `F_GETLK` naming the
 /// holder, shared read locks, a downgrade, `F_SETLKW` waiting until the holder
@@ -1296,13 +1309,7 @@ fn flock_now(path: &Path) -> bool {
 /// when its session expires.
 #[test]
 fn byte_range_and_flock_locks_hold_across_mounts() {
-    let c = Cluster::up_sized(
-        1024,
-        "64KiB",
-        &["--down-after-ms", "1000", "--session-expiry-ms", "4000"],
-    );
-    let a = Mount::new(&c, "a", &[]);
-    let b = Mount::new(&c, "b", &[]);
+    let (_cluster, a, b) = two_mounts_with_short_sessions();
     fs::write(a.p("f"), vec![7u8; 4096]).unwrap();
     let fa = open_rw(&a.p("f"));
     let fb = open_rw(&b.p("f"));
@@ -1508,13 +1515,7 @@ fn signal_mount(m: &Mount, sig: nix::sys::signal::Signal) {
 /// and writes again.
 #[test]
 fn a_mount_cut_off_past_its_session_expiry_fails_io_through_files_whose_locks_it_lost() {
-    let c = Cluster::up_sized(
-        1024,
-        "64KiB",
-        &["--down-after-ms", "1000", "--session-expiry-ms", "4000"],
-    );
-    let a = Mount::new(&c, "a", &[]);
-    let b = Mount::new(&c, "b", &[]);
+    let (_cluster, a, b) = two_mounts_with_short_sessions();
     fs::write(a.p("f"), vec![b'a'; 8192]).unwrap();
     let other = open_rw(&a.p("f"));
     // An open file that held a lock and gave it up before is not stopped later.
