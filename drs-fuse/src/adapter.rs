@@ -18,6 +18,7 @@ use fuser::{
     ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
+use crate::caller;
 use crate::errno::errno;
 use crate::ops::locks::LockRequest;
 use crate::ops::{time_of, OpError, Ops};
@@ -279,7 +280,7 @@ impl Filesystem for DrsFuse {
 
     fn setxattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         name: &OsStr,
         value: &[u8],
@@ -298,10 +299,13 @@ impl Filesystem for DrsFuse {
         let (name, value) = (name.as_bytes().to_vec(), value.to_vec());
         let create = flags & libc::XATTR_CREATE != 0;
         let replace = flags & libc::XATTR_REPLACE != 0;
+        // Who sets an access ACL decides whether the set-gid bit stays.
+        let caller = (name == drs_meta::acl::ACCESS).then(|| caller::creds(req.pid(), req.gid()));
         self.spawn("setxattr", |ops| async move {
             empty(
                 reply,
-                ops.setxattr(ino.0, name, value, create, replace).await,
+                ops.setxattr_as(ino.0, name, value, create, replace, caller.as_ref())
+                    .await,
             )
         });
     }

@@ -12,6 +12,7 @@
 //!   SIGTERM or SIGINT).
 
 pub mod adapter;
+pub mod caller;
 pub mod cli;
 pub mod errno;
 pub mod ops;

@@ -62,6 +62,8 @@ const CACHE_TICK: Duration = Duration::from_millis(250);
 use drs_meta::{MetaClient, MetaError};
 use futures::stream::{self, StreamExt};
 
+use crate::caller::Creds;
+
 #[path = "session.rs"]
 mod session;
 pub use session::{SESSION_GUARD, SESSION_TICK};
@@ -813,6 +815,22 @@ impl Ops {
         create: bool,
         replace: bool,
     ) -> OpResult<()> {
+        self.setxattr_as(ino, name, value, create, replace, None)
+            .await
+    }
+
+    /// [`Ops::setxattr`] by a requester whose credentials are `caller`: an access
+    /// ACL it sets drops the file's set-gid bit unless it is a member of the
+    /// file's group or has CAP_FSETID (as the kernel does for a local file).
+    pub async fn setxattr_as(
+        &self,
+        ino: Ino,
+        name: Vec<u8>,
+        value: Vec<u8>,
+        create: bool,
+        replace: bool,
+        caller: Option<&Creds>,
+    ) -> OpResult<()> {
         // Before and after: an absence read while the set is under way is neither
         // remembered nor left remembered.
         let forget_absence = || {
@@ -823,7 +841,8 @@ impl Ops {
         };
         forget_absence();
         let acl = drs_meta::acl::is_acl(&name);
-        let cmd = FsCommand::SetXattr {
+        let access = name == drs_meta::acl::ACCESS;
+        let mut cmd = FsCommand::SetXattr {
             ino,
             name,
             value,
@@ -831,6 +850,16 @@ impl Ops {
             replace,
             now: now(),
         };
+        if let Some(c) = caller.filter(|_| access) {
+            // The group the file has now: one changed before the command is
+            // applied counts as one the caller is not a member of.
+            let gid = self.getattr(ino).await?.gid;
+            cmd = FsCommand::AclAs {
+                fsetid: c.fsetid,
+                member_of: c.member_of(gid).then_some(gid),
+                cmd: Box::new(cmd),
+            };
+        }
         self.acl_changing(acl, ino);
         let r = self.attr_command(cmd).await.map(drop);
         self.acl_changing(acl, ino);

@@ -381,6 +381,16 @@ pub enum FsCommand {
     /// close sends its `Written` so; a plain one (from a mount of an earlier
     /// version) trims whatever other sessions hold.
     TrimAlone { cmd: Box<FsCommand> },
+    /// `cmd`, a `SetXattr` of an access ACL, by a caller with CAP_FSETID
+    /// (`fsetid`) or not, and a member of group `member_of` (the file's group as
+    /// the mount saw it) or not: the set-gid bit goes unless the caller has
+    /// CAP_FSETID or is a member of the file's group as it is when applied, as a
+    /// chmod by such a caller would drop it (Linux's `posix_acl_update_mode`).
+    AclAs {
+        fsetid: bool,
+        member_of: Option<u32>,
+        cmd: Box<FsCommand>,
+    },
 }
 
 impl FsCommand {
@@ -409,7 +419,9 @@ impl FsCommand {
             }
             // A split extent and a new free run (or held freeing).
             FsCommand::Punch { .. } => Some(96),
-            FsCommand::From { cmd, .. } | FsCommand::TrimAlone { cmd } => cmd.grows_by(fs),
+            FsCommand::From { cmd, .. }
+            | FsCommand::TrimAlone { cmd }
+            | FsCommand::AclAs { cmd, .. } => cmd.grows_by(fs),
             FsCommand::CreateOpen { cmd, .. } => Some(cmd.grows_by(fs).unwrap_or(0) + 32),
             // The ACLs inherited from the directory's default ACL as it is now: an
             // access ACL, and for a directory the default ACL too (a default ACL
@@ -1140,6 +1152,24 @@ impl FsState {
             } => self.map(*ino, *first, *count, *ahead),
             FsCommand::Written { .. } => self.apply_written(cmd, false, by),
             FsCommand::TrimAlone { cmd } => self.apply_written(cmd, true, by),
+            FsCommand::AclAs {
+                fsetid,
+                member_of,
+                cmd,
+            } => {
+                let FsCommand::SetXattr { ino, name, .. } = &**cmd else {
+                    return Err(FsError::Invalid);
+                };
+                let reply = self.apply_as(cmd, by)?;
+                let i = self.get_mut(*ino)?;
+                if name == acl::ACCESS && !*fsetid && *member_of != Some(i.attr.gid) {
+                    i.attr.perm &= !0o2000;
+                }
+                match reply {
+                    FsReply::Attr(_) => Ok(FsReply::Attr(i.attr.clone())),
+                    other => Ok(other),
+                }
+            }
             FsCommand::Punch {
                 ino,
                 first,

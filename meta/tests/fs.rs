@@ -3877,6 +3877,87 @@ fn umask_create(
     }
 }
 
+/// Setting an access ACL drops the set-gid bit for a caller outside the file's
+/// group and without CAP_FSETID, and keeps it for the others (as a chmod would);
+/// the group is the file's when the command is applied. Default ACLs and other
+/// attributes leave the mode alone, and `AclAs` wraps nothing but a `SetXattr`.
+#[test]
+fn an_acl_set_by_a_caller_outside_the_group_drops_set_gid() {
+    use drs_meta::acl::{ACCESS, DEFAULT};
+    let mut fs = formatted(64);
+    let f = create(&mut fs, ROOT, b"f", Kind::File, t(1));
+    let d = create(&mut fs, ROOT, b"d", Kind::Dir, t(1));
+    let gid = attr(&fs, f).gid;
+    // user::rwx user:1000:r-- group::r-x mask::r-x other::---
+    let named = acl_bytes(&[
+        (0x01, 7, NO_ID),
+        (0x02, 4, 1000),
+        (0x04, 5, NO_ID),
+        (0x10, 5, NO_ID),
+        (0x20, 0, NO_ID),
+    ]);
+    let sgid = |fs: &mut FsState, ino: Ino| {
+        apply_ok(
+            fs,
+            &FsCommand::SetAttr {
+                ino,
+                set: SetAttr {
+                    perm: Some(0o2750),
+                    ..SetAttr::default()
+                },
+                now: t(2),
+            },
+        );
+    };
+    let acl_as = |ino: Ino, name: &[u8], fsetid: bool, member_of: Option<u32>| FsCommand::AclAs {
+        fsetid,
+        member_of,
+        cmd: Box::new(setx(ino, name, &named, false, false, t(3))),
+    };
+    // A member of the file's group, or a caller with CAP_FSETID: kept.
+    for (fsetid, member_of) in [(false, Some(gid)), (true, None), (true, Some(gid + 1))] {
+        sgid(&mut fs, f);
+        match apply_ok(&mut fs, &acl_as(f, ACCESS, fsetid, member_of)) {
+            FsReply::Attr(a) => assert_eq!(a.perm, 0o2750, "{fsetid} {member_of:?}"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(attr(&fs, f).perm, 0o2750);
+    }
+    // Outside the group (or a member of a group the file no longer has): dropped,
+    // and the reply says so.
+    for member_of in [None, Some(gid + 1)] {
+        sgid(&mut fs, f);
+        match apply_ok(&mut fs, &acl_as(f, ACCESS, false, member_of)) {
+            FsReply::Attr(a) => assert_eq!(a.perm, 0o750, "{member_of:?}"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(attr(&fs, f).perm, 0o750);
+        assert_eq!(getx(&fs, f, ACCESS).unwrap(), named);
+    }
+    // A default ACL on a set-gid directory leaves its mode alone.
+    sgid(&mut fs, d);
+    apply_ok(&mut fs, &acl_as(d, DEFAULT, false, None));
+    assert_eq!(attr(&fs, d).perm, 0o2750);
+    // A refused set changes nothing.
+    sgid(&mut fs, f);
+    let bad = FsCommand::AclAs {
+        fsetid: false,
+        member_of: None,
+        cmd: Box::new(setx(f, ACCESS, b"not an acl", false, false, t(4))),
+    };
+    assert!(fs.apply(&bad).is_err());
+    assert_eq!(attr(&fs, f).perm, 0o2750);
+    // Only a `SetXattr` is wrapped.
+    let wrapped = FsCommand::AclAs {
+        fsetid: false,
+        member_of: None,
+        cmd: Box::new(FsCommand::Drop { ino: f }),
+    };
+    assert_eq!(fs.apply(&wrapped), Err(FsError::Invalid));
+    assert!(fs.inode(f).is_some());
+    fs.check().unwrap();
+}
+
 /// POSIX ACLs in the namespace (their rules one by one are unit tests of
 /// `drs_meta::acl`): an access ACL sets the mode and a minimal one is not kept, a
 /// chmod changes the ACL, a default ACL is inherited with the mode asked for (the
@@ -4057,6 +4138,14 @@ fn command_and_reply_variants_keep_their_numbers() {
             cmd: Box::new(written),
         }),
         24
+    );
+    assert_eq!(
+        cmd(FsCommand::AclAs {
+            fsetid: false,
+            member_of: None,
+            cmd: Box::new(setx(2, drs_meta::acl::ACCESS, b"", false, false, t(1))),
+        }),
+        25
     );
     let reply = |r: FsReply| number(postcard::to_allocvec(&r).unwrap());
     assert_eq!(reply(FsReply::Done), 7);

@@ -1610,8 +1610,8 @@ fn run_ok(cmd: &[&str]) -> String {
 /// POSIX ACLs on a real mount, by `setfacl` and `getfacl`: a named user's entry
 /// lets that user read a 0600 file (the kernel enforces it), the mask follows a
 /// chmod, a directory's default ACL is inherited by new files and directories with
-/// the mode asked for instead of the umask, and another mount sees the ACLs and
-/// their removal.
+/// the mode asked for instead of the umask, another mount sees the ACLs and their
+/// removal, and an ACL set by a caller outside the file's group drops set-gid.
 ///
 /// Needs root and `setfacl` (Debian: `acl`; `.ci/run` installs it); skipped
 /// without them, unless `DRS_POSIX_SUITE=1` makes that a failure.
@@ -1676,6 +1676,26 @@ fn posix_acls_are_enforced_inherited_and_follow_the_mode() {
         !acl.contains("nobody"),
         "b still shows a removed ACL: {acl}"
     );
+
+    // An access ACL set by a caller outside the file's group drops the set-gid
+    // bit, as a chmod by that caller would; set by a member of the group, the bit
+    // stays (both as on a local file system).
+    for (name, group, kept) in [("sgid-out", 0, false), ("sgid-in", 65534, true)] {
+        let f = a.p(name);
+        fs::write(&f, b"x").unwrap();
+        std::os::unix::fs::chown(&f, Some(65534), Some(group)).unwrap();
+        fs::set_permissions(&f, fs::Permissions::from_mode(0o2770)).unwrap();
+        assert_eq!(fs::metadata(&f).unwrap().mode() & 0o7777, 0o2770);
+        let set = as_nobody(&["setfacl", "-m", "u:root:r", s(&f)]);
+        assert!(
+            set.status.success(),
+            "{}",
+            String::from_utf8_lossy(&set.stderr)
+        );
+        let mode = fs::metadata(&f).unwrap().mode() & 0o7777;
+        assert_eq!(mode & 0o2000 != 0, kept, "{name}: mode {mode:o}");
+        assert_eq!(mode & 0o777, 0o770, "{name}: mode {mode:o}");
+    }
 
     // A directory's default ACL is inherited; the umask does not apply.
     let shared = a.p("shared");
