@@ -14,8 +14,8 @@ use drs_meta::fs::{Attr, DirEntry, Kind, SetAttr, Time};
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
     KernelConfig, LockOwner, Notifier, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
-    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLock, ReplyOpen, ReplyStatfs, ReplyWrite,
-    ReplyXattr, Request, TimeOrNow, WriteFlags,
+    ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLock, ReplyOpen, ReplyStatfs,
+    ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
 use crate::caller;
@@ -25,6 +25,9 @@ use crate::ops::{time_of, OpError, Ops};
 
 /// How long the kernel may trust attributes and names without asking again.
 const TTL: Duration = Duration::from_secs(1);
+
+/// Entries whose attributes one `readdirplus` reads (a 32 KiB reply holds about 200).
+const PLUS_CHUNK: usize = 256;
 /// Largest write and readahead the kernel sends.
 pub const MAX_IO: u32 = 1 << 20;
 
@@ -210,6 +213,12 @@ impl Filesystem for DrsFuse {
             // applies the umask itself (not where a default ACL is inherited).
             InitFlags::FUSE_POSIX_ACL,
             InitFlags::FUSE_DONT_MASK,
+            // Listing a directory returns its entries' attributes (one metadata
+            // query per reply), so `ls -l`, `find` or `rm -r` need no lookup per
+            // name. Every listing, not only those the kernel sees lookups follow
+            // (`FUSE_READDIRPLUS_AUTO`): `ls -l` reads a whole directory before
+            // its first `lstat`.
+            InitFlags::FUSE_DO_READDIRPLUS,
         ];
         if self.writeback_cache {
             flags.push(InitFlags::FUSE_WRITEBACK_CACHE);
@@ -703,6 +712,60 @@ impl Filesystem for DrsFuse {
             }
         }
         reply.ok();
+    }
+
+    /// As `readdir`, with each entry's attributes, read when the kernel asks (it
+    /// keeps them for the attribute timeout). Entries gone since the directory was
+    /// opened are left out.
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let Some(entries) = lock(&self.dirs).get(&fh.0).cloned() else {
+            reply.error(Errno::from_i32(libc::EBADF));
+            return;
+        };
+        let mut at = usize::try_from(offset).unwrap_or(usize::MAX);
+        self.spawn("readdirplus", |ops| async move {
+            let bs = ops.block_size();
+            // A reply of the kernel's size (a page, or up to max_pages pages) holds
+            // fewer entries than a chunk: the rest are asked for again next time.
+            while at < entries.len() {
+                let chunk = &entries[at..entries.len().min(at + PLUS_CHUNK)];
+                let attrs = match ops.attrs(chunk.iter().map(|e| e.0).collect()).await {
+                    Ok(a) => a,
+                    Err(e) => return reply.error(fail(&e)),
+                };
+                let mut added = false;
+                for (i, ((ino, _, name), a)) in chunk.iter().zip(attrs).enumerate() {
+                    let Some(a) = a else { continue };
+                    let next = (at + i + 1) as u64;
+                    let generation = Generation(a.generation);
+                    let a = file_attr(&a, bs);
+                    if reply.add(
+                        INodeNo(*ino),
+                        next,
+                        OsStr::from_bytes(name),
+                        &TTL,
+                        &a,
+                        generation,
+                    ) {
+                        return reply.ok();
+                    }
+                    added = true;
+                }
+                // An empty reply ends the listing: only when nothing is left.
+                at += chunk.len();
+                if added {
+                    break;
+                }
+            }
+            reply.ok();
+        });
     }
 
     fn releasedir(

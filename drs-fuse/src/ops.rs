@@ -607,6 +607,34 @@ impl Ops {
         .await
     }
 
+    /// The attributes of `inos` (at most [`drs_meta::fs::ATTRS_MAX`]), in order; `None` for an
+    /// inode that is gone. One metadata query for all of them: `readdirplus`.
+    /// Replicas of a version before `GetAttrs` are asked for one inode at a time.
+    pub async fn attrs(&self, inos: Vec<Ino>) -> OpResult<Vec<Option<Attr>>> {
+        self.bounded(async {
+            let attrs = match self.query(FsQuery::GetAttrs { inos: inos.clone() }).await {
+                Ok(r) => expect_reply!(r, FsReply::Attrs(a) => a)?,
+                Err(OpError::Meta(MetaError::BadRequest(_))) => {
+                    let mut attrs = Vec::with_capacity(inos.len());
+                    for ino in inos {
+                        attrs.push(match self.query(FsQuery::GetAttr { ino }).await {
+                            Ok(r) => Some(expect_reply!(r, FsReply::Attr(a) => a)?),
+                            Err(OpError::Fs(FsError::NotFound)) => None,
+                            Err(e) => return Err(e),
+                        });
+                    }
+                    attrs
+                }
+                Err(e) => return Err(e),
+            };
+            Ok(attrs
+                .into_iter()
+                .map(|a| a.map(|a| self.overlay(a)))
+                .collect())
+        })
+        .await
+    }
+
     pub async fn getattr(&self, ino: Ino) -> OpResult<Attr> {
         self.bounded(async { self.attr_reply(self.query(FsQuery::GetAttr { ino }).await?) })
             .await

@@ -34,6 +34,9 @@ pub enum MetaError {
     },
     #[error("timed out: {0}")]
     Timeout(String),
+    /// The replica could not read the request: one of a later version than it.
+    #[error("request not understood by the replica (of an earlier version?): {0}")]
+    BadRequest(String),
     #[error("the leader cannot reach a quorum: {0}")]
     NoQuorum(String),
     #[error("membership change refused: {0}")]
@@ -95,6 +98,7 @@ impl MetaError {
                 ours: got,
                 theirs: expected,
             },
+            WireError::BadRequest(s) => MetaError::BadRequest(s),
             other => MetaError::Remote(other.to_string()),
         }
     }

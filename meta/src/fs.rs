@@ -59,6 +59,9 @@ pub const SYMLINK_MAX: usize = 4096;
 pub const LINK_MAX: u32 = 65_000;
 /// Most entries one `ReadDir` answer carries.
 pub const READDIR_MAX: usize = 4096;
+
+/// Most inodes one `GetAttrs` asks about.
+pub const ATTRS_MAX: usize = 1024;
 /// Most blocks one `Map` may hand out (a few MiB of file at a time).
 pub const MAP_MAX: u64 = 4096;
 /// Blocks handed out ahead by one `Map` are at most 1 / this of the space still free
@@ -508,6 +511,11 @@ pub enum FsQuery {
         end: u64,
         write: bool,
     },
+    /// The attributes of up to [`ATTRS_MAX`] inodes, in order (`None` for one
+    /// that is gone): what `readdirplus` returns beside a directory's names.
+    GetAttrs {
+        inos: Vec<Ino>,
+    },
 }
 
 /// The answer to a command or query.
@@ -530,6 +538,8 @@ pub enum FsReply {
     Stale(Vec<(Ino, u64)>),
     /// `GetLock`: the conflicting lock, if there is one.
     Lock(Option<RangeLock>),
+    /// `GetAttrs`: each inode's attributes, `None` for one that is gone.
+    Attrs(Vec<Option<Attr>>),
 }
 
 /// Why a command or query was refused.
@@ -855,6 +865,17 @@ impl FsState {
                 self.attr(ino)
             }
             FsQuery::GetAttr { ino } => self.attr(*ino),
+            FsQuery::GetAttrs { inos } => {
+                if inos.len() > ATTRS_MAX {
+                    return Err(FsError::Invalid);
+                }
+                self.get(ROOT)?;
+                Ok(FsReply::Attrs(
+                    inos.iter()
+                        .map(|i| self.get(*i).ok().map(|n| n.attr.clone()))
+                        .collect(),
+                ))
+            }
             FsQuery::ReadDir { ino, after } => {
                 let d = self.dir(*ino)?;
                 let range = match after {

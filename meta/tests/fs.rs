@@ -3877,6 +3877,48 @@ fn umask_create(
     }
 }
 
+/// `GetAttrs` (what `readdirplus` asks) answers each inode's attributes in the
+/// order asked, the same as `GetAttr`, `None` for one that is gone, and refuses
+/// more than `ATTRS_MAX` inodes.
+#[test]
+fn attributes_of_many_inodes_in_one_query() {
+    use drs_meta::fs::ATTRS_MAX;
+    let mut fs = formatted(64);
+    let a = create(&mut fs, ROOT, b"a", Kind::File, t(1));
+    let d = create(&mut fs, ROOT, b"d", Kind::Dir, t(2));
+    let b = create(&mut fs, d, b"b", Kind::Symlink, t(3));
+    apply_ok(&mut fs, &unlink_cmd(d, b"b", false, t(4)));
+    apply_ok(&mut fs, &FsCommand::Drop { ino: b });
+    match fs.query(&FsQuery::GetAttrs {
+        inos: vec![d, a, b, ROOT, a],
+    }) {
+        Ok(FsReply::Attrs(got)) => assert_eq!(
+            got,
+            vec![
+                Some(attr(&fs, d)),
+                Some(attr(&fs, a)),
+                None,
+                Some(attr(&fs, ROOT)),
+                Some(attr(&fs, a)),
+            ]
+        ),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        fs.query(&FsQuery::GetAttrs {
+            inos: vec![a; ATTRS_MAX]
+        })
+        .map(|r| matches!(r, FsReply::Attrs(v) if v.len() == ATTRS_MAX)),
+        Ok(true)
+    );
+    assert_eq!(
+        fs.query(&FsQuery::GetAttrs {
+            inos: vec![a; ATTRS_MAX + 1]
+        }),
+        Err(FsError::Invalid)
+    );
+}
+
 /// Setting an access ACL drops the set-gid bit for a caller outside the file's
 /// group and without CAP_FSETID, and keeps it for the others (as a chmod would);
 /// the group is the file's when the command is applied. Default ACLs and other
@@ -4151,6 +4193,21 @@ fn command_and_reply_variants_keep_their_numbers() {
     assert_eq!(reply(FsReply::Done), 7);
     assert_eq!(reply(FsReply::Session(1)), 8);
     assert_eq!(reply(FsReply::Lock(None)), 10);
+    assert_eq!(reply(FsReply::Attrs(Vec::new())), 11);
+    let query = |q: FsQuery| number(postcard::to_allocvec(&q).unwrap());
+    assert_eq!(query(FsQuery::GetAttr { ino: 1 }), 1);
+    assert_eq!(
+        query(FsQuery::GetLock {
+            session: 1,
+            ino: 2,
+            owner: 3,
+            start: 0,
+            end: 0,
+            write: true,
+        }),
+        9
+    );
+    assert_eq!(query(FsQuery::GetAttrs { inos: vec![1] }), 10);
     let mut fs = formatted(8);
     let a = create_attr(&mut fs, ROOT, b"f", Kind::File, t(1));
     assert_eq!(reply(FsReply::Attr(a)), 0);

@@ -804,12 +804,16 @@ fn permissions_ownership_and_times() {
     assert_eq!(st.blocks() * st.fragment_size(), 1024 * 64 * 1024);
 }
 
+/// Goal: a directory of 2000 files made by one mount lists whole and in order in
+/// another, and `ls -l` there costs no lookup per name (the listing carries the
+/// attributes: `readdirplus`) and shows each file's size.
 #[test]
 fn thousands_of_files_in_one_directory() {
     // Each small file takes one 64 KiB block: room for them all.
     let c = cluster(4096);
     let m = Mount::new(&c, "mnt", &[]);
-    let other = Mount::new(&c, "mnt2", &[]);
+    let metrics = format!("127.0.0.1:{}", crate::harness::free_port());
+    let other = Mount::new(&c, "mnt2", &["--metrics", &metrics]);
     fs::create_dir(m.p("many")).unwrap();
     let n = 2000;
     for i in 0..n {
@@ -830,6 +834,39 @@ fn thousands_of_files_in_one_directory() {
     assert_eq!(
         fs::read_to_string(other.p("many/file-01234")).unwrap(),
         "1234"
+    );
+
+    // `ls -l` in a fresh directory listing: sizes right, lookups a few at most
+    // (an entry whose attributes expired on a slow machine is looked up again).
+    let lookups = || {
+        let body = crate::metrics::scrape(&metrics).1;
+        crate::metrics::sample(&body, "drs_fs_op_seconds_count{op=\"lookup\"}").unwrap_or(0.0)
+    };
+    thread::sleep(Duration::from_millis(1500));
+    let before = lookups();
+    let out = Command::new("ls")
+        .args(["-l", "--time-style=+"])
+        .arg(other.p("many"))
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let listing = String::from_utf8_lossy(&out.stdout);
+    let files: Vec<(u64, &str)> = listing
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            Some((f.get(4)?.parse().ok()?, *f.last()?))
+        })
+        .collect();
+    assert_eq!(files.len(), n, "{listing}");
+    for (i, (size, name)) in files.iter().enumerate() {
+        assert_eq!(*name, format!("file-{i:05}"));
+        assert_eq!(*size, format!("{i}").len() as u64, "{name}");
+    }
+    let looked_up = lookups() - before;
+    assert!(
+        looked_up < (n / 4) as f64,
+        "ls -l of {n} files made {looked_up} lookups"
     );
 }
 
