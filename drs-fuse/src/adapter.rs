@@ -106,9 +106,20 @@ fn fail(e: &OpError) -> Errno {
 /// Has the kernel drop its cached pages and attributes of `ino` (on the blocking
 /// pool: the kernel may wait for pages under reads in flight).
 async fn drop_cached_pages(notifier: &Arc<OnceLock<Notifier>>, ino: INodeNo) {
+    invalidate(notifier, ino, 0).await
+}
+
+/// Has the kernel drop its cached attributes of `ino` (no pages: nothing waits).
+async fn drop_cached_attrs(notifier: &Arc<OnceLock<Notifier>>, ino: INodeNo) {
+    invalidate(notifier, ino, -1).await
+}
+
+/// `FUSE_NOTIFY_INVAL_INODE` of `ino`: its attributes, and its pages from `offset`
+/// on (none if negative).
+async fn invalidate(notifier: &Arc<OnceLock<Notifier>>, ino: INodeNo, offset: i64) {
     let notifier = notifier.clone();
     let done = tokio::task::spawn_blocking(move || match notifier.get() {
-        Some(n) => n.inval_inode(ino, 0, 0),
+        Some(n) => n.inval_inode(ino, offset, 0),
         None => Ok(()),
     })
     .await;
@@ -156,6 +167,12 @@ fn kind_of_mode(mode: u32) -> Option<Kind> {
         libc::S_IFBLK => Some(Kind::BlockDev),
         _ => None,
     }
+}
+
+/// `a` as the kernel is given it, noted as given (see [`Ops::shown_to_kernel`]).
+fn shown(ops: &Ops, a: &Attr) -> FileAttr {
+    ops.shown_to_kernel(a);
+    file_attr(a, ops.block_size())
 }
 
 fn file_attr(a: &Attr, block_size: u64) -> FileAttr {
@@ -474,11 +491,20 @@ impl Filesystem for DrsFuse {
 
     fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        let notifier = self.notifier.clone();
         self.spawn("open", |ops| async move {
             // No FOPEN_KEEP_CACHE: each open drops the kernel's cached pages of the
-            // file, so what other mounts closed is read afresh (close-to-open).
+            // file, so what other mounts closed is read afresh (close-to-open). So
+            // are its attributes, if the kernel may hold a size or mtime read
+            // before another mount changed the file: it would read only up to that
+            // size until they time out.
             match ops.open(ino.0).await {
-                Ok(_) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+                Ok(a) => {
+                    if ops.kernel_may_be_stale(&a) {
+                        drop_cached_attrs(&notifier, ino).await;
+                    }
+                    reply.opened(FileHandle(fh), FopenFlags::empty())
+                }
                 Err(e) => reply.error(fail(&e)),
             }
         });
@@ -731,7 +757,6 @@ impl Filesystem for DrsFuse {
         };
         let mut at = usize::try_from(offset).unwrap_or(usize::MAX);
         self.spawn("readdirplus", |ops| async move {
-            let bs = ops.block_size();
             // A reply of the kernel's size (a page, or up to max_pages pages) holds
             // fewer entries than a chunk: the rest are asked for again next time.
             while at < entries.len() {
@@ -745,7 +770,7 @@ impl Filesystem for DrsFuse {
                     let Some(a) = a else { continue };
                     let next = (at + i + 1) as u64;
                     let generation = Generation(a.generation);
-                    let a = file_attr(&a, bs);
+                    let a = shown(&ops, &a);
                     if reply.add(
                         INodeNo(*ino),
                         next,
@@ -834,7 +859,7 @@ impl Filesystem for DrsFuse {
             {
                 Ok(a) => reply.created(
                     &TTL,
-                    &file_attr(&a, ops.block_size()),
+                    &shown(&ops, &a),
                     Generation(a.generation),
                     FileHandle(fh),
                     FopenFlags::empty(),
@@ -871,18 +896,14 @@ impl DrsFuse {
 
 fn entry(reply: ReplyEntry, ops: &Ops, r: Result<Attr, OpError>) {
     match r {
-        Ok(a) => reply.entry(
-            &TTL,
-            &file_attr(&a, ops.block_size()),
-            Generation(a.generation),
-        ),
+        Ok(a) => reply.entry(&TTL, &shown(&ops, &a), Generation(a.generation)),
         Err(e) => reply.error(fail(&e)),
     }
 }
 
 fn attr(reply: ReplyAttr, ops: &Ops, r: Result<Attr, OpError>) {
     match r {
-        Ok(a) => reply.attr(&TTL, &file_attr(&a, ops.block_size())),
+        Ok(a) => reply.attr(&TTL, &shown(&ops, &a)),
         Err(e) => reply.error(fail(&e)),
     }
 }

@@ -326,7 +326,14 @@ pub struct Ops {
     locks: Arc<Mutex<locks::LockBook>>,
     /// Woken when a lock owner of this mount unlocks or releases (waiters look again).
     unlocked: Arc<tokio::sync::Notify>,
+    /// The size and mtime last given to the kernel for each regular file (see
+    /// [`Ops::kernel_may_be_stale`]).
+    shown: Mutex<HashMap<Ino, (u64, Time)>>,
 }
+
+/// Most files whose attributes given to the kernel a mount remembers; past it, it
+/// forgets them all (their next open then has the kernel read them again).
+const SHOWN_MAX: usize = 1 << 16;
 
 impl Ops {
     /// Writes back what the cache still holds (files open when the mount ends: a
@@ -417,6 +424,31 @@ impl Ops {
     /// What the write-back cache did.
     pub fn cache_stats(&self) -> &CacheStats {
         &self.cache_stats
+    }
+
+    /// Notes what the kernel is given of a file's attributes (it keeps them for the
+    /// attribute timeout).
+    pub fn shown_to_kernel(&self, a: &Attr) {
+        if a.kind == Kind::File {
+            let mut shown = lock(&self.shown);
+            if shown.len() >= SHOWN_MAX {
+                shown.clear();
+            }
+            shown.insert(a.ino, (a.size, a.mtime));
+        }
+    }
+
+    /// Whether the kernel may hold another size or mtime of file `a` than `a`'s,
+    /// read within the attribute timeout before another mount changed the file:
+    /// an open then has the kernel forget them (close-to-open), and this forgets
+    /// what it was given.
+    pub fn kernel_may_be_stale(&self, a: &Attr) -> bool {
+        let mut shown = lock(&self.shown);
+        let stale = shown.get(&a.ino) != Some(&(a.size, a.mtime));
+        if stale {
+            shown.remove(&a.ino);
+        }
+        stale
     }
 
     /// Commands this mount has sent to the metadata service (each a Raft commit).
@@ -521,6 +553,7 @@ impl Ops {
             locks: Arc::default(),
             acls: Mutex::default(),
             unlocked: Arc::default(),
+            shown: Mutex::default(),
         };
         let format = FsCommand::Format {
             blocks: ops.data.blocks(),

@@ -948,6 +948,8 @@ fn a_full_namespace_fails_with_enospc_then_has_room_again() {
     assert_eq!(xattr::get(&other.p("f001"), "user.fill").unwrap(), fill);
 }
 
+/// Close-to-open across two mounts, both ways, also when the reader's kernel
+/// holds attributes read before the writer's close; unmounting ends a session.
 #[test]
 fn a_reader_in_another_mount_sees_closed_writes() {
     let c = cluster(1024);
@@ -965,6 +967,21 @@ fn a_reader_in_another_mount_sees_closed_writes() {
         let mut want = data.clone();
         want[1000..1006].copy_from_slice(b"from b");
         assert!(fs::read(a.p("shared")).unwrap() == want, "round {round}");
+    }
+    // A reader whose kernel holds the file's attributes (a stat within the
+    // attribute timeout) still reads all that another mount appended and closed
+    // before the reader's open, at once.
+    let mut want = fs::read(a.p("shared")).unwrap();
+    for round in 0..10u8 {
+        assert_eq!(fs::metadata(b.p("shared")).unwrap().len(), want.len() as u64);
+        let more = [round; 100];
+        let mut f = OpenOptions::new().append(true).open(a.p("shared")).unwrap();
+        f.write_all(&more).unwrap();
+        drop(f);
+        want.extend_from_slice(&more);
+        let got = fs::read(b.p("shared")).unwrap();
+        assert_eq!(got.len(), want.len(), "round {round}");
+        assert!(got == want, "round {round}");
     }
     // `status` shows the file system with its two mounts.
     let out = crate::harness::drs(&["status", "--cluster", s(&c.file), "--json"]).run();
