@@ -896,14 +896,14 @@ impl DrsFuse {
 
 fn entry(reply: ReplyEntry, ops: &Ops, r: Result<Attr, OpError>) {
     match r {
-        Ok(a) => reply.entry(&TTL, &shown(&ops, &a), Generation(a.generation)),
+        Ok(a) => reply.entry(&TTL, &shown(ops, &a), Generation(a.generation)),
         Err(e) => reply.error(fail(&e)),
     }
 }
 
 fn attr(reply: ReplyAttr, ops: &Ops, r: Result<Attr, OpError>) {
     match r {
-        Ok(a) => reply.attr(&TTL, &shown(&ops, &a)),
+        Ok(a) => reply.attr(&TTL, &shown(ops, &a)),
         Err(e) => reply.error(fail(&e)),
     }
 }
