@@ -2,7 +2,7 @@
 //! on the tokio runtime and replies when done, so slow requests do not hold up others.
 //! Nothing here decides file system behaviour; it converts types and errors.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
@@ -45,6 +45,9 @@ pub struct DrsFuse {
     notifier: Arc<OnceLock<Notifier>>,
     /// The kernel enforces POSIX ACLs and leaves the umask to the file system.
     acls: AtomicBool,
+    /// Handles opened with `O_APPEND`, given direct I/O: their appends go to the
+    /// end of the file as this mount knows it (see [`Ops::append`]).
+    appending: Mutex<HashSet<u64>>,
 }
 
 /// A directory as read at opendir: (inode, type, name), `.` and `..` first.
@@ -64,6 +67,19 @@ impl DrsFuse {
             dirs: Arc::new(Mutex::new(HashMap::new())),
             notifier: Arc::default(),
             acls: AtomicBool::new(false),
+            appending: Mutex::default(),
+        }
+    }
+
+    /// How a new handle `fh` opened with `flags` is served: one opened with
+    /// `O_APPEND` gets direct I/O (no page cache, so the mount may put its appends
+    /// elsewhere than the kernel thought).
+    fn fopen_flags(&self, fh: u64, flags: i32) -> FopenFlags {
+        if flags & libc::O_APPEND != 0 {
+            lock(&self.appending).insert(fh);
+            FopenFlags::FOPEN_DIRECT_IO
+        } else {
+            FopenFlags::empty()
         }
     }
 
@@ -489,9 +505,10 @@ impl Filesystem for DrsFuse {
         });
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         let notifier = self.notifier.clone();
+        let fopen = self.fopen_flags(fh, flags.0);
         self.spawn("open", |ops| async move {
             // No FOPEN_KEEP_CACHE: each open drops the kernel's cached pages of the
             // file, so what other mounts closed is read afresh (close-to-open). So
@@ -503,7 +520,7 @@ impl Filesystem for DrsFuse {
                     if ops.kernel_may_be_stale(&a) {
                         drop_cached_attrs(&notifier, ino).await;
                     }
-                    reply.opened(FileHandle(fh), FopenFlags::empty())
+                    reply.opened(FileHandle(fh), fopen)
                 }
                 Err(e) => reply.error(fail(&e)),
             }
@@ -538,13 +555,18 @@ impl Filesystem for DrsFuse {
         offset: u64,
         data: &[u8],
         _write_flags: WriteFlags,
-        _flags: OpenFlags,
+        flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
         let data = data.to_vec();
+        // The kernel puts an append at the size it holds, which may be older than
+        // another mount's appends (it keeps attributes for their timeout): the
+        // mount puts it at the end it knows instead.
+        let append = flags.0 & libc::O_APPEND != 0 && lock(&self.appending).contains(&fh.0);
         self.spawn("write", |ops| async move {
             let written = match ops.check_handle(fh.0) {
+                Ok(()) if append => ops.append(ino.0, &data).await,
                 Ok(()) => ops.write(ino.0, offset, &data).await,
                 Err(e) => Err(e),
             };
@@ -582,6 +604,7 @@ impl Filesystem for DrsFuse {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        lock(&self.appending).remove(&fh.0);
         self.spawn("release", |ops| async move {
             // The open file's own locks: its `flock` (the kernel names its owner)
             // and open file description locks.
@@ -845,12 +868,13 @@ impl Filesystem for DrsFuse {
         name: &OsStr,
         mode: u32,
         umask: u32,
-        _flags: i32,
+        flags: i32,
         reply: ReplyCreate,
     ) {
         let name = name.as_bytes().to_vec();
         let (uid, gid) = (req.uid(), req.gid());
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        let fopen = self.fopen_flags(fh, flags);
         let (perm, umask) = perm_of(mode, umask, self.acls.load(Ordering::Relaxed));
         self.spawn("create", |ops| async move {
             match ops
@@ -862,7 +886,7 @@ impl Filesystem for DrsFuse {
                     &shown(&ops, &a),
                     Generation(a.generation),
                     FileHandle(fh),
-                    FopenFlags::empty(),
+                    fopen,
                 ),
                 Err(e) => reply.error(fail(&e)),
             }

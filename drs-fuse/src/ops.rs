@@ -194,6 +194,8 @@ struct Open {
     /// Operations that registered an open of their own for their length (a
     /// truncate): the entry stays until they end.
     temps: u32,
+    /// Held by an append from its reading of the size to its write's end.
+    appends: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Open {
@@ -1679,6 +1681,24 @@ impl Ops {
             Ok(out)
         })
         .await
+    }
+
+    /// Writes `data` at the end of the file as this mount knows it (the size at its
+    /// open, or after its own writes and truncates), one append at a time per
+    /// file: `O_APPEND`, as NFS does it (appends of two mounts at once may still
+    /// land at the same place).
+    pub async fn append(&self, ino: Ino, data: &[u8]) -> OpResult<usize> {
+        let serial = lock(&self.open)
+            .get(&ino)
+            .map(|o| o.appends.clone())
+            .ok_or(OpError::Fs(FsError::NotFound))?;
+        let _one = serial.lock().await;
+        let end = lock(&self.open).get(&ino).map(|o| o.size);
+        let end = match end {
+            Some(e) => e,
+            None => return Err(OpError::Fs(FsError::NotFound)),
+        };
+        self.write(ino, end, data).await
     }
 
     /// Writes `data` at `offset`: whole blocks are on the storage nodes on return,

@@ -165,9 +165,9 @@ async fn file_system_operations_without_the_kernel() {
         .collect();
     assert_eq!(names, vec![b"g".to_vec()]);
 
-    // Unlinked while open (by the mount holding it: across mounts, the last name's
-    // removal frees the blocks at once, a documented limit): still readable, freed at
-    // the last close.
+    // Unlinked while open by the mount holding it: still readable, freed at the
+    // last close (across mounts:
+    // `another_mounts_truncate_or_unlink_never_gives_an_open_files_blocks_away`).
     a.open(f).await.expect("open");
     a.unlink(d, b"g", false).await.expect("unlink");
     assert!(
