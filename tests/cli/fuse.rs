@@ -1042,7 +1042,7 @@ fn a_reader_in_another_mount_sees_closed_writes() {
     }
     // What a writer fsynced, with the file still open, a reader in another mount
     // reads at its next open.
-    let mut w = OpenOptions::new().write(true).open(a.p("shared")).unwrap();
+    let w = OpenOptions::new().write(true).open(a.p("shared")).unwrap();
     let synced = random_bytes(9, 200_000);
     w.write_all_at(&synced, 50_000).unwrap();
     w.sync_all().unwrap();
