@@ -8,7 +8,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use drs_meta::fs::{Attr, DirEntry, Kind, SetAttr, Time};
 use fuser::{
@@ -39,7 +39,7 @@ pub struct DrsFuse {
     /// Ask the kernel for its writeback cache (see [`crate::MountConfig`]).
     writeback_cache: bool,
     /// Open directories: the entries read at opendir (offsets index into it).
-    dirs: Arc<Mutex<HashMap<u64, Arc<Listing>>>>,
+    dirs: Arc<Mutex<HashMap<u64, Arc<OpenDir>>>>,
     /// Notifications to the kernel, once the session is made (see
     /// [`DrsFuse::notifier_slot`]).
     notifier: Arc<OnceLock<Notifier>>,
@@ -47,11 +47,24 @@ pub struct DrsFuse {
     acls: AtomicBool,
     /// Handles opened with `O_APPEND`, given direct I/O: their appends go to the
     /// end of the file as this mount knows it (see [`Ops::append`]).
-    appending: Mutex<HashSet<u64>>,
+    appending: Arc<Mutex<HashSet<u64>>>,
 }
 
 /// A directory as read at opendir: (inode, type, name), `.` and `..` first.
 type Listing = Vec<(u64, FileType, Vec<u8>)>;
+
+/// An open directory: its listing, and the attributes `readdirplus` read for
+/// entries the kernel's last reply had no room for.
+struct OpenDir {
+    listing: Listing,
+    ahead: Mutex<Option<ReadAhead>>,
+}
+
+/// Attributes read for the entries of a listing from `.0` on, and when.
+type ReadAhead = (usize, Instant, Vec<Option<Attr>>);
+
+/// How long attributes read for a `readdirplus` reply serve the next one.
+const PLUS_REUSE: Duration = Duration::from_millis(500);
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -67,19 +80,27 @@ impl DrsFuse {
             dirs: Arc::new(Mutex::new(HashMap::new())),
             notifier: Arc::default(),
             acls: AtomicBool::new(false),
-            appending: Mutex::default(),
+            appending: Arc::default(),
         }
     }
 
-    /// How a new handle `fh` opened with `flags` is served: one opened with
-    /// `O_APPEND` gets direct I/O (no page cache, so the mount may put its appends
-    /// elsewhere than the kernel thought).
-    fn fopen_flags(&self, fh: u64, flags: i32) -> FopenFlags {
-        if flags & libc::O_APPEND != 0 {
-            lock(&self.appending).insert(fh);
-            FopenFlags::FOPEN_DIRECT_IO
-        } else {
-            FopenFlags::empty()
+    /// How a new handle opened with `flags` is served, once opened: one opened
+    /// for writing with `O_APPEND` gets direct I/O (no page cache, so the mount
+    /// may put its appends elsewhere than the kernel thought), and is noted in
+    /// `appending`. Not on a `writeback_cache` mount: there the kernel refreshes
+    /// the size before an append, and pages other handles have not written back
+    /// yet are past the end this mount knows.
+    fn open_as(&self, flags: i32) -> impl FnOnce(u64) -> FopenFlags + Send + 'static {
+        let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
+        let append = flags & libc::O_APPEND != 0 && writable && !self.writeback_cache;
+        let appending = self.appending.clone();
+        move |fh| {
+            if append {
+                lock(&appending).insert(fh);
+                FopenFlags::FOPEN_DIRECT_IO
+            } else {
+                FopenFlags::empty()
+            }
         }
     }
 
@@ -252,6 +273,8 @@ impl Filesystem for DrsFuse {
             // (`FUSE_READDIRPLUS_AUTO`): `ls -l` reads a whole directory before
             // its first `lstat`.
             InitFlags::FUSE_DO_READDIRPLUS,
+            // Shared mmap of a handle given direct I/O (an `O_APPEND` writer).
+            InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP,
         ];
         if self.writeback_cache {
             flags.push(InitFlags::FUSE_WRITEBACK_CACHE);
@@ -508,7 +531,7 @@ impl Filesystem for DrsFuse {
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         let notifier = self.notifier.clone();
-        let fopen = self.fopen_flags(fh, flags.0);
+        let fopen = self.open_as(flags.0);
         self.spawn("open", |ops| async move {
             // No FOPEN_KEEP_CACHE: each open drops the kernel's cached pages of the
             // file, so what other mounts closed is read afresh (close-to-open). So
@@ -520,7 +543,7 @@ impl Filesystem for DrsFuse {
                     if ops.kernel_may_be_stale(&a) {
                         drop_cached_attrs(&notifier, ino).await;
                     }
-                    reply.opened(FileHandle(fh), fopen)
+                    reply.opened(FileHandle(fh), fopen(fh))
                 }
                 Err(e) => reply.error(fail(&e)),
             }
@@ -564,9 +587,18 @@ impl Filesystem for DrsFuse {
         // another mount's appends (it keeps attributes for their timeout): the
         // mount puts it at the end it knows instead.
         let append = flags.0 & libc::O_APPEND != 0 && lock(&self.appending).contains(&fh.0);
+        let notifier = self.notifier.clone();
         self.spawn("write", |ops| async move {
             let written = match ops.check_handle(fh.0) {
-                Ok(()) if append => ops.append(ino.0, &data).await,
+                Ok(()) if append => match ops.append(ino.0, offset, &data).await {
+                    // Put elsewhere than the kernel thought: the pages it holds of
+                    // the file (other handles') and its size are not what it is.
+                    Ok((n, at)) if at != offset => {
+                        drop_cached_pages(&notifier, ino).await;
+                        Ok(n)
+                    }
+                    r => r.map(|(n, _)| n),
+                },
                 Ok(()) => ops.write(ino.0, offset, &data).await,
                 Err(e) => Err(e),
             };
@@ -734,7 +766,13 @@ impl Filesystem for DrsFuse {
             };
             match listed.await {
                 Ok(all) => {
-                    lock(&dirs).insert(fh, Arc::new(all));
+                    lock(&dirs).insert(
+                        fh,
+                        Arc::new(OpenDir {
+                            listing: all,
+                            ahead: Mutex::default(),
+                        }),
+                    );
                     reply.opened(FileHandle(fh), FopenFlags::empty());
                 }
                 Err(e) => reply.error(fail(&e)),
@@ -750,10 +788,11 @@ impl Filesystem for DrsFuse {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let Some(entries) = lock(&self.dirs).get(&fh.0).cloned() else {
+        let Some(dir) = lock(&self.dirs).get(&fh.0).cloned() else {
             reply.error(Errno::from_i32(libc::EBADF));
             return;
         };
+        let entries = &dir.listing;
         let start = usize::try_from(offset).unwrap_or(usize::MAX);
         for (i, (ino, kind, name)) in entries.iter().enumerate().skip(start) {
             if reply.add(INodeNo(*ino), i as u64 + 1, *kind, OsStr::from_bytes(name)) {
@@ -769,45 +808,61 @@ impl Filesystem for DrsFuse {
     fn readdirplus(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
-        let Some(entries) = lock(&self.dirs).get(&fh.0).cloned() else {
+        let Some(dir) = lock(&self.dirs).get(&fh.0).cloned() else {
             reply.error(Errno::from_i32(libc::EBADF));
             return;
         };
         let mut at = usize::try_from(offset).unwrap_or(usize::MAX);
         self.spawn("readdirplus", |ops| async move {
-            // A reply of the kernel's size (a page, or up to max_pages pages) holds
-            // fewer entries than a chunk: the rest are asked for again next time.
+            let entries = &dir.listing;
+            let bs = ops.block_size();
             while at < entries.len() {
-                let chunk = &entries[at..entries.len().min(at + PLUS_CHUNK)];
-                let attrs = match ops.attrs(chunk.iter().map(|e| e.0).collect()).await {
-                    Ok(a) => a,
-                    Err(e) => return reply.error(fail(&e)),
+                // A reply of the kernel's size (a page, or up to max_pages pages)
+                // may hold fewer entries than a chunk: the attributes read for the
+                // rest serve the next reply, if it comes soon.
+                let kept = lock(&dir.ahead)
+                    .take()
+                    .filter(|(first, read, _)| *first == at && read.elapsed() < PLUS_REUSE);
+                let (read, attrs) = match kept {
+                    Some((_, read, attrs)) => (read, attrs),
+                    None => {
+                        let read = Instant::now();
+                        let chunk = &entries[at..entries.len().min(at + PLUS_CHUNK)];
+                        let asked = chunk.iter().map(|(i, _, n)| (n.clone(), *i)).collect();
+                        match ops.attrs(ino.0, asked).await {
+                            Ok(a) => (read, a),
+                            Err(e) => return reply.error(fail(&e)),
+                        }
+                    }
                 };
-                let mut added = false;
-                for (i, ((ino, _, name), a)) in chunk.iter().zip(attrs).enumerate() {
+                let mut next = at;
+                for (i, a) in attrs.iter().enumerate() {
                     let Some(a) = a else { continue };
-                    let next = (at + i + 1) as u64;
-                    let generation = Generation(a.generation);
-                    let a = shown(&ops, &a);
+                    let (entry, _, name) = &entries[at + i];
+                    let attr = file_attr(a, bs);
+                    let (offset, generation) = ((at + i + 1) as u64, Generation(a.generation));
                     if reply.add(
-                        INodeNo(*ino),
-                        next,
+                        INodeNo(*entry),
+                        offset,
                         OsStr::from_bytes(name),
                         &TTL,
-                        &a,
+                        &attr,
                         generation,
                     ) {
+                        *lock(&dir.ahead) = Some((next, read, attrs[next - at..].to_vec()));
                         return reply.ok();
                     }
-                    added = true;
+                    ops.shown_to_kernel(a);
+                    next = at + i + 1;
                 }
                 // An empty reply ends the listing: only when nothing is left.
-                at += chunk.len();
+                let added = next > at;
+                at += attrs.len();
                 if added {
                     break;
                 }
@@ -874,7 +929,7 @@ impl Filesystem for DrsFuse {
         let name = name.as_bytes().to_vec();
         let (uid, gid) = (req.uid(), req.gid());
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        let fopen = self.fopen_flags(fh, flags);
+        let fopen = self.open_as(flags);
         let (perm, umask) = perm_of(mode, umask, self.acls.load(Ordering::Relaxed));
         self.spawn("create", |ops| async move {
             match ops
@@ -886,7 +941,7 @@ impl Filesystem for DrsFuse {
                     &shown(&ops, &a),
                     Generation(a.generation),
                     FileHandle(fh),
-                    fopen,
+                    fopen(fh),
                 ),
                 Err(e) => reply.error(fail(&e)),
             }

@@ -248,6 +248,10 @@ pub struct CacheStats {
 struct AclCache {
     /// (inode, attribute name) -> when it was read, and the value if there is one.
     answers: HashMap<(Ino, Vec<u8>), AclAnswer>,
+    /// Inode -> when the names of its extended attributes were read (with its
+    /// attributes, by `readdirplus`), and the names: a read of any other name
+    /// within [`ACL_TTL`] is answered that it has none, without a round trip.
+    names: HashMap<Ino, (Instant, Vec<Vec<u8>>)>,
     /// Counts this mount's changes of ACLs and modes: an answer read across one is
     /// not kept.
     changes: u64,
@@ -272,6 +276,15 @@ impl AclCache {
     fn changed(&mut self, ino: Ino) {
         self.changes += 1;
         self.answers.retain(|(i, _), _| *i != ino);
+        self.names.remove(&ino);
+    }
+
+    /// Whether `ino` was read within [`ACL_TTL`] without an extended attribute
+    /// `name`.
+    fn absent(&self, ino: Ino, name: &[u8]) -> bool {
+        self.names
+            .get(&ino)
+            .is_some_and(|(at, names)| at.elapsed() < ACL_TTL && !names.iter().any(|n| n == name))
     }
 }
 
@@ -499,6 +512,11 @@ impl Ops {
                 self.meta.proposals(),
             )
             .counter(
+                "fs_metadata_queries",
+                "Queries sent to the metadata service (each a linearizable read).",
+                self.meta.queries(),
+            )
+            .counter(
                 "fs_cached_writes",
                 "Writes of parts of blocks taken by the write-back cache.",
                 self.cache_stats.writes.load(Relaxed),
@@ -642,18 +660,51 @@ impl Ops {
         .await
     }
 
-    /// The attributes of `inos` (at most [`drs_meta::fs::ATTRS_MAX`]), in order; `None` for an
-    /// inode that is gone. One metadata query for all of them: `readdirplus`.
-    /// Replicas of a version before `GetAttrs` are asked for one inode at a time.
-    pub async fn attrs(&self, inos: Vec<Ino>) -> OpResult<Vec<Option<Attr>>> {
+    /// The attributes of entries `(name, inode)` of directory `parent` (at most
+    /// [`drs_meta::fs::ATTRS_MAX`]), in order; `None` for a name that no longer
+    /// names that inode. One metadata query for all of them (`readdirplus`); the
+    /// names of their extended attributes come with them, and reads of others
+    /// are answered for [`ACL_TTL`] without asking. Replicas of a version before
+    /// `GetAttrs` are asked one entry at a time.
+    pub async fn attrs(
+        &self,
+        parent: Ino,
+        entries: Vec<(Vec<u8>, Ino)>,
+    ) -> OpResult<Vec<Option<Attr>>> {
         self.bounded(async {
-            let attrs = match self.query(FsQuery::GetAttrs { inos: inos.clone() }).await {
-                Ok(r) => expect_reply!(r, FsReply::Attrs(a) => a)?,
+            let changes = lock(&self.acls).changes;
+            let read = Instant::now();
+            let q = FsQuery::GetAttrs {
+                parent,
+                entries: entries.clone(),
+            };
+            let attrs = match self.query(q).await {
+                Ok(r) => {
+                    let got = expect_reply!(r, FsReply::Attrs(a) => a)?;
+                    let mut cache = lock(&self.acls);
+                    // Names read across a change of this mount's are not kept.
+                    if cache.changes == changes {
+                        if cache.names.len() + got.len() > ACL_CACHE_MAX {
+                            cache.names.clear();
+                        }
+                        for a in got.iter().flatten() {
+                            if let Some(names) = &a.xattrs {
+                                cache.names.insert(a.attr.ino, (read, names.clone()));
+                            }
+                        }
+                    }
+                    got.into_iter().map(|a| a.map(|a| a.attr)).collect()
+                }
                 Err(OpError::Meta(MetaError::BadRequest(_))) => {
-                    let mut attrs = Vec::with_capacity(inos.len());
-                    for ino in inos {
-                        attrs.push(match self.query(FsQuery::GetAttr { ino }).await {
-                            Ok(r) => Some(expect_reply!(r, FsReply::Attr(a) => a)?),
+                    let mut attrs = Vec::with_capacity(entries.len());
+                    for (name, ino) in entries {
+                        let q = match name.as_slice() {
+                            b"." | b".." => FsQuery::GetAttr { ino },
+                            _ => FsQuery::Lookup { parent, name },
+                        };
+                        attrs.push(match self.query(q).await {
+                            Ok(r) => Some(expect_reply!(r, FsReply::Attr(a) => a)?)
+                                .filter(|a| a.ino == ino),
                             Err(OpError::Fs(FsError::NotFound)) => None,
                             Err(e) => return Err(e),
                         });
@@ -931,10 +982,15 @@ impl Ops {
     }
 
     /// Before and after this mount changes an ACL (`acl`) or a mode: answers read
-    /// meanwhile are not kept.
+    /// meanwhile are not kept. The names of the file's extended attributes go
+    /// with any change of one of them (`acl` or not).
     fn acl_changing(&self, acl: bool, ino: Ino) {
+        let mut cache = lock(&self.acls);
         if acl {
-            lock(&self.acls).changed(ino);
+            cache.changed(ino);
+        } else {
+            cache.changes += 1;
+            cache.names.remove(&ino);
         }
     }
 
@@ -964,6 +1020,9 @@ impl Ops {
         if capability && lock(&self.open).get(&ino).is_some_and(|o| o.no_capability) {
             return Err(FsError::NoXattr.into());
         }
+        if drs_meta::fs::check_xattr_name(&name).is_ok() && lock(&self.acls).absent(ino, &name) {
+            return Err(FsError::NoXattr.into());
+        }
         let sets = lock(&self.open).get(&ino).map(|o| o.xattr_sets);
         self.bounded(async {
             let r = self.query(FsQuery::GetXattr { ino, name }).await;
@@ -983,6 +1042,9 @@ impl Ops {
             let cache = lock(&self.acls);
             if let Some(v) = cache.get(ino, &name) {
                 return v.ok_or(OpError::Fs(FsError::NoXattr));
+            }
+            if cache.absent(ino, &name) {
+                return Err(OpError::Fs(FsError::NoXattr));
             }
             cache.changes
         };
@@ -1683,22 +1745,34 @@ impl Ops {
         .await
     }
 
-    /// Writes `data` at the end of the file as this mount knows it (the size at its
-    /// open, or after its own writes and truncates), one append at a time per
-    /// file: `O_APPEND`, as NFS does it (appends of two mounts at once may still
-    /// land at the same place).
-    pub async fn append(&self, ino: Ino, data: &[u8]) -> OpResult<usize> {
-        let serial = lock(&self.open)
-            .get(&ino)
-            .map(|o| o.appends.clone())
-            .ok_or(OpError::Fs(FsError::NotFound))?;
-        let _one = serial.lock().await;
-        let end = lock(&self.open).get(&ino).map(|o| o.size);
-        let end = match end {
-            Some(e) => e,
-            None => return Err(OpError::Fs(FsError::NotFound)),
+    /// Writes `data` at the end of the file, one append at a time per file
+    /// (`O_APPEND`): the end after this mount's uncommitted writes, or else the
+    /// size the metadata service has now. Returns the bytes written and where. So
+    /// appends of mounts taking turns all land; two mounts appending at once
+    /// between their commits may overwrite each other's (as on NFS). `offset` (the
+    /// kernel's) is used if the file is not open here.
+    pub async fn append(&self, ino: Ino, offset: u64, data: &[u8]) -> OpResult<(usize, u64)> {
+        let serial = lock(&self.open).get(&ino).map(|o| o.appends.clone());
+        let Some(serial) = serial else {
+            return Ok((self.write(ino, offset, data).await?, offset));
         };
-        self.write(ino, end, data).await
+        let _one = serial.lock().await;
+        let ours = lock(&self.open)
+            .get(&ino)
+            .filter(|o| !o.unchanged())
+            .map(|o| o.size);
+        let end = match ours {
+            Some(end) => end,
+            None => {
+                let end = self.getattr(ino).await?.size;
+                // Another mount's truncate lowers it as well.
+                if let Some(o) = lock(&self.open).get_mut(&ino).filter(|o| o.unchanged()) {
+                    o.size = end;
+                }
+                end
+            }
+        };
+        Ok((self.write(ino, end, data).await?, end))
     }
 
     /// Writes `data` at `offset`: whole blocks are on the storage nodes on return,

@@ -70,6 +70,7 @@ struct Inner {
     pool: Mutex<Vec<Conn>>,
     /// Proposals sent (each a Raft commit once applied), retries not counted.
     proposals: std::sync::atomic::AtomicU64,
+    queries: std::sync::atomic::AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -122,6 +123,7 @@ impl MetaClient {
                 leader: Mutex::new(None),
                 pool: Mutex::new(Vec::new()),
                 proposals: std::sync::atomic::AtomicU64::new(0),
+                queries: std::sync::atomic::AtomicU64::new(0),
             }),
         }
     }
@@ -170,6 +172,14 @@ impl MetaClient {
             .load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// How many file system queries this client (and its clones) has made, each
+    /// a linearizable read at the leader (a retry of one is not counted again).
+    pub fn queries(&self) -> u64 {
+        self.inner
+            .queries
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Applies a file system command through the leader; its answer.
     pub async fn fs(
         &self,
@@ -191,6 +201,9 @@ impl MetaClient {
         &self,
         q: crate::fs::FsQuery,
     ) -> Result<Result<crate::fs::FsReply, crate::fs::FsError>, MetaError> {
+        self.inner
+            .queries
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let timeout = self.inner.cfg.rpc_timeout;
         match self.request(Request::FsQuery(q), timeout).await? {
             (Response::Fs(r), _) => Ok(r),

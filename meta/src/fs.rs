@@ -62,6 +62,8 @@ pub const READDIR_MAX: usize = 4096;
 
 /// Most inodes one `GetAttrs` asks about.
 pub const ATTRS_MAX: usize = 1024;
+/// Most bytes of extended attribute names `GetAttrs` returns with one inode.
+pub const ATTRS_NAMES_MAX: usize = 1024;
 /// Most blocks one `Map` may hand out (a few MiB of file at a time).
 pub const MAP_MAX: u64 = 4096;
 /// Blocks handed out ahead by one `Map` are at most 1 / this of the space still free
@@ -152,6 +154,14 @@ pub struct FsStats {
     pub mounts: u64,
     /// Blocks freed and held for mounts that have not acknowledged yet (not free).
     pub held: u64,
+}
+
+/// An inode's attributes, and the names of its extended attributes if they take
+/// at most [`ATTRS_NAMES_MAX`] bytes (`None` if more): a `GetAttrs` answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttrNames {
+    pub attr: Attr,
+    pub xattrs: Option<Vec<Vec<u8>>>,
 }
 
 /// One inode.
@@ -511,10 +521,15 @@ pub enum FsQuery {
         end: u64,
         write: bool,
     },
-    /// The attributes of up to [`ATTRS_MAX`] inodes, in order (`None` for one
-    /// that is gone): what `readdirplus` returns beside a directory's names.
+    /// The attributes of up to [`ATTRS_MAX`] entries of directory `parent`, in
+    /// order, with the names of their extended attributes; `None` for an entry
+    /// whose name no longer names that inode (`.` and `..` name the directory and
+    /// its parent): what `readdirplus` returns beside a listing's names, and what
+    /// lets a mount answer reads of attributes a file does not have (`ls -l` asks
+    /// for two per file).
     GetAttrs {
-        inos: Vec<Ino>,
+        parent: Ino,
+        entries: Vec<(Vec<u8>, Ino)>,
     },
 }
 
@@ -538,8 +553,9 @@ pub enum FsReply {
     Stale(Vec<(Ino, u64)>),
     /// `GetLock`: the conflicting lock, if there is one.
     Lock(Option<RangeLock>),
-    /// `GetAttrs`: each inode's attributes, `None` for one that is gone.
-    Attrs(Vec<Option<Attr>>),
+    /// `GetAttrs`: each inode's attributes and extended attribute names, `None`
+    /// for one that is gone.
+    Attrs(Vec<Option<AttrNames>>),
 }
 
 /// Why a command or query was refused.
@@ -687,7 +703,9 @@ pub const XATTR_TOTAL_MAX: usize = 64 * 1024;
 /// kept (the kernel checks who may set each), and of `system.` names the two POSIX
 /// ACLs ([`crate::acl`]; the kernel enforces them); other `system.` names are not
 /// supported.
-fn check_xattr_name(name: &[u8]) -> Result<(), FsError> {
+/// Whether `name` may name an extended attribute here: `Invalid` (empty, a zero
+/// byte), `XattrTooLarge`, or `XattrNotSupported` (another namespace) if not.
+pub fn check_xattr_name(name: &[u8]) -> Result<(), FsError> {
     if name.is_empty() || name.contains(&0) {
         return Err(FsError::Invalid);
     }
@@ -865,14 +883,33 @@ impl FsState {
                 self.attr(ino)
             }
             FsQuery::GetAttr { ino } => self.attr(*ino),
-            FsQuery::GetAttrs { inos } => {
-                if inos.len() > ATTRS_MAX {
+            FsQuery::GetAttrs { parent, entries } => {
+                if entries.len() > ATTRS_MAX {
                     return Err(FsError::Invalid);
                 }
                 self.get(ROOT)?;
+                let dir = self.dir(*parent).ok();
                 Ok(FsReply::Attrs(
-                    inos.iter()
-                        .map(|i| self.get(*i).ok().map(|n| n.attr.clone()))
+                    entries
+                        .iter()
+                        .map(|(name, ino)| {
+                            let d = dir?;
+                            let named = match name.as_slice() {
+                                b"." => *parent,
+                                b".." => d.parent,
+                                n => *d.entries.get(n)?,
+                            };
+                            if named != *ino {
+                                return None;
+                            }
+                            let n = self.get(*ino).ok()?;
+                            let bytes: usize = n.xattrs.keys().map(|k| k.len() + 8).sum();
+                            Some(AttrNames {
+                                attr: n.attr.clone(),
+                                xattrs: (bytes <= ATTRS_NAMES_MAX)
+                                    .then(|| n.xattrs.keys().cloned().collect()),
+                            })
+                        })
                         .collect(),
                 ))
             }

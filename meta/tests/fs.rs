@@ -3877,43 +3877,117 @@ fn umask_create(
     }
 }
 
-/// `GetAttrs` (what `readdirplus` asks) answers each inode's attributes in the
-/// order asked, the same as `GetAttr`, `None` for one that is gone, and refuses
-/// more than `ATTRS_MAX` inodes.
+/// `GetAttrs` (what `readdirplus` asks) answers each entry's attributes in the
+/// order asked, the same as `GetAttr`, with the names of its extended attributes
+/// (`None` past `ATTRS_NAMES_MAX` bytes of them); `None` for a name that no
+/// longer names that inode (removed, or renamed over: the inode lives on while
+/// open) and for every entry of a directory that is gone; it refuses more than
+/// `ATTRS_MAX` entries.
 #[test]
 fn attributes_of_many_inodes_in_one_query() {
-    use drs_meta::fs::ATTRS_MAX;
+    use drs_meta::fs::{AttrNames, ATTRS_MAX, ATTRS_NAMES_MAX};
     let mut fs = formatted(64);
     let a = create(&mut fs, ROOT, b"a", Kind::File, t(1));
     let d = create(&mut fs, ROOT, b"d", Kind::Dir, t(2));
     let b = create(&mut fs, d, b"b", Kind::Symlink, t(3));
+    let many = create(&mut fs, ROOT, b"many", Kind::File, t(3));
+    let c = create(&mut fs, ROOT, b"c", Kind::File, t(3));
+    let c2 = create(&mut fs, ROOT, b"c2", Kind::File, t(3));
     apply_ok(&mut fs, &unlink_cmd(d, b"b", false, t(4)));
     apply_ok(&mut fs, &FsCommand::Drop { ino: b });
+    // "c" now names c2; c lives on (an orphan, as if open somewhere).
+    apply_ok(
+        &mut fs,
+        &FsCommand::Rename {
+            parent: ROOT,
+            name: b"c2".to_vec(),
+            new_parent: ROOT,
+            new_name: b"c".to_vec(),
+            noreplace: false,
+            exchange: false,
+            now: t(4),
+        },
+    );
+    assert!(fs.inode(c).is_some());
+    apply_ok(&mut fs, &setx(a, b"user.k", b"v", false, false, t(5)));
+    apply_ok(&mut fs, &setx(a, b"security.x", b"", false, false, t(5)));
+    let mut named = 0;
+    while named * 40 <= ATTRS_NAMES_MAX {
+        let name = format!("user.{named:035}");
+        apply_ok(
+            &mut fs,
+            &setx(many, name.as_bytes(), b"", false, false, t(6)),
+        );
+        named += 1;
+    }
+    let with = |fs: &FsState, ino: Ino, names: Option<Vec<&[u8]>>| {
+        Some(AttrNames {
+            attr: attr(fs, ino),
+            xattrs: names.map(|n| n.into_iter().map(|x| x.to_vec()).collect()),
+        })
+    };
+    let entry = |name: &[u8], ino: Ino| (name.to_vec(), ino);
     match fs.query(&FsQuery::GetAttrs {
-        inos: vec![d, a, b, ROOT, a],
+        parent: ROOT,
+        entries: vec![
+            entry(b".", ROOT),
+            entry(b"..", ROOT),
+            entry(b"d", d),
+            entry(b"a", a),
+            entry(b"many", many),
+            entry(b"c", c),
+            entry(b"c", c2),
+            entry(b"c2", c2),
+            entry(b"a", a),
+        ],
     }) {
         Ok(FsReply::Attrs(got)) => assert_eq!(
             got,
             vec![
-                Some(attr(&fs, d)),
-                Some(attr(&fs, a)),
+                with(&fs, ROOT, Some(vec![])),
+                with(&fs, ROOT, Some(vec![])),
+                with(&fs, d, Some(vec![])),
+                with(&fs, a, Some(vec![b"security.x", b"user.k"])),
+                with(&fs, many, None),
                 None,
-                Some(attr(&fs, ROOT)),
-                Some(attr(&fs, a)),
+                with(&fs, c2, Some(vec![])),
+                None,
+                with(&fs, a, Some(vec![b"security.x", b"user.k"])),
             ]
         ),
         other => panic!("{other:?}"),
     }
+    // In a directory: its own entries, `..` its parent; a removed name is gone,
+    // and so is every entry of a removed directory.
+    match fs.query(&FsQuery::GetAttrs {
+        parent: d,
+        entries: vec![entry(b"..", ROOT), entry(b"b", b), entry(b"..", d)],
+    }) {
+        Ok(FsReply::Attrs(got)) => {
+            assert_eq!(got, vec![with(&fs, ROOT, Some(vec![])), None, None])
+        }
+        other => panic!("{other:?}"),
+    }
+    apply_ok(&mut fs, &unlink_cmd(ROOT, b"d", true, t(7)));
     assert_eq!(
         fs.query(&FsQuery::GetAttrs {
-            inos: vec![a; ATTRS_MAX]
+            parent: d,
+            entries: vec![entry(b".", d)],
+        }),
+        Ok(FsReply::Attrs(vec![None]))
+    );
+    assert_eq!(
+        fs.query(&FsQuery::GetAttrs {
+            parent: ROOT,
+            entries: vec![entry(b"a", a); ATTRS_MAX]
         })
         .map(|r| matches!(r, FsReply::Attrs(v) if v.len() == ATTRS_MAX)),
         Ok(true)
     );
     assert_eq!(
         fs.query(&FsQuery::GetAttrs {
-            inos: vec![a; ATTRS_MAX + 1]
+            parent: ROOT,
+            entries: vec![entry(b"a", a); ATTRS_MAX + 1]
         }),
         Err(FsError::Invalid)
     );
@@ -4207,7 +4281,13 @@ fn command_and_reply_variants_keep_their_numbers() {
         }),
         9
     );
-    assert_eq!(query(FsQuery::GetAttrs { inos: vec![1] }), 10);
+    assert_eq!(
+        query(FsQuery::GetAttrs {
+            parent: 1,
+            entries: Vec::new()
+        }),
+        10
+    );
     let mut fs = formatted(8);
     let a = create_attr(&mut fs, ROOT, b"f", Kind::File, t(1));
     assert_eq!(reply(FsReply::Attr(a)), 0);

@@ -836,14 +836,19 @@ fn thousands_of_files_in_one_directory() {
         "1234"
     );
 
-    // `ls -l` in a fresh directory listing: sizes right, lookups a few at most
-    // (an entry whose attributes expired on a slow machine is looked up again).
+    // `ls -l` in a fresh directory listing: sizes right, and few metadata
+    // queries (not a lookup and two attribute reads, an ACL and a security label,
+    // per file; an entry whose attributes expired on a slow machine is looked up
+    // again).
+    xattr::set(&m.p("many/file-00007"), "user.tag", b"seven", 0).unwrap();
     let lookups = || {
         let body = crate::metrics::scrape(&metrics).1;
-        crate::metrics::sample(&body, "drs_fs_op_seconds_count{op=\"lookup\"}").unwrap_or(0.0)
+        crate::metrics::sample(&body, "drs_fs_metadata_queries_total")
+            .expect("the mount counts its metadata queries")
     };
     thread::sleep(Duration::from_millis(1500));
     let before = lookups();
+    assert!(before > 0.0, "the listing above made queries");
     let out = Command::new("ls")
         .args(["-l", "--time-style=+"])
         .arg(other.p("many"))
@@ -866,7 +871,18 @@ fn thousands_of_files_in_one_directory() {
     let looked_up = lookups() - before;
     assert!(
         looked_up < (n / 4) as f64,
-        "ls -l of {n} files made {looked_up} lookups"
+        "ls -l of {n} files made {looked_up} metadata queries"
+    );
+    // What the listing said of attributes the files have, and this mount's own
+    // changes of them, are read as they are.
+    assert_eq!(
+        xattr::get(&other.p("many/file-00007"), "user.tag").unwrap(),
+        b"seven"
+    );
+    xattr::set(&other.p("many/file-00008"), "user.new", b"eight", 0).unwrap();
+    assert_eq!(
+        xattr::get(&other.p("many/file-00008"), "user.new").unwrap(),
+        b"eight"
     );
 }
 
@@ -1886,13 +1902,22 @@ fn posix_acls_are_enforced_inherited_and_follow_the_mode() {
     // An access ACL set by a caller outside the file's group drops the set-gid
     // bit, as a chmod by that caller would; set by a member of the group, the bit
     // stays (both as on a local file system).
-    for (name, group, kept) in [("sgid-out", 0, false), ("sgid-in", 65534, true)] {
+    // A supplementary group counts (read from the process's /proc status).
+    for (name, group, groups, kept) in [
+        ("sgid-out", 0, "--clear-groups", false),
+        ("sgid-in", 65534, "--clear-groups", true),
+        ("sgid-supplementary", 0, "--groups=0", true),
+    ] {
         let f = a.p(name);
         fs::write(&f, b"x").unwrap();
         std::os::unix::fs::chown(&f, Some(65534), Some(group)).unwrap();
         fs::set_permissions(&f, fs::Permissions::from_mode(0o2770)).unwrap();
         assert_eq!(fs::metadata(&f).unwrap().mode() & 0o7777, 0o2770);
-        let set = as_nobody(&["setfacl", "-m", "u:root:r", s(&f)]);
+        let set = Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", groups])
+            .args(["setfacl", "-m", "u:root:r", s(&f)])
+            .output()
+            .unwrap();
         assert!(
             set.status.success(),
             "{}",
