@@ -8,7 +8,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use drs_meta::fs::{Attr, DirEntry, Kind, SetAttr, Time};
 use fuser::{
@@ -53,18 +53,10 @@ pub struct DrsFuse {
 /// A directory as read at opendir: (inode, type, name), `.` and `..` first.
 type Listing = Vec<(u64, FileType, Vec<u8>)>;
 
-/// An open directory: its listing, and the attributes `readdirplus` read for
-/// entries the kernel's last reply had no room for.
+/// An open directory: its listing.
 struct OpenDir {
     listing: Listing,
-    ahead: Mutex<Option<ReadAhead>>,
 }
-
-/// Attributes read for the entries of a listing from `.0` on, and when.
-type ReadAhead = (usize, Instant, Vec<Option<Attr>>);
-
-/// How long attributes read for a `readdirplus` reply serve the next one.
-const PLUS_REUSE: Duration = Duration::from_millis(500);
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -766,13 +758,7 @@ impl Filesystem for DrsFuse {
             };
             match listed.await {
                 Ok(all) => {
-                    lock(&dirs).insert(
-                        fh,
-                        Arc::new(OpenDir {
-                            listing: all,
-                            ahead: Mutex::default(),
-                        }),
-                    );
+                    lock(&dirs).insert(fh, Arc::new(OpenDir { listing: all }));
                     reply.opened(FileHandle(fh), FopenFlags::empty());
                 }
                 Err(e) => reply.error(fail(&e)),
@@ -823,24 +809,16 @@ impl Filesystem for DrsFuse {
             let bs = ops.block_size();
             while at < entries.len() {
                 // A reply of the kernel's size (a page, or up to max_pages pages)
-                // may hold fewer entries than a chunk: the attributes read for the
-                // rest serve the next reply, if it comes soon.
-                let kept = lock(&dir.ahead)
-                    .take()
-                    .filter(|(first, read, _)| *first == at && read.elapsed() < PLUS_REUSE);
-                let (read, attrs) = match kept {
-                    Some((_, read, attrs)) => (read, attrs),
-                    None => {
-                        let read = Instant::now();
-                        let chunk = &entries[at..entries.len().min(at + PLUS_CHUNK)];
-                        let asked = chunk.iter().map(|(i, _, n)| (n.clone(), *i)).collect();
-                        match ops.attrs(ino.0, asked).await {
-                            Ok(a) => (read, a),
-                            Err(e) => return reply.error(fail(&e)),
-                        }
-                    }
+                // may hold fewer entries than a chunk: the rest are read again for
+                // the next reply (attributes kept between replies could miss this
+                // mount's own changes made in between).
+                let chunk = &entries[at..entries.len().min(at + PLUS_CHUNK)];
+                let asked = chunk.iter().map(|(i, _, n)| (n.clone(), *i)).collect();
+                let attrs = match ops.attrs(ino.0, asked).await {
+                    Ok(a) => a,
+                    Err(e) => return reply.error(fail(&e)),
                 };
-                let mut next = at;
+                let mut added = false;
                 for (i, a) in attrs.iter().enumerate() {
                     let Some(a) = a else { continue };
                     let (entry, _, name) = &entries[at + i];
@@ -854,15 +832,13 @@ impl Filesystem for DrsFuse {
                         &attr,
                         generation,
                     ) {
-                        *lock(&dir.ahead) = Some((next, read, attrs[next - at..].to_vec()));
                         return reply.ok();
                     }
                     ops.shown_to_kernel(a);
-                    next = at + i + 1;
+                    added = true;
                 }
                 // An empty reply ends the listing: only when nothing is left.
-                let added = next > at;
-                at += attrs.len();
+                at += chunk.len();
                 if added {
                     break;
                 }

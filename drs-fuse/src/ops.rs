@@ -681,6 +681,13 @@ impl Ops {
             let attrs = match self.query(q).await {
                 Ok(r) => {
                     let got = expect_reply!(r, FsReply::Attrs(a) => a)?;
+                    if got.len() != entries.len() {
+                        return Err(OpError::Unexpected(format!(
+                            "{} attributes for {} entries",
+                            got.len(),
+                            entries.len()
+                        )));
+                    }
                     let mut cache = lock(&self.acls);
                     // Names read across a change of this mount's are not kept.
                     if cache.changes == changes {
@@ -811,6 +818,8 @@ impl Ops {
     /// leaves without names.
     async fn name_command(&self, cmd: FsCommand) -> OpResult<()> {
         self.bounded(async {
+            // The inode left without names is dropped by the same command.
+            let cmd = FsCommand::UnlinkDrop { cmd: Box::new(cmd) };
             let r = self.command(cmd).await?;
             let orphan = expect_reply!(r, FsReply::Orphaned(o) => o)?;
             self.orphaned(orphan).await
@@ -1765,9 +1774,13 @@ impl Ops {
             Some(end) => end,
             None => {
                 let end = self.getattr(ino).await?.size;
-                // Another mount's truncate lowers it as well.
+                // Another mount's truncate lowers it, and freed the blocks past
+                // it: the map is read again.
                 if let Some(o) = lock(&self.open).get_mut(&ino).filter(|o| o.unchanged()) {
-                    o.size = end;
+                    if o.size != end {
+                        o.size = end;
+                        o.forget_map();
+                    }
                 }
                 end
             }

@@ -404,6 +404,10 @@ pub enum FsCommand {
         member_of: Option<u32>,
         cmd: Box<FsCommand>,
     },
+    /// `cmd`, an `Unlink` or `Rename`, and the `Drop` of the inode it leaves
+    /// without names, in one: freed now if no session has it open, else at the
+    /// last `Close`. Answers `Orphaned(None)` (nothing left for the mount to do).
+    UnlinkDrop { cmd: Box<FsCommand> },
 }
 
 impl FsCommand {
@@ -434,7 +438,8 @@ impl FsCommand {
             FsCommand::Punch { .. } => Some(96),
             FsCommand::From { cmd, .. }
             | FsCommand::TrimAlone { cmd }
-            | FsCommand::AclAs { cmd, .. } => cmd.grows_by(fs),
+            | FsCommand::AclAs { cmd, .. }
+            | FsCommand::UnlinkDrop { cmd } => cmd.grows_by(fs),
             FsCommand::CreateOpen { cmd, .. } => Some(cmd.grows_by(fs).unwrap_or(0) + 32),
             // The ACLs inherited from the directory's default ACL as it is now: an
             // access ACL, and for a directory the default ACL too (a default ACL
@@ -1256,6 +1261,18 @@ impl FsState {
                     i.attr.atime = *now;
                 }
                 Ok(FsReply::Attr(i.attr.clone()))
+            }
+            FsCommand::UnlinkDrop { cmd } => {
+                if !matches!(**cmd, FsCommand::Unlink { .. } | FsCommand::Rename { .. }) {
+                    return Err(FsError::Invalid);
+                }
+                if let FsReply::Orphaned(Some(ino)) = self.apply_as(cmd, by)? {
+                    // An orphan a mount still has open goes at its last `Close`.
+                    if !self.is_open(ino) {
+                        self.drop_inode(ino);
+                    }
+                }
+                Ok(FsReply::Orphaned(None))
             }
             FsCommand::Drop { ino } => {
                 let i = self.get(*ino)?;

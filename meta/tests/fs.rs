@@ -3877,6 +3877,62 @@ fn umask_create(
     }
 }
 
+/// `UnlinkDrop` removes a name and drops the inode it leaves without names in one
+/// command: its blocks free at once when no session has it open, at the last
+/// `Close` when one has; a rename over a file drops the replaced one the same way;
+/// a name that is not the last, or a refused removal, drops nothing; only
+/// `Unlink` and `Rename` are wrapped.
+#[test]
+fn unlink_drop_frees_an_unopened_orphan_at_once() {
+    let mut fs = formatted(64);
+    let ud = |cmd: FsCommand| FsCommand::UnlinkDrop { cmd: Box::new(cmd) };
+    let f = create(&mut fs, ROOT, b"f", Kind::File, t(1));
+    map(&mut fs, f, 0, 4).unwrap();
+    apply_ok(&mut fs, &link_cmd(f, ROOT, b"f2", t(1)));
+    let free = statfs(&fs).free;
+    // Not the last name: nothing dropped.
+    assert_eq!(
+        apply_ok(&mut fs, &ud(unlink_cmd(ROOT, b"f", false, t(2)))),
+        FsReply::Orphaned(None)
+    );
+    assert_eq!(attr(&fs, f).nlink, 1);
+    // The last: dropped, its blocks free.
+    apply_ok(&mut fs, &ud(unlink_cmd(ROOT, b"f2", false, t(3))));
+    assert!(fs.inode(f).is_none());
+    assert_eq!(statfs(&fs).free, free + 4);
+    // Open in a session: kept, readable, until that session's last close.
+    let g = create(&mut fs, ROOT, b"g", Kind::File, t(4));
+    map(&mut fs, g, 0, 2).unwrap();
+    let s = open_session(&mut fs);
+    apply_ok(&mut fs, &FsCommand::Open { session: s, ino: g });
+    assert_eq!(
+        apply_ok(&mut fs, &ud(unlink_cmd(ROOT, b"g", false, t(5)))),
+        FsReply::Orphaned(None)
+    );
+    assert_eq!(attr(&fs, g).nlink, 0);
+    apply_ok(&mut fs, &FsCommand::Close { session: s, ino: g });
+    assert!(fs.inode(g).is_none());
+    // A rename over a file drops the one replaced.
+    let h = create(&mut fs, ROOT, b"h", Kind::File, t(6));
+    let k = create(&mut fs, ROOT, b"k", Kind::File, t(6));
+    apply_ok(
+        &mut fs,
+        &ud(rename_cmd(ROOT, b"k", ROOT, b"h", false, false, t(7))),
+    );
+    assert!(fs.inode(h).is_none());
+    assert_eq!(lookup(&fs, ROOT, b"h"), Ok(k));
+    // Refused: nothing changes.
+    refused(
+        &mut fs,
+        &ud(unlink_cmd(ROOT, b"none", false, t(8))),
+        FsError::NotFound,
+    );
+    refused(&mut fs, &ud(FsCommand::Drop { ino: k }), FsError::Invalid);
+    assert!(fs.inode(k).is_some());
+    assert_eq!(statfs(&fs).free, 64);
+    fs.check().unwrap();
+}
+
 /// `GetAttrs` (what `readdirplus` asks) answers each entry's attributes in the
 /// order asked, the same as `GetAttr`, with the names of its extended attributes
 /// (`None` past `ATTRS_NAMES_MAX` bytes of them); `None` for a name that no
@@ -4262,6 +4318,12 @@ fn command_and_reply_variants_keep_their_numbers() {
             cmd: Box::new(setx(2, drs_meta::acl::ACCESS, b"", false, false, t(1))),
         }),
         25
+    );
+    assert_eq!(
+        cmd(FsCommand::UnlinkDrop {
+            cmd: Box::new(unlink_cmd(1, b"f", false, t(1))),
+        }),
+        26
     );
     let reply = |r: FsReply| number(postcard::to_allocvec(&r).unwrap());
     assert_eq!(reply(FsReply::Done), 7);

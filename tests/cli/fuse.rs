@@ -1275,21 +1275,25 @@ fn more_than_m_nodes_down_fails_with_eio_in_bounded_time_then_recovers() {
     });
     drop(open);
     drop(reader);
-    for id in [3, 4, 5] {
-        c.node("start", id).ok();
-    }
-    c.wait_all_up(Duration::from_secs(60));
-    let started = Instant::now();
-    loop {
-        match fs::write(m.p("new"), b"written after the nodes came back") {
-            Ok(()) => break,
-            Err(e) => assert!(
-                started.elapsed() < Duration::from_secs(30),
-                "the mount did not recover: {e}"
-            ),
+    // The nodes restarted, the same mount carries on.
+    let restart_and_write = |ids: [u32; 3], name: &str| {
+        for id in ids {
+            c.node("start", id).ok();
         }
-        thread::sleep(Duration::from_millis(500));
-    }
+        c.wait_all_up(Duration::from_secs(60));
+        let started = Instant::now();
+        loop {
+            match fs::write(m.p(name), b"written after the nodes came back") {
+                Ok(()) => break,
+                Err(e) => assert!(
+                    started.elapsed() < Duration::from_secs(30),
+                    "the mount did not recover: {e}"
+                ),
+            }
+            thread::sleep(Duration::from_millis(500));
+        }
+    };
+    restart_and_write([3, 4, 5], "new");
     assert!(fs::read(m.p("kept")).unwrap() == kept);
     assert_eq!(&fs::read(m.p("open")).unwrap()[..7], b"durable");
 
@@ -1300,22 +1304,7 @@ fn more_than_m_nodes_down_fails_with_eio_in_bounded_time_then_recovers() {
     eio_within("a write without a metadata quorum", &mut || {
         fs::write(m.p("after"), random_bytes(3, 1 << 20))
     });
-    for id in [0, 1, 2] {
-        c.node("start", id).ok();
-    }
-    c.wait_all_up(Duration::from_secs(60));
-    // The same mount carries on.
-    let started = Instant::now();
-    loop {
-        match fs::write(m.p("after"), b"written after the nodes came back") {
-            Ok(()) => break,
-            Err(e) => assert!(
-                started.elapsed() < Duration::from_secs(30),
-                "the mount did not recover: {e}"
-            ),
-        }
-        thread::sleep(Duration::from_millis(500));
-    }
+    restart_and_write([0, 1, 2], "after");
     assert_eq!(fs::read(m.p("before")).unwrap(), b"written while healthy");
     assert_eq!(
         fs::read(m.p("after")).unwrap(),

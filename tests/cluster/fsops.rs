@@ -339,8 +339,9 @@ async fn a_last_close_overlapping_the_next_open_loses_nothing() {
 
 /// Goal: a new file costs a fixed number of metadata commands, whatever its size up
 /// to what one `Map` takes ahead (`CreateOpen`, its first write's `Map`, the
-/// `Written` of the close's flush, the release's `WrittenClose`), and the blocks
-/// taken ahead and not used come back.
+/// `Written` of the close's flush, the release's `WrittenClose`), the blocks
+/// taken ahead and not used come back, and a removal is one command
+/// (`UnlinkDrop`) that frees the file's blocks.
 ///
 /// Method: files of 100 bytes, 3 blocks and a bit, and 32 blocks, each created,
 /// written, flushed and released, counting the mount's metadata commands. Every
@@ -380,6 +381,19 @@ async fn a_new_file_costs_four_metadata_commands_and_gives_back_what_it_took_ahe
         free,
         free_at_start - held,
         "blocks taken and not given back"
+    );
+    // Removing a file is one command, which frees its blocks.
+    let before = a.metadata_commands();
+    a.unlink(ROOT, b"f2", false).await.expect("unlink");
+    assert_eq!(
+        a.metadata_commands() - before,
+        1,
+        "metadata commands for an unlink"
+    );
+    assert_eq!(
+        a.statfs().await.expect("statfs").free,
+        free + 32,
+        "the removed file's blocks"
     );
 }
 
