@@ -45,8 +45,8 @@ pub struct DrsFuse {
     notifier: Arc<OnceLock<Notifier>>,
     /// The kernel enforces POSIX ACLs and leaves the umask to the file system.
     acls: AtomicBool,
-    /// Handles opened with `O_APPEND`, given direct I/O: their appends go to the
-    /// end of the file as this mount knows it (see [`Ops::append`]).
+    /// Handles opened for writing with `O_APPEND`, given direct I/O: their appends
+    /// go to the end of the file (see [`Ops::append`]).
     appending: Arc<Mutex<HashSet<u64>>>,
 }
 
@@ -79,9 +79,9 @@ impl DrsFuse {
     /// How a new handle opened with `flags` is served, once opened: one opened
     /// for writing with `O_APPEND` gets direct I/O (no page cache, so the mount
     /// may put its appends elsewhere than the kernel thought), and is noted in
-    /// `appending`. Not on a `writeback_cache` mount: there the kernel refreshes
-    /// the size before an append, and pages other handles have not written back
-    /// yet are past the end this mount knows.
+    /// `appending`. Not on a `writeback_cache` mount: pages other handles have not
+    /// written back yet are past the end this mount knows, so there the kernel
+    /// places appends by the size it holds (a documented limit across mounts).
     fn open_as(&self, flags: i32) -> impl FnOnce(u64) -> FopenFlags + Send + 'static {
         let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
         let append = flags & libc::O_APPEND != 0 && writable && !self.writeback_cache;
