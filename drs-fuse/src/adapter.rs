@@ -39,7 +39,7 @@ pub struct DrsFuse {
     /// Ask the kernel for its writeback cache (see [`crate::MountConfig`]).
     writeback_cache: bool,
     /// Open directories: the entries read at opendir (offsets index into it).
-    dirs: Arc<Mutex<HashMap<u64, Arc<OpenDir>>>>,
+    dirs: Arc<Mutex<HashMap<u64, Arc<Listing>>>>,
     /// Notifications to the kernel, once the session is made (see
     /// [`DrsFuse::notifier_slot`]).
     notifier: Arc<OnceLock<Notifier>>,
@@ -52,11 +52,6 @@ pub struct DrsFuse {
 
 /// A directory as read at opendir: (inode, type, name), `.` and `..` first.
 type Listing = Vec<(u64, FileType, Vec<u8>)>;
-
-/// An open directory: its listing.
-struct OpenDir {
-    listing: Listing,
-}
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -758,7 +753,7 @@ impl Filesystem for DrsFuse {
             };
             match listed.await {
                 Ok(all) => {
-                    lock(&dirs).insert(fh, Arc::new(OpenDir { listing: all }));
+                    lock(&dirs).insert(fh, Arc::new(all));
                     reply.opened(FileHandle(fh), FopenFlags::empty());
                 }
                 Err(e) => reply.error(fail(&e)),
@@ -774,11 +769,10 @@ impl Filesystem for DrsFuse {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let Some(dir) = lock(&self.dirs).get(&fh.0).cloned() else {
+        let Some(entries) = lock(&self.dirs).get(&fh.0).cloned() else {
             reply.error(Errno::from_i32(libc::EBADF));
             return;
         };
-        let entries = &dir.listing;
         let start = usize::try_from(offset).unwrap_or(usize::MAX);
         for (i, (ino, kind, name)) in entries.iter().enumerate().skip(start) {
             if reply.add(INodeNo(*ino), i as u64 + 1, *kind, OsStr::from_bytes(name)) {
@@ -799,13 +793,12 @@ impl Filesystem for DrsFuse {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
-        let Some(dir) = lock(&self.dirs).get(&fh.0).cloned() else {
+        let Some(entries) = lock(&self.dirs).get(&fh.0).cloned() else {
             reply.error(Errno::from_i32(libc::EBADF));
             return;
         };
         let mut at = usize::try_from(offset).unwrap_or(usize::MAX);
         self.spawn("readdirplus", |ops| async move {
-            let entries = &dir.listing;
             let bs = ops.block_size();
             while at < entries.len() {
                 // A reply of the kernel's size (a page, or up to max_pages pages)

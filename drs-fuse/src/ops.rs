@@ -814,31 +814,16 @@ impl Ops {
             .await
     }
 
-    /// A command that removes a name (Unlink, Rename), bounded; drops the inode it
-    /// leaves without names.
+    /// A command that removes a name (Unlink, Rename), bounded, sent with the
+    /// `Drop` of the inode it leaves without names (`UnlinkDrop`): the metadata
+    /// service frees it at once, or at the last close of a mount that has it open.
     async fn name_command(&self, cmd: FsCommand) -> OpResult<()> {
         self.bounded(async {
-            // The inode left without names is dropped by the same command.
             let cmd = FsCommand::UnlinkDrop { cmd: Box::new(cmd) };
             let r = self.command(cmd).await?;
-            let orphan = expect_reply!(r, FsReply::Orphaned(o) => o)?;
-            self.orphaned(orphan).await
+            expect_reply!(r, FsReply::Orphaned(_) => ())
         })
         .await
-    }
-
-    /// An inode lost its last name: drop it. The metadata service keeps it while
-    /// a mount has it open, and drops it at the last close.
-    async fn orphaned(&self, orphan: Option<Ino>) -> OpResult<()> {
-        let Some(ino) = orphan else {
-            return Ok(());
-        };
-        match self.command(FsCommand::Drop { ino }).await {
-            // This mount's last close of it (sent in the background by the kernel)
-            // dropped it first.
-            Ok(_) | Err(OpError::Fs(FsError::NotFound)) => Ok(()),
-            Err(e) => Err(e),
-        }
     }
 
     pub async fn setattr(&self, ino: Ino, mut set: SetAttr) -> OpResult<Attr> {
