@@ -120,7 +120,11 @@ impl DrsFuse {
 fn fail(e: &OpError) -> Errno {
     if !matches!(
         e,
-        OpError::Fs(_) | OpError::Unsupported(_) | OpError::Interrupted
+        OpError::Fs(_)
+            | OpError::Unsupported(_)
+            | OpError::Interrupted
+            | OpError::Stale
+            | OpError::Unmounting
     ) {
         tracing::warn!(error = %e, "operation failed");
     }
@@ -295,7 +299,11 @@ impl Filesystem for DrsFuse {
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         self.spawn("getattr", |ops| async move {
-            attr(reply, &ops, ops.getattr(ino.0).await)
+            attr(
+                reply,
+                &ops,
+                ops.getattr(ino.0).await.map_err(OpError::on_inode),
+            )
         });
     }
 
@@ -326,7 +334,11 @@ impl Filesystem for DrsFuse {
             mtime: mtime.map(when),
         };
         self.spawn("setattr", |ops| async move {
-            attr(reply, &ops, ops.setattr(ino.0, set).await)
+            attr(
+                reply,
+                &ops,
+                ops.setattr(ino.0, set).await.map_err(OpError::on_inode),
+            )
         });
     }
 
@@ -357,7 +369,8 @@ impl Filesystem for DrsFuse {
             empty(
                 reply,
                 ops.setxattr_as(ino.0, name, value, create, replace, caller.as_ref())
-                    .await,
+                    .await
+                    .map_err(OpError::on_inode),
             )
         });
     }
@@ -365,13 +378,21 @@ impl Filesystem for DrsFuse {
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
         let name = name.as_bytes().to_vec();
         self.spawn("getxattr", |ops| async move {
-            xattr(reply, size, ops.getxattr(ino.0, name).await)
+            xattr(
+                reply,
+                size,
+                ops.getxattr(ino.0, name).await.map_err(OpError::on_inode),
+            )
         });
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
         self.spawn("listxattr", |ops| async move {
-            xattr(reply, size, ops.listxattr(ino.0).await)
+            xattr(
+                reply,
+                size,
+                ops.listxattr(ino.0).await.map_err(OpError::on_inode),
+            )
         });
     }
 
@@ -382,13 +403,18 @@ impl Filesystem for DrsFuse {
         }
         let name = name.as_bytes().to_vec();
         self.spawn("removexattr", |ops| async move {
-            empty(reply, ops.removexattr(ino.0, name).await)
+            empty(
+                reply,
+                ops.removexattr(ino.0, name)
+                    .await
+                    .map_err(OpError::on_inode),
+            )
         });
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
         self.spawn("readlink", |ops| async move {
-            data(reply, ops.readlink(ino.0).await)
+            data(reply, ops.readlink(ino.0).await.map_err(OpError::on_inode))
         });
     }
 
@@ -525,7 +551,7 @@ impl Filesystem for DrsFuse {
             // are its attributes, if the kernel may hold a size or mtime read
             // before another mount changed the file: it would read only up to that
             // size until they time out.
-            match ops.open(ino.0).await {
+            match ops.open(ino.0).await.map_err(OpError::on_inode) {
                 Ok(a) => {
                     if ops.kernel_may_be_stale(&a) {
                         drop_cached_attrs(&notifier, ino).await;
@@ -751,7 +777,7 @@ impl Filesystem for DrsFuse {
                 );
                 Ok::<_, OpError>(all)
             };
-            match listed.await {
+            match listed.await.map_err(OpError::on_inode) {
                 Ok(all) => {
                     lock(&dirs).insert(fh, Arc::new(all));
                     reply.opened(FileHandle(fh), FopenFlags::empty());

@@ -31,6 +31,8 @@ pub fn errno(e: &OpError) -> i32 {
         },
         OpError::Unsupported(_) => libc::EOPNOTSUPP,
         OpError::Interrupted => libc::EINTR,
+        OpError::Unmounting => libc::ENOTCONN,
+        OpError::Stale => libc::ESTALE,
         OpError::Meta(_)
         | OpError::Data(_)
         | OpError::Timeout(_)
@@ -66,5 +68,14 @@ mod tests {
         );
         assert_eq!(errno(&OpError::WriteBack("x".into())), libc::EIO);
         assert_eq!(errno(&OpError::LocksLost), libc::EIO);
+        assert_eq!(errno(&OpError::Unmounting), libc::ENOTCONN);
+        assert_eq!(
+            errno(&OpError::Fs(FsError::NotFound).on_inode()),
+            libc::ESTALE
+        );
+        assert_eq!(
+            errno(&OpError::Fs(FsError::Exists).on_inode()),
+            libc::EEXIST
+        );
     }
 }

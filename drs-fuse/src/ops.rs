@@ -34,7 +34,7 @@
 //!   after the configured time, so an application never hangs on a lost cluster.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -106,6 +106,33 @@ pub enum OpError {
     /// closed.
     #[error("the open file's locks were lost while the mount was cut off")]
     LocksLost,
+    /// The mount is ending (SIGTERM or SIGINT with files still open): what they
+    /// wrote is being committed, and their data is no longer read or written
+    /// (ENOTCONN, as once the mount process is gone).
+    #[error("the mount is being unmounted")]
+    Unmounting,
+    /// The inode the kernel named is gone: another mount removed or replaced it
+    /// since this mount's kernel looked it up (ESTALE, so the kernel looks the path
+    /// up again and retries; see [`OpError::on_inode`]).
+    #[error("the file was removed by another mount since it was looked up")]
+    Stale,
+}
+
+impl OpError {
+    /// `self`, from an operation on an inode the kernel holds (not on a name in a
+    /// directory): a missing inode is [`OpError::Stale`]. The kernel caches a name's
+    /// inode for the entry timeout, so after another mount renames a file over it
+    /// or unlinks it, an `open`, `stat`, `chmod`, `readlink` or extended attribute
+    /// call by path reaches the old inode; with ESTALE the kernel walks the path
+    /// again with a fresh lookup and retries once (as it does for NFS), so the
+    /// caller sees the new file (or ENOENT if the name is gone), as on a local file
+    /// system.
+    pub fn on_inode(self) -> OpError {
+        match self {
+            OpError::Fs(FsError::NotFound) => OpError::Stale,
+            e => e,
+        }
+    }
 }
 
 pub type OpResult<T> = Result<T, OpError>;
@@ -344,6 +371,11 @@ pub struct Ops {
     /// The size and mtime last given to the kernel for each regular file (see
     /// [`Ops::kernel_may_be_stale`]).
     shown: Mutex<HashMap<Ino, (u64, Time)>>,
+    /// Set when the mount ends: file data is no longer read or written (see
+    /// [`Ops::shut_down`]).
+    unmounting: AtomicBool,
+    /// What [`Ops::shut_down`] did, once it has run (a second caller waits for it).
+    shut: tokio::sync::OnceCell<ShutDown>,
 }
 
 /// Most files whose attributes given to the kernel a mount remembers; past it, it
@@ -351,11 +383,48 @@ pub struct Ops {
 const SHOWN_MAX: usize = 1 << 16;
 
 impl Ops {
-    /// Writes back what the cache still holds (files open when the mount ends: a
-    /// forced unmount), then waits for unlocks still on their way to the nodes, each
-    /// up to `max`; called when the mount ends, so it leaves no lock to a lease.
-    /// Returns how many unlocks are left.
-    pub async fn settle_unlocks(&self, max: std::time::Duration) -> usize {
+    /// Ends the mount, leaving nothing behind: file data is no longer read or
+    /// written ([`OpError::Unmounting`]); each file still open (SIGTERM with files
+    /// open, or a forced unmount) is committed as at its last close (its cached
+    /// writes written back, its size and blocks named, blocks taken ahead given
+    /// back), once writes to it under way have ended, up to 16 files at once and
+    /// each for up to `max`; the cache is written back (up to `max`); unlocks still
+    /// on their way to the nodes are waited for, each up to `max` (no lock is left
+    /// to a lease); the session ends. Runs once: a second call waits for the first.
+    pub async fn shut_down(&self, max: std::time::Duration) -> ShutDown {
+        *self.shut.get_or_init(|| self.shut_down_once(max)).await
+    }
+
+    async fn shut_down_once(&self, max: std::time::Duration) -> ShutDown {
+        self.unmounting.store(true, Ordering::SeqCst);
+        let open: Vec<Ino> = lock(&self.open).keys().copied().collect();
+        let committed: Vec<bool> = stream::iter(open)
+            .map(|ino| async move {
+                let commit = async {
+                    // Alone: writes that passed the check above before it was set
+                    // end first, and their bytes go with this commit.
+                    let _freeing = self.freeing(ino).await;
+                    self.commit_as(ino, true, true, &mut Closing::Done).await
+                };
+                match tokio::time::timeout(max, commit).await {
+                    Ok(Ok(())) => {
+                        tracing::info!(ino, "open file committed");
+                        true
+                    }
+                    Ok(Err(e)) => {
+                        tracing::error!(ino, error = %e, "committing an open file failed");
+                        false
+                    }
+                    Err(_) => {
+                        tracing::error!(ino, ?max, "committing an open file took too long");
+                        false
+                    }
+                }
+            })
+            .buffer_unordered(16)
+            .collect()
+            .await;
+        let uncommitted = committed.iter().filter(|ok| !**ok).count();
         if let (Some(cache), Ok(())) = (&self.cache, self.session.check()) {
             // In a task of its own, so the timeout does not cut a write-back short.
             let flush = tokio::spawn({
@@ -369,10 +438,24 @@ impl Ops {
                 Err(_) => tracing::warn!(?max, "writing cached blocks back took too long"),
             }
         }
-        let left = self.data.settle_unlocks(max).await;
+        let unlocks_left = self.data.settle_unlocks(max).await;
         self.end_session().await;
-        left
+        ShutDown {
+            uncommitted,
+            unlocks_left,
+        }
     }
+}
+
+/// What [`Ops::shut_down`] left undone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShutDown {
+    /// Open files whose commit failed: what they wrote since their last fsync or
+    /// close may be lost.
+    pub uncommitted: usize,
+    /// Unlocks the nodes did not acknowledge: those locks go when their lease
+    /// runs out.
+    pub unlocks_left: usize,
 }
 
 /// Where a release's close of the session's open stands ([`Ops::release`]).
@@ -574,6 +657,8 @@ impl Ops {
             acls: Mutex::default(),
             unlocked: Arc::default(),
             shown: Mutex::default(),
+            unmounting: AtomicBool::new(false),
+            shut: tokio::sync::OnceCell::new(),
         };
         let format = FsCommand::Format {
             blocks: ops.data.blocks(),
@@ -1476,9 +1561,13 @@ impl Ops {
         });
     }
 
-    /// Whether file data of `ino` may be read and written: the session is alive
-    /// (see [`SESSION_GUARD`]) and the file was not lost.
+    /// Whether file data of `ino` may be read and written: the mount is not ending
+    /// (see [`Ops::shut_down`]), its session is alive (see [`SESSION_GUARD`]) and
+    /// the file was not lost.
     fn usable(&self, ino: Ino) -> OpResult<()> {
+        if self.unmounting.load(Ordering::SeqCst) {
+            return Err(OpError::Unmounting);
+        }
         self.session.check()?;
         if lock(&self.open).get(&ino).is_some_and(|o| o.lost) {
             return Err(OpError::Lost);
