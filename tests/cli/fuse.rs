@@ -226,6 +226,29 @@ fn files_directories_links_and_special_files() {
         &dev.file_type()
     ));
     assert_eq!(dev.rdev(), nix::sys::stat::makedev(1, 3));
+    // A block device, and a socket a server listens on (the kernel keeps the
+    // socket itself; the file names it).
+    nix::sys::stat::mknod(
+        &m.p("loop"),
+        nix::sys::stat::SFlag::S_IFBLK,
+        nix::sys::stat::Mode::from_bits_truncate(0o660),
+        nix::sys::stat::makedev(7, 42),
+    )
+    .unwrap();
+    let blk = fs::symlink_metadata(other.p("loop")).unwrap();
+    assert!(std::os::unix::fs::FileTypeExt::is_block_device(
+        &blk.file_type()
+    ));
+    assert_eq!(blk.rdev(), nix::sys::stat::makedev(7, 42));
+    let listener = std::os::unix::net::UnixListener::bind(m.p("sock")).unwrap();
+    let sock = fs::symlink_metadata(other.p("sock")).unwrap();
+    assert!(std::os::unix::fs::FileTypeExt::is_socket(&sock.file_type()));
+    let mut client = std::os::unix::net::UnixStream::connect(m.p("sock")).unwrap();
+    client.write_all(b"ping").unwrap();
+    let mut got = [0u8; 4];
+    listener.accept().unwrap().0.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"ping");
+    drop((client, listener));
     // Rename: atomic replace, across directories, and a directory into itself.
     fs::write(m.p("new"), b"new content").unwrap();
     fs::write(m.p("d1/old"), b"old content").unwrap();
@@ -243,7 +266,10 @@ fn files_directories_links_and_special_files() {
         .map(|e| e.unwrap().file_name().into_string().unwrap())
         .collect();
     names.sort();
-    assert_eq!(names, ["a.txt", "d1", "fifo", "moved", "null", "sym"]);
+    assert_eq!(
+        names,
+        ["a.txt", "d1", "fifo", "loop", "moved", "null", "sock", "sym"]
+    );
     // Extended attributes, seen through the other mount.
     let f = m.p("d1/old");
     xattr::set(&f, "user.colour", b"blue", 0).unwrap();
@@ -1643,6 +1669,9 @@ fn a_metadata_leader_kill_pauses_operations_then_they_continue() {
     eprintln!("{files} files written; the slowest took {slowest:?}");
 }
 
+/// Goal: what a mount fsynced survives SIGKILL of the mount (whole blocks, and
+/// parts of blocks held in its write-back cache), and the blocks the killed mount
+/// had taken never show another file's old bytes.
 #[test]
 fn blocks_of_a_killed_mount_never_show_another_files_bytes() {
     let c = cluster(1024);
@@ -1654,9 +1683,16 @@ fn blocks_of_a_killed_mount_never_show_another_files_bytes() {
     // A new file takes blocks (the writer takes some ahead); 1 MiB is made durable,
     // more is written, and the mount process dies before closing.
     let mut f = File::create(a.p("new")).unwrap();
-    let first = random_bytes(5, 1 << 20);
+    let mut first = random_bytes(5, 1 << 20);
     f.write_all(&first).unwrap();
     f.sync_all().unwrap();
+    // Parts of blocks changed (held in the write-back cache), then fsynced: durable
+    // too.
+    for (at, bytes) in [(1000, &b"partial"[..]), (200_000, &[0x5a; 3000][..])] {
+        f.write_all_at(bytes, at as u64).unwrap();
+        first[at..at + bytes.len()].copy_from_slice(bytes);
+    }
+    f.sync_data().unwrap();
     f.write_all(&random_bytes(6, 1 << 20)).unwrap();
     let mut a = a;
     let pid = a.child.as_ref().unwrap().id();
@@ -1675,7 +1711,10 @@ fn blocks_of_a_killed_mount_never_show_another_files_bytes() {
     f.set_len(24 << 20).unwrap();
     drop(f);
     let got = fs::read(b.p("new")).unwrap();
-    assert!(got[..1 << 20] == first[..], "the fsynced megabyte");
+    assert!(
+        got[..1 << 20] == first[..],
+        "the fsynced megabyte, with its fsynced partial writes"
+    );
     assert!(
         got[1 << 20..].iter().all(|x| *x == 0),
         "bytes past the durable size read as zeros, never the old file's"
