@@ -387,8 +387,9 @@ impl Ops {
     /// written ([`OpError::Unmounting`]); each file still open (SIGTERM with files
     /// open, or a forced unmount) is committed as at its last close (its cached
     /// writes written back, its size and blocks named, blocks taken ahead given
-    /// back), once writes to it under way have ended, up to 16 files at once and
-    /// each for up to `max`; the cache is written back (up to `max`); unlocks still
+    /// back), once writes to it under way have ended, up to 16 files at once, each
+    /// for up to `max` and all for up to three times `max`; the cache is written
+    /// back (up to `max`); unlocks still
     /// on their way to the nodes are waited for, each up to `max` (no lock is left
     /// to a lease); the session ends. Runs once: a second call waits for the first.
     pub async fn shut_down(&self, max: std::time::Duration) -> ShutDown {
@@ -398,7 +399,9 @@ impl Ops {
     async fn shut_down_once(&self, max: std::time::Duration) -> ShutDown {
         self.unmounting.store(true, Ordering::SeqCst);
         let open: Vec<Ino> = lock(&self.open).keys().copied().collect();
-        let committed: Vec<bool> = stream::iter(open)
+        let committed = AtomicU64::new(0);
+        let counted = &committed;
+        let commits = stream::iter(open.iter().copied())
             .map(|ino| async move {
                 let commit = async {
                     // Alone: writes that passed the check above before it was set
@@ -409,22 +412,23 @@ impl Ops {
                 match tokio::time::timeout(max, commit).await {
                     Ok(Ok(())) => {
                         tracing::info!(ino, "open file committed");
-                        true
+                        counted.fetch_add(1, Ordering::Relaxed);
                     }
                     Ok(Err(e)) => {
                         tracing::error!(ino, error = %e, "committing an open file failed");
-                        false
                     }
                     Err(_) => {
                         tracing::error!(ino, ?max, "committing an open file took too long");
-                        false
                     }
                 }
             })
             .buffer_unordered(16)
-            .collect()
-            .await;
-        let uncommitted = committed.iter().filter(|ok| !**ok).count();
+            .collect::<Vec<()>>();
+        if tokio::time::timeout(max * 3, commits).await.is_err() {
+            tracing::error!(?max, "committing the open files took too long");
+        }
+        let committed = usize::try_from(committed.load(Ordering::Relaxed)).unwrap_or(usize::MAX);
+        let uncommitted = open.len().saturating_sub(committed);
         if let (Some(cache), Ok(())) = (&self.cache, self.session.check()) {
             // In a task of its own, so the timeout does not cut a write-back short.
             let flush = tokio::spawn({
