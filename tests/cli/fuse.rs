@@ -271,14 +271,16 @@ fn files_directories_links_and_special_files() {
         )
     };
     fs::write(m.p("x1"), b"one").unwrap();
-    fs::write(m.p("x2"), b"two").unwrap();
+    fs::write(other.p("x2"), b"two").unwrap();
     assert_eq!(
         renameat2("x1", "x2", nix::fcntl::RenameFlags::RENAME_NOREPLACE),
         Err(nix::errno::Errno::EEXIST)
     );
     renameat2("x1", "x2", nix::fcntl::RenameFlags::RENAME_EXCHANGE).unwrap();
-    assert_eq!(fs::read(other.p("x1")).unwrap(), b"two");
-    assert_eq!(fs::read(other.p("x2")).unwrap(), b"one");
+    // (Read where the exchange was made: the other mount's kernel may keep its
+    // names of x1 and x2 for the entry timeout, a second.)
+    assert_eq!(fs::read(m.p("x1")).unwrap(), b"two");
+    assert_eq!(fs::read(m.p("x2")).unwrap(), b"one");
     fs::remove_file(m.p("x1")).unwrap();
     fs::remove_file(m.p("x2")).unwrap();
     assert_eq!(fs::metadata(m.p("d1")).unwrap().nlink(), 2);
@@ -296,8 +298,8 @@ fn files_directories_links_and_special_files() {
     let f = m.p("d1/old");
     xattr::set(&f, "user.colour", b"blue", 0).unwrap();
     xattr::set(&f, "user.empty", b"", 0).unwrap();
-    // `trusted.` names (root's: the kernel checks), kept as well.
-    if fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0) {
+    // `trusted.` names (CAP_SYS_ADMIN's: the kernel checks), kept as well.
+    if has_capability(21) {
         xattr::set(&f, "trusted.origin", b"cli", 0).unwrap();
         assert_eq!(
             xattr::get(&other.p("d1/old"), "trusted.origin").unwrap(),
@@ -1125,8 +1127,9 @@ fn appends_from_two_mounts_land_at_the_end() {
 /// again. Every read must be a whole version, and no call may fail with ENOENT.
 /// One lookup-then-open can still lose a race with a rename landing between the
 /// two twice over (then ESTALE reaches the caller, as on NFS): fewer than one
-/// read or stat in five may (measured: none in 300). Without the ESTALE answer
-/// nearly every read fails.
+/// read or stat in five may (measured: none in 600). Without the ESTALE answer
+/// nearly every read fails. B must have read versions past the 100th, and the
+/// last one at the end.
 #[test]
 fn renames_over_a_file_are_atomic_to_another_mount() {
     let c = cluster(1024);
@@ -1135,9 +1138,16 @@ fn renames_over_a_file_are_atomic_to_another_mount() {
     let version = |i: usize| format!("version {i:05} ").repeat(300).into_bytes();
     fs::write(a.p("current"), version(0)).unwrap();
     let done = std::sync::atomic::AtomicBool::new(false);
-    let (reads, stale, wrong) = thread::scope(|scope| {
+    // Set when the writer ends, also by a panic: the reader then stops.
+    struct Done<'a>(&'a std::sync::atomic::AtomicBool);
+    impl Drop for Done<'_> {
+        fn drop(&mut self) {
+            self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+    let (reads, stale, wrong, newest) = thread::scope(|scope| {
         let reader = scope.spawn(|| {
-            let (mut reads, mut stale, mut wrong) = (0, 0, Vec::new());
+            let (mut reads, mut stale, mut wrong, mut newest) = (0, 0, Vec::new(), 0);
             while !done.load(std::sync::atomic::Ordering::Relaxed) {
                 reads += 1;
                 match fs::read(b.p("current")) {
@@ -1145,8 +1155,9 @@ fn renames_over_a_file_are_atomic_to_another_mount() {
                         let i = std::str::from_utf8(&d[..d.len().min(13)])
                             .ok()
                             .and_then(|t| t.strip_prefix("version ")?.parse().ok());
-                        if i.is_none_or(|i| d != version(i)) {
-                            wrong.push(format!("a torn read of {} bytes", d.len()));
+                        match i {
+                            Some(i) if d == version(i) => newest = newest.max(i),
+                            _ => wrong.push(format!("a torn read of {} bytes", d.len())),
                         }
                     }
                     Err(e) if errno_of(&e) == libc::ESTALE => stale += 1,
@@ -1159,13 +1170,14 @@ fn renames_over_a_file_are_atomic_to_another_mount() {
                     Err(e) => wrong.push(format!("stat: {e}")),
                 }
             }
-            (reads, stale, wrong)
+            (reads, stale, wrong, newest)
         });
+        let finished = Done(&done);
         for i in 1..=150 {
             fs::write(a.p("next"), version(i)).unwrap();
             fs::rename(a.p("next"), a.p("current")).unwrap();
         }
-        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        drop(finished);
         reader.join().unwrap()
     });
     assert!(
@@ -1175,11 +1187,15 @@ fn renames_over_a_file_are_atomic_to_another_mount() {
         &wrong[..wrong.len().min(5)]
     );
     assert!(reads >= 20, "only {reads} reads");
+    // Reads followed the renames: B saw versions made long after the first.
+    assert!(newest >= 100, "the newest version read was {newest}");
+    assert_eq!(fs::read(b.p("current")).unwrap(), version(150));
     assert!(
-        stale * 5 < reads,
-        "{stale} of {reads} reads or stats failed with ESTALE"
+        stale * 5 < reads * 2,
+        "{stale} of {} reads and stats failed with ESTALE",
+        reads * 2
     );
-    eprintln!("{reads} reads; {stale} ESTALE");
+    eprintln!("{reads} reads and stats each; {stale} ESTALE; newest version read {newest}");
 }
 
 /// Close-to-open across two mounts, both ways, also when the reader's kernel
@@ -1383,8 +1399,8 @@ fn a_file_larger_than_the_mounts_memory() {
 /// Method: an 8 MiB file written with one `write(2)`, then read in 128 KiB reads
 /// through another mount; the mounts' own counts of write and read requests
 /// (`drs_fs_op_seconds_count`): at most 16 of each (with 128 KiB requests it
-/// would be 64, with pages 2048). As root, the second mount's readahead in
-/// `/sys/class/bdi` must be 1024 KiB.
+/// would be 64, with pages 2048). Where the mount could raise its readahead (root,
+/// a writable /sys: CI), that of the second in `/sys/class/bdi` must be 1024 KiB.
 #[test]
 fn requests_are_a_mebibyte_and_reads_read_ahead() {
     let c = cluster(1024);
@@ -1419,10 +1435,14 @@ fn requests_are_a_mebibyte_and_reads_read_ahead() {
     }
     assert!(back == data, "read back differs");
     let reads = count(&rm, "read") - before;
-    let root = fs::metadata("/proc/self")
-        .map(|m| m.uid() == 0)
-        .unwrap_or(false);
-    if root {
+    // The mount found itself in the mount table and tried; writing the setting
+    // needs root and a writable /sys.
+    let log = r.stderr();
+    assert!(
+        log.contains("readahead raised") || log.contains("readahead left as is"),
+        "{log}"
+    );
+    if log.contains("readahead raised") {
         assert!(
             (1.0..=16.0).contains(&reads),
             "8 MiB read in 128 KiB reads took {reads} read requests"
@@ -1440,7 +1460,7 @@ fn requests_are_a_mebibyte_and_reads_read_ahead() {
         let ra = fs::read_to_string(format!("/sys/class/bdi/{dev}/read_ahead_kb")).unwrap();
         assert_eq!(ra.trim(), "1024");
     } else {
-        eprintln!("not root: readahead left as the kernel set it; {reads} read requests");
+        eprintln!("readahead left as the kernel set it; {reads} read requests");
     }
 }
 
@@ -1629,6 +1649,17 @@ fn sigterm_unmounts_cleanly() {
     assert_eq!(fs::read(again.p("f")).unwrap(), b"x");
 }
 
+/// Whether this process has capability `bit` (21: CAP_SYS_ADMIN) in effect.
+fn has_capability(bit: u32) -> bool {
+    fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|st| {
+            let hex = st.lines().find_map(|l| l.strip_prefix("CapEff:"))?;
+            u64::from_str_radix(hex.trim(), 16).ok()
+        })
+        .is_some_and(|caps| caps & (1 << bit) != 0)
+}
+
 /// The `drs-fuse` binary, beside `drs-cli`: `cargo test --workspace` builds it
 /// (for drs-fuse's own tests); `cargo test -p drs-cli` alone does not, and may
 /// find an older one.
@@ -1652,9 +1683,9 @@ fn drs_fuse_bin() -> PathBuf {
 /// writeback_cache` (where the written pages stay in the kernel until it writes
 /// them back); 300,000 bytes written to an open file (its last block partly, so
 /// held in the write-back cache) that another mount still sees empty; a process
-/// sits in a directory of the mount; `fusermount3 -u` must refuse (busy); then
-/// SIGTERM (SIGINT, as Ctrl-C, for the second); the mount process must exit 0
-/// within 10 s, unmounted; on the plain mount a write to the still-open file fails
+/// sits in a directory of the mount, and `fusermount3 -u` must refuse (busy);
+/// then SIGTERM (SIGINT, as Ctrl-C, for the second); the mount process must exit 0
+/// within 30 s (some 2.5 s here), unmounted; on the plain mount a write to the still-open file fails
 /// with ENOTCONN; a new mount reads exactly the bytes written.
 #[test]
 fn sigterm_with_files_open_commits_them_and_detaches() {
@@ -1679,6 +1710,16 @@ fn sigterm_with_files_open_commits_them_and_detaches() {
                 .spawn()
                 .unwrap(),
         );
+        // Busy by the working directory alone.
+        let busy = Command::new("fusermount3")
+            .args(["-u", s(&m.path)])
+            .output()
+            .unwrap();
+        assert!(
+            !busy.status.success(),
+            "{name}: fusermount3 -u of a mount with a working directory in it"
+        );
+        assert!(mounted(&m.path) && dir.exists(), "{name}: still served");
         let data = random_bytes(11, 300_000);
         let mut f = File::create(m.p(name)).unwrap();
         f.write_all(&data).unwrap();
@@ -1686,18 +1727,6 @@ fn sigterm_with_files_open_commits_them_and_detaches() {
             fs::metadata(other.p(name)).unwrap().len(),
             0,
             "{name}: written but neither closed nor synced: not committed yet"
-        );
-        let busy = Command::new("fusermount3")
-            .args(["-u", s(&m.path)])
-            .output()
-            .unwrap();
-        assert!(
-            !busy.status.success(),
-            "{name}: fusermount3 -u of a busy mount"
-        );
-        assert!(
-            mounted(&m.path) && m.p(name).exists(),
-            "{name}: still served"
         );
         let pid = m.child.as_ref().unwrap().id();
         let sent = Instant::now();
@@ -1707,12 +1736,23 @@ fn sigterm_with_files_open_commits_them_and_detaches() {
             nix::sys::signal::Signal::SIGINT
         };
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), signal).unwrap();
-        let st = m.wait(Duration::from_secs(20));
+        // Its steps are bounded (under a minute in all); on a working cluster it
+        // takes some 2.5 s (the 2 s grace, then the commit).
+        let st = m.wait(Duration::from_secs(60));
         drop(sitter);
-        let st = st.unwrap_or_else(|| panic!("{name}: the busy mount's process ends"));
+        let Some(st) = st else {
+            // Killed before `f` closes: a close would wait on the stuck process.
+            if let Some(child) = m.child.as_mut() {
+                let _ = child.kill();
+            }
+            panic!(
+                "{name}: the busy mount's process did not end: {}",
+                m.stderr()
+            );
+        };
         assert!(st.success(), "{name}: {st}: {}", m.stderr());
         assert!(
-            sent.elapsed() < Duration::from_secs(10),
+            sent.elapsed() < Duration::from_secs(30),
             "{name}: took {:?}",
             sent.elapsed()
         );
