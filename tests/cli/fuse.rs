@@ -31,13 +31,19 @@ struct Mount {
     child: Option<Child>,
 }
 
-fn mounted(path: &Path) -> bool {
-    let Ok(info) = fs::read_to_string("/proc/self/mountinfo") else {
-        return false;
-    };
+/// The device number (`MAJOR:MINOR`) of the mount on top at `path`, from
+/// `/proc/self/mountinfo`.
+fn mount_dev(path: &Path) -> Option<String> {
+    let info = fs::read_to_string("/proc/self/mountinfo").ok()?;
     let want = path.to_string_lossy();
-    info.lines()
-        .any(|l| l.split(' ').nth(4).is_some_and(|m| m == want))
+    info.lines().rev().find_map(|l| {
+        let f: Vec<&str> = l.split(' ').collect();
+        (f.get(4) == Some(&want.as_ref())).then(|| f.get(2).map(|d| d.to_string()))?
+    })
+}
+
+fn mounted(path: &Path) -> bool {
+    mount_dev(path).is_some()
 }
 
 impl Mount {
@@ -1447,16 +1453,7 @@ fn requests_are_a_mebibyte_and_reads_read_ahead() {
             (1.0..=16.0).contains(&reads),
             "8 MiB read in 128 KiB reads took {reads} read requests"
         );
-        let info = fs::read_to_string("/proc/self/mountinfo").unwrap();
-        let want = r.path.to_string_lossy();
-        let dev = info
-            .lines()
-            .rev()
-            .find_map(|l| {
-                let f: Vec<&str> = l.split(' ').collect();
-                (f.get(4) == Some(&want.as_ref())).then(|| f[2].to_string())
-            })
-            .expect("the mount in the mount table");
+        let dev = mount_dev(&r.path).expect("the mount in the mount table");
         let ra = fs::read_to_string(format!("/sys/class/bdi/{dev}/read_ahead_kb")).unwrap();
         assert_eq!(ra.trim(), "1024");
     } else {
@@ -1633,12 +1630,7 @@ fn sigterm_unmounts_cleanly() {
     assert!(!mounted(&m.path), "still mounted after fusermount3 -u");
     let mut m = Mount::new(&c, "mnt", &[]);
     assert_eq!(fs::read(m.p("f")).unwrap(), b"x");
-    let pid = m.child.as_ref().unwrap().id();
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
+    signal_mount(&m, nix::sys::signal::Signal::SIGTERM);
     let st = m
         .wait(Duration::from_secs(20))
         .expect("the mount process ends");
@@ -1728,14 +1720,13 @@ fn sigterm_with_files_open_commits_them_and_detaches() {
             0,
             "{name}: written but neither closed nor synced: not committed yet"
         );
-        let pid = m.child.as_ref().unwrap().id();
         let sent = Instant::now();
         let signal = if opts.is_empty() {
             nix::sys::signal::Signal::SIGTERM
         } else {
             nix::sys::signal::Signal::SIGINT
         };
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), signal).unwrap();
+        signal_mount(&m, signal);
         // Its steps are bounded (under a minute in all); on a working cluster it
         // takes some 2.5 s (the 2 s grace, then the commit).
         let st = m.wait(Duration::from_secs(60));
@@ -1859,12 +1850,7 @@ fn blocks_of_a_killed_mount_never_show_another_files_bytes() {
     f.sync_data().unwrap();
     f.write_all(&random_bytes(6, 1 << 20)).unwrap();
     let mut a = a;
-    let pid = a.child.as_ref().unwrap().id();
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid as i32),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
+    signal_mount(&a, nix::sys::signal::Signal::SIGKILL);
     a.wait(Duration::from_secs(10));
     drop(f);
     drop(a);
