@@ -48,7 +48,6 @@ pub async fn sequential_read(
     passes: usize,
     phase: &str,
 ) -> anyhow::Result<ReadResult> {
-    let bs = client.block_size();
     let mut out = ReadResult {
         took: Duration::ZERO,
         failed: 0,
@@ -56,36 +55,79 @@ pub async fn sequential_read(
     };
     for _ in 0..passes.max(1) {
         for (i, w) in want.chunks(chunk).enumerate() {
-            let lba = (i * chunk / bs) as u64;
-            let mut tries = 0;
-            let blocks = loop {
-                tries += 1;
-                let t = Instant::now();
-                let r = client.read_blocks(lba, w.len().div_ceil(bs) as u64).await;
-                out.took += t.elapsed();
-                match r {
-                    Ok(b) => break b,
-                    Err(e) => {
-                        let msg = format!("read_blocks of chunk {i} (block {lba}): {e}");
-                        if tries >= READ_TRIES {
-                            bail!("{phase}: {msg} ({tries} tries)");
-                        }
-                        out.failed += 1;
-                        out.first_error.get_or_insert(msg);
-                    }
-                }
-            };
-            for (j, (got, exp)) in blocks.iter().zip(w.chunks(bs)).enumerate() {
-                if got.get(..exp.len()) != Some(exp) {
-                    bail!(
-                        "{phase}: block {} differs from what was written",
-                        lba + j as u64
-                    );
-                }
-            }
+            read_chunk(client, i, chunk, w, phase, &mut out).await?;
         }
     }
     Ok(out)
+}
+
+/// Reads `want` over and over, as [`sequential_read`] does, until `stop` is set;
+/// returns also when each chunk's read ended and its bytes, so that a caller can
+/// count what was read within a window.
+pub async fn read_until(
+    client: &Client,
+    want: &[u8],
+    chunk: usize,
+    stop: &std::sync::atomic::AtomicBool,
+    phase: &str,
+) -> anyhow::Result<(ReadResult, Vec<(Instant, u64)>)> {
+    let mut out = ReadResult {
+        took: Duration::ZERO,
+        failed: 0,
+        first_error: None,
+    };
+    let mut done = Vec::new();
+    while !stop.load(std::sync::atomic::Ordering::Acquire) {
+        for (i, w) in want.chunks(chunk).enumerate() {
+            if stop.load(std::sync::atomic::Ordering::Acquire) {
+                break;
+            }
+            read_chunk(client, i, chunk, w, phase, &mut out).await?;
+            done.push((Instant::now(), w.len() as u64));
+        }
+    }
+    Ok((out, done))
+}
+
+/// Reads chunk `i` (`w`, of `chunk`-byte chunks from block 0) with retries, checks
+/// it, and adds its time and failures to `out`.
+async fn read_chunk(
+    client: &Client,
+    i: usize,
+    chunk: usize,
+    w: &[u8],
+    phase: &str,
+    out: &mut ReadResult,
+) -> anyhow::Result<()> {
+    let bs = client.block_size();
+    let lba = (i * chunk / bs) as u64;
+    let mut tries = 0;
+    let blocks = loop {
+        tries += 1;
+        let t = Instant::now();
+        let r = client.read_blocks(lba, w.len().div_ceil(bs) as u64).await;
+        out.took += t.elapsed();
+        match r {
+            Ok(b) => break b,
+            Err(e) => {
+                let msg = format!("read_blocks of chunk {i} (block {lba}): {e}");
+                if tries >= READ_TRIES {
+                    bail!("{phase}: {msg} ({tries} tries)");
+                }
+                out.failed += 1;
+                out.first_error.get_or_insert(msg);
+            }
+        }
+    };
+    for (j, (got, exp)) in blocks.iter().zip(w.chunks(bs)).enumerate() {
+        if got.get(..exp.len()) != Some(exp) {
+            bail!(
+                "{phase}: block {} differs from what was written",
+                lba + j as u64
+            );
+        }
+    }
+    Ok(())
 }
 
 /// What a random-overwrite run did.

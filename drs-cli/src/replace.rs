@@ -13,6 +13,9 @@ use crate::out::say;
 
 /// How long the rebuild may go without progress before the command gives up waiting.
 const STALL: Duration = Duration::from_secs(120);
+/// How often progress is printed as a line when stderr is not a terminal (logs,
+/// scripts); a terminal gets a live bar instead.
+const PROGRESS_EVERY: Duration = Duration::from_secs(2);
 
 pub async fn run(a: crate::ReplaceArgs) -> anyhow::Result<()> {
     if !(a.rate.is_finite() && a.rate >= 0.0) {
@@ -54,6 +57,9 @@ pub async fn run(a: crate::ReplaceArgs) -> anyhow::Result<()> {
     let start = Instant::now();
     let mut last_change = Instant::now();
     let mut last = (0, 0);
+    // The first progress seen, and when: the rate and ETA count from there.
+    let mut first: Option<(u64, Instant)> = None;
+    let mut next_line = Instant::now() + PROGRESS_EVERY;
     loop {
         // Up in the map: every block verified and the service told.
         if let Ok(state) = meta.read().await {
@@ -77,6 +83,13 @@ pub async fn run(a: crate::ReplaceArgs) -> anyhow::Result<()> {
             if let Some(b) = &bar {
                 b.set_length(now.1);
                 b.set_position(now.0);
+            }
+            if now.1 > 0 {
+                let (v0, t0) = *first.get_or_insert((now.0, Instant::now()));
+                if bar.is_none() && Instant::now() >= next_line {
+                    next_line = Instant::now() + PROGRESS_EVERY;
+                    eprintln!("{}", progress_line(now, v0, t0.elapsed()));
+                }
             }
         }
         if local.pid(a.id).is_none() {
@@ -102,4 +115,35 @@ pub async fn run(a: crate::ReplaceArgs) -> anyhow::Result<()> {
         start.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+/// A progress line: blocks verified of all, the rate since `from` blocks were
+/// verified `elapsed` ago, and the time left at that rate.
+fn progress_line((verified, total): (u64, u64), from: u64, elapsed: Duration) -> String {
+    let pct = verified as f64 * 100.0 / total.max(1) as f64;
+    let rate = verified.saturating_sub(from) as f64 / elapsed.as_secs_f64().max(1e-3);
+    let eta = if rate > 0.0 {
+        format!("{:.0} s", total.saturating_sub(verified) as f64 / rate)
+    } else {
+        "unknown".to_string()
+    };
+    format!(
+        "rebuild: {verified}/{total} blocks verified ({pct:.0}%), {rate:.1} blocks/s, eta {eta}"
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn progress_lines_say_rate_and_time_left() {
+        let l = progress_line((30, 100), 10, Duration::from_secs(10));
+        assert_eq!(
+            l,
+            "rebuild: 30/100 blocks verified (30%), 2.0 blocks/s, eta 35 s"
+        );
+        let l = progress_line((0, 100), 0, Duration::from_secs(1));
+        assert!(l.ends_with("eta unknown"), "{l}");
+    }
 }

@@ -40,6 +40,15 @@ pub async fn run(cluster: &Path, as_json: bool) -> anyhow::Result<i32> {
                         None => "down".to_string(),
                     },
                     "error": n.error,
+                    // Blocks verified against their stripes (a recovering or
+                    // rebuilding node's progress).
+                    "recovery": n.info.as_ref().and_then(|i| match i.state {
+                        NodeState::Recovering { verified, total } => Some(json!({
+                            "verified": verified,
+                            "total": total,
+                        })),
+                        NodeState::Up => None,
+                    }),
                     "incarnation": n.info.as_ref().map(|i| i.incarnation),
                     "map_state": member(n.id).map(|r| r.state.as_str()),
                     "map_incarnation": member(n.id).map(|r| r.incarnation),
@@ -52,7 +61,7 @@ pub async fn run(cluster: &Path, as_json: bool) -> anyhow::Result<i32> {
                         "repairs_installed": i.stats.repairs_installed,
                         "pending_updates": i.stats.pending_updates,
                         "locks_granted": i.stats.locks_granted,
-                                                "locks_denied": i.stats.locks_denied,
+                        "locks_denied": i.stats.locks_denied,
                         "clients_fenced": i.stats.fenced,
                         "updates_relayed": i.stats.relayed,
                         "cache_blocks_written_back": i.stats.written_back,
@@ -77,7 +86,7 @@ pub async fn run(cluster: &Path, as_json: bool) -> anyhow::Result<i32> {
             "nodes": nodes,
             "stripes": { "total": st.stripes, "healthy": st.healthy, "degraded": st.degraded,
                          "degraded_list": st.degraded_list.iter().map(|(s, w)| json!({"stripe": s, "why": w})).collect::<Vec<_>>() },
-                        "locks": crate::locks::json(&st.locks),
+            "locks": crate::locks::json(&st.locks),
         });
         say!("{}", serde_json::to_string_pretty(&out)?);
     } else {

@@ -24,11 +24,20 @@
 //!
 //! A flush that fails leaves its stripes' changes applied or not (the volume is
 //! consistent either way) and drops them from the cache; the caller gets the error.
+//!
+//! A change written through another client's cache is the holder's to write back.
+//! The writer's `flush` asks every holder it wrote through to write back and let go,
+//! and fails with [`ClientError::ForwardedLost`] if a holder does not answer (it
+//! died, and its cache with it) or answers that a write-back holding other clients'
+//! changes failed there (those are remembered for [`PEER_LOST_KEEP`]). A holder
+//! whose lease is not confirmed at `min_write` of a block's members, or that was
+//! fenced, serves that block to nobody: it answers as if it did not hold it.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use drs_codec::Codec;
@@ -42,6 +51,14 @@ use tokio::sync::{watch, Mutex};
 use crate::error::{CallError, ClientError};
 use crate::write::{LockOpts, LockedStripe};
 use crate::Client;
+
+/// How long a holder remembers that a write-back holding other clients' changes
+/// failed (their `flush` learns it when they ask within this time; a writer that
+/// wrote the block later within it is told so too: a failure is reported too often
+/// at worst, never too rarely).
+pub const PEER_LOST_KEEP: Duration = Duration::from_secs(600);
+/// Blocks remembered so at most (the oldest are forgotten first).
+const PEER_LOST_MAX: usize = 65_536;
 
 /// How a cache works.
 #[derive(Debug, Clone)]
@@ -97,6 +114,11 @@ pub(crate) struct CacheInner {
     /// back: (contact, block).
     forwarded: std::sync::Mutex<BTreeSet<(SocketAddr, u64)>>,
     put_seq: AtomicU64,
+    /// Blocks changed by other clients (`PeerWrite`) since their last write-back here.
+    peer_written: std::sync::Mutex<BTreeSet<u64>>,
+    /// Blocks whose write-back failed, or that were discarded, while they held other
+    /// clients' changes, and when (see [`PEER_LOST_KEEP`]).
+    peer_lost: std::sync::Mutex<BTreeMap<u64, Instant>>,
     /// Dropping it stops the peer endpoint.
     _stop: watch::Sender<()>,
 }
@@ -123,6 +145,8 @@ impl WriteBackCache {
                 entries: Mutex::new(BTreeMap::new()),
                 forwarded: Default::default(),
                 put_seq: AtomicU64::new(1),
+                peer_written: Default::default(),
+                peer_lost: Default::default(),
                 _stop: stop,
             }),
         }
@@ -180,6 +204,8 @@ impl WriteBackCache {
             entries: Mutex::new(BTreeMap::new()),
             forwarded: Default::default(),
             put_seq: AtomicU64::new(1),
+            peer_written: Default::default(),
+            peer_lost: Default::default(),
             _stop: stop,
         });
         if let Some(l) = listener {
@@ -323,13 +349,23 @@ impl WriteBackCache {
         let forwarded: Vec<(SocketAddr, u64)> = std::mem::take(&mut *slock(&self.inner.forwarded))
             .into_iter()
             .collect();
+        let mut lost = None;
         for (contact, lba) in forwarded {
             // The holder writes the block back before it answers.
             if let Err(e) = crate::peer::ask_release(&self.inner.client, contact, lba).await {
-                tracing::warn!(lba, %contact, error = %e, "a cache holding a forwarded write did not answer");
+                tracing::warn!(lba, %contact, error = %e, "a change written through another cache may be lost");
+                lost.get_or_insert(ClientError::ForwardedLost {
+                    lba,
+                    contact,
+                    detail: e.to_string(),
+                });
             }
         }
-        res
+        res?;
+        match lost {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
     }
 
     /// Writes back (and unlocks) those of `lbas` cached here; the rest of the cache
@@ -359,6 +395,7 @@ impl WriteBackCache {
                 e.dirty = None;
             }
         }
+        self.inner.note_written_back(lbas, false);
         // Nothing is sent but the unlocks; an unlock that fails is left to the lease.
         if let Err(e) = self.inner.flush_lbas(&mut entries, lbas).await {
             tracing::warn!(?lbas, error = %e, "releasing discarded blocks failed");
@@ -611,6 +648,7 @@ impl CacheInner {
                     self.drop_copies(id, &lbas).await;
                 }
             }
+            self.note_written_back(&lbas, res.is_ok());
             if let Err(e) = res {
                 // The update may have reached some members and not others, and the
                 // locks were released with it: the cached copies are no longer the
@@ -624,6 +662,58 @@ impl CacheInner {
             Some(e) => Err(e),
             None => Ok(()),
         }
+    }
+
+    /// `lbas` were written back (`ok`) or their changes dropped: those that held
+    /// other clients' changes are remembered as lost if not `ok`.
+    fn note_written_back(&self, lbas: &[u64], ok: bool) {
+        let held: Vec<u64> = {
+            let mut written = slock(&self.peer_written);
+            lbas.iter().copied().filter(|l| written.remove(l)).collect()
+        };
+        if ok || held.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        let mut lost = slock(&self.peer_lost);
+        lost.retain(|_, at| now.duration_since(*at) < PEER_LOST_KEEP);
+        for lba in held {
+            tracing::warn!(
+                lba,
+                "a write-back holding other clients' changes failed; they will be told"
+            );
+            lost.insert(lba, now);
+        }
+        while lost.len() > PEER_LOST_MAX {
+            let oldest = lost.iter().min_by_key(|(_, at)| **at).map(|(l, _)| *l);
+            match oldest {
+                Some(l) => lost.remove(&l),
+                None => break,
+            };
+        }
+    }
+
+    /// A write-back of `lba` holding other clients' changes failed recently here.
+    fn peer_change_lost(&self, lba: u64) -> bool {
+        slock(&self.peer_lost)
+            .get(&lba)
+            .is_some_and(|at| at.elapsed() < PEER_LOST_KEEP)
+    }
+
+    /// The lock a cached block is held under still stands: this client was not fenced
+    /// since it took it, and `min_write` of the members that granted it confirmed the
+    /// lease recently. Otherwise another client may hold the block by now, and the
+    /// cached bytes are served to nobody else.
+    fn lock_stands(&self, lock: &LockedStripe) -> bool {
+        if lock.client != self.client.id() {
+            return false;
+        }
+        let geo = self.client.geometry();
+        let confirmed = (0..geo.width())
+            .filter(|&p| lock.granted.get(p).copied().unwrap_or(false))
+            .filter(|&p| self.client.lease_ok(geo.member(lock.stripe, p)))
+            .count();
+        confirmed >= self.client.volume().min_write as usize
     }
 
     /// Tells the cache group the copies of `lbas`, kept under client identity
@@ -654,7 +744,7 @@ impl CacheInner {
                 let entries = self.entries.lock().await;
                 let (o, n) = (r.offset as usize, r.len as usize);
                 match entries.get(&r.lba) {
-                    Some(e) if o + n <= e.data.len() => Ok((
+                    Some(e) if o + n <= e.data.len() && self.lock_stands(&e.lock) => Ok((
                         Response::PeerData { held: true },
                         Bytes::copy_from_slice(&e.data[o..o + n]),
                     )),
@@ -663,7 +753,10 @@ impl CacheInner {
             }
             Request::PeerWrite(r) => {
                 let mut entries = self.entries.lock().await;
-                if !entries.contains_key(&r.lba) {
+                let stands = entries
+                    .get(&r.lba)
+                    .is_some_and(|e| self.lock_stands(&e.lock));
+                if !stands {
                     return Ok((
                         Response::PeerWritten {
                             held: false,
@@ -683,6 +776,7 @@ impl CacheInner {
                 self.apply(&mut entries, r.lba, r.offset as usize, &payload)
                     .await
                     .map_err(|_| WireError::Busy)?;
+                slock(&self.peer_written).insert(r.lba);
                 if r.durable {
                     self.flush_lbas(&mut entries, &[r.lba])
                         .await
@@ -699,11 +793,18 @@ impl CacheInner {
             Request::PeerRelease(r) => {
                 let mut entries = self.entries.lock().await;
                 let held = entries.contains_key(&r.lba);
-                if held {
-                    self.flush_lbas(&mut entries, &[r.lba])
-                        .await
-                        .map_err(|_| WireError::Busy)?;
+                let flushed = if held {
+                    self.flush_lbas(&mut entries, &[r.lba]).await
+                } else {
+                    Ok(())
+                };
+                if self.peer_change_lost(r.lba) {
+                    return Err(WireError::Io {
+                        kind: "a write-back of the block holding changes of other clients failed"
+                            .into(),
+                    });
                 }
+                flushed.map_err(|_| WireError::Busy)?;
                 Ok((Response::PeerReleased { held }, Bytes::new()))
             }
             _ => Err(WireError::Invalid {

@@ -65,6 +65,12 @@ pub enum ClientError {
     Fenced { node: NodeId },
     #[error("this client's lease at node {node} may have expired (the client was stalled); the write was not sent")]
     LeaseExpired { node: NodeId },
+    #[error("a change to block {lba} written through the cache of the client at {contact} may not have reached the storage nodes: {detail}")]
+    ForwardedLost {
+        lba: u64,
+        contact: std::net::SocketAddr,
+        detail: String,
+    },
     #[error("volume {0} is not in the cluster map")]
     UnknownVolume(u32),
     #[error("invalid coefficient table: {0}")]

@@ -141,35 +141,52 @@ pub(crate) async fn serve(
             _ = stop.changed() => return,
         };
         let Ok((stream, _)) = accepted else { continue };
-        let Some(c) = cache.upgrade() else { return };
+        if cache.strong_count() == 0 {
+            return;
+        }
+        let (cache, stop) = (cache.clone(), stop.clone());
         tokio::spawn(async move {
-            connection(stream, c).await;
+            connection(stream, cache, stop).await;
             drop(permit);
         });
     }
 }
 
-async fn connection(mut stream: TcpStream, cache: Arc<CacheInner>) {
+/// Serves one peer connection. It holds the cache only while it answers a request:
+/// a cache its owner dropped (or a client that died) stops serving at once, and the
+/// connection closes, so nobody is told a change it forwarded is safe in it.
+async fn connection(mut stream: TcpStream, cache: Weak<CacheInner>, mut stop: watch::Receiver<()>) {
     let _ = stream.set_nodelay(true);
     let peer = stream.peer_addr().ok();
-    let handshake = drs_proto::auth::accept_within(
-        &mut stream,
-        cache.key(),
-        cache.cluster_id(),
-        drs_proto::Purpose::Data,
-        PEER_TIMEOUT,
-    );
-    let session = match handshake.await {
-        Ok(s) => s,
-        Err(e) => {
-            if let Some(skipped) = cache.refusals.admit(e.kind()) {
-                tracing::warn!(?peer, error = %e, not_logged = skipped, "peer handshake refused; closing the connection");
+    let session = {
+        let Some(c) = cache.upgrade() else { return };
+        let handshake = drs_proto::auth::accept_within(
+            &mut stream,
+            c.key(),
+            c.cluster_id(),
+            drs_proto::Purpose::Data,
+            PEER_TIMEOUT,
+        );
+        match handshake.await {
+            Ok(s) => s,
+            Err(e) => {
+                if let Some(skipped) = c.refusals.admit(e.kind()) {
+                    tracing::warn!(?peer, error = %e, not_logged = skipped, "peer handshake refused; closing the connection");
+                }
+                return;
             }
-            return;
         }
     };
     let mut framed = Framed::new(stream, session.frames());
-    while let Some(Ok(frame)) = framed.next().await {
+    loop {
+        let frame = tokio::select! {
+            f = framed.next() => match f {
+                Some(Ok(f)) => f,
+                _ => return,
+            },
+            _ = stop.changed() => return,
+        };
+        let Some(cache) = cache.upgrade() else { return };
         let header = frame.header;
         let (resp, data) = match frame.decode_ctrl::<Request>() {
             _ if header.kind != FrameKind::Request => return,

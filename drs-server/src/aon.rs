@@ -199,14 +199,30 @@ async fn settle(
     .await;
     // A client with a cache group: its group writes its cache back under its locks
     // (cachegroup.rs), so they stay until every member of the group says it keeps no
-    // copy for the client any more (written back, or there never was one), or for a
-    // bounded time if a member does not answer.
+    // copy for the client any more (written back, or there never was one). If
+    // members do not answer, for a bounded time; while one that answers still keeps
+    // copies, for a longer one.
     let group = lock(&node.cache_groups).remove(&client);
     if let Some(group) = group {
-        let until = Instant::now() + crate::cachegroup::WRITE_BACK_WAIT + TURN * group.len() as u32;
-        while lock(&vol.locks).holds_any(client) && Instant::now() < until {
-            if crate::cachegroup::group_done(peer, vid, client, &group).await {
-                break;
+        use crate::cachegroup::{GroupProgress, WRITE_BACK_WAIT, WRITE_BACK_WAIT_HOLDING};
+        let start = Instant::now();
+        let short = WRITE_BACK_WAIT + TURN * group.len() as u32;
+        let long = WRITE_BACK_WAIT_HOLDING + TURN * group.len() as u32;
+        while lock(&vol.locks).holds_any(client) {
+            let waited = start.elapsed();
+            match crate::cachegroup::group_progress(peer, vid, client, &group).await {
+                GroupProgress::Done => break,
+                GroupProgress::Holding if waited < long => {}
+                GroupProgress::Unreachable if waited < short => {}
+                progress => {
+                    tracing::warn!(
+                        client,
+                        ?progress,
+                        waited_ms = waited.as_millis() as u64,
+                        "a dead client's cache group did not write its cache back in time; releasing its locks (cached changes not written back are lost)"
+                    );
+                    break;
+                }
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }

@@ -33,8 +33,12 @@ use crate::node::Node;
 /// How long each member after the first waits before writing back in its turn.
 pub const TURN: Duration = Duration::from_secs(1);
 /// How long the stripes' nodes keep a fenced client's locks for its cache group to
-/// write its cache back (plus a [`TURN`] per member of the group).
+/// write its cache back (plus a [`TURN`] per member of the group) when no member of
+/// the group that answers still keeps copies (the others do not answer).
 pub const WRITE_BACK_WAIT: Duration = Duration::from_secs(5);
+/// How long they keep them while a member that answers still keeps copies (it is
+/// writing them back, or its turn has not come): a slow group loses nothing.
+pub const WRITE_BACK_WAIT_HOLDING: Duration = Duration::from_secs(60);
 
 /// The copies kept for one client.
 #[derive(Debug, Default)]
@@ -248,22 +252,44 @@ async fn fetch_copies(
     }
 }
 
-/// True when every member of `group` answers that it keeps no copy for `client` in
-/// `vid`: the group wrote the client's cache back, or had nothing of it.
-pub async fn group_done(peer: &Client, vid: VolumeId, client: ClientId, group: &[NodeId]) -> bool {
+/// Where a dead client's cache group is with writing its cache back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GroupProgress {
+    /// Every member answers that it keeps no copy for the client: the group wrote
+    /// the cache back, or had nothing of it.
+    Done,
+    /// A member that answers still keeps copies: it writes them back in its turn.
+    Holding,
+    /// No member that answers keeps a copy, but some do not answer.
+    Unreachable,
+}
+
+/// Asks every member of `group` whether it keeps copies for `client` in `vid`.
+pub async fn group_progress(
+    peer: &Client,
+    vid: VolumeId,
+    client: ClientId,
+    group: &[NodeId],
+) -> GroupProgress {
     // The first page is empty only when there is no copy at all.
     let req = Request::CacheGet(CacheGetReq {
         volume: vid,
         client,
         from_lba: 0,
     });
+    let mut silent = false;
     for member in group {
         match peer.call(*member, &req, Bytes::new()).await {
             Ok((Response::CacheCopies(c), _)) if c.copies.is_empty() => {}
-            _ => return false,
+            Ok((Response::CacheCopies(_), _)) => return GroupProgress::Holding,
+            _ => silent = true,
         }
     }
-    true
+    if silent {
+        GroupProgress::Unreachable
+    } else {
+        GroupProgress::Done
+    }
 }
 
 /// Writes a dead client's cache back (see the module docs).

@@ -169,6 +169,9 @@ pub async fn run(
                 for v in node.volumes.values() {
                     v.store.all_unverified();
                 }
+                // Not registered until the next `Register` is applied: recovery
+                // waits for it (`recover::await_registration`).
+                node.registered.store(0, Ordering::Release);
                 reverify.send_modify(|n| *n += 1);
                 continue 'register;
             }

@@ -6,6 +6,15 @@
 //! decode it from the rest of the stripe instead. Updates, locks and unlocks are
 //! served meanwhile, so nothing new is missed.
 //!
+//! 0. **Registered.** With a metadata service, wait until this start of the node is
+//!    registered (its record in the map has the new incarnation and says
+//!    recovering) and every other member that answers has reached that map's epoch
+//!    ([`await_registration`]). Members refuse requests of an older epoch, so from
+//!    then on every write a member takes comes from a client whose map names this
+//!    node recovering, and is sent here too. (Clients send nothing to a node their
+//!    map says is down: without this step, a registration slower than the settle
+//!    time let writes skip the node after its blocks were compared, and it was then
+//!    marked up with stale blocks.)
 //! 1. **Settle.** Wait `settle` (1.5 s): longer than a client's reconnect backoff
 //!    (1 s), so every client that saw this node down has tried it again, and no new
 //!    write skips it.
@@ -37,14 +46,15 @@
 //! - every `verify_interval` it compares all its blocks with their stripes again and
 //!   rebuilds any that fell behind without it noticing (a dropped connection).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use drs_client::select::{self, Seen};
 use drs_client::Client;
-use drs_proto::{SlotInfo, SlotState, StripeId, VolumeId};
+use drs_proto::{MemberState, NodeId, Request, Response, SlotInfo, SlotState, StripeId, VolumeId};
 use futures::future::join_all;
 use futures::stream::{self, StreamExt};
 use tokio::sync::watch;
@@ -56,6 +66,10 @@ use crate::store::VolumeStore;
 /// memory while it is decoded). More does not rebuild faster on a small machine; it
 /// takes more from the foreground traffic.
 const CONCURRENCY: usize = 8;
+
+/// Longest a rejoining node waits for the other members to reach the epoch that
+/// registered it (step 0).
+const EPOCH_WAIT: Duration = Duration::from_secs(10);
 
 /// Paces rebuilds to a rate in bytes per second (0: as fast as they go), so a node
 /// rebuilding its blocks leaves room for the foreground traffic.
@@ -130,7 +144,7 @@ pub async fn lifecycle(
         }
         if now.duration_since(last_stuck) >= Duration::from_secs(1) {
             last_stuck = now;
-            rebuild_stuck(&node, &peers).await;
+            rebuild_stuck(&node, &peers, &pace).await;
         }
         let interval = node.cfg.verify_interval;
         if !interval.is_zero() && now.duration_since(last_compare) >= interval {
@@ -194,6 +208,9 @@ async fn recover(
     settle: Duration,
     shutdown: &mut watch::Receiver<bool>,
 ) -> bool {
+    if !await_registration(node, peers, shutdown).await {
+        return false;
+    }
     if !settle.is_zero() {
         tracing::info!(
             settle_ms = settle.as_millis() as u64,
@@ -226,6 +243,84 @@ async fn recover(
     tracing::info!(verified = v, total = t, "all blocks verified; node is up");
     node.all_verified.notify_one();
     true
+}
+
+/// Step 0 of [`recover`]: waits until this start of the node is in the map as
+/// registered and not down, then until every other member of its volumes has reached
+/// that map's epoch (polled by `Ping`, for at most [`EPOCH_WAIT`]). A member that
+/// does not answer is not waited for: it takes no writes from anybody now, and when
+/// it does again it has learnt the map first. No wait without a metadata service (a
+/// static map names every node up). False if shutdown came first.
+async fn await_registration(
+    node: &Node,
+    peers: &HashMap<VolumeId, Client>,
+    shutdown: &mut watch::Receiver<bool>,
+) -> bool {
+    if node.map.meta.is_empty() {
+        return true;
+    }
+    let me = node.cfg.node;
+    let mut logged = false;
+    let epoch = loop {
+        let incarnation = node.registered.load(Ordering::Acquire);
+        if incarnation != 0 {
+            let map = node.live_map();
+            let listed = map.nodes.iter().any(|n| {
+                n.id == me && n.incarnation == incarnation && n.state != MemberState::Down
+            });
+            if listed {
+                break map.epoch;
+            }
+        }
+        if !logged {
+            logged = true;
+            tracing::info!("waiting for the metadata service to register this start of the node before comparing blocks");
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+            _ = shutdown.changed() => return false,
+        }
+    };
+    let Some(client) = peers.values().next() else {
+        return true;
+    };
+    let mut behind: BTreeSet<NodeId> = node
+        .volumes
+        .values()
+        .flat_map(|v| v.store.geometry().nodes.clone())
+        .filter(|n| *n != me)
+        .collect();
+    let deadline = Instant::now() + EPOCH_WAIT;
+    loop {
+        let answers = join_all(behind.iter().map(|n| async move {
+            let r = client.call(*n, &Request::Ping, Bytes::new()).await;
+            (*n, r)
+        }))
+        .await;
+        for (n, r) in answers {
+            match r {
+                Ok((Response::Pong(info), _)) if info.epoch < epoch => {}
+                _ => {
+                    behind.remove(&n);
+                }
+            }
+        }
+        if behind.is_empty() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            tracing::warn!(
+                epoch,
+                ?behind,
+                "members still behind the epoch that registered this node; comparing anyway"
+            );
+            return true;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+            _ = shutdown.changed() => return false,
+        }
+    }
 }
 
 /// One pass of compare-and-rebuild over the unverified blocks (with `all`: over every
@@ -398,7 +493,7 @@ async fn rebuild_here(store: &VolumeStore, client: &Client, mine: &SlotInfo) -> 
 }
 
 /// Rebuilds blocks stuck behind a missed update.
-async fn rebuild_stuck(node: &Node, peers: &HashMap<VolumeId, Client>) {
+async fn rebuild_stuck(node: &Node, peers: &HashMap<VolumeId, Client>, pace: &Pace) {
     for (vid, client) in peers {
         let Some(vol) = node.volumes.get(vid) else {
             continue;
@@ -409,6 +504,7 @@ async fn rebuild_stuck(node: &Node, peers: &HashMap<VolumeId, Client>) {
                 stripe,
                 "block missed an update; rebuilding it from the stripe"
             );
+            pace.take(vol.store.geometry().block_size as u64).await;
             let findings = client.scrub_one(stripe, true).await;
             tracing::info!(stripe, ?findings, "rebuild after a missed update");
             vol.store.forget_unseen(stripe);

@@ -689,18 +689,26 @@ impl LocalCluster {
         Ok(())
     }
 
-    /// Adds a metadata replica hosted by node `host` (which must not host one): the
-    /// cluster file names it, the node restarts to host it, and the leader adds it
-    /// (first as a learner that catches up, then as a voter). Returns its id.
+    /// Adds a metadata replica hosted by node `host`: the cluster file names it, the
+    /// node restarts to host it, and the leader adds it (first as a learner that
+    /// catches up, then as a voter). Returns its id.
+    ///
+    /// If the file already names a replica at `host`, that one is added (again): an
+    /// earlier `meta add` that failed after saving the file (the learner did not
+    /// catch up in time, say) is finished, and one that succeeded changes nothing.
     pub async fn meta_add(&mut self, host: NodeId) -> Result<u64, LocalError> {
         let meta = self.meta_service("adding a metadata replica")?;
         if self.map.node(host).is_none() {
             return Err(LocalError::UnknownNode(host));
         }
-        if self.map.meta.iter().any(|r| r.host == Some(host)) {
-            return Err(LocalError::Invalid(format!(
-                "node {host} already hosts a metadata replica"
-            )));
+        if let Some(r) = self.map.meta.iter().find(|r| r.host == Some(host)).cloned() {
+            if self.pid(host).is_none() {
+                self.start(host, false)?;
+            }
+            meta.add_replica(r.id, r.addr).await.map_err(|e| {
+                LocalError::Meta(format!("add replica {} at {}: {e}", r.id, r.addr))
+            })?;
+            return Ok(r.id);
         }
         let id = self.map.meta.iter().map(|r| r.id).max().unwrap_or(0) + 1;
         let addr = addr_or_free(None)?;

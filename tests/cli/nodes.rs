@@ -168,22 +168,76 @@ fn degraded_read_waits_for_a_slow_block_owner() {
 }
 
 /// Goal: `node replace` puts a new, empty node in a dead node's place and waits, with
-/// its rate limit, until the rebuild is done and the metadata service says it is up;
-/// the data then reads back exactly with two other nodes killed. `node add` joins a
-/// new node to the map, `node remove` takes it out again, and removing a node that
-/// holds blocks is refused with one clear line.
+/// its rate limit, until the rebuild is done and the metadata service says it is up,
+/// printing progress lines with an ETA when stderr is not a terminal; meanwhile
+/// `status --json` shows the node's progress and reads and writes are served; the
+/// data then reads back exactly with two other nodes killed. `node add` joins a new
+/// node to the map, `node remove` takes it out again, and removing a node that holds
+/// blocks is refused with one clear line.
+///
+/// Method: the whole volume written (the node holds 64 blocks of 4 KiB), then
+/// replaced at `--rate 0.05` (MiB/s): the rebuild must take at least 4 s (63 paced
+/// blocks at 52 KB/s: 4.9 s; without the limit it takes well under a second).
 #[test]
 fn replace_add_remove() {
     let c = Cluster::up(256);
-    let d = data(41, 64 * BS);
+    let mut d = data(41, 256 * BS);
     c.write(0, &d).ok();
     c.node("kill", 3).ok();
-    let out = c
-        .cmd(&["node", "replace"], &["3", "--rate", "50"])
-        .deadline(Duration::from_secs(120))
-        .run()
-        .ok();
+    let (out, progress) = std::thread::scope(|s| {
+        let replace = s.spawn(|| {
+            c.cmd(&["node", "replace"], &["3", "--rate", "0.05"])
+                .deadline(Duration::from_secs(120))
+                .run()
+        });
+        let mut progress = None;
+        while !replace.is_finished() {
+            let (_, st) = c.status_json();
+            let n3 = st["nodes"]
+                .as_array()
+                .and_then(|ns| ns.iter().find(|n| n["id"] == 3))
+                .cloned();
+            if let Some(r) = n3.map(|n| n["recovery"].clone()).filter(|r| !r.is_null()) {
+                if r["verified"].as_u64() < r["total"].as_u64() {
+                    progress.get_or_insert(r);
+                }
+            }
+            // Foreground reads and writes go on during the rebuild.
+            if progress.is_some() {
+                let back = c.read(0, 256).ok();
+                assert!(back.stdout == d, "a read during the rebuild");
+                let patch = data(42, BS);
+                c.write(7, &patch).ok();
+                d[7 * BS..8 * BS].copy_from_slice(&patch);
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        (replace.join().expect("replace thread"), progress)
+    });
+    let out = out.ok();
     assert!(out.text().contains("rebuilt and up"), "{out}");
+    let secs: f64 = out
+        .text()
+        .split("rebuilt and up after ")
+        .nth(1)
+        .and_then(|t| t.split(' ').next())
+        .and_then(|t| t.parse().ok())
+        .unwrap_or_else(|| panic!("no rebuild time in {out}"));
+    assert!(
+        secs >= 4.0,
+        "the rate limit held the rebuild back: {secs} s\n{out}"
+    );
+    assert!(
+        out.stderr.lines().any(|l| l.starts_with("rebuild: ")
+            && l.contains("blocks verified")
+            && l.contains("eta")),
+        "progress lines on stderr: {out}"
+    );
+    let progress = progress.expect("status --json showed the rebuild's progress");
+    assert!(
+        progress["total"].as_u64().unwrap_or(0) >= 64,
+        "the node's blocks counted: {progress}"
+    );
     assert!(
         c.node_dir(3).join("data.replaced-1").exists(),
         "old data kept aside"
@@ -221,7 +275,7 @@ fn replace_add_remove() {
 
     c.node("kill", 1).ok();
     c.node("kill", 2).ok();
-    let back = c.read_degraded(0, 64).ok();
+    let back = c.read_degraded(0, 256).ok();
     assert!(
         back.stdout == d,
         "data after the replacement, with nodes 1 and 2 dead"
@@ -230,8 +284,9 @@ fn replace_add_remove() {
 
 /// Goal: `meta add` and `meta remove` change the metadata service's Raft membership:
 /// a replica added on a node that hosts none joins (status lists it answering, as a
-/// follower or the leader), and removing one of the original replicas leaves a
-/// service that still has a leader and still marks nodes down; data stays readable.
+/// follower or the leader); `meta add` again on that node finishes or repeats the
+/// addition (changing nothing); removing the Raft leader leaves a service that elects
+/// another leader and still marks nodes down; data stays readable.
 #[test]
 fn meta_add_remove() {
     let (c, _) = Cluster::start(&["--blocks", "256", "--block-size", "4KiB", "--meta", "3"]);
@@ -267,17 +322,30 @@ fn meta_add_remove() {
         "replica 4 never joined: {}",
         c.status_json().1["meta"]
     );
-    c.cmd(&["meta", "remove"], &["1"]).run().ok();
+    let out = c.cmd(&["meta", "add"], &["--node", "4"]).run().ok();
+    assert!(out.text().contains("metadata replica 4 added"), "{out}");
+    assert_eq!(
+        c.status_json().1["meta"]["voters"],
+        serde_json::json!([1, 2, 3, 4]),
+        "adding the same replica again changed the voters"
+    );
+    let leader = c.status_json().1["meta"]["leader"]
+        .as_u64()
+        .expect("a leader");
+    c.cmd(&["meta", "remove"], &[&leader.to_string()])
+        .run()
+        .ok();
+    let rest: Vec<u64> = (1..=4).filter(|id| *id != leader).collect();
     assert!(
         eventually(Duration::from_secs(20), || {
             let (_, st) = c.status_json();
             let rs = replicas(&st);
             rs.len() == 3
-                && rs.iter().all(|(id, _)| *id != 1)
-                && st["meta"]["leader"].is_u64()
-                && st["meta"]["voters"] == serde_json::json!([2, 3, 4])
+                && rs.iter().all(|(id, _)| *id != leader)
+                && st["meta"]["leader"].as_u64().is_some_and(|l| l != leader)
+                && st["meta"]["voters"] == serde_json::json!(rest)
         }),
-        "replica 1 not removed: {}",
+        "the leader, replica {leader}, not removed: {}",
         c.status_json().1["meta"]
     );
     // The smaller service still works: it marks a killed node down.

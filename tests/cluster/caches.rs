@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use drs_client::cache::CacheConfig;
-use drs_client::{ClientConfig, WriteBackCache};
+use drs_client::{ClientConfig, ClientError, WriteBackCache};
 
 use crate::common::{bytes, client_config, read_ok, TestCluster, BS};
 
@@ -118,4 +118,53 @@ async fn a_durable_write_through_the_holder_is_on_the_nodes_when_it_returns() {
     // A block nobody caches: written directly.
     b.write_durable(8, 0, &patch).await.unwrap();
     assert_eq!(&read_ok(&tc.client, 8, "direct").await[..300], &patch[..]);
+}
+
+/// B writes through A's cache; A then dies (its cache, and B's change in it, die
+/// with it): B's flush must fail, not report the change as on the nodes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flush_fails_when_the_holder_of_a_forwarded_write_is_gone() {
+    let tc = TestCluster::start("peer-gone").await;
+    let a = serving_cache(&tc).await;
+    let b = serving_cache(&tc).await;
+    a.write(5, 0, &bytes(1, BS)).await.unwrap();
+    b.write(5, 100, &bytes(2, 200)).await.unwrap();
+    assert_eq!(b.len().await, 0, "B's write went into A's cache");
+    drop(a);
+    match b.flush().await {
+        Err(ClientError::ForwardedLost { lba: 5, .. }) => {}
+        other => panic!("B's flush after A died: {other:?}"),
+    }
+}
+
+/// B writes through A's cache; A drops the block without writing it back (as a
+/// failed write-back does): B's flush fails with that, and the change is not on the
+/// nodes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flush_fails_when_the_holder_dropped_a_forwarded_write() {
+    let tc = TestCluster::start("peer-dropped").await;
+    let a = serving_cache(&tc).await;
+    let b = serving_cache(&tc).await;
+    a.write(5, 0, &bytes(1, BS)).await.unwrap();
+    b.write(5, 100, &bytes(2, 200)).await.unwrap();
+    a.discard_blocks(&[5]).await;
+    match b.flush().await {
+        Err(ClientError::ForwardedLost { lba: 5, detail, .. }) => {
+            assert!(detail.contains("write-back"), "{detail}")
+        }
+        other => panic!("B's flush after A dropped its change: {other:?}"),
+    }
+    assert!(
+        read_ok(&tc.client, 5, "after the drop")
+            .await
+            .iter()
+            .all(|x| *x == 0),
+        "the dropped change is not on the nodes"
+    );
+    // A block written back normally since is reported as such.
+    a.write(6, 0, &bytes(3, BS)).await.unwrap();
+    b.write(6, 0, &bytes(4, 100)).await.unwrap();
+    b.flush()
+        .await
+        .expect("a forwarded write that was written back");
 }

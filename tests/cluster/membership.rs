@@ -44,6 +44,17 @@ async fn wait_state(
     panic!("{what}: not within {within:?}; last seen: {last:?}");
 }
 
+/// The failure detector's promise: a silent node is marked down within its timeout,
+/// give or take the detector's tick, a Raft commit and this test's 100 ms polling
+/// (2.5 s of slack on a busy machine).
+fn assert_detected_in_time(detected: Duration) {
+    let bound = Duration::from_millis(DOWN_AFTER_MS + 2500);
+    assert!(
+        detected <= bound,
+        "marked down {detected:?} after it fell silent; the timeout is {DOWN_AFTER_MS} ms"
+    );
+}
+
 fn state_of(s: &MetaState, id: NodeId) -> (NodeState, u64) {
     let r = s.nodes.get(&id).expect("node in the map");
     (r.state, r.incarnation)
@@ -78,6 +89,7 @@ async fn a_hung_node_is_marked_down_and_routed_around() {
     let detected = stopped_at.elapsed();
     assert!(down.epoch > before.epoch, "marking down raises the epoch");
     eprintln!("node {victim} marked down {detected:?} after SIGSTOP (timeout {DOWN_AFTER_MS} ms)");
+    assert_detected_in_time(detected);
 
     // The client learns the new map (watch) and stops calling the node.
     let until = Instant::now() + Duration::from_secs(10);
@@ -139,6 +151,7 @@ async fn a_restarted_node_recovers_before_it_is_up() {
     let inc_before = state_of(&meta.read().await.expect("read"), victim).1;
 
     tc.kill(victim);
+    let killed_at = Instant::now();
     wait_state(
         &meta,
         "killed node marked down",
@@ -146,6 +159,22 @@ async fn a_restarted_node_recovers_before_it_is_up() {
         |s| state_of(s, victim).0 == NodeState::Down,
     )
     .await;
+    assert_detected_in_time(killed_at.elapsed());
+    // Clients learn it and read around the node without calling it.
+    let until = Instant::now() + Duration::from_secs(10);
+    while tc.client.map().node_state(victim) != drs_proto::MemberState::Down {
+        assert!(
+            Instant::now() < until,
+            "client never learned the node is down"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let degraded_before = degraded_reads(&tc.client);
+    verify(&tc.client, &blocks, "with the node down in the map").await;
+    assert!(
+        degraded_reads(&tc.client) > degraded_before,
+        "reads of the dead node's blocks were reconstructed"
+    );
     for lba in (1..tc.client.blocks()).step_by(2) {
         blocks[lba as usize] = bytes(2000 + lba, BS);
         tc.client
@@ -155,6 +184,19 @@ async fn a_restarted_node_recovers_before_it_is_up() {
     }
 
     tc.restart(victim);
+    // Its new incarnation shows first as recovering, then up.
+    let rejoined = wait_state(
+        &meta,
+        "restarted node registered",
+        Duration::from_secs(30),
+        |s| state_of(s, victim).1 > inc_before,
+    )
+    .await;
+    assert_eq!(
+        state_of(&rejoined, victim).0,
+        NodeState::Recovering,
+        "a restarted node is recovering before it is up"
+    );
     let back = wait_state(&meta, "restarted node up", Duration::from_secs(60), |s| {
         let (st, inc) = state_of(s, victim);
         st == NodeState::Up && inc > inc_before
@@ -166,6 +208,95 @@ async fn a_restarted_node_recovers_before_it_is_up() {
     assert_eq!(info.state, drs_proto::NodeState::Up, "{info:?}");
     verify(&tc.client, &blocks, "after the restart").await;
     assert_scrub_clean(&tc.client, "after the restart").await;
+}
+
+/// A restarted node whose registration is slow (the metadata service has no quorum
+/// when it starts) compares its blocks only once it is registered and the other
+/// members know it: clients keep writing around it until then (their map still says
+/// it is down), and a node that had compared before would be marked up with stale
+/// blocks the moment its registration lands.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_registered_late_is_up_only_after_catching_up() {
+    use nix::sys::signal::Signal;
+    let tc = TestCluster::with(
+        "member-late-register",
+        Setup {
+            fault_signals: true,
+            ..setup()
+        },
+    )
+    .await;
+    let meta = meta(&tc);
+    let replicas = tc.local.map.meta.clone();
+    let hosts: Vec<NodeId> = replicas.iter().filter_map(|r| r.host).collect();
+    let victim = tc
+        .ids()
+        .into_iter()
+        .find(|id| !hosts.contains(id))
+        .expect("a node hosting no replica");
+    wait_state(&meta, "every node up", Duration::from_secs(30), |s| {
+        s.nodes.values().all(|r| r.state == NodeState::Up)
+    })
+    .await;
+    let mut blocks = random_blocks(3, tc.client.blocks());
+    write_all(&tc.client, &blocks).await;
+    let inc_before = state_of(&meta.read().await.expect("read"), victim).1;
+
+    tc.kill(victim);
+    wait_state(
+        &meta,
+        "killed node marked down",
+        Duration::from_secs(20),
+        |s| state_of(s, victim).0 == NodeState::Down,
+    )
+    .await;
+    let until = Instant::now() + Duration::from_secs(10);
+    while tc.client.map().node_state(victim) != drs_proto::MemberState::Down {
+        assert!(
+            Instant::now() < until,
+            "client never learned the node is down"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Two of the three replicas cut off: nothing commits, so the restarted node
+    // cannot register, and every map still says it is down.
+    for host in &hosts[..2] {
+        tc.local.signal(*host, Signal::SIGUSR1).expect("cut off");
+    }
+    tc.restart(victim);
+    // Long enough for the node to settle and compare every block, had it not waited.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for lba in 0..tc.client.blocks() {
+        blocks[lba as usize] = bytes(3000 + lba, BS);
+        tc.client
+            .write(lba, 0, &blocks[lba as usize])
+            .await
+            .unwrap_or_else(|e| panic!("write {lba} around the unregistered node: {e}"));
+    }
+    for host in &hosts[..2] {
+        tc.local.signal(*host, Signal::SIGUSR2).expect("heal");
+    }
+    wait_state(&meta, "restarted node up", Duration::from_secs(60), |s| {
+        let (st, inc) = state_of(s, victim);
+        st == NodeState::Up && inc > inc_before
+    })
+    .await;
+    // Up: the node serves its blocks itself, and they are the ones written around it.
+    let until = Instant::now() + Duration::from_secs(10);
+    while tc.client.map().node_state(victim) != drs_proto::MemberState::Up {
+        assert!(
+            Instant::now() < until,
+            "client never learned the node is up"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let direct_before = tc.info(victim).await.stats.reads;
+    verify(&tc.client, &blocks, "after the late registration").await;
+    assert!(
+        tc.info(victim).await.stats.reads > direct_before,
+        "the node served reads of its blocks"
+    );
+    assert_scrub_clean(&tc.client, "after the late registration").await;
 }
 
 /// SIGKILL the node hosting the Raft leader while metadata changes stream in: a new
@@ -242,9 +373,11 @@ async fn killing_the_metadata_leader_loses_no_acknowledged_change() {
         assert!(start.elapsed() < Duration::from_secs(15), "no new leader");
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    eprintln!(
-        "new leader {new_leader} {:?} after the kill",
-        killed_at.elapsed()
+    let elected = killed_at.elapsed();
+    eprintln!("new leader {new_leader} {elected:?} after the kill");
+    assert!(
+        elected <= Duration::from_secs(5),
+        "a new leader {elected:?} after the kill: not within a few seconds"
     );
 
     let (acked, failed) = streamer.await.expect("streamer");
@@ -282,37 +415,65 @@ async fn a_replaced_node_rebuilds_everything_under_load() {
     write_all(&tc.client, &blocks).await;
     tc.kill(victim);
 
-    // Foreground writes while the new node rebuilds.
-    let writer = {
-        let client = tc.new_client(client_config());
-        let n = client.blocks();
-        tokio::spawn(async move {
-            let mut written = Vec::new();
-            for lba in (0..n).step_by(5) {
-                let data = bytes(5000 + lba, BS);
-                client
-                    .write(lba, 0, &data)
-                    .await
-                    .unwrap_or_else(|e| panic!("foreground write {lba} during the rebuild: {e}"));
-                written.push((lba, data));
-            }
-            written
-        })
-    };
+    // Foreground writes and reads (each checked) from before the replacement until
+    // the new node is up.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let replaced = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer =
+        {
+            let client = tc.new_client(client_config());
+            let mut model = blocks.clone();
+            let (stop, replaced) = (stop.clone(), replaced.clone());
+            tokio::spawn(async move {
+                use std::sync::atomic::Ordering::Acquire;
+                let n = client.blocks();
+                // Rounds of one write and one checked read after the replacement began.
+                let (mut during, mut i) = (0u64, 0u64);
+                while !stop.load(Acquire) {
+                    let lba = (i * 7) % n;
+                    let data = bytes(5000 + i, BS);
+                    client.write(lba, 0, &data).await.unwrap_or_else(|e| {
+                        panic!("foreground write {lba} during the rebuild: {e}")
+                    });
+                    model[lba as usize] = data;
+                    let other = (i * 13 + 1) % n;
+                    let got = client.read_block(other).await.unwrap_or_else(|e| {
+                        panic!("foreground read {other} during the rebuild: {e}")
+                    });
+                    assert!(
+                        got[..] == model[other as usize][..],
+                        "foreground read {other} during the rebuild: wrong bytes"
+                    );
+                    if replaced.load(Acquire) {
+                        during += 1;
+                    }
+                    i += 1;
+                }
+                (model, during)
+            })
+        };
+    tokio::time::sleep(Duration::from_millis(200)).await;
     let addr = tc.local.replace(victim, None).await.expect("replace");
+    replaced.store(true, std::sync::atomic::Ordering::Release);
     let up = wait_state(&meta, "replaced node up", Duration::from_secs(90), |s| {
         s.nodes
             .get(&victim)
             .is_some_and(|r| r.state == NodeState::Up && r.addr == addr)
     })
     .await;
+    stop.store(true, std::sync::atomic::Ordering::Release);
     eprintln!(
         "replacement of node {victim} at {addr} up at epoch {}",
         up.epoch
     );
-    for (lba, data) in writer.await.expect("writer") {
-        blocks[lba as usize] = data;
-    }
+    let (model, rounds) = writer.await.expect("writer");
+    blocks = model;
+    eprintln!("{rounds} writes and as many checked reads while the node rebuilt");
+    assert!(
+        rounds > 0,
+        "foreground traffic was served during the rebuild"
+    );
+    assert_scrub_clean(&tc.client, "after the replacement").await;
     assert!(
         tc.local
             .dir
