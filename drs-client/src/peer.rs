@@ -11,7 +11,10 @@
 //! - ask the holder to write the block back and let it go (`PeerRelease`), so that
 //!   waiting for a cached block never starves.
 //!
-//! Peer calls are rare: each is one short connection.
+//! Peer calls are rare. The calling client keeps one connection per contact
+//! (`Client::peer_conn`); the serving cache takes at most [`PEER_CONNECTIONS`] at
+//! once, and a connection stops being served, and closes, as soon as the cache is
+//! dropped (its owner died or let it go): nobody is then told a change is safe in it.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Weak};

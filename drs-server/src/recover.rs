@@ -65,7 +65,7 @@ use crate::store::VolumeStore;
 /// Stripes compared or rebuilt at once (each holds at most a stripe's blocks in
 /// memory while it is decoded). More does not rebuild faster on a small machine; it
 /// takes more from the foreground traffic.
-const CONCURRENCY: usize = 8;
+const CONCURRENCY: usize = 4;
 
 /// Longest a rejoining node waits for the other members to reach the epoch that
 /// registered it (step 0).

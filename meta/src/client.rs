@@ -7,9 +7,12 @@
 //! replica addresses from hints and from the states it reads. Connections are reused
 //! through a small pool.
 //!
-//! A proposal that timed out may still have been applied; retrying it is safe for
-//! `Register` (one more incarnation), `MarkUp`/`MarkDown` (answered `Unchanged`), and
-//! answered with a refusal (`NodeExists`, `UnknownNode`) for the others.
+//! A proposal that timed out may still have been applied; a retry carries the same
+//! nonce, so the state machine answers it with the first answer instead of applying
+//! it again (`Register` gets the same incarnation; see `state.rs`, `Answered`). Only
+//! past the number of answers the state machine keeps would a retry apply again.
+//! (`MarkUp`/`MarkDown` are answered `Unchanged` then, the others with a refusal such
+//! as `NodeExists`.)
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

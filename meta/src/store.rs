@@ -707,8 +707,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let db = self.db.clone();
         let bytes = encode("committed", &committed)
             .map_err(|e| e.into_raft(ErrorSubject::Store, ErrorVerb::Write))?;
-        // A hint: the state machine is persisted on apply, so losing the latest value in
-        // a crash only means re-applying from an older committed id.
+        // A hint: the state machine is persisted every `persist_every` entries with the
+        // id it reached, so losing the latest value in a crash only means re-applying
+        // from an older id (the log holds every committed entry since).
         blocking(move || put_meta(&db, &[(KEY_COMMITTED, &bytes)], Durability::None))
             .await
             .map_err(|e| e.into_raft(ErrorSubject::Store, ErrorVerb::Write))

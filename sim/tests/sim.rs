@@ -57,9 +57,32 @@ fn failure_text_with(r: &Report, replay: &str) -> String {
 
 #[test]
 fn many_seeds() {
+    many(GenOpts::from_env(), "");
+}
+
+/// The seeds of [`many_seeds`] with `min_write` drawn from k .. k + m (as
+/// `DRS_SIM_MIN_WRITE=any`): volumes are created with `min_write` = k by default, so
+/// CI checks that configuration too.
+#[test]
+fn many_seeds_min_write_below_width() {
+    let gen = GenOpts {
+        min_write_below_width: true,
+        ..GenOpts::from_env()
+    };
+    let forced = if std::env::var("DRS_SIM_MIN_WRITE").is_ok() {
+        ""
+    } else {
+        "DRS_SIM_MIN_WRITE=any "
+    };
+    many(gen, forced);
+}
+
+/// Runs `DRS_SIM_SEEDS` seeds (1000) from `DRS_SIM_FIRST` (0) on two threads and
+/// fails with every seed that broke an invariant; `forced` is put before each replay
+/// command (the switches `gen` sets beyond the environment).
+fn many(gen: GenOpts, forced: &str) {
     let count = env_u64("DRS_SIM_SEEDS").unwrap_or(1000);
     let first = env_u64("DRS_SIM_FIRST").unwrap_or(0);
-    let gen = GenOpts::from_env();
     let started = Instant::now();
     let threads = 2;
     let results: Vec<(Stats, Vec<Report>)> = std::thread::scope(|s| {
@@ -83,7 +106,10 @@ fn many_seeds() {
             .collect();
         handles
             .into_iter()
-            .map(|h| h.join().expect("a simulation thread panicked"))
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| panic!("a simulation thread panicked"))
+            })
             .collect()
     });
     let mut stats = Stats::default();
@@ -123,7 +149,10 @@ fn many_seeds() {
         stats.problem_4,
     );
     for r in failed.iter().take(5) {
-        eprintln!("{}", failure_text(r));
+        eprintln!(
+            "{}",
+            failure_text_with(r, &format!("{forced}{}", replay_command(r.seed)))
+        );
     }
     for r in &failed {
         if let Some(v) = &r.violation {
