@@ -59,6 +59,9 @@ use crate::Client;
 pub const PEER_LOST_KEEP: Duration = Duration::from_secs(600);
 /// Blocks remembered so at most (the oldest are forgotten first).
 const PEER_LOST_MAX: usize = 65_536;
+/// How long a cache leaves a block it let go on request before it takes it again
+/// (the asking writer's lock request is on its way).
+const YIELD: Duration = Duration::from_millis(100);
 
 /// How a cache works.
 #[derive(Debug, Clone)]
@@ -114,6 +117,9 @@ pub(crate) struct CacheInner {
     /// back: (contact, block).
     forwarded: std::sync::Mutex<BTreeSet<(SocketAddr, u64)>>,
     put_seq: AtomicU64,
+    /// Blocks this cache let go because another client asked (`PeerRelease`), and
+    /// when: it waits [`YIELD`] before it takes one again, so the asker gets in.
+    yielded: std::sync::Mutex<BTreeMap<u64, Instant>>,
     /// Blocks changed by other clients (`PeerWrite`) since their last write-back here.
     peer_written: std::sync::Mutex<BTreeSet<u64>>,
     /// Blocks whose write-back failed, or that were discarded, while they held other
@@ -145,6 +151,7 @@ impl WriteBackCache {
                 entries: Mutex::new(BTreeMap::new()),
                 forwarded: Default::default(),
                 put_seq: AtomicU64::new(1),
+                yielded: Default::default(),
                 peer_written: Default::default(),
                 peer_lost: Default::default(),
                 _stop: stop,
@@ -204,6 +211,7 @@ impl WriteBackCache {
             entries: Mutex::new(BTreeMap::new()),
             forwarded: Default::default(),
             put_seq: AtomicU64::new(1),
+            yielded: Default::default(),
             peer_written: Default::default(),
             peer_lost: Default::default(),
             _stop: stop,
@@ -456,6 +464,12 @@ impl CacheInner {
     async fn write(&self, lba: u64, offset: usize, data: &[u8]) -> Result<(), ClientError> {
         self.client.check_lba(lba)?;
         self.client.check_range(offset, data.len())?;
+        let wait = slock(&self.yielded)
+            .get(&lba)
+            .map(|at| YIELD.saturating_sub(at.elapsed()));
+        if let Some(wait) = wait.filter(|w| !w.is_zero()) {
+            tokio::time::sleep(wait).await;
+        }
         let mut entries = self.entries.lock().await;
         // (Not `entry()`: the map is let go of while waiting for another client.)
         let cached = entries.contains_key(&lba);
@@ -794,6 +808,12 @@ impl CacheInner {
                 let mut entries = self.entries.lock().await;
                 let held = entries.contains_key(&r.lba);
                 let flushed = if held {
+                    {
+                        let now = Instant::now();
+                        let mut yielded = slock(&self.yielded);
+                        yielded.retain(|_, at| now.duration_since(*at) < YIELD);
+                        yielded.insert(r.lba, now);
+                    }
                     self.flush_lbas(&mut entries, &[r.lba]).await
                 } else {
                     Ok(())

@@ -46,6 +46,10 @@ use futures::future::join_all;
 use futures::stream::{self, StreamExt};
 use rand::Rng;
 
+/// How often a writer waiting for a block held in another client's cache asks that
+/// cache to let it go (report 5.5).
+const RELEASE_ASK_EVERY: Duration = Duration::from_millis(100);
+
 use crate::backlog::OnItsWay;
 use crate::error::{CallError, ClientError};
 use crate::Client;
@@ -359,15 +363,28 @@ impl Client {
                     });
                 }
                 // A holder caching the block can be asked to write it back and let
-                // go (report 5.5), so a second client is never starved.
-                if let Some(c) = contact.filter(|c| !asked_release.contains(c)) {
-                    asked_release.push(c);
-                    let _ = crate::peer::ask_release(self, c, lba).await;
-                }
+                // go (report 5.5), so a second client is never starved: asked again
+                // each time it is found holding the block, at most every
+                // `RELEASE_ASK_EVERY` (it may take the block again for its next
+                // write). A holder that let go is raced at once, without a backoff.
                 self.inner
                     .stats
                     .lock_retries
                     .fetch_add(1, Ordering::Relaxed);
+                if let Some(c) = contact {
+                    let due = asked_release
+                        .iter()
+                        .find(|(a, _)| *a == c)
+                        .is_none_or(|(_, at): &(_, Instant)| at.elapsed() >= RELEASE_ASK_EVERY);
+                    if due {
+                        asked_release.retain(|(a, _)| *a != c);
+                        asked_release.push((c, Instant::now()));
+                        if let Ok(true) = crate::peer::ask_release(self, c, lba).await {
+                            attempt += 1;
+                            continue;
+                        }
+                    }
+                }
                 let cap = 2u64 << attempt.min(6);
                 let ms = rand::thread_rng().gen_range(1..=cap);
                 tokio::time::sleep(Duration::from_millis(ms)).await;

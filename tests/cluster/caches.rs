@@ -168,3 +168,47 @@ async fn a_flush_fails_when_the_holder_dropped_a_forwarded_write() {
         .await
         .expect("a forwarded write that was written back");
 }
+
+/// A holds block 9 in its cache and keeps writing it (each write after a release
+/// takes the block again): a plain writer waiting for the block still gets it within
+/// its lock timeout, by asking A to let go as often as it finds A holding it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_writer_is_not_starved_by_a_holder_that_keeps_writing() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let tc = TestCluster::start("peer-starve").await;
+    let a = serving_cache(&tc).await;
+    a.write(9, 0, &bytes(3, BS)).await.unwrap();
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let holder = {
+        let (a, stop) = (a.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut writes = 0u64;
+            while !stop.load(Ordering::Acquire) {
+                let at = (writes as usize % 8) * 512;
+                a.write(9, at, &bytes(100 + writes, 512))
+                    .await
+                    .unwrap_or_else(|e| panic!("A's write {writes}: {e}"));
+                writes += 1;
+                tokio::task::yield_now().await;
+            }
+            writes
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let plain = tc.new_client(ClientConfig {
+        lock_timeout: Duration::from_secs(3),
+        ..client_config()
+    });
+    for round in 0..3 {
+        plain
+            .write(9, 0, &bytes(50 + round, 64))
+            .await
+            .unwrap_or_else(|e| panic!("the waiting writer, round {round}: {e}"));
+    }
+    stop.store(true, Ordering::Release);
+    let writes = holder.await.expect("holder");
+    assert!(writes > 10, "A kept writing meanwhile: {writes} writes");
+    a.flush().await.unwrap();
+    plain.settle_unlocks(Duration::from_secs(5)).await;
+    assert_eq!(locks_held(&tc).await, 0);
+}
