@@ -28,8 +28,8 @@
 //! A change written through another client's cache is the holder's to write back.
 //! The writer's `flush` asks every holder it wrote through to write back and let go,
 //! and fails with [`ClientError::ForwardedLost`] if a holder does not answer (it
-//! died, and its cache with it) or answers that a write-back holding other clients'
-//! changes failed there (those are remembered for [`PEER_LOST_KEEP`]). A holder
+//! died, and its cache with it) or answers that a write-back holding one of its
+//! changes (by ticket) failed there (remembered for [`PEER_LOST_KEEP`]). A holder
 //! whose lease is not confirmed at `min_write` of a block's members, or that was
 //! fenced, serves that block to nobody: it answers as if it did not hold it.
 
@@ -53,9 +53,11 @@ use crate::write::{LockOpts, LockedStripe};
 use crate::Client;
 
 /// How long a holder remembers that a write-back holding other clients' changes
-/// failed (their `flush` learns it when they ask within this time; a writer that
-/// wrote the block later within it is told so too: a failure is reported too often
-/// at worst, never too rarely).
+/// failed. Each forwarded write gets a ticket (increasing); a writer's flush names
+/// the first ticket of its writes to the block since its last flush, and is told of
+/// a failure that lost that one or a later one: a writer whose changes were all
+/// written back may be told too if another's later change was lost (too often at
+/// worst, never too rarely, within this time).
 pub const PEER_LOST_KEEP: Duration = Duration::from_secs(600);
 /// Blocks remembered so at most (the oldest are forgotten first).
 const PEER_LOST_MAX: usize = 65_536;
@@ -114,17 +116,23 @@ pub(crate) struct CacheInner {
     // flush order simple.
     entries: Mutex<BTreeMap<u64, CachedBlock>>,
     /// Blocks written through another client's cache, not yet known to be written
-    /// back: (contact, block).
-    forwarded: std::sync::Mutex<BTreeSet<(SocketAddr, u64)>>,
+    /// back: (contact, block) -> the ticket of the first such write since.
+    forwarded: std::sync::Mutex<BTreeMap<(SocketAddr, u64), u64>>,
+    /// Held while the holders of forwarded writes are asked (a flush running at the
+    /// same time waits, so it does not return before those answers are in).
+    asking: Mutex<()>,
     put_seq: AtomicU64,
     /// Blocks this cache let go because another client asked (`PeerRelease`), and
     /// when: it waits [`YIELD`] before it takes one again, so the asker gets in.
     yielded: std::sync::Mutex<BTreeMap<u64, Instant>>,
-    /// Blocks changed by other clients (`PeerWrite`) since their last write-back here.
-    peer_written: std::sync::Mutex<BTreeSet<u64>>,
+    /// Numbers the changes other clients write here (`PeerWrite`): their tickets.
+    peer_tickets: AtomicU64,
+    /// Blocks changed by other clients since their last write-back here, with the
+    /// ticket of the latest such change.
+    peer_written: std::sync::Mutex<BTreeMap<u64, u64>>,
     /// Blocks whose write-back failed, or that were discarded, while they held other
-    /// clients' changes, and when (see [`PEER_LOST_KEEP`]).
-    peer_lost: std::sync::Mutex<BTreeMap<u64, Instant>>,
+    /// clients' changes: the latest ticket lost, and when (see [`PEER_LOST_KEEP`]).
+    peer_lost: std::sync::Mutex<BTreeMap<u64, (u64, Instant)>>,
     /// Dropping it stops the peer endpoint.
     _stop: watch::Sender<()>,
 }
@@ -152,6 +160,8 @@ impl WriteBackCache {
                 forwarded: Default::default(),
                 put_seq: AtomicU64::new(1),
                 yielded: Default::default(),
+                peer_tickets: AtomicU64::new(1),
+                asking: Mutex::new(()),
                 peer_written: Default::default(),
                 peer_lost: Default::default(),
                 _stop: stop,
@@ -212,6 +222,8 @@ impl WriteBackCache {
             forwarded: Default::default(),
             put_seq: AtomicU64::new(1),
             yielded: Default::default(),
+            peer_tickets: AtomicU64::new(1),
+            asking: Mutex::new(()),
             peer_written: Default::default(),
             peer_lost: Default::default(),
             _stop: stop,
@@ -274,7 +286,7 @@ impl WriteBackCache {
                 contact: Some(contact),
                 ..
             }) => {
-                if let Ok(Some(true)) =
+                if let Ok(Some((true, _))) =
                     crate::peer::write(c, contact, lba, offset, data, true).await
                 {
                     return Ok(());
@@ -354,42 +366,38 @@ impl WriteBackCache {
         let all: Vec<u64> = entries.keys().copied().collect();
         let res = self.inner.flush_lbas(&mut entries, &all).await;
         drop(entries);
-        let forwarded: Vec<(SocketAddr, u64)> = std::mem::take(&mut *slock(&self.inner.forwarded))
-            .into_iter()
-            .collect();
-        let mut lost = None;
-        for (contact, lba) in forwarded {
-            // The holder writes the block back before it answers.
-            if let Err(e) = crate::peer::ask_release(&self.inner.client, contact, lba).await {
-                tracing::warn!(lba, %contact, error = %e, "a change written through another cache may be lost");
-                lost.get_or_insert(ClientError::ForwardedLost {
-                    lba,
-                    contact,
-                    detail: e.to_string(),
-                });
-            }
-        }
+        let lost = self.inner.ask_holders(|_| true).await;
         res?;
-        match lost {
-            Some(e) => Err(e),
+        match lost.into_iter().next() {
+            Some((_, e)) => Err(e),
             None => Ok(()),
         }
     }
 
-    /// Writes back (and unlocks) those of `lbas` cached here; the rest of the cache
+    /// Writes back (and unlocks) those of `lbas` cached here, and asks the holders of
+    /// those written through other caches to write them back; the rest of the cache
     /// stays. As with [`WriteBackCache::flush`], a block whose write-back failed is
     /// dropped from the cache; the error comes with the blocks of the stripes that
-    /// failed (their changes may or may not have landed).
+    /// failed (their changes may or may not have landed) and the forwarded blocks
+    /// that may be lost.
     pub async fn flush_blocks(&self, lbas: &[u64]) -> Result<(), (ClientError, Vec<u64>)> {
         let mut entries = self.inner.entries.lock().await;
         let mut failed = Vec::new();
-        match self
+        let res = self
             .inner
             .flush_lbas_noting(&mut entries, lbas, &mut failed)
-            .await
-        {
-            Ok(()) => Ok(()),
-            Err(e) => Err((e, failed)),
+            .await;
+        drop(entries);
+        let wanted: BTreeSet<u64> = lbas.iter().copied().collect();
+        let lost = self.inner.ask_holders(|lba| wanted.contains(&lba)).await;
+        let mut first = res.err();
+        for (lba, e) in lost {
+            failed.push(lba);
+            first.get_or_insert(e);
+        }
+        match first {
+            Some(e) => Err((e, failed)),
+            None => Ok(()),
         }
     }
 
@@ -484,8 +492,10 @@ impl CacheInner {
                     if let Some(contact) = contact {
                         // Held by another client's cache: write through it (report 5.5).
                         let r = crate::peer::write(&self.client, contact, lba, offset, data, false);
-                        if let Ok(Some(_)) = r.await {
-                            slock(&self.forwarded).insert((contact, lba));
+                        if let Ok(Some((_, ticket))) = r.await {
+                            slock(&self.forwarded)
+                                .entry((contact, lba))
+                                .or_insert(ticket);
                             return Ok(());
                         }
                         // It let go meanwhile, or cannot be reached: lock it ourselves.
@@ -678,28 +688,63 @@ impl CacheInner {
         }
     }
 
+    /// Asks the holders of the blocks written through their caches (those `pick`
+    /// selects) to write them back and let go: the blocks whose changes may be lost,
+    /// each with its error. A flush running at the same time waits for these answers.
+    async fn ask_holders(&self, pick: impl Fn(u64) -> bool) -> Vec<(u64, ClientError)> {
+        let _asking = self.asking.lock().await;
+        let asked: Vec<((SocketAddr, u64), u64)> = {
+            let mut f = slock(&self.forwarded);
+            let keys: Vec<(SocketAddr, u64)> =
+                f.keys().filter(|(_, lba)| pick(*lba)).copied().collect();
+            keys.into_iter()
+                .filter_map(|k| f.remove(&k).map(|since| (k, since)))
+                .collect()
+        };
+        let mut lost = Vec::new();
+        for ((contact, lba), since) in asked {
+            // The holder writes the block back before it answers.
+            if let Err(e) = crate::peer::ask_release(&self.client, contact, lba, since).await {
+                tracing::warn!(lba, %contact, error = %e, "a change written through another cache may be lost");
+                lost.push((
+                    lba,
+                    ClientError::ForwardedLost {
+                        lba,
+                        contact,
+                        detail: e.to_string(),
+                    },
+                ));
+            }
+        }
+        lost
+    }
+
     /// `lbas` were written back (`ok`) or their changes dropped: those that held
-    /// other clients' changes are remembered as lost if not `ok`.
+    /// other clients' changes are remembered as lost, up to their latest ticket, if
+    /// not `ok`.
     fn note_written_back(&self, lbas: &[u64], ok: bool) {
-        let held: Vec<u64> = {
+        let held: Vec<(u64, u64)> = {
             let mut written = slock(&self.peer_written);
-            lbas.iter().copied().filter(|l| written.remove(l)).collect()
+            lbas.iter()
+                .filter_map(|l| written.remove(l).map(|t| (*l, t)))
+                .collect()
         };
         if ok || held.is_empty() {
             return;
         }
         let now = Instant::now();
         let mut lost = slock(&self.peer_lost);
-        lost.retain(|_, at| now.duration_since(*at) < PEER_LOST_KEEP);
-        for lba in held {
+        lost.retain(|_, (_, at)| now.duration_since(*at) < PEER_LOST_KEEP);
+        for (lba, ticket) in held {
             tracing::warn!(
                 lba,
                 "a write-back holding other clients' changes failed; they will be told"
             );
-            lost.insert(lba, now);
+            let e = lost.entry(lba).or_insert((ticket, now));
+            *e = (e.0.max(ticket), now);
         }
         while lost.len() > PEER_LOST_MAX {
-            let oldest = lost.iter().min_by_key(|(_, at)| **at).map(|(l, _)| *l);
+            let oldest = lost.iter().min_by_key(|(_, (_, at))| *at).map(|(l, _)| *l);
             match oldest {
                 Some(l) => lost.remove(&l),
                 None => break,
@@ -707,11 +752,12 @@ impl CacheInner {
         }
     }
 
-    /// A write-back of `lba` holding other clients' changes failed recently here.
-    fn peer_change_lost(&self, lba: u64) -> bool {
+    /// A write-back of `lba` holding another client's change with ticket `since` or
+    /// a later one failed recently here.
+    fn peer_change_lost(&self, lba: u64, since: u64) -> bool {
         slock(&self.peer_lost)
             .get(&lba)
-            .is_some_and(|at| at.elapsed() < PEER_LOST_KEEP)
+            .is_some_and(|(ticket, at)| *ticket >= since && at.elapsed() < PEER_LOST_KEEP)
     }
 
     /// The lock a cached block is held under still stands: this client was not fenced
@@ -775,6 +821,7 @@ impl CacheInner {
                         Response::PeerWritten {
                             held: false,
                             durable: false,
+                            ticket: 0,
                         },
                         Bytes::new(),
                     ));
@@ -790,7 +837,8 @@ impl CacheInner {
                 self.apply(&mut entries, r.lba, r.offset as usize, &payload)
                     .await
                     .map_err(|_| WireError::Busy)?;
-                slock(&self.peer_written).insert(r.lba);
+                let ticket = self.peer_tickets.fetch_add(1, Ordering::Relaxed);
+                slock(&self.peer_written).insert(r.lba, ticket);
                 if r.durable {
                     self.flush_lbas(&mut entries, &[r.lba])
                         .await
@@ -800,6 +848,7 @@ impl CacheInner {
                     Response::PeerWritten {
                         held: true,
                         durable: r.durable,
+                        ticket,
                     },
                     Bytes::new(),
                 ))
@@ -818,7 +867,7 @@ impl CacheInner {
                 } else {
                     Ok(())
                 };
-                if self.peer_change_lost(r.lba) {
+                if self.peer_change_lost(r.lba, r.since) {
                     return Err(WireError::Io {
                         kind: "a write-back of the block holding changes of other clients failed"
                             .into(),

@@ -54,15 +54,19 @@ pub(crate) async fn call(
 }
 
 /// Asks the holder at `contact` to write block `lba` back and release it. True if it
-/// held the block.
+/// held the block. With `since` (a ticket of this client's writes through the
+/// holder; `u64::MAX` for none) the holder fails the call if a write-back of the
+/// block holding that write or a later one failed.
 pub(crate) async fn ask_release(
     client: &Client,
     contact: SocketAddr,
     lba: u64,
+    since: u64,
 ) -> Result<bool, CallError> {
     let req = Request::PeerRelease(PeerReleaseReq {
         volume: client.volume().id,
         lba,
+        since,
     });
     match call(client, contact, &req, Bytes::new()).await? {
         (Response::PeerReleased { held }, _) => Ok(held),
@@ -96,7 +100,8 @@ pub(crate) async fn read(
 }
 
 /// Writes through the holder's cache; `None` if it no longer holds the block,
-/// otherwise whether the change already reached the nodes.
+/// otherwise whether the change already reached the nodes, and the write's ticket
+/// (for [`ask_release`]).
 pub(crate) async fn write(
     client: &Client,
     contact: SocketAddr,
@@ -104,7 +109,7 @@ pub(crate) async fn write(
     offset: usize,
     data: &[u8],
     durable: bool,
-) -> Result<Option<bool>, CallError> {
+) -> Result<Option<(bool, u64)>, CallError> {
     let req = Request::PeerWrite(PeerWriteReq {
         volume: client.volume().id,
         lba,
@@ -116,9 +121,10 @@ pub(crate) async fn write(
             Response::PeerWritten {
                 held: true,
                 durable,
+                ticket,
             },
             _,
-        ) => Ok(Some(durable)),
+        ) => Ok(Some((durable, ticket))),
         (Response::PeerWritten { held: false, .. }, _) => Ok(None),
         (other, _) => Err(CallError::Protocol(format!(
             "peer write answered with {other:?}"

@@ -175,7 +175,10 @@ pub async fn run(
                 reverify.send_modify(|n| *n += 1);
                 continue 'register;
             }
-            if record.state == NodeState::Recovering && !marked_up && all_verified(&node) {
+            if record.state == NodeState::Recovering
+                && !marked_up
+                && all_verified(&node, incarnation)
+            {
                 match meta
                     .propose(MetaCommand::MarkUp {
                         node: id,
@@ -194,7 +197,7 @@ pub async fn run(
                     Err(e) => tracing::debug!(error = %e, "marking this node up failed; retrying"),
                 }
             }
-            if record.state == NodeState::Recovering && !all_verified(&node) {
+            if record.state == NodeState::Recovering && !all_verified(&node, incarnation) {
                 // Not yet: look again when recovery says so, or soon (a block
                 // verified by other means), rather than at the next epoch.
                 epoch = state.epoch.saturating_sub(1);
@@ -287,9 +290,11 @@ fn follow(node: &Node, peers: &HashMap<VolumeId, Client>, state: &MetaState) {
     }
 }
 
-/// True once every block of the node is verified against its stripe.
-fn all_verified(node: &Node) -> bool {
+/// True once every block of the node is verified against its stripe, by a pass
+/// that ran under registration `incarnation` (see [`Node::verified_for`]).
+fn all_verified(node: &Node, incarnation: u64) -> bool {
     node.info().state == drs_proto::NodeState::Up
+        && node.verified_for.load(Ordering::Acquire) == incarnation
 }
 
 /// The directory of the replica a node hosts, under its data directory.

@@ -208,6 +208,10 @@ pub struct Node {
     pub pause_tick: AtomicU64,
     /// The incarnation the metadata service gave this start (0: not registered).
     pub registered: AtomicU64,
+    /// The registration under which recovery last verified every block (0: none
+    /// yet): the membership loop reports the node up only for this incarnation, so a
+    /// pass that ran while the node was unregistered (written around) never counts.
+    pub verified_for: AtomicU64,
     /// Told when recovery has verified every block, so the membership loop reports
     /// the node up at once rather than at its next look.
     pub all_verified: tokio::sync::Notify,
@@ -307,6 +311,7 @@ impl Node {
             pauses: AtomicU64::new(0),
             pause_tick: AtomicU64::new(u64::MAX),
             registered: AtomicU64::new(0),
+            verified_for: AtomicU64::new(0),
             all_verified: tokio::sync::Notify::new(),
             inflight: Mutex::new(HashMap::new()),
             aon: AonStats::default(),

@@ -53,7 +53,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use drs_client::select::{self, Seen};
-use drs_client::Client;
+use drs_client::{CallError, Client};
 use drs_proto::{MemberState, NodeId, Request, Response, SlotInfo, SlotState, StripeId, VolumeId};
 use futures::future::join_all;
 use futures::stream::{self, StreamExt};
@@ -208,9 +208,43 @@ async fn recover(
     settle: Duration,
     shutdown: &mut watch::Receiver<bool>,
 ) -> bool {
-    if !await_registration(node, peers, shutdown).await {
-        return false;
+    loop {
+        let Some(incarnation) = await_registration(node, peers, shutdown).await else {
+            return false;
+        };
+        if !verify_all(node, peers, pace, settle, shutdown).await {
+            return false;
+        }
+        // Declared down (or registered again) while comparing: what was compared may
+        // have been written around since. Compare everything again under the new
+        // registration.
+        if node.registered.load(Ordering::Acquire) != incarnation {
+            tracing::warn!(
+                incarnation,
+                "the registration changed while blocks were compared; comparing again"
+            );
+            for v in node.volumes.values() {
+                v.store.all_unverified();
+            }
+            continue;
+        }
+        node.verified_for.store(incarnation, Ordering::Release);
+        let (v, t) = node.verified();
+        tracing::info!(verified = v, total = t, "all blocks verified; node is up");
+        node.all_verified.notify_one();
+        return true;
     }
+}
+
+/// Steps 1-4 of [`recover`]: settle, then compare and rebuild until every block is
+/// verified; false if shutdown came first.
+async fn verify_all(
+    node: &Node,
+    peers: &HashMap<VolumeId, Client>,
+    pace: &Pace,
+    settle: Duration,
+    shutdown: &mut watch::Receiver<bool>,
+) -> bool {
     if !settle.is_zero() {
         tracing::info!(
             settle_ms = settle.as_millis() as u64,
@@ -239,29 +273,27 @@ async fn recover(
             backoff = (backoff * 2).min(Duration::from_secs(5));
         }
     }
-    let (v, t) = node.verified();
-    tracing::info!(verified = v, total = t, "all blocks verified; node is up");
-    node.all_verified.notify_one();
     true
 }
 
 /// Step 0 of [`recover`]: waits until this start of the node is in the map as
 /// registered and not down, then until every other member of its volumes has reached
-/// that map's epoch (polled by `Ping`, for at most [`EPOCH_WAIT`]). A member that
-/// does not answer is not waited for: it takes no writes from anybody now, and when
-/// it does again it has learnt the map first. No wait without a metadata service (a
-/// static map names every node up). False if shutdown came first.
+/// that map's epoch (polled by `Ping`, for at most [`EPOCH_WAIT`]). A member its map
+/// says is down (or that is not in it) is not waited for: clients send it nothing
+/// and it refuses their older epochs once it learns the map. No wait without a
+/// metadata service (a static map names every node up). The incarnation it waited
+/// for (0 without a service); None if shutdown came first.
 async fn await_registration(
     node: &Node,
     peers: &HashMap<VolumeId, Client>,
     shutdown: &mut watch::Receiver<bool>,
-) -> bool {
+) -> Option<u64> {
     if node.map.meta.is_empty() {
-        return true;
+        return Some(0);
     }
     let me = node.cfg.node;
-    let mut logged = false;
-    let epoch = loop {
+    let mut next_log = Instant::now();
+    let (incarnation, epoch) = loop {
         let incarnation = node.registered.load(Ordering::Acquire);
         if incarnation != 0 {
             let map = node.live_map();
@@ -269,20 +301,20 @@ async fn await_registration(
                 n.id == me && n.incarnation == incarnation && n.state != MemberState::Down
             });
             if listed {
-                break map.epoch;
+                break (incarnation, map.epoch);
             }
         }
-        if !logged {
-            logged = true;
-            tracing::info!("waiting for the metadata service to register this start of the node before comparing blocks");
+        if Instant::now() >= next_log {
+            next_log = Instant::now() + Duration::from_secs(30);
+            tracing::warn!("waiting for the metadata service to register this start of the node before comparing blocks");
         }
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_millis(50)) => {}
-            _ = shutdown.changed() => return false,
+            _ = shutdown.changed() => return None,
         }
     };
     let Some(client) = peers.values().next() else {
-        return true;
+        return Some(incarnation);
     };
     let mut behind: BTreeSet<NodeId> = node
         .volumes
@@ -299,26 +331,31 @@ async fn await_registration(
         .await;
         for (n, r) in answers {
             match r {
-                Ok((Response::Pong(info), _)) if info.epoch < epoch => {}
-                _ => {
+                Ok((Response::Pong(info), _)) if info.epoch >= epoch => {
                     behind.remove(&n);
                 }
+                // Down in this node's map, or not in it: nobody writes through it.
+                Err(CallError::Unreachable(_)) => {
+                    behind.remove(&n);
+                }
+                // Behind, slow or busy: asked again.
+                _ => {}
             }
         }
         if behind.is_empty() {
-            return true;
+            return Some(incarnation);
         }
         if Instant::now() >= deadline {
             tracing::warn!(
                 epoch,
                 ?behind,
-                "members still behind the epoch that registered this node; comparing anyway"
+                "members still behind the epoch that registered this node (or not answering); comparing anyway"
             );
-            return true;
+            return Some(incarnation);
         }
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_millis(50)) => {}
-            _ = shutdown.changed() => return false,
+            _ = shutdown.changed() => return None,
         }
     }
 }

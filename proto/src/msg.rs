@@ -170,6 +170,11 @@ pub struct PeerWriteReq {
 pub struct PeerReleaseReq {
     pub volume: VolumeId,
     pub lba: u64,
+    /// The first ticket (`PeerWritten::ticket`) of the asker's writes to the block
+    /// through this holder since it last asked: the holder answers with an error if
+    /// a write-back of the block that held that one or a later one failed.
+    /// `u64::MAX`: the asker wrote nothing through it (it only wants the block).
+    pub since: u64,
 }
 
 /// Renews `client`'s lease at the node (report 5.3.3: the lock group watches the
@@ -458,6 +463,8 @@ pub enum Response {
     PeerWritten {
         held: bool,
         durable: bool,
+        /// Numbers the holder's forwarded writes, in order (0 when not held).
+        ticket: u64,
     },
     /// A peer release: the block was written back and unlocked (or was not held).
     PeerReleased {
@@ -635,7 +642,11 @@ mod tests {
                 offset: 8,
                 durable: true,
             }),
-            Request::PeerRelease(PeerReleaseReq { volume: 1, lba: 3 }),
+            Request::PeerRelease(PeerReleaseReq {
+                volume: 1,
+                lba: 3,
+                since: 9,
+            }),
         ]
     }
 
@@ -717,6 +728,7 @@ mod tests {
             Response::PeerWritten {
                 held: true,
                 durable: false,
+                ticket: 7,
             },
             Response::PeerReleased { held: false },
             Response::Updated(UpdateReply {

@@ -24,9 +24,10 @@ const K: u64 = 4;
 const LEASE_MS: &str = "500";
 /// How long after a client died its locks may still be held: its lease and one
 /// heartbeat (a third of the lease) as promised, plus the nodes' 100 ms lease check,
-/// the relay of its updates and the run of the `locks` listing that sees them gone
-/// (a third of a second in all).
-const LOCKS_GONE: Duration = Duration::from_millis(500 + 167 + 333);
+/// the relay of its updates, the run of the `locks` listing that sees them gone (a
+/// `drs-cli` process dialling six nodes) and slack for a loaded 2-core machine
+/// running other tests (0.83 s in all). Quiet runs measure 550-620 ms.
+const LOCKS_GONE: Duration = Duration::from_millis(500 + 167 + 833);
 /// How long a scrub may still see a dead client's update on its way between members
 /// after its locks went.
 const RELAYS_DONE: Duration = Duration::from_secs(3);
@@ -189,7 +190,7 @@ const STEPS: [(&str, bool); 8] = [
 /// 6]`; the blocks rotate over the 85 such stripes, so a block may be reused by a later
 /// step, with whatever it then holds as its old contents). Each must die of SIGKILL at
 /// that step (its stderr names it). Then: each block's lock gone from `locks --json`
-/// within 1 s of its writer's death (lease 500 ms + one heartbeat + 333 ms); `scrub --no-repair` all healthy; `status` counts the relayed updates; `node
+/// within 1.5 s of its writer's death (lease 500 ms + one heartbeat + 833 ms); `scrub --no-repair` all healthy; `status` counts the relayed updates; `node
 /// kill 0`; `block read` of the whole volume (degraded for the written blocks) compared
 /// with the old and new contents (every other block must be unchanged); tally old vs
 /// new per step; `node start 0` and wait until every node is up and every stripe

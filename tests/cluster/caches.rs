@@ -161,12 +161,22 @@ async fn a_flush_fails_when_the_holder_dropped_a_forwarded_write() {
             .all(|x| *x == 0),
         "the dropped change is not on the nodes"
     );
-    // A block written back normally since is reported as such.
+    // A block written back normally since is reported as such, and so is a later
+    // forwarded write to the block whose earlier change was lost.
     a.write(6, 0, &bytes(3, BS)).await.unwrap();
     b.write(6, 0, &bytes(4, 100)).await.unwrap();
+    a.write(5, 0, &bytes(5, BS)).await.unwrap();
+    b.write(5, 0, &bytes(6, 100)).await.unwrap();
+    assert_eq!(b.len().await, 0, "B's writes went into A's cache");
     b.flush()
         .await
-        .expect("a forwarded write that was written back");
+        .expect("forwarded writes that were written back");
+    let mut want = bytes(5, BS);
+    want[..100].copy_from_slice(&bytes(6, 100));
+    assert_eq!(
+        &read_ok(&tc.client, 5, "after B's flush").await[..],
+        &want[..]
+    );
 }
 
 /// A holds block 9 in its cache and keeps writing it (each write after a release

@@ -143,7 +143,16 @@ async fn a_hung_node_is_marked_down_and_routed_around() {
 /// incarnation as recovering, catches up on what it missed, and only then is up.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_restarted_node_recovers_before_it_is_up() {
-    let tc = TestCluster::with("member-restart", setup()).await;
+    // A settle of 1.5 s keeps the node recovering long enough for the polls below
+    // to see it so.
+    let tc = TestCluster::with(
+        "member-restart",
+        Setup {
+            settle_ms: 1500,
+            ..setup()
+        },
+    )
+    .await;
     let meta = meta(&tc);
     let victim: NodeId = 1;
     let mut blocks = random_blocks(2, tc.client.blocks());
