@@ -7,9 +7,9 @@
 //! served meanwhile, so nothing new is missed.
 //!
 //! 0. **Registered.** With a metadata service, wait until this start of the node is
-//!    registered (its record in the map has the new incarnation and says
-//!    recovering) and every other member that answers has reached that map's epoch
-//!    ([`await_registration`]). Members refuse requests of an older epoch, so from
+//!    registered (its record in the map has the new incarnation and is not down)
+//!    and every other member has reached that map's epoch, but those the map says
+//!    are down (for at most 10 s; [`await_registration`]). Members refuse requests of an older epoch, so from
 //!    then on every write a member takes comes from a client whose map names this
 //!    node recovering, and is sent here too. (Clients send nothing to a node their
 //!    map says is down: without this step, a registration slower than the settle
@@ -33,7 +33,9 @@
 //!    flight), the scrub settles the stripe under its locks (a data member's own
 //!    updates roll forward, those only parity members held are voided), so the
 //!    block can reach the newest versions (`drs_client::scrub`).
-//! 4. Mark it verified. The node is `Up` once all its blocks are.
+//! 4. Mark it verified. The node is `Up` once all its blocks are, and the metadata
+//!    service is told so only if the registration did not change meanwhile
+//!    (`Node::verified_for`); otherwise everything is compared again from step 0.
 //!
 //! Afterwards [`lifecycle`] keeps the node honest:
 //! - a block that has known of an update for longer than `stuck_after` without applying

@@ -55,6 +55,18 @@ fn assert_detected_in_time(detected: Duration) {
     );
 }
 
+/// Waits (up to 10 s) until the test's client's map gives `node` `state`.
+async fn client_learns(tc: &TestCluster, node: NodeId, state: drs_proto::MemberState) {
+    let until = Instant::now() + Duration::from_secs(10);
+    while tc.client.map().node_state(node) != state {
+        assert!(
+            Instant::now() < until,
+            "client never learned node {node} is {state:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 fn state_of(s: &MetaState, id: NodeId) -> (NodeState, u64) {
     let r = s.nodes.get(&id).expect("node in the map");
     (r.state, r.incarnation)
@@ -92,14 +104,7 @@ async fn a_hung_node_is_marked_down_and_routed_around() {
     assert_detected_in_time(detected);
 
     // The client learns the new map (watch) and stops calling the node.
-    let until = Instant::now() + Duration::from_secs(10);
-    while tc.client.map().node_state(victim) != drs_proto::MemberState::Down {
-        assert!(
-            Instant::now() < until,
-            "client never learned the node is down"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    client_learns(&tc, victim, drs_proto::MemberState::Down).await;
     match tc
         .client
         .call(victim, &Request::Ping, Default::default())
@@ -170,14 +175,7 @@ async fn a_restarted_node_recovers_before_it_is_up() {
     .await;
     assert_detected_in_time(killed_at.elapsed());
     // Clients learn it and read around the node without calling it.
-    let until = Instant::now() + Duration::from_secs(10);
-    while tc.client.map().node_state(victim) != drs_proto::MemberState::Down {
-        assert!(
-            Instant::now() < until,
-            "client never learned the node is down"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    client_learns(&tc, victim, drs_proto::MemberState::Down).await;
     let degraded_before = degraded_reads(&tc.client);
     verify(&tc.client, &blocks, "with the node down in the map").await;
     assert!(
@@ -259,14 +257,7 @@ async fn a_node_registered_late_is_up_only_after_catching_up() {
         |s| state_of(s, victim).0 == NodeState::Down,
     )
     .await;
-    let until = Instant::now() + Duration::from_secs(10);
-    while tc.client.map().node_state(victim) != drs_proto::MemberState::Down {
-        assert!(
-            Instant::now() < until,
-            "client never learned the node is down"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    client_learns(&tc, victim, drs_proto::MemberState::Down).await;
     // Two of the three replicas cut off: nothing commits, so the restarted node
     // cannot register, and every map still says it is down.
     for host in &hosts[..2] {
@@ -291,14 +282,7 @@ async fn a_node_registered_late_is_up_only_after_catching_up() {
     })
     .await;
     // Up: the node serves its blocks itself, and they are the ones written around it.
-    let until = Instant::now() + Duration::from_secs(10);
-    while tc.client.map().node_state(victim) != drs_proto::MemberState::Up {
-        assert!(
-            Instant::now() < until,
-            "client never learned the node is up"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    client_learns(&tc, victim, drs_proto::MemberState::Up).await;
     let direct_before = tc.info(victim).await.stats.reads;
     verify(&tc.client, &blocks, "after the late registration").await;
     assert!(
