@@ -61,6 +61,9 @@ use crate::Client;
 pub const PEER_LOST_KEEP: Duration = Duration::from_secs(600);
 /// Blocks remembered so at most (the oldest are forgotten first).
 const PEER_LOST_MAX: usize = 65_536;
+/// How long a forwarded block found lost is also reported to flushes that were
+/// waiting while it was found (longer than any wait for the holders' answers).
+const RECENT_LOSSES_KEEP: Duration = Duration::from_secs(60);
 /// How long a cache leaves a block it let go on request before it takes it again
 /// (the asking writer's lock request is on its way).
 const YIELD: Duration = Duration::from_millis(100);
@@ -85,6 +88,10 @@ impl Default for CacheConfig {
         }
     }
 }
+
+/// The tickets of a client's writes to one block through one holder since it last
+/// asked: (smallest, largest, the holder's instance).
+type Tickets = (u64, u64, u64);
 
 struct CachedBlock {
     /// Current bytes of the block.
@@ -116,11 +123,18 @@ pub(crate) struct CacheInner {
     // flush order simple.
     entries: Mutex<BTreeMap<u64, CachedBlock>>,
     /// Blocks written through another client's cache, not yet known to be written
-    /// back: (contact, block) -> the ticket of the first such write since.
-    forwarded: std::sync::Mutex<BTreeMap<(SocketAddr, u64), u64>>,
-    /// Held while the holders of forwarded writes are asked (a flush running at the
-    /// same time waits, so it does not return before those answers are in).
+    /// back: (contact, block) -> the smallest and the largest ticket of such writes
+    /// since, and the holder's instance that gave them.
+    forwarded: std::sync::Mutex<BTreeMap<(SocketAddr, u64), Tickets>>,
+    /// Random: names this cache to the clients that write through it (a cache that
+    /// later listens on the same address is another one).
+    instance: u64,
+    /// Held while the holders of forwarded writes are asked: a flush running at the
+    /// same time waits, and is also told of the losses found meanwhile
+    /// (`recent_losses`).
     asking: Mutex<()>,
+    /// Forwarded blocks found lost, and when (kept [`RECENT_LOSSES_KEEP`]).
+    recent_losses: std::sync::Mutex<Vec<(u64, Instant, ClientError)>>,
     put_seq: AtomicU64,
     /// Blocks this cache let go because another client asked (`PeerRelease`), and
     /// when: it waits [`YIELD`] before it takes one again, so the asker gets in.
@@ -162,6 +176,8 @@ impl WriteBackCache {
                 yielded: Default::default(),
                 peer_tickets: AtomicU64::new(1),
                 asking: Mutex::new(()),
+                recent_losses: Default::default(),
+                instance: rand::random(),
                 peer_written: Default::default(),
                 peer_lost: Default::default(),
                 _stop: stop,
@@ -224,6 +240,8 @@ impl WriteBackCache {
             yielded: Default::default(),
             peer_tickets: AtomicU64::new(1),
             asking: Mutex::new(()),
+            recent_losses: Default::default(),
+            instance: rand::random(),
             peer_written: Default::default(),
             peer_lost: Default::default(),
             _stop: stop,
@@ -362,11 +380,12 @@ impl WriteBackCache {
     /// Sends every dirty block's running total and releases every lock; asks the
     /// holders of blocks written through their caches to write them back.
     pub async fn flush(&self) -> Result<(), ClientError> {
+        let began = Instant::now();
         let mut entries = self.inner.entries.lock().await;
         let all: Vec<u64> = entries.keys().copied().collect();
         let res = self.inner.flush_lbas(&mut entries, &all).await;
         drop(entries);
-        let lost = self.inner.ask_holders(|_| true).await;
+        let lost = self.inner.ask_holders(began, |_| true).await;
         res?;
         match lost.into_iter().next() {
             Some((_, e)) => Err(e),
@@ -381,6 +400,7 @@ impl WriteBackCache {
     /// failed (their changes may or may not have landed) and the forwarded blocks
     /// that may be lost.
     pub async fn flush_blocks(&self, lbas: &[u64]) -> Result<(), (ClientError, Vec<u64>)> {
+        let began = Instant::now();
         let mut entries = self.inner.entries.lock().await;
         let mut failed = Vec::new();
         let res = self
@@ -389,7 +409,10 @@ impl WriteBackCache {
             .await;
         drop(entries);
         let wanted: BTreeSet<u64> = lbas.iter().copied().collect();
-        let lost = self.inner.ask_holders(|lba| wanted.contains(&lba)).await;
+        let lost = self
+            .inner
+            .ask_holders(began, |lba| wanted.contains(&lba))
+            .await;
         let mut first = res.err();
         for (lba, e) in lost {
             failed.push(lba);
@@ -492,10 +515,20 @@ impl CacheInner {
                     if let Some(contact) = contact {
                         // Held by another client's cache: write through it (report 5.5).
                         let r = crate::peer::write(&self.client, contact, lba, offset, data, false);
-                        if let Ok(Some((_, ticket))) = r.await {
-                            slock(&self.forwarded)
-                                .entry((contact, lba))
-                                .or_insert(ticket);
+                        if let Ok(Some((_, (ticket, instance)))) = r.await {
+                            let mut f = slock(&self.forwarded);
+                            match f.get_mut(&(contact, lba)) {
+                                // Another instance answers there now: what the one
+                                // before held is still to be asked about (and fails).
+                                Some((lo, hi, i)) if *i == instance => {
+                                    *lo = (*lo).min(ticket);
+                                    *hi = (*hi).max(ticket);
+                                }
+                                Some(_) => {}
+                                None => {
+                                    f.insert((contact, lba), (ticket, ticket, instance));
+                                }
+                            }
                             return Ok(());
                         }
                         // It let go meanwhile, or cannot be reached: lock it ourselves.
@@ -690,30 +723,59 @@ impl CacheInner {
 
     /// Asks the holders of the blocks written through their caches (those `pick`
     /// selects) to write them back and let go: the blocks whose changes may be lost,
-    /// each with its error. A flush running at the same time waits for these answers.
-    async fn ask_holders(&self, pick: impl Fn(u64) -> bool) -> Vec<(u64, ClientError)> {
+    /// each with its error. A flush running at the same time waits for these answers;
+    /// losses found since `began` (when the calling flush began) by another flush
+    /// are the caller's too.
+    async fn ask_holders(
+        &self,
+        began: Instant,
+        pick: impl Fn(u64) -> bool,
+    ) -> Vec<(u64, ClientError)> {
         let _asking = self.asking.lock().await;
-        let asked: Vec<((SocketAddr, u64), u64)> = {
-            let mut f = slock(&self.forwarded);
-            let keys: Vec<(SocketAddr, u64)> =
-                f.keys().filter(|(_, lba)| pick(*lba)).copied().collect();
-            keys.into_iter()
-                .filter_map(|k| f.remove(&k).map(|since| (k, since)))
+        // Losses another flush found while this one waited count here too.
+        let mut lost: Vec<(u64, ClientError)> = {
+            let mut recent = slock(&self.recent_losses);
+            recent.retain(|(_, at, _)| at.elapsed() < RECENT_LOSSES_KEEP);
+            recent
+                .iter()
+                .filter(|(lba, at, _)| *at >= began && pick(*lba))
+                .map(|(lba, _, e)| (*lba, e.clone()))
                 .collect()
         };
-        let mut lost = Vec::new();
-        for ((contact, lba), since) in asked {
+        let asked: Vec<((SocketAddr, u64), Tickets)> = slock(&self.forwarded)
+            .iter()
+            .filter(|((_, lba), _)| pick(*lba))
+            .map(|(k, t)| (*k, *t))
+            .collect();
+        for ((contact, lba), (since, upto, instance)) in asked {
             // The holder writes the block back before it answers.
-            if let Err(e) = crate::peer::ask_release(&self.client, contact, lba, since).await {
+            let r = crate::peer::ask_release(&self.client, contact, lba, (since, instance)).await;
+            {
+                // Writes forwarded while it was asked stay to be asked about.
+                let mut f = slock(&self.forwarded);
+                match f.get_mut(&(contact, lba)) {
+                    Some((lo, hi, _)) if *hi > upto => *lo = upto + 1,
+                    Some(_) => {
+                        f.remove(&(contact, lba));
+                    }
+                    None => {}
+                }
+            }
+            if let Err(e) = r {
                 tracing::warn!(lba, %contact, error = %e, "a change written through another cache may be lost");
-                lost.push((
+                let e = ClientError::ForwardedLost {
                     lba,
-                    ClientError::ForwardedLost {
-                        lba,
-                        contact,
-                        detail: e.to_string(),
-                    },
-                ));
+                    contact,
+                    detail: e.to_string(),
+                };
+                {
+                    let mut recent = slock(&self.recent_losses);
+                    recent.push((lba, Instant::now(), e.clone()));
+                    if recent.len() > PEER_LOST_MAX {
+                        recent.remove(0);
+                    }
+                }
+                lost.push((lba, e));
             }
         }
         lost
@@ -822,6 +884,7 @@ impl CacheInner {
                             held: false,
                             durable: false,
                             ticket: 0,
+                            instance: self.instance,
                         },
                         Bytes::new(),
                     ));
@@ -849,6 +912,7 @@ impl CacheInner {
                         held: true,
                         durable: r.durable,
                         ticket,
+                        instance: self.instance,
                     },
                     Bytes::new(),
                 ))
@@ -867,6 +931,13 @@ impl CacheInner {
                 } else {
                     Ok(())
                 };
+                if r.since != u64::MAX && r.instance != self.instance {
+                    return Err(WireError::Io {
+                        kind:
+                            "the cache that took the writes is gone (another one listens here now)"
+                                .into(),
+                    });
+                }
                 if self.peer_change_lost(r.lba, r.since) {
                     return Err(WireError::Io {
                         kind: "a write-back of the block holding changes of other clients failed"

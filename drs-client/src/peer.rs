@@ -55,18 +55,20 @@ pub(crate) async fn call(
 
 /// Asks the holder at `contact` to write block `lba` back and release it. True if it
 /// held the block. With `since` (a ticket of this client's writes through the
-/// holder; `u64::MAX` for none) the holder fails the call if a write-back of the
-/// block holding that write or a later one failed.
+/// holder `instance`; `u64::MAX` for none) the holder fails the call if a write-back
+/// of the block holding that write or a later one failed, or if it is not that
+/// instance.
 pub(crate) async fn ask_release(
     client: &Client,
     contact: SocketAddr,
     lba: u64,
-    since: u64,
+    (since, instance): (u64, u64),
 ) -> Result<bool, CallError> {
     let req = Request::PeerRelease(PeerReleaseReq {
         volume: client.volume().id,
         lba,
         since,
+        instance,
     });
     match call(client, contact, &req, Bytes::new()).await? {
         (Response::PeerReleased { held }, _) => Ok(held),
@@ -109,7 +111,7 @@ pub(crate) async fn write(
     offset: usize,
     data: &[u8],
     durable: bool,
-) -> Result<Option<(bool, u64)>, CallError> {
+) -> Result<Option<(bool, (u64, u64))>, CallError> {
     let req = Request::PeerWrite(PeerWriteReq {
         volume: client.volume().id,
         lba,
@@ -122,9 +124,10 @@ pub(crate) async fn write(
                 held: true,
                 durable,
                 ticket,
+                instance,
             },
             _,
-        ) => Ok(Some((durable, ticket))),
+        ) => Ok(Some((durable, (ticket, instance)))),
         (Response::PeerWritten { held: false, .. }, _) => Ok(None),
         (other, _) => Err(CallError::Protocol(format!(
             "peer write answered with {other:?}"

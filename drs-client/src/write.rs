@@ -379,7 +379,9 @@ impl Client {
                     if due {
                         asked_release.retain(|(a, _)| *a != c);
                         asked_release.push((c, Instant::now()));
-                        if let Ok(true) = crate::peer::ask_release(self, c, lba, u64::MAX).await {
+                        if let Ok(true) =
+                            crate::peer::ask_release(self, c, lba, (u64::MAX, 0)).await
+                        {
                             attempt += 1;
                             continue;
                         }

@@ -175,6 +175,10 @@ pub struct PeerReleaseReq {
     /// a write-back of the block that held that one or a later one failed.
     /// `u64::MAX`: the asker wrote nothing through it (it only wants the block).
     pub since: u64,
+    /// The holder's instance that gave those tickets (`PeerWritten::instance`): a
+    /// cache listening on the same address now is another one, and fails the
+    /// request (what the earlier one held died with it). Ignored with no tickets.
+    pub instance: u64,
 }
 
 /// Renews `client`'s lease at the node (report 5.3.3: the lock group watches the
@@ -465,6 +469,8 @@ pub enum Response {
         durable: bool,
         /// Numbers the holder's forwarded writes, in order (0 when not held).
         ticket: u64,
+        /// Random per cache: names the holder the ticket is from.
+        instance: u64,
     },
     /// A peer release: the block was written back and unlocked (or was not held).
     PeerReleased {
@@ -646,6 +652,7 @@ mod tests {
                 volume: 1,
                 lba: 3,
                 since: 9,
+                instance: 11,
             }),
         ]
     }
@@ -729,6 +736,7 @@ mod tests {
                 held: true,
                 durable: false,
                 ticket: 7,
+                instance: 11,
             },
             Response::PeerReleased { held: false },
             Response::Updated(UpdateReply {
