@@ -159,29 +159,12 @@ impl WriteBackCache {
     /// A cache with no group and no peer endpoint.
     pub fn new(client: Client, max_dirty: usize) -> WriteBackCache {
         let (stop, _) = watch::channel(());
+        let cfg = CacheConfig {
+            max_dirty,
+            ..CacheConfig::default()
+        };
         WriteBackCache {
-            inner: Arc::new(CacheInner {
-                client,
-                cfg: CacheConfig {
-                    max_dirty: max_dirty.max(1),
-                    ..CacheConfig::default()
-                },
-                owner: rand::random(),
-                group: Vec::new(),
-                contact: None,
-                refusals: Default::default(),
-                entries: Mutex::new(BTreeMap::new()),
-                forwarded: Default::default(),
-                put_seq: AtomicU64::new(1),
-                yielded: Default::default(),
-                peer_tickets: AtomicU64::new(1),
-                asking: Mutex::new(()),
-                recent_losses: Default::default(),
-                instance: rand::random(),
-                peer_written: Default::default(),
-                peer_lost: Default::default(),
-                _stop: stop,
-            }),
+            inner: Arc::new(CacheInner::new(client, cfg, Vec::new(), None, stop)),
         }
     }
 
@@ -224,28 +207,7 @@ impl WriteBackCache {
             None
         };
         let contact = listener.as_ref().and_then(|l| l.local_addr().ok());
-        let inner = Arc::new(CacheInner {
-            client,
-            cfg: CacheConfig {
-                max_dirty: cfg.max_dirty.max(1),
-                ..cfg
-            },
-            owner: rand::random(),
-            group,
-            contact,
-            refusals: Default::default(),
-            entries: Mutex::new(BTreeMap::new()),
-            forwarded: Default::default(),
-            put_seq: AtomicU64::new(1),
-            yielded: Default::default(),
-            peer_tickets: AtomicU64::new(1),
-            asking: Mutex::new(()),
-            recent_losses: Default::default(),
-            instance: rand::random(),
-            peer_written: Default::default(),
-            peer_lost: Default::default(),
-            _stop: stop,
-        });
+        let inner = Arc::new(CacheInner::new(client, cfg, group, contact, stop));
         if let Some(l) = listener {
             tokio::spawn(crate::peer::serve(l, Arc::downgrade(&inner), stop_rx));
         }
@@ -452,6 +414,38 @@ impl WriteBackCache {
 }
 
 impl CacheInner {
+    /// An empty cache with a fresh owner and instance.
+    fn new(
+        client: Client,
+        cfg: CacheConfig,
+        group: Vec<NodeId>,
+        contact: Option<SocketAddr>,
+        stop: watch::Sender<()>,
+    ) -> CacheInner {
+        CacheInner {
+            client,
+            cfg: CacheConfig {
+                max_dirty: cfg.max_dirty.max(1),
+                ..cfg
+            },
+            owner: rand::random(),
+            group,
+            contact,
+            refusals: Default::default(),
+            entries: Mutex::new(BTreeMap::new()),
+            forwarded: Default::default(),
+            put_seq: AtomicU64::new(1),
+            yielded: Default::default(),
+            peer_tickets: AtomicU64::new(1),
+            asking: Mutex::new(()),
+            recent_losses: Default::default(),
+            instance: rand::random(),
+            peer_written: Default::default(),
+            peer_lost: Default::default(),
+            _stop: stop,
+        }
+    }
+
     pub(crate) fn cluster_id(&self) -> u64 {
         self.client.map().cluster_id
     }

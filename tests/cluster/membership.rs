@@ -55,6 +55,21 @@ fn assert_detected_in_time(detected: Duration) {
     );
 }
 
+/// SIGKILLs `node` and waits until the metadata service marks it down, within the
+/// failure detector's promise ([`assert_detected_in_time`]).
+async fn kill_until_down(tc: &TestCluster, meta: &MetaClient, node: NodeId) {
+    tc.kill(node);
+    let killed_at = Instant::now();
+    wait_state(
+        meta,
+        "killed node marked down",
+        Duration::from_secs(20),
+        |s| state_of(s, node).0 == NodeState::Down,
+    )
+    .await;
+    assert_detected_in_time(killed_at.elapsed());
+}
+
 /// Waits (up to 10 s) until the test's client's map gives `node` `state`.
 async fn client_learns(tc: &TestCluster, node: NodeId, state: drs_proto::MemberState) {
     let until = Instant::now() + Duration::from_secs(10);
@@ -164,16 +179,7 @@ async fn a_restarted_node_recovers_before_it_is_up() {
     write_all(&tc.client, &blocks).await;
     let inc_before = state_of(&meta.read().await.expect("read"), victim).1;
 
-    tc.kill(victim);
-    let killed_at = Instant::now();
-    wait_state(
-        &meta,
-        "killed node marked down",
-        Duration::from_secs(20),
-        |s| state_of(s, victim).0 == NodeState::Down,
-    )
-    .await;
-    assert_detected_in_time(killed_at.elapsed());
+    kill_until_down(&tc, &meta, victim).await;
     // Clients learn it and read around the node without calling it.
     client_learns(&tc, victim, drs_proto::MemberState::Down).await;
     let degraded_before = degraded_reads(&tc.client);
@@ -249,14 +255,7 @@ async fn a_node_registered_late_is_up_only_after_catching_up() {
     write_all(&tc.client, &blocks).await;
     let inc_before = state_of(&meta.read().await.expect("read"), victim).1;
 
-    tc.kill(victim);
-    wait_state(
-        &meta,
-        "killed node marked down",
-        Duration::from_secs(20),
-        |s| state_of(s, victim).0 == NodeState::Down,
-    )
-    .await;
+    kill_until_down(&tc, &meta, victim).await;
     client_learns(&tc, victim, drs_proto::MemberState::Down).await;
     // Two of the three replicas cut off: nothing commits, so the restarted node
     // cannot register, and every map still says it is down.
