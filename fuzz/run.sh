@@ -10,14 +10,14 @@ export RUSTC_BOOTSTRAP=1
 if ! cargo fuzz --version >/dev/null 2>&1; then
     cargo install cargo-fuzz --locked --version 0.13.2
 fi
-cargo fuzz build -O
+cargo fuzz build --dev
 mkdir -p logs
 for target in $(cargo fuzz list); do
     echo "== fuzz $target for ${secs}s"
     mkdir -p "corpus/$target"
     # -malloc_limit_mb: no single allocation over 64 MiB (frames are bounded far
     # below that); -rss_limit_mb: the whole process stays under 1 GiB.
-    if ! cargo fuzz run -O "$target" "corpus/$target" -- \
+    if ! cargo fuzz run --dev "$target" "corpus/$target" -- \
         -max_total_time="$secs" -malloc_limit_mb=64 -rss_limit_mb=1024 \
         -print_final_stats=1 > "logs/$target.log" 2>&1; then
         tail -n 60 "logs/$target.log" >&2

@@ -30,6 +30,8 @@
 //! and fails with [`ClientError::ForwardedLost`] if a holder does not answer (it
 //! died, and its cache with it) or answers that a write-back holding one of its
 //! changes (by ticket) failed there (remembered for [`PEER_LOST_KEEP`]). A holder
+//! tells the writers that serve when a write-back carried their changes
+//! (`PeerDurable`), and they no longer ask it about them. A holder
 //! whose lease is not confirmed at `min_write` of a block's members, or that was
 //! fenced, serves that block to nobody: it answers as if it did not hold it.
 
@@ -77,6 +79,10 @@ pub struct CacheConfig {
     pub group: usize,
     /// Serve other clients through this cache (client-client interface).
     pub serve: bool,
+    /// Where the cache listens for other clients when it serves them (default
+    /// 127.0.0.1, a free port): clients on other machines reach it only at an
+    /// address they can route to. Holders give their address in lock answers.
+    pub serve_on: SocketAddr,
 }
 
 impl Default for CacheConfig {
@@ -85,6 +91,7 @@ impl Default for CacheConfig {
             max_dirty: 1024,
             group: 0,
             serve: false,
+            serve_on: SocketAddr::from(([127, 0, 0, 1], 0)),
         }
     }
 }
@@ -144,6 +151,10 @@ pub(crate) struct CacheInner {
     /// Blocks changed by other clients since their last write-back here, with the
     /// ticket of the latest such change.
     peer_written: std::sync::Mutex<BTreeMap<u64, u64>>,
+    /// Of those changes, the ones whose writers serve other clients: block ->
+    /// writer's contact -> its latest ticket. They are told when a write-back
+    /// carried them (`PeerDurable`).
+    peer_writers: std::sync::Mutex<BTreeMap<u64, BTreeMap<SocketAddr, u64>>>,
     /// Blocks whose write-back failed, or that were discarded, while they held other
     /// clients' changes: the latest ticket lost, and when (see [`PEER_LOST_KEEP`]).
     peer_lost: std::sync::Mutex<BTreeMap<u64, (u64, Instant)>>,
@@ -169,7 +180,7 @@ impl WriteBackCache {
     }
 
     /// A cache as `cfg` says: with a cache group of that many nodes (the first that
-    /// answer, in id order), and serving other clients on a loopback port.
+    /// answer, in id order), and serving other clients on `cfg.serve_on`.
     pub async fn with_config(
         client: Client,
         cfg: CacheConfig,
@@ -196,11 +207,14 @@ impl WriteBackCache {
         let (stop, stop_rx) = watch::channel(());
         let listener = if cfg.serve {
             Some(
-                tokio::net::TcpListener::bind("127.0.0.1:0")
+                tokio::net::TcpListener::bind(cfg.serve_on)
                     .await
                     .map_err(|e| ClientError::Call {
                         node: u32::MAX,
-                        error: CallError::Unreachable(format!("cannot listen for peers: {e}")),
+                        error: CallError::Unreachable(format!(
+                            "cannot listen for peers on {}: {e}",
+                            cfg.serve_on
+                        )),
                     })?,
             )
         } else {
@@ -267,7 +281,7 @@ impl WriteBackCache {
                 ..
             }) => {
                 if let Ok(Some((true, _))) =
-                    crate::peer::write(c, contact, lba, offset, data, true).await
+                    crate::peer::write(c, contact, (lba, offset), data, true, None).await
                 {
                     return Ok(());
                 }
@@ -396,7 +410,7 @@ impl WriteBackCache {
                 e.dirty = None;
             }
         }
-        self.inner.note_written_back(lbas, false);
+        let _ = self.inner.note_written_back(lbas, false);
         // Nothing is sent but the unlocks; an unlock that fails is left to the lease.
         if let Err(e) = self.inner.flush_lbas(&mut entries, lbas).await {
             tracing::warn!(?lbas, error = %e, "releasing discarded blocks failed");
@@ -441,6 +455,7 @@ impl CacheInner {
             recent_losses: Default::default(),
             instance: rand::random(),
             peer_written: Default::default(),
+            peer_writers: Default::default(),
             peer_lost: Default::default(),
             _stop: stop,
         }
@@ -508,7 +523,14 @@ impl CacheInner {
                     drop(entries);
                     if let Some(contact) = contact {
                         // Held by another client's cache: write through it (report 5.5).
-                        let r = crate::peer::write(&self.client, contact, lba, offset, data, false);
+                        let r = crate::peer::write(
+                            &self.client,
+                            contact,
+                            (lba, offset),
+                            data,
+                            false,
+                            self.contact,
+                        );
                         if let Ok(Some((_, (ticket, instance)))) = r.await {
                             let mut f = slock(&self.forwarded);
                             match f.get_mut(&(contact, lba)) {
@@ -699,7 +721,8 @@ impl CacheInner {
                     self.drop_copies(id, &lbas).await;
                 }
             }
-            self.note_written_back(&lbas, res.is_ok());
+            let notices = self.note_written_back(&lbas, res.is_ok());
+            self.tell_writers(notices).await;
             if let Err(e) = res {
                 // The update may have reached some members and not others, and the
                 // locks were released with it: the cached copies are no longer the
@@ -777,8 +800,17 @@ impl CacheInner {
 
     /// `lbas` were written back (`ok`) or their changes dropped: those that held
     /// other clients' changes are remembered as lost, up to their latest ticket, if
-    /// not `ok`.
-    fn note_written_back(&self, lbas: &[u64], ok: bool) {
+    /// not `ok`. If `ok`, returns the notices owed to the writers that serve:
+    /// (writer's contact, block, latest ticket).
+    fn note_written_back(&self, lbas: &[u64], ok: bool) -> Vec<(SocketAddr, u64, u64)> {
+        let notices: Vec<(SocketAddr, u64, u64)> = {
+            let mut writers = slock(&self.peer_writers);
+            lbas.iter()
+                .filter_map(|l| writers.remove(l).map(|w| (*l, w)))
+                .flat_map(|(l, w)| w.into_iter().map(move |(to, t)| (to, l, t)))
+                .filter(|_| ok)
+                .collect()
+        };
         let held: Vec<(u64, u64)> = {
             let mut written = slock(&self.peer_written);
             lbas.iter()
@@ -786,7 +818,7 @@ impl CacheInner {
                 .collect()
         };
         if ok || held.is_empty() {
-            return;
+            return notices;
         }
         let now = Instant::now();
         let mut lost = slock(&self.peer_lost);
@@ -806,6 +838,30 @@ impl CacheInner {
                 None => break,
             };
         }
+        notices
+    }
+
+    /// Sends the notices [`CacheInner::note_written_back`] returned, all at once, and
+    /// waits (bounded) for them to be taken: a holder that exits after its flush has
+    /// told its writers first.
+    async fn tell_writers(&self, notices: Vec<(SocketAddr, u64, u64)>) {
+        let (Some(holder), false) = (self.contact, notices.is_empty()) else {
+            return;
+        };
+        let volume = self.client.volume().id;
+        join_all(notices.into_iter().map(|(to, lba, through)| async move {
+            let req = drs_proto::PeerDurableReq {
+                volume,
+                lba,
+                holder,
+                instance: self.instance,
+                through,
+            };
+            if let Err(e) = crate::peer::tell_durable(&self.client, to, req).await {
+                tracing::debug!(lba, %to, error = %e, "a writer was not told its change is on the nodes");
+            }
+        }))
+        .await;
     }
 
     /// A write-back of `lba` holding another client's change with ticket `since` or
@@ -896,6 +952,11 @@ impl CacheInner {
                     .map_err(|_| WireError::Busy)?;
                 let ticket = self.peer_tickets.fetch_add(1, Ordering::Relaxed);
                 slock(&self.peer_written).insert(r.lba, ticket);
+                if let Some(to) = r.reply_to {
+                    let mut writers = slock(&self.peer_writers);
+                    let latest = writers.entry(r.lba).or_default().entry(to).or_insert(0);
+                    *latest = (*latest).max(ticket);
+                }
                 if r.durable {
                     self.flush_lbas(&mut entries, &[r.lba])
                         .await
@@ -940,6 +1001,22 @@ impl CacheInner {
                 }
                 flushed.map_err(|_| WireError::Busy)?;
                 Ok((Response::PeerReleased { held }, Bytes::new()))
+            }
+            Request::PeerDurable(r) => {
+                // Changes up to `through` through that holder instance are on the
+                // nodes: the flush need not ask about them.
+                let mut f = slock(&self.forwarded);
+                let key = (r.holder, r.lba);
+                match f.get_mut(&key) {
+                    Some((_, hi, i)) if *i == r.instance && *hi <= r.through => {
+                        f.remove(&key);
+                    }
+                    Some((lo, _, i)) if *i == r.instance && *lo <= r.through => {
+                        *lo = r.through.saturating_add(1);
+                    }
+                    _ => {}
+                }
+                Ok((Response::PeerNoted, Bytes::new()))
             }
             _ => Err(WireError::Invalid {
                 what: drs_proto::error::InvalidReason::Unexpected,

@@ -1,15 +1,17 @@
 //! The client-client interface (report 5.5; DESIGN-NOTES R10).
 //!
 //! A client that caches blocks (a [`crate::WriteBackCache`] started with `serve`)
-//! listens on a loopback address and gives it, as its *contact*, with every lock it
-//! takes. A node that refuses another client the lock names the holder's contact, and
+//! listens for other clients (a loopback port unless configured) and gives that
+//! address, as its *contact*, with every lock it takes. A node that refuses another client the lock names the holder's contact, and
 //! that client can then:
 //! - read the block through the holder's cache (`PeerRead`),
 //! - write it through the holder's cache (`PeerWrite`; with `durable`, the holder
 //!   writes the block back to the nodes before it answers, so the answer says the
 //!   change reached the storage nodes),
 //! - ask the holder to write the block back and let it go (`PeerRelease`), so that
-//!   waiting for a cached block never starves.
+//!   waiting for a cached block never starves;
+//! - and the holder tells a writer that serves too when a write-back carried its
+//!   changes (`PeerDurable`), so the writer's flush need not ask it.
 //!
 //! Peer calls are rare. The calling client keeps one connection per contact
 //! (`Client::peer_conn`); the serving cache takes at most [`PEER_CONNECTIONS`] at
@@ -22,8 +24,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use drs_proto::{
-    Frame, FrameHeader, FrameKind, PeerReadReq, PeerReleaseReq, PeerWriteReq, Request, Response,
-    WireError,
+    Frame, FrameHeader, FrameKind, PeerDurableReq, PeerReadReq, PeerReleaseReq, PeerWriteReq,
+    Request, Response, WireError,
 };
 use futures::{SinkExt, StreamExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -103,20 +105,22 @@ pub(crate) async fn read(
 
 /// Writes through the holder's cache; `None` if it no longer holds the block,
 /// otherwise whether the change already reached the nodes, and the write's ticket
-/// (for [`ask_release`]).
+/// (for [`ask_release`]). The holder tells `reply_to` (the writer's own contact)
+/// when a write-back carried the change ([`tell_durable`]).
 pub(crate) async fn write(
     client: &Client,
     contact: SocketAddr,
-    lba: u64,
-    offset: usize,
+    (lba, offset): (u64, usize),
     data: &[u8],
     durable: bool,
+    reply_to: Option<SocketAddr>,
 ) -> Result<Option<(bool, (u64, u64))>, CallError> {
     let req = Request::PeerWrite(PeerWriteReq {
         volume: client.volume().id,
         lba,
         offset: offset as u32,
         durable,
+        reply_to,
     });
     match call(client, contact, &req, Bytes::copy_from_slice(data)).await? {
         (
@@ -131,6 +135,31 @@ pub(crate) async fn write(
         (Response::PeerWritten { held: false, .. }, _) => Ok(None),
         (other, _) => Err(CallError::Protocol(format!(
             "peer write answered with {other:?}"
+        ))),
+    }
+}
+
+/// How long a holder waits for a writer to take note of a `PeerDurable`.
+const DURABLE_NOTICE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Tells a client that wrote through this cache (at its contact `to`) that its
+/// changes to block `lba` with tickets up to `through` reached the nodes, so its
+/// flush need not ask this cache (which may be gone by then). Best effort: a writer
+/// not told asks, as before.
+pub(crate) async fn tell_durable(
+    client: &Client,
+    to: SocketAddr,
+    req: PeerDurableReq,
+) -> Result<(), CallError> {
+    let req = Request::PeerDurable(req);
+    match client
+        .peer_conn(to)
+        .call(&req, Bytes::new(), DURABLE_NOTICE_TIMEOUT)
+        .await?
+    {
+        (Response::PeerNoted, _) => Ok(()),
+        (other, _) => Err(CallError::Protocol(format!(
+            "durability notice answered with {other:?}"
         ))),
     }
 }

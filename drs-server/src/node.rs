@@ -616,7 +616,8 @@ impl Node {
             | Request::Heartbeat(_)
             | Request::PeerRead(_)
             | Request::PeerWrite(_)
-            | Request::PeerRelease(_) => Err(WireError::Invalid {
+            | Request::PeerRelease(_)
+            | Request::PeerDurable(_) => Err(WireError::Invalid {
                 what: InvalidReason::Unexpected,
             }),
         };

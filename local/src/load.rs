@@ -346,6 +346,7 @@ pub async fn run(clients: Vec<Client>, spec: &LoadSpec) -> LoadReport {
                     max_dirty: 1024,
                     group: lc.group,
                     serve: true,
+                    ..CacheConfig::default()
                 };
                 match WriteBackCache::with_config(c.clone(), cfg).await {
                     Ok(cache) => ios.push(Io::Cached(cache, c.clone())),

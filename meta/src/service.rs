@@ -791,17 +791,49 @@ impl Inner {
         if is_voter {
             return Ok(self.status().members);
         }
-        if !is_node {
-            // Blocks until the learner has caught up (bounded by the deadline).
-            let res = tokio::time::timeout(
-                until.saturating_duration_since(Instant::now()),
-                self.raft.add_learner(id, BasicNode::new(addr), true),
-            )
-            .await
-            .map_err(|_| MetaError::Timeout(format!("replica {id} did not catch up")))?;
-            res.map_err(|e| self.write_error(e))?;
-            tracing::info!(replica = id, %addr, "learner added");
+        if is_node {
+            // An addition that failed halfway left a learner: it is resumed only at the
+            // address it was begun with (openraft keeps a known node's address).
+            if let Some(known) = self.status().learners.get(&id).filter(|a| **a != addr) {
+                return Err(MetaError::Membership(format!(
+                    "replica {id} is already a learner at {known}, not {addr}; remove it first"
+                )));
+            }
         }
+        // Blocks until the learner has caught up (bounded by the deadline). Run again
+        // for a learner left by an earlier attempt too: it may still be behind, and a
+        // voter that is far behind would stall commits while the leader streams it
+        // the log.
+        let res = tokio::time::timeout(
+            until.saturating_duration_since(Instant::now()),
+            self.raft.add_learner(id, BasicNode::new(addr), true),
+        )
+        .await
+        .map_err(|_| MetaError::Timeout(format!("replica {id} did not catch up")))?;
+        res.map_err(|e| self.write_error(e))?;
+        // openraft's wait ends within `replication_lag_threshold` (thousands of
+        // entries) of the log, so it passes a learner that has nothing: wait until it
+        // holds every entry this leader has now.
+        let target = self.raft.metrics().borrow().last_log_index;
+        let caught_up = self
+            .raft
+            .wait(Some(until.saturating_duration_since(Instant::now())))
+            .metrics(
+                |m| {
+                    m.replication
+                        .as_ref()
+                        .and_then(|r| r.get(&id))
+                        .is_some_and(|matched| matched.map(|l| l.index) >= target)
+                },
+                "the new learner to hold the log",
+            )
+            .await;
+        if caught_up.is_err() {
+            return Err(MetaError::Timeout(format!(
+                "replica {id} did not catch up (it stays a learner; run the addition again)"
+            )));
+        }
+        tracing::info!(replica = id, %addr, resumed = is_node, "learner caught up");
         let ids: BTreeSet<u64> = [id].into_iter().collect();
         let members = self
             .change_membership(ChangeMembers::AddVoterIds(ids), until)

@@ -474,6 +474,56 @@ async fn a_fourth_replica_joins_by_snapshot_and_a_replica_leaves() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resumed_addition_promotes_a_learner_only_once_it_has_caught_up() {
+    let _serial = SERIAL.lock().await;
+    init_tracing();
+    let mut c = Cluster::start(3, 8, |_| {}).await;
+    let client = c.client();
+    for i in 100..110 {
+        client.propose(add_node(i)).await.unwrap();
+    }
+    // Replica 4 answers no Raft request, so an addition stops at the learner.
+    let fourth = c.start_replica(4, None).await;
+    fourth.set_isolated(true);
+    let short = c.client_with(ClientConfig {
+        deadline: Duration::from_secs(2),
+        rpc_timeout: Duration::from_secs(2),
+        ..ClientConfig::default()
+    });
+    let res = short.add_replica(4, fourth.local_addr()).await;
+    assert!(res.is_err(), "an unreachable replica was added: {res:?}");
+    let leader = c.wait_leader(Duration::from_secs(10)).await;
+    let st = c.nodes[&leader].status();
+    assert!(st.learners.contains_key(&4), "no learner left: {st:?}");
+    assert!(!st.members.contains_key(&4));
+
+    // Run again while it is still behind: it stays a learner.
+    let res = short.add_replica(4, fourth.local_addr()).await;
+    assert!(
+        res.is_err(),
+        "a learner that never caught up was promoted: {res:?}"
+    );
+    let leader = c.wait_leader(Duration::from_secs(10)).await;
+    assert!(!c.nodes[&leader].status().members.contains_key(&4));
+    // At another address: refused, with the address it was begun with.
+    let elsewhere: std::net::SocketAddr = "127.0.0.1:9".parse().unwrap();
+    match short.add_replica(4, elsewhere).await {
+        Err(MetaError::Membership(msg)) => assert!(msg.contains("already a learner"), "{msg}"),
+        other => panic!("a learner's address was changed: {other:?}"),
+    }
+
+    // Healed, the addition completes, and the new voter has everything.
+    fourth.set_isolated(false);
+    let members = client.add_replica(4, fourth.local_addr()).await.unwrap();
+    assert_eq!(members.len(), 4);
+    assert_eq!(members[&4], fourth.local_addr());
+    let s = c.wait_converged(Duration::from_secs(10)).await;
+    assert_eq!(s.replicas, members);
+    assert_eq!(s.nodes.keys().filter(|n| **n >= 100).count(), 10);
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_namespace_at_its_size_limit_refuses_to_grow_and_can_shrink() {
     use drs_meta::fs::{FsCommand, FsError, FsReply, Time, ROOT};
     // A limit of 16 KiB instead of 64 MiB: some 200 small files.

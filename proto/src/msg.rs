@@ -20,6 +20,7 @@
 //! | `CachePut` / `CacheDrop` | client (cache group) | running total / - | - | `CacheStored` |
 //! | `CacheGet` | cache-group member | - | copies | `CacheCopies` |
 //! | `PeerRead` / `PeerWrite` / `PeerRelease` | client to client | - / bytes | bytes / - | `PeerData` / `PeerWritten` / `PeerReleased` |
+//! | `PeerDurable` | holder to the clients that wrote through it | - | - | `PeerNoted` |
 
 use serde::{Deserialize, Serialize};
 
@@ -72,6 +73,9 @@ pub enum Request {
     /// client refused for a stale epoch catches up when the metadata service cannot
     /// answer it).
     GetMap,
+    /// Holder to a client that wrote through its cache (at the `reply_to` it gave):
+    /// your changes to this block up to a ticket reached the nodes.
+    PeerDurable(PeerDurableReq),
 }
 
 impl Request {
@@ -93,6 +97,7 @@ impl Request {
             Request::PeerRead(_) => "peer_read",
             Request::PeerWrite(_) => "peer_write",
             Request::PeerRelease(_) => "peer_release",
+            Request::PeerDurable(_) => "peer_durable",
             Request::GetMap => "get_map",
         }
     }
@@ -164,6 +169,22 @@ pub struct PeerWriteReq {
     /// Answer only once the change reached the storage nodes (the holder writes the
     /// block back first).
     pub durable: bool,
+    /// Where the writer serves other clients, if it does: the holder tells it there
+    /// when a write-back carried the change (`PeerDurable`).
+    pub reply_to: Option<std::net::SocketAddr>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerDurableReq {
+    pub volume: VolumeId,
+    pub lba: u64,
+    /// The holder's contact, as the writer reached it.
+    pub holder: std::net::SocketAddr,
+    /// The holder's instance (`PeerWritten::instance`).
+    pub instance: u64,
+    /// Every change the writer made through this holder to the block with a ticket
+    /// up to this one reached the nodes.
+    pub through: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -486,6 +507,8 @@ pub enum Response {
     /// The node's cluster map, as the TOML of a cluster file, in the payload (a map
     /// of a few hundred nodes would not fit the control section).
     Map,
+    /// A `PeerDurable` was taken note of.
+    PeerNoted,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -647,12 +670,20 @@ mod tests {
                 lba: 3,
                 offset: 8,
                 durable: true,
+                reply_to: Some("127.0.0.1:7000".parse().unwrap()),
             }),
             Request::PeerRelease(PeerReleaseReq {
                 volume: 1,
                 lba: 3,
                 since: 9,
                 instance: 11,
+            }),
+            Request::PeerDurable(PeerDurableReq {
+                volume: 1,
+                lba: 3,
+                holder: "[::1]:7001".parse().unwrap(),
+                instance: 11,
+                through: 12,
             }),
         ]
     }
@@ -739,6 +770,7 @@ mod tests {
                 instance: 11,
             },
             Response::PeerReleased { held: false },
+            Response::PeerNoted,
             Response::Updated(UpdateReply {
                 results: vec![
                     Ok(Applied {

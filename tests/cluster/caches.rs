@@ -137,6 +137,69 @@ async fn a_flush_fails_when_the_holder_of_a_forwarded_write_is_gone() {
     }
 }
 
+/// B writes through A's cache; A writes the block back by itself (its own flush)
+/// and then goes away: B's change is on the nodes, and B's flush says so. A told B
+/// when its write-back carried the change; before, B asked A at its flush, found
+/// nobody, and reported the change lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flush_succeeds_when_the_holder_wrote_back_and_left() {
+    let tc = TestCluster::start("peer-left").await;
+    let a = serving_cache(&tc).await;
+    let b = serving_cache(&tc).await;
+    a.write(5, 0, &bytes(1, BS)).await.unwrap();
+    b.write(5, 100, &bytes(2, 200)).await.unwrap();
+    assert_eq!(b.len().await, 0, "B's write went into A's cache");
+    a.flush().await.unwrap();
+    drop(a);
+    b.flush()
+        .await
+        .expect("a change its holder wrote back before it left");
+    let mut want = bytes(1, BS);
+    want[100..300].copy_from_slice(&bytes(2, 200));
+    assert_eq!(
+        &read_ok(&tc.client, 5, "after B's flush").await[..],
+        &want[..]
+    );
+}
+
+/// B writes through A's cache; A dies, and a new cache takes A's address before B
+/// flushes. The newcomer never held B's change, and must not answer for it: tickets
+/// name the holder's instance, and B's flush fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_cache_at_a_dead_holders_address_does_not_answer_for_it() {
+    let tc = TestCluster::start("peer-instance").await;
+    let a = serving_cache(&tc).await;
+    let b = serving_cache(&tc).await;
+    let at = a.contact().expect("A serves");
+    a.write(5, 0, &bytes(1, BS)).await.unwrap();
+    b.write(5, 100, &bytes(2, 200)).await.unwrap();
+    assert_eq!(b.len().await, 0, "B's write went into A's cache");
+    drop(a);
+    // A stops serving when dropped; its port is free a moment later.
+    let cfg = CacheConfig {
+        serve: true,
+        serve_on: at,
+        ..CacheConfig::default()
+    };
+    let mut tries = 0;
+    let newcomer = loop {
+        match WriteBackCache::with_config(tc.new_client(client_config()), cfg.clone()).await {
+            Ok(c) => break c,
+            Err(e) if tries < 50 => {
+                tries += 1;
+                eprintln!("{at} not free yet: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("cannot listen at A's address {at}: {e}"),
+        }
+    };
+    assert_eq!(newcomer.contact(), Some(at));
+    match b.flush().await {
+        Err(ClientError::ForwardedLost { lba: 5, .. }) => {}
+        other => panic!("B's flush with a newcomer at A's address: {other:?}"),
+    }
+}
+
 /// B writes through A's cache; A drops the block without writing it back (as a
 /// failed write-back does): B's flush fails with that, and the change is not on the
 /// nodes.
