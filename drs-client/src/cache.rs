@@ -66,6 +66,13 @@ const PEER_LOST_MAX: usize = 65_536;
 /// How long a forwarded block found lost is also reported to flushes that were
 /// waiting while it was found (longer than any wait for the holders' answers).
 const RECENT_LOSSES_KEEP: Duration = Duration::from_secs(60);
+/// The writers of one cached block that serve: contact -> first and latest ticket.
+type Writers = BTreeMap<SocketAddr, (u64, u64)>;
+
+/// A notice owed to a writer: (its contact, block, its first and latest ticket in
+/// the copy written back).
+type Notice = (SocketAddr, u64, (u64, u64));
+
 /// How long a cache leaves a block it let go on request before it takes it again
 /// (the asking writer's lock request is on its way).
 const YIELD: Duration = Duration::from_millis(100);
@@ -81,7 +88,8 @@ pub struct CacheConfig {
     pub serve: bool,
     /// Where the cache listens for other clients when it serves them (default
     /// 127.0.0.1, a free port): clients on other machines reach it only at an
-    /// address they can route to. Holders give their address in lock answers.
+    /// address they can route to. It is given to them as it is (in lock answers),
+    /// so an unspecified address (0.0.0.0) is refused.
     pub serve_on: SocketAddr,
 }
 
@@ -152,9 +160,13 @@ pub(crate) struct CacheInner {
     /// ticket of the latest such change.
     peer_written: std::sync::Mutex<BTreeMap<u64, u64>>,
     /// Of those changes, the ones whose writers serve other clients: block ->
-    /// writer's contact -> its latest ticket. They are told when a write-back
-    /// carried them (`PeerDurable`).
-    peer_writers: std::sync::Mutex<BTreeMap<u64, BTreeMap<SocketAddr, u64>>>,
+    /// writer's contact -> its first and latest ticket in the cached copy. They are
+    /// told when a write-back carried them (`PeerDurable`).
+    peer_writers: std::sync::Mutex<BTreeMap<u64, Writers>>,
+    /// Notices to writers on their way (`PeerDurable`), sent apart from the cache's
+    /// lock; `flush` waits for them, so a holder that exits after its flush has told
+    /// its writers.
+    notices: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
     /// Blocks whose write-back failed, or that were discarded, while they held other
     /// clients' changes: the latest ticket lost, and when (see [`PEER_LOST_KEEP`]).
     peer_lost: std::sync::Mutex<BTreeMap<u64, (u64, Instant)>>,
@@ -203,6 +215,17 @@ impl WriteBackCache {
                     detail: " (for the cache group)".into(),
                 });
             }
+        }
+        if cfg.serve && cfg.serve_on.ip().is_unspecified() {
+            // The address is given to other clients as the contact: it must be one
+            // they can reach.
+            return Err(ClientError::Call {
+                node: u32::MAX,
+                error: CallError::Unreachable(format!(
+                    "cannot serve peers on {}: give the address other clients reach",
+                    cfg.serve_on
+                )),
+            });
         }
         let (stop, stop_rx) = watch::channel(());
         let listener = if cfg.serve {
@@ -361,6 +384,7 @@ impl WriteBackCache {
         let all: Vec<u64> = entries.keys().copied().collect();
         let res = self.inner.flush_lbas(&mut entries, &all).await;
         drop(entries);
+        self.inner.notices_sent().await;
         let lost = self.inner.ask_holders(began, |_| true).await;
         res?;
         match lost.into_iter().next() {
@@ -384,6 +408,7 @@ impl WriteBackCache {
             .flush_lbas_noting(&mut entries, lbas, &mut failed)
             .await;
         drop(entries);
+        self.inner.notices_sent().await;
         let wanted: BTreeSet<u64> = lbas.iter().copied().collect();
         let lost = self
             .inner
@@ -456,6 +481,7 @@ impl CacheInner {
             instance: rand::random(),
             peer_written: Default::default(),
             peer_writers: Default::default(),
+            notices: Default::default(),
             peer_lost: Default::default(),
             _stop: stop,
         }
@@ -722,7 +748,7 @@ impl CacheInner {
                 }
             }
             let notices = self.note_written_back(&lbas, res.is_ok());
-            self.tell_writers(notices).await;
+            self.tell_writers(notices);
             if let Err(e) = res {
                 // The update may have reached some members and not others, and the
                 // locks were released with it: the cached copies are no longer the
@@ -801,9 +827,9 @@ impl CacheInner {
     /// `lbas` were written back (`ok`) or their changes dropped: those that held
     /// other clients' changes are remembered as lost, up to their latest ticket, if
     /// not `ok`. If `ok`, returns the notices owed to the writers that serve:
-    /// (writer's contact, block, latest ticket).
-    fn note_written_back(&self, lbas: &[u64], ok: bool) -> Vec<(SocketAddr, u64, u64)> {
-        let notices: Vec<(SocketAddr, u64, u64)> = {
+    /// (writer's contact, block, its first and latest ticket in the copy).
+    fn note_written_back(&self, lbas: &[u64], ok: bool) -> Vec<Notice> {
+        let notices: Vec<Notice> = {
             let mut writers = slock(&self.peer_writers);
             lbas.iter()
                 .filter_map(|l| writers.remove(l).map(|w| (*l, w)))
@@ -841,27 +867,39 @@ impl CacheInner {
         notices
     }
 
-    /// Sends the notices [`CacheInner::note_written_back`] returned, all at once, and
-    /// waits (bounded) for them to be taken: a holder that exits after its flush has
-    /// told its writers first.
-    async fn tell_writers(&self, notices: Vec<(SocketAddr, u64, u64)>) {
+    /// Sends the notices [`CacheInner::note_written_back`] returned, each in a task
+    /// of its own: not under the cache's lock, which a writer busy with a request
+    /// to this cache may be waiting for. [`CacheInner::notices_sent`] waits for them.
+    fn tell_writers(&self, notices: Vec<Notice>) {
         let (Some(holder), false) = (self.contact, notices.is_empty()) else {
             return;
         };
         let volume = self.client.volume().id;
-        join_all(notices.into_iter().map(|(to, lba, through)| async move {
+        let mut sent = slock(&self.notices);
+        sent.retain(|h| !h.is_finished());
+        for (to, lba, (from, through)) in notices {
             let req = drs_proto::PeerDurableReq {
                 volume,
                 lba,
                 holder,
                 instance: self.instance,
+                from,
                 through,
             };
-            if let Err(e) = crate::peer::tell_durable(&self.client, to, req).await {
-                tracing::debug!(lba, %to, error = %e, "a writer was not told its change is on the nodes");
-            }
-        }))
-        .await;
+            let client = self.client.clone();
+            sent.push(tokio::spawn(async move {
+                if let Err(e) = crate::peer::tell_durable(&client, to, req).await {
+                    tracing::debug!(lba, %to, error = %e, "a writer was not told its change is on the nodes");
+                }
+            }));
+        }
+    }
+
+    /// Waits until the notices sent so far reached their writers or failed (each is
+    /// bounded).
+    async fn notices_sent(&self) {
+        let sent: Vec<_> = std::mem::take(&mut *slock(&self.notices));
+        join_all(sent).await;
     }
 
     /// A write-back of `lba` holding another client's change with ticket `since` or
@@ -954,7 +992,11 @@ impl CacheInner {
                 slock(&self.peer_written).insert(r.lba, ticket);
                 if let Some(to) = r.reply_to {
                     let mut writers = slock(&self.peer_writers);
-                    let latest = writers.entry(r.lba).or_default().entry(to).or_insert(0);
+                    let (_, latest) = writers
+                        .entry(r.lba)
+                        .or_default()
+                        .entry(to)
+                        .or_insert((ticket, ticket));
                     *latest = (*latest).max(ticket);
                 }
                 if r.durable {
@@ -1003,15 +1045,18 @@ impl CacheInner {
                 Ok((Response::PeerReleased { held }, Bytes::new()))
             }
             Request::PeerDurable(r) => {
-                // Changes up to `through` through that holder instance are on the
-                // nodes: the flush need not ask about them.
+                // This client's changes from `from` to `through` through that holder
+                // instance are on the nodes: the flush need not ask about them. Any
+                // before `from` were in an earlier copy of the block, and still are
+                // to be asked about.
                 let mut f = slock(&self.forwarded);
                 let key = (r.holder, r.lba);
                 match f.get_mut(&key) {
-                    Some((_, hi, i)) if *i == r.instance && *hi <= r.through => {
+                    _ if r.volume != self.client.volume().id => {}
+                    Some((lo, hi, i)) if *i == r.instance && r.from <= *lo && *hi <= r.through => {
                         f.remove(&key);
                     }
-                    Some((lo, _, i)) if *i == r.instance && *lo <= r.through => {
+                    Some((lo, _, i)) if *i == r.instance && r.from <= *lo && *lo <= r.through => {
                         *lo = r.through.saturating_add(1);
                     }
                     _ => {}

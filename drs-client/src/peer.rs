@@ -139,8 +139,9 @@ pub(crate) async fn write(
     }
 }
 
-/// How long a holder waits for a writer to take note of a `PeerDurable`.
-const DURABLE_NOTICE_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long a holder waits for a writer to take note of a `PeerDurable` (it may
+/// wait behind the writer's own requests on the connection).
+const DURABLE_NOTICE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Tells a client that wrote through this cache (at its contact `to`) that its
 /// changes to block `lba` with tickets up to `through` reached the nodes, so its

@@ -41,9 +41,25 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Deadline applied to a request that names none, and the longest one honoured.
 const DEADLINE_MAX: Duration = Duration::from_secs(60);
 
+/// Every second, logs how many refused handshakes the rate limit hid (a burst
+/// shorter than a second has no later line to say so), until `shutdown`.
+async fn report_hidden_refusals(node: Arc<Node>, mut shutdown: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.changed() => return,
+        }
+        for (kind, n) in node.refusals.overdue() {
+            tracing::warn!(kind, not_logged = n, "handshakes refused and not logged");
+        }
+    }
+}
+
 /// Serves `listener` until `shutdown` turns true.
 pub async fn serve(node: Arc<Node>, listener: TcpListener, mut shutdown: watch::Receiver<bool>) {
     let conns = Arc::new(Semaphore::new(node.cfg.max_connections));
+    tokio::spawn(report_hidden_refusals(node.clone(), shutdown.clone()));
     loop {
         let permit = tokio::select! {
             p = conns.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },

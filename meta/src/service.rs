@@ -804,34 +804,48 @@ impl Inner {
         // for a learner left by an earlier attempt too: it may still be behind, and a
         // voter that is far behind would stall commits while the leader streams it
         // the log.
-        let res = tokio::time::timeout(
-            until.saturating_duration_since(Instant::now()),
-            self.raft.add_learner(id, BasicNode::new(addr), true),
-        )
-        .await
-        .map_err(|_| MetaError::Timeout(format!("replica {id} did not catch up")))?;
-        res.map_err(|e| self.write_error(e))?;
+        loop {
+            let res = tokio::time::timeout(
+                until.saturating_duration_since(Instant::now()),
+                self.raft.add_learner(id, BasicNode::new(addr), true),
+            )
+            .await
+            .map_err(|_| MetaError::Timeout(format!("replica {id} did not catch up")))?;
+            match res {
+                Ok(_) => break,
+                Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(
+                    openraft::error::ChangeMembershipError::InProgress(_),
+                ))) if Instant::now() + Duration::from_millis(100) < until => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => return Err(self.write_error(e)),
+            }
+        }
         // openraft's wait ends within `replication_lag_threshold` (thousands of
         // entries) of the log, so it passes a learner that has nothing: wait until it
-        // holds every entry this leader has now.
+        // holds every entry this leader has now (or this replica stops leading).
         let target = self.raft.metrics().borrow().last_log_index;
-        let caught_up = self
+        let waited = self
             .raft
             .wait(Some(until.saturating_duration_since(Instant::now())))
             .metrics(
-                |m| {
-                    m.replication
-                        .as_ref()
-                        .and_then(|r| r.get(&id))
-                        .is_some_and(|matched| matched.map(|l| l.index) >= target)
+                |m| match &m.replication {
+                    None => true,
+                    Some(r) => r
+                        .get(&id)
+                        .is_some_and(|matched| matched.map(|l| l.index) >= target),
                 },
                 "the new learner to hold the log",
             )
             .await;
-        if caught_up.is_err() {
-            return Err(MetaError::Timeout(format!(
-                "replica {id} did not catch up (it stays a learner; run the addition again)"
-            )));
+        match waited {
+            Ok(m) if m.replication.is_none() => return Err(self.forward(None)),
+            Ok(_) => {}
+            Err(_) => {
+                return Err(MetaError::Timeout(format!(
+                    "replica {id} did not catch up (it stays a learner; run the addition again)"
+                )))
+            }
         }
         tracing::info!(replica = id, %addr, resumed = is_node, "learner caught up");
         let ids: BTreeSet<u64> = [id].into_iter().collect();

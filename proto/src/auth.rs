@@ -179,6 +179,27 @@ impl RefusalGate {
             None
         }
     }
+
+    /// The refusals not logged in windows a second old or more, by kind (taken: the
+    /// next line of the kind starts counting afresh). A burst shorter than a second
+    /// has no later line to say how many it hid: the owner of the gate calls this
+    /// every second and logs them.
+    pub fn overdue(&self) -> Vec<(&'static str, u64)> {
+        self.overdue_at(std::time::Instant::now())
+    }
+
+    /// [`RefusalGate::overdue`] at time `now`.
+    pub fn overdue_at(&self, now: std::time::Instant) -> Vec<(&'static str, u64)> {
+        let mut kinds = self.kinds.lock().unwrap_or_else(|e| e.into_inner());
+        kinds
+            .iter_mut()
+            .filter(|(_, w)| {
+                w.skipped > 0
+                    && now.saturating_duration_since(w.started) >= std::time::Duration::from_secs(1)
+            })
+            .map(|(kind, w)| (*kind, std::mem::take(&mut w.skipped)))
+            .collect()
+    }
 }
 
 /// The cluster key, or none (an open cluster). Cheap to clone; never printed.

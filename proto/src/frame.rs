@@ -18,7 +18,7 @@ use tokio_util::codec::{Decoder, Encoder};
 /// "DRS1" read as a little-endian u32.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"DRS1");
 /// The protocol version this build speaks. A peer accepts exactly this version.
-pub const PROTOCOL_VERSION: u16 = 6;
+pub const PROTOCOL_VERSION: u16 = 7;
 /// Size of the fixed header.
 pub const HEADER_LEN: usize = 48;
 /// Largest control section (postcard-encoded message fields).

@@ -182,8 +182,10 @@ pub struct PeerDurableReq {
     pub holder: std::net::SocketAddr,
     /// The holder's instance (`PeerWritten::instance`).
     pub instance: u64,
-    /// Every change the writer made through this holder to the block with a ticket
-    /// up to this one reached the nodes.
+    /// The writer's changes through this holder to the block with tickets from
+    /// `from` to `through` reached the nodes (one cached copy of the block, written
+    /// back whole; an earlier copy's changes are not vouched for).
+    pub from: u64,
     pub through: u64,
 }
 
@@ -683,6 +685,7 @@ mod tests {
                 lba: 3,
                 holder: "[::1]:7001".parse().unwrap(),
                 instance: 11,
+                from: 10,
                 through: 12,
             }),
         ]

@@ -162,6 +162,30 @@ async fn a_flush_succeeds_when_the_holder_wrote_back_and_left() {
     );
 }
 
+/// B writes through A's cache, and A drops its copy of the block (a failed
+/// write-back); A takes the block again, B writes through it again, and A writes
+/// that copy back. A tells B that its second change is on the nodes, and not the
+/// first: B's flush still fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_notice_for_a_later_copy_does_not_cover_a_lost_change() {
+    let tc = TestCluster::start("peer-later-copy").await;
+    let a = serving_cache(&tc).await;
+    let b = serving_cache(&tc).await;
+    a.write(5, 0, &bytes(1, BS)).await.unwrap();
+    b.write(5, 100, &bytes(2, 200)).await.unwrap();
+    a.discard_blocks(&[5]).await;
+    a.write(5, 0, &bytes(3, BS)).await.unwrap();
+    b.write(5, 0, &bytes(4, 100)).await.unwrap();
+    assert_eq!(b.len().await, 0, "B's writes went into A's cache");
+    a.flush().await.unwrap();
+    match b.flush().await {
+        Err(ClientError::ForwardedLost { lba: 5, detail, .. }) => {
+            assert!(detail.contains("write-back"), "{detail}")
+        }
+        other => panic!("B's flush after its first change was dropped: {other:?}"),
+    }
+}
+
 /// B writes through A's cache; A dies, and a new cache takes A's address before B
 /// flushes. The newcomer never held B's change, and must not answer for it: tickets
 /// name the holder's instance, and B's flush fails.
@@ -195,7 +219,10 @@ async fn a_new_cache_at_a_dead_holders_address_does_not_answer_for_it() {
     };
     assert_eq!(newcomer.contact(), Some(at));
     match b.flush().await {
-        Err(ClientError::ForwardedLost { lba: 5, .. }) => {}
+        // The newcomer answered, and refused to speak for A.
+        Err(ClientError::ForwardedLost { lba: 5, detail, .. }) => {
+            assert!(detail.contains("another one listens here"), "{detail}")
+        }
         other => panic!("B's flush with a newcomer at A's address: {other:?}"),
     }
 }

@@ -278,6 +278,16 @@ fn refusals_are_logged_at_a_bounded_rate_per_kind() {
     assert_eq!(gate.admit_at("bad_proof", t1), Some(5));
     assert_eq!(gate.admit_at("bad_proof", t1), Some(0));
     assert_eq!(AuthError::BadProof.kind(), "bad_proof");
+
+    // A burst with no later refusal: its hidden count is overdue a second on, once.
+    let gate = RefusalGate::default();
+    for _ in 0..REFUSALS_LOGGED_PER_SECOND + 7 {
+        gate.admit_at("bad_magic", t0);
+    }
+    assert!(gate.overdue_at(t0).is_empty(), "not before the window ends");
+    assert_eq!(gate.overdue_at(t1), vec![("bad_magic", 7)]);
+    assert!(gate.overdue_at(t1).is_empty(), "counted once");
+    assert_eq!(gate.admit_at("bad_magic", t1), Some(0));
 }
 
 #[test]
