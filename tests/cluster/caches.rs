@@ -22,6 +22,26 @@ async fn serving_cache(tc: &TestCluster) -> WriteBackCache {
         .unwrap()
 }
 
+/// Two serving caches: A holds block 5, and B's change to it went into A's cache.
+async fn b_wrote_through_a(tc: &TestCluster) -> (WriteBackCache, WriteBackCache) {
+    let a = serving_cache(tc).await;
+    let b = serving_cache(tc).await;
+    a.write(5, 0, &bytes(1, BS)).await.unwrap();
+    b.write(5, 100, &bytes(2, 200)).await.unwrap();
+    assert_eq!(b.len().await, 0, "B's write went into A's cache");
+    (a, b)
+}
+
+/// `res` failed with `ForwardedLost` for block 5, saying `why`.
+fn assert_forwarded_lost(res: Result<(), ClientError>, why: &str, what: &str) {
+    match res {
+        Err(ClientError::ForwardedLost { lba: 5, detail, .. }) => {
+            assert!(detail.contains(why), "{what}: {detail}")
+        }
+        other => panic!("{what}: {other:?}"),
+    }
+}
+
 async fn locks_held(tc: &TestCluster) -> usize {
     tc.client.status().await.locks.len()
 }
@@ -125,16 +145,9 @@ async fn a_durable_write_through_the_holder_is_on_the_nodes_when_it_returns() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flush_fails_when_the_holder_of_a_forwarded_write_is_gone() {
     let tc = TestCluster::start("peer-gone").await;
-    let a = serving_cache(&tc).await;
-    let b = serving_cache(&tc).await;
-    a.write(5, 0, &bytes(1, BS)).await.unwrap();
-    b.write(5, 100, &bytes(2, 200)).await.unwrap();
-    assert_eq!(b.len().await, 0, "B's write went into A's cache");
+    let (a, b) = b_wrote_through_a(&tc).await;
     drop(a);
-    match b.flush().await {
-        Err(ClientError::ForwardedLost { lba: 5, .. }) => {}
-        other => panic!("B's flush after A died: {other:?}"),
-    }
+    assert_forwarded_lost(b.flush().await, "", "B's flush after A died");
 }
 
 /// B writes through A's cache; A writes the block back by itself (its own flush)
@@ -144,11 +157,7 @@ async fn a_flush_fails_when_the_holder_of_a_forwarded_write_is_gone() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flush_succeeds_when_the_holder_wrote_back_and_left() {
     let tc = TestCluster::start("peer-left").await;
-    let a = serving_cache(&tc).await;
-    let b = serving_cache(&tc).await;
-    a.write(5, 0, &bytes(1, BS)).await.unwrap();
-    b.write(5, 100, &bytes(2, 200)).await.unwrap();
-    assert_eq!(b.len().await, 0, "B's write went into A's cache");
+    let (a, b) = b_wrote_through_a(&tc).await;
     a.flush().await.unwrap();
     drop(a);
     b.flush()
@@ -169,21 +178,17 @@ async fn a_flush_succeeds_when_the_holder_wrote_back_and_left() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_notice_for_a_later_copy_does_not_cover_a_lost_change() {
     let tc = TestCluster::start("peer-later-copy").await;
-    let a = serving_cache(&tc).await;
-    let b = serving_cache(&tc).await;
-    a.write(5, 0, &bytes(1, BS)).await.unwrap();
-    b.write(5, 100, &bytes(2, 200)).await.unwrap();
+    let (a, b) = b_wrote_through_a(&tc).await;
     a.discard_blocks(&[5]).await;
     a.write(5, 0, &bytes(3, BS)).await.unwrap();
     b.write(5, 0, &bytes(4, 100)).await.unwrap();
     assert_eq!(b.len().await, 0, "B's writes went into A's cache");
     a.flush().await.unwrap();
-    match b.flush().await {
-        Err(ClientError::ForwardedLost { lba: 5, detail, .. }) => {
-            assert!(detail.contains("write-back"), "{detail}")
-        }
-        other => panic!("B's flush after its first change was dropped: {other:?}"),
-    }
+    assert_forwarded_lost(
+        b.flush().await,
+        "write-back",
+        "B's flush after its first change was dropped",
+    );
 }
 
 /// B writes through A's cache; A dies, and a new cache takes A's address before B
@@ -192,12 +197,8 @@ async fn a_notice_for_a_later_copy_does_not_cover_a_lost_change() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_cache_at_a_dead_holders_address_does_not_answer_for_it() {
     let tc = TestCluster::start("peer-instance").await;
-    let a = serving_cache(&tc).await;
-    let b = serving_cache(&tc).await;
+    let (a, b) = b_wrote_through_a(&tc).await;
     let at = a.contact().expect("A serves");
-    a.write(5, 0, &bytes(1, BS)).await.unwrap();
-    b.write(5, 100, &bytes(2, 200)).await.unwrap();
-    assert_eq!(b.len().await, 0, "B's write went into A's cache");
     drop(a);
     // A stops serving when dropped; its port is free a moment later.
     let cfg = CacheConfig {
@@ -218,13 +219,12 @@ async fn a_new_cache_at_a_dead_holders_address_does_not_answer_for_it() {
         }
     };
     assert_eq!(newcomer.contact(), Some(at));
-    match b.flush().await {
-        // The newcomer answered, and refused to speak for A.
-        Err(ClientError::ForwardedLost { lba: 5, detail, .. }) => {
-            assert!(detail.contains("another one listens here"), "{detail}")
-        }
-        other => panic!("B's flush with a newcomer at A's address: {other:?}"),
-    }
+    // The newcomer answered, and refused to speak for A.
+    assert_forwarded_lost(
+        b.flush().await,
+        "another one listens here",
+        "B's flush with a newcomer at A's address",
+    );
 }
 
 /// B writes through A's cache; A drops the block without writing it back (as a
@@ -233,17 +233,13 @@ async fn a_new_cache_at_a_dead_holders_address_does_not_answer_for_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flush_fails_when_the_holder_dropped_a_forwarded_write() {
     let tc = TestCluster::start("peer-dropped").await;
-    let a = serving_cache(&tc).await;
-    let b = serving_cache(&tc).await;
-    a.write(5, 0, &bytes(1, BS)).await.unwrap();
-    b.write(5, 100, &bytes(2, 200)).await.unwrap();
+    let (a, b) = b_wrote_through_a(&tc).await;
     a.discard_blocks(&[5]).await;
-    match b.flush().await {
-        Err(ClientError::ForwardedLost { lba: 5, detail, .. }) => {
-            assert!(detail.contains("write-back"), "{detail}")
-        }
-        other => panic!("B's flush after A dropped its change: {other:?}"),
-    }
+    assert_forwarded_lost(
+        b.flush().await,
+        "write-back",
+        "B's flush after A dropped its change",
+    );
     assert!(
         read_ok(&tc.client, 5, "after the drop")
             .await
