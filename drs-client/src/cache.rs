@@ -48,6 +48,7 @@ use drs_proto::{
     UpdateId, WireError,
 };
 use futures::future::join_all;
+use futures::FutureExt;
 use tokio::sync::{watch, Mutex};
 
 use crate::error::{CallError, ClientError};
@@ -68,6 +69,9 @@ const PEER_LOST_MAX: usize = 65_536;
 const RECENT_LOSSES_KEEP: Duration = Duration::from_secs(60);
 /// The writers of one cached block that serve: contact -> first and latest ticket.
 type Writers = BTreeMap<SocketAddr, (u64, u64)>;
+
+/// Notices on their way, which every flush running meanwhile waits for.
+type Notices = futures::future::Shared<futures::future::BoxFuture<'static, ()>>;
 
 /// A notice owed to a writer: (its contact, block, its first and latest ticket in
 /// the copy written back).
@@ -104,9 +108,79 @@ impl Default for CacheConfig {
     }
 }
 
-/// The tickets of a client's writes to one block through one holder since it last
-/// asked: (smallest, largest, the holder's instance).
-type Tickets = (u64, u64, u64);
+/// The tickets of a client's writes to one block through one holder instance since
+/// it last asked. Kept one by one up to [`TICKETS_KEPT`]; past that only the smallest
+/// and the largest, standing for every ticket between (a notice then clears them
+/// only if it covers the whole range).
+#[derive(Debug, Clone)]
+struct Tickets {
+    instance: u64,
+    kept: BTreeSet<u64>,
+    /// `kept` holds only the ends of a range.
+    coarse: bool,
+}
+
+/// Tickets kept one by one per block and holder.
+const TICKETS_KEPT: usize = 1024;
+
+impl Tickets {
+    fn new(ticket: u64, instance: u64) -> Tickets {
+        Tickets {
+            instance,
+            kept: [ticket].into_iter().collect(),
+            coarse: false,
+        }
+    }
+
+    fn add(&mut self, ticket: u64) {
+        self.kept.insert(ticket);
+        if self.coarse || self.kept.len() > TICKETS_KEPT {
+            self.coarse = true;
+            self.kept = self
+                .kept
+                .first()
+                .into_iter()
+                .chain(self.kept.last())
+                .copied()
+                .collect();
+        }
+    }
+
+    fn first(&self) -> Option<u64> {
+        self.kept.first().copied()
+    }
+
+    fn last(&self) -> Option<u64> {
+        self.kept.last().copied()
+    }
+
+    /// The holder answered for every ticket up to `upto`.
+    fn forget_through(&mut self, upto: u64) {
+        let rest = match upto.checked_add(1) {
+            Some(next) => self.kept.split_off(&next),
+            None => BTreeSet::new(),
+        };
+        self.kept = match (self.coarse, rest.last()) {
+            // A range: what is left of it starts after `upto`.
+            (true, Some(&hi)) => [upto + 1, hi].into_iter().collect(),
+            _ => rest,
+        };
+    }
+
+    /// The holder wrote back one copy of the block holding the tickets from `from`
+    /// to `through` (every ticket of the block in that span was in that copy).
+    fn written_back(&mut self, from: u64, through: u64) {
+        if !self.coarse {
+            self.kept.retain(|t| *t < from || *t > through);
+        } else if self.first().is_some_and(|lo| from <= lo) {
+            self.forget_through(through);
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.kept.is_empty()
+    }
+}
 
 struct CachedBlock {
     /// Current bytes of the block.
@@ -166,7 +240,7 @@ pub(crate) struct CacheInner {
     /// Notices to writers on their way (`PeerDurable`), sent apart from the cache's
     /// lock; `flush` waits for them, so a holder that exits after its flush has told
     /// its writers.
-    notices: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    notices: std::sync::Mutex<Vec<Notices>>,
     /// Blocks whose write-back failed, or that were discarded, while they held other
     /// clients' changes: the latest ticket lost, and when (see [`PEER_LOST_KEEP`]).
     peer_lost: std::sync::Mutex<BTreeMap<u64, (u64, Instant)>>,
@@ -560,15 +634,12 @@ impl CacheInner {
                         if let Ok(Some((_, (ticket, instance)))) = r.await {
                             let mut f = slock(&self.forwarded);
                             match f.get_mut(&(contact, lba)) {
+                                Some(t) if t.instance == instance => t.add(ticket),
                                 // Another instance answers there now: what the one
                                 // before held is still to be asked about (and fails).
-                                Some((lo, hi, i)) if *i == instance => {
-                                    *lo = (*lo).min(ticket);
-                                    *hi = (*hi).max(ticket);
-                                }
                                 Some(_) => {}
                                 None => {
-                                    f.insert((contact, lba), (ticket, ticket, instance));
+                                    f.insert((contact, lba), Tickets::new(ticket, instance));
                                 }
                             }
                             return Ok(());
@@ -785,10 +856,12 @@ impl CacheInner {
                 .map(|(lba, _, e)| (*lba, e.clone()))
                 .collect()
         };
-        let asked: Vec<((SocketAddr, u64), Tickets)> = slock(&self.forwarded)
+        // (holder's contact, block): (first ticket, latest ticket, instance).
+        type Asked = ((SocketAddr, u64), (u64, u64, u64));
+        let asked: Vec<Asked> = slock(&self.forwarded)
             .iter()
             .filter(|((_, lba), _)| pick(*lba))
-            .map(|(k, t)| (*k, *t))
+            .filter_map(|(k, t)| Some((*k, (t.first()?, t.last()?, t.instance))))
             .collect();
         for ((contact, lba), (since, upto, instance)) in asked {
             // The holder writes the block back before it answers.
@@ -796,12 +869,11 @@ impl CacheInner {
             {
                 // Writes forwarded while it was asked stay to be asked about.
                 let mut f = slock(&self.forwarded);
-                match f.get_mut(&(contact, lba)) {
-                    Some((lo, hi, _)) if *hi > upto => *lo = upto + 1,
-                    Some(_) => {
+                if let Some(t) = f.get_mut(&(contact, lba)) {
+                    t.forget_through(upto);
+                    if t.is_empty() {
                         f.remove(&(contact, lba));
                     }
-                    None => {}
                 }
             }
             if let Err(e) = r {
@@ -876,7 +948,7 @@ impl CacheInner {
         };
         let volume = self.client.volume().id;
         let mut sent = slock(&self.notices);
-        sent.retain(|h| !h.is_finished());
+        sent.retain(|n| n.clone().now_or_never().is_none());
         for (to, lba, (from, through)) in notices {
             let req = drs_proto::PeerDurableReq {
                 volume,
@@ -887,18 +959,19 @@ impl CacheInner {
                 through,
             };
             let client = self.client.clone();
-            sent.push(tokio::spawn(async move {
+            let task = tokio::spawn(async move {
                 if let Err(e) = crate::peer::tell_durable(&client, to, req).await {
                     tracing::debug!(lba, %to, error = %e, "a writer was not told its change is on the nodes");
                 }
-            }));
+            });
+            sent.push(task.map(|_| ()).boxed().shared());
         }
     }
 
-    /// Waits until the notices sent so far reached their writers or failed (each is
-    /// bounded).
+    /// Waits until the notices sent so far (by any flush) reached their writers or
+    /// failed; each is bounded.
     async fn notices_sent(&self) {
-        let sent: Vec<_> = std::mem::take(&mut *slock(&self.notices));
+        let sent: Vec<Notices> = slock(&self.notices).clone();
         join_all(sent).await;
     }
 
@@ -1051,15 +1124,13 @@ impl CacheInner {
                 // to be asked about.
                 let mut f = slock(&self.forwarded);
                 let key = (r.holder, r.lba);
-                match f.get_mut(&key) {
-                    _ if r.volume != self.client.volume().id => {}
-                    Some((lo, hi, i)) if *i == r.instance && r.from <= *lo && *hi <= r.through => {
-                        f.remove(&key);
+                if let Some(t) = f.get_mut(&key) {
+                    if r.volume == self.client.volume().id && t.instance == r.instance {
+                        t.written_back(r.from, r.through);
+                        if t.is_empty() {
+                            f.remove(&key);
+                        }
                     }
-                    Some((lo, _, i)) if *i == r.instance && r.from <= *lo && *lo <= r.through => {
-                        *lo = r.through.saturating_add(1);
-                    }
-                    _ => {}
                 }
                 Ok((Response::PeerNoted, Bytes::new()))
             }
@@ -1067,5 +1138,63 @@ impl CacheInner {
                 what: drs_proto::error::InvalidReason::Unexpected,
             }),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Tickets, TICKETS_KEPT};
+
+    fn kept(t: &Tickets) -> Vec<u64> {
+        t.kept.iter().copied().collect()
+    }
+
+    #[test]
+    fn a_notice_clears_only_the_tickets_of_its_copy() {
+        // Tickets 1 and 3 in one copy of the block, 5 in the next.
+        let mut t = Tickets::new(1, 9);
+        t.add(3);
+        t.add(5);
+        // The first copy's notice arrives after the writer wrote into the next one.
+        t.written_back(1, 3);
+        assert_eq!(kept(&t), [5]);
+        t.written_back(5, 5);
+        assert!(t.is_empty());
+
+        // A notice for a later copy leaves an earlier ticket (maybe lost) to ask about.
+        let mut t = Tickets::new(2, 9);
+        t.add(7);
+        t.written_back(6, 8);
+        assert_eq!(kept(&t), [2]);
+
+        // The holder answered up to 4; 6 came while it was asked.
+        let mut t = Tickets::new(2, 9);
+        t.add(4);
+        t.add(6);
+        t.forget_through(4);
+        assert_eq!(kept(&t), [6]);
+        t.forget_through(u64::MAX);
+        assert!(t.is_empty());
+    }
+
+    #[test]
+    fn past_the_limit_tickets_are_a_range() {
+        let mut t = Tickets::new(10, 9);
+        for i in 1..=TICKETS_KEPT as u64 {
+            t.add(10 + 2 * i);
+        }
+        let hi = 10 + 2 * TICKETS_KEPT as u64;
+        assert!(t.coarse);
+        assert_eq!(kept(&t), [10, hi]);
+        // A notice that does not start at or before the range's start clears nothing.
+        t.written_back(11, hi);
+        assert_eq!(kept(&t), [10, hi]);
+        // One that does clears what it covers; the rest stays a range.
+        t.written_back(10, 100);
+        assert_eq!(kept(&t), [101, hi]);
+        t.add(hi + 5);
+        assert_eq!(kept(&t), [101, hi + 5]);
+        t.forget_through(hi + 5);
+        assert!(t.is_empty());
     }
 }

@@ -144,7 +144,8 @@ pub(crate) async fn write(
 const DURABLE_NOTICE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Tells a client that wrote through this cache (at its contact `to`) that its
-/// changes to block `lba` with tickets up to `through` reached the nodes, so its
+/// changes to block `lba` with tickets from `from` to `through` (one copy of the
+/// block) reached the nodes, so its
 /// flush need not ask this cache (which may be gone by then). Best effort: a writer
 /// not told asks, as before.
 pub(crate) async fn tell_durable(

@@ -831,6 +831,7 @@ impl Inner {
             .metrics(
                 |m| match &m.replication {
                     None => true,
+                    _ if m.membership_config.membership().get_node(&id).is_none() => true,
                     Some(r) => r
                         .get(&id)
                         .is_some_and(|matched| matched.map(|l| l.index) >= target),
@@ -840,6 +841,11 @@ impl Inner {
             .await;
         match waited {
             Ok(m) if m.replication.is_none() => return Err(self.forward(None)),
+            Ok(m) if m.membership_config.membership().get_node(&id).is_none() => {
+                return Err(MetaError::Membership(format!(
+                    "replica {id} was removed while it caught up"
+                )))
+            }
             Ok(_) => {}
             Err(_) => {
                 return Err(MetaError::Timeout(format!(
