@@ -206,8 +206,6 @@ pub(crate) struct CacheInner {
     owner: ClientId,
     group: Vec<NodeId>,
     contact: Option<SocketAddr>,
-    /// Refused peer handshakes logged at a bounded rate.
-    pub(crate) refusals: drs_proto::RefusalGate,
     // Held across awaits on purpose: one operation at a time keeps lock, cache and
     // flush order simple.
     entries: Mutex<BTreeMap<u64, CachedBlock>>,
@@ -544,7 +542,6 @@ impl CacheInner {
             owner: rand::random(),
             group,
             contact,
-            refusals: Default::default(),
             entries: Mutex::new(BTreeMap::new()),
             forwarded: Default::default(),
             put_seq: AtomicU64::new(1),

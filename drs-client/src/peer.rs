@@ -174,6 +174,24 @@ pub(crate) async fn serve(
     mut stop: watch::Receiver<()>,
 ) {
     let slots = Arc::new(tokio::sync::Semaphore::new(PEER_CONNECTIONS));
+    // Refused handshakes, logged at a bounded rate; a burst shorter than a second
+    // has its hidden count logged a second on. The report ends with the cache (its
+    // drop drops the sender of `stop`).
+    let refusals = Arc::new(drs_proto::RefusalGate::default());
+    let (gate, mut stopped) = (refusals.clone(), stop.clone());
+    tokio::spawn(async move {
+        let stop = async move {
+            let _ = stopped.changed().await;
+        };
+        gate.report_overdue(stop, |kind, n| {
+            tracing::warn!(
+                kind,
+                not_logged = n,
+                "peer handshakes refused and not logged"
+            );
+        })
+        .await;
+    });
     loop {
         let permit = tokio::select! {
             p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
@@ -187,9 +205,9 @@ pub(crate) async fn serve(
         if cache.strong_count() == 0 {
             return;
         }
-        let (cache, stop) = (cache.clone(), stop.clone());
+        let (cache, stop, refusals) = (cache.clone(), stop.clone(), refusals.clone());
         tokio::spawn(async move {
-            connection(stream, cache, stop).await;
+            connection(stream, cache, stop, &refusals).await;
             drop(permit);
         });
     }
@@ -198,7 +216,12 @@ pub(crate) async fn serve(
 /// Serves one peer connection. It holds the cache only while it answers a request:
 /// a cache its owner dropped (or a client that died) stops serving at once, and the
 /// connection closes, so nobody is told a change it forwarded is safe in it.
-async fn connection(mut stream: TcpStream, cache: Weak<CacheInner>, mut stop: watch::Receiver<()>) {
+async fn connection(
+    mut stream: TcpStream,
+    cache: Weak<CacheInner>,
+    mut stop: watch::Receiver<()>,
+    refusals: &drs_proto::RefusalGate,
+) {
     let _ = stream.set_nodelay(true);
     let peer = stream.peer_addr().ok();
     let session = {
@@ -213,7 +236,7 @@ async fn connection(mut stream: TcpStream, cache: Weak<CacheInner>, mut stop: wa
         match handshake.await {
             Ok(s) => s,
             Err(e) => {
-                if let Some(skipped) = c.refusals.admit(e.kind()) {
+                if let Some(skipped) = refusals.admit(e.kind()) {
                     tracing::warn!(?peer, error = %e, not_logged = skipped, "peer handshake refused; closing the connection");
                 }
                 return;

@@ -44,16 +44,14 @@ const DEADLINE_MAX: Duration = Duration::from_secs(60);
 /// Every second, logs how many refused handshakes the rate limit hid (a burst
 /// shorter than a second has no later line to say so), until `shutdown`.
 async fn report_hidden_refusals(node: Arc<Node>, mut shutdown: watch::Receiver<bool>) {
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = shutdown.changed() => return,
-        }
-        for (kind, n) in node.refusals.overdue() {
+    let stop = async move {
+        let _ = shutdown.changed().await;
+    };
+    node.refusals
+        .report_overdue(stop, |kind, n| {
             tracing::warn!(kind, not_logged = n, "handshakes refused and not logged");
-        }
-    }
+        })
+        .await;
 }
 
 /// Serves `listener` until `shutdown` turns true.

@@ -1019,6 +1019,21 @@ impl Inner {
 }
 
 async fn serve(inner: Arc<Inner>, listener: TcpListener) {
+    // A burst of refusals shorter than a second has no later line to count it.
+    let reporter = inner.clone();
+    tokio::spawn(async move {
+        let stop = reporter.cancel.cancelled();
+        reporter
+            .refusals
+            .report_overdue(stop, |kind, n| {
+                tracing::warn!(
+                    kind,
+                    not_logged = n,
+                    "metadata handshakes refused and not logged"
+                );
+            })
+            .await;
+    });
     loop {
         let accepted = tokio::select! {
             _ = inner.cancel.cancelled() => break,

@@ -200,6 +200,26 @@ impl RefusalGate {
             .map(|(kind, w)| (*kind, std::mem::take(&mut w.skipped)))
             .collect()
     }
+
+    /// Every second until `stop` completes, passes the refusals the rate limit hid
+    /// ([`RefusalGate::overdue`]) to `log`: run beside a server's accept loop.
+    pub async fn report_overdue(
+        &self,
+        stop: impl std::future::Future<Output = ()>,
+        mut log: impl FnMut(&'static str, u64),
+    ) {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+        tokio::pin!(stop);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = &mut stop => return,
+            }
+            for (kind, n) in self.overdue() {
+                log(kind, n);
+            }
+        }
+    }
 }
 
 /// The cluster key, or none (an open cluster). Cheap to clone; never printed.

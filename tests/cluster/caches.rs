@@ -219,6 +219,10 @@ async fn a_new_cache_at_a_dead_holders_address_does_not_answer_for_it() {
         }
     };
     assert_eq!(newcomer.contact(), Some(at));
+    // B's connection to A was closed by A; give B a moment to see that, or its flush
+    // may go out on that connection, be reset, and never reach the newcomer (a loss
+    // as well, but not the one this test is about). No call of B's shows when it did.
+    tokio::time::sleep(Duration::from_millis(300)).await;
     // The newcomer answered, and refused to speak for A.
     assert_forwarded_lost(
         b.flush().await,

@@ -290,6 +290,19 @@ fn refusals_are_logged_at_a_bounded_rate_per_kind() {
     assert_eq!(gate.admit_at("bad_magic", t1), Some(0));
 }
 
+#[tokio::test]
+async fn a_hidden_burst_is_reported_a_second_later_and_the_report_stops() {
+    let gate = RefusalGate::default();
+    for _ in 0..REFUSALS_LOGGED_PER_SECOND + 3 {
+        gate.admit("bad_proof");
+    }
+    let mut logged = Vec::new();
+    let stop = tokio::time::sleep(std::time::Duration::from_millis(2500));
+    gate.report_overdue(stop, |kind, n| logged.push((kind, n)))
+        .await;
+    assert_eq!(logged, vec![("bad_proof", 3)]);
+}
+
 #[test]
 fn key_files_round_trip_owner_only() {
     use std::os::unix::fs::PermissionsExt;
