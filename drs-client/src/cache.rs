@@ -193,6 +193,7 @@ struct CachedBlock {
 }
 
 /// A write-back cache over a [`Client`]. Cheap to clone; operations are serialized.
+/// Run its operations to completion (see the crate's notes on cancellation).
 #[derive(Clone)]
 pub struct WriteBackCache {
     inner: Arc<CacheInner>,
@@ -803,12 +804,20 @@ impl CacheInner {
                     ))
                 })
                 .collect();
+            // The blocks are out of the cache now: if this future is dropped before
+            // the write-back ends, the changes other clients wrote through them are
+            // counted as lost, not left to look written back.
+            let mut cut_short = CutShort {
+                cache: self,
+                lbas: Some(&lbas),
+            };
             let res = if deltas.is_empty() {
                 client.unlock_stripe(&lock).await;
                 Ok(())
             } else {
                 client.commit_stripe(&lock, deltas).await
             };
+            cut_short.lbas = None;
             if !self.group.is_empty() {
                 let ids: BTreeSet<ClientId> = group.iter().map(|(_, e)| e.lock.client).collect();
                 for id in ids {
@@ -1107,7 +1116,7 @@ impl CacheInner {
                 }
                 if self.peer_change_lost(r.lba, r.since) {
                     return Err(WireError::Io {
-                        kind: "a write-back of the block holding changes of other clients failed"
+                        kind: "a write-back of the block holding changes of other clients failed or was cut short"
                             .into(),
                     });
                 }
@@ -1134,6 +1143,26 @@ impl CacheInner {
             _ => Err(WireError::Invalid {
                 what: drs_proto::error::InvalidReason::Unexpected,
             }),
+        }
+    }
+}
+
+/// Blocks taken out of the cache for a write-back that has not ended; on drop (the
+/// flush was dropped half-way), the other clients' changes in them are counted as
+/// lost ([`CacheInner::note_written_back`]), so a writer that asks is told so.
+struct CutShort<'a> {
+    cache: &'a CacheInner,
+    lbas: Option<&'a [u64]>,
+}
+
+impl Drop for CutShort<'_> {
+    fn drop(&mut self) {
+        if let Some(lbas) = self.lbas.take() {
+            tracing::warn!(
+                ?lbas,
+                "a write-back was cut short; its blocks' changes may or may not be on the nodes"
+            );
+            let _ = self.cache.note_written_back(lbas, false);
         }
     }
 }

@@ -21,6 +21,15 @@
 //!   request a node refuses as from a stale epoch is sent again once the client has
 //!   the node's epoch.
 //!
+//! # Cancellation
+//! Reads may be dropped at any point (the nodes are told to abandon them). A write,
+//! a lock or a flush dropped half-way (a caller's timeout) may leave its locks held
+//! for as long as the [`Client`] lives, since its heartbeats keep the lease alive;
+//! its changes may or may not be on the nodes. Run them to completion, in a task of
+//! their own where a caller's timeout may end the wait (as `drs-fuse` does), or drop
+//! the client so its lease runs out. A [`WriteBackCache`] whose write-back was cut
+//! short reports the other clients' changes in those blocks as lost when they ask.
+//!
 //! # Layout
 //! [`conn`] owns connections; [`select`] is the pure choice of consistent replies;
 //! [`error`] the typed errors.

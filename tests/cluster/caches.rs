@@ -231,6 +231,36 @@ async fn a_new_cache_at_a_dead_holders_address_does_not_answer_for_it() {
     );
 }
 
+/// B writes through A's cache; A's flush is dropped while its write-back waits for a
+/// hung member (a caller's timeout): B's flush is not told its change is on the
+/// nodes, since A cannot tell. After the member resumes, every member has A's
+/// update and the stripe is unlocked: a direct write goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_back_cut_short_is_not_reported_as_done() {
+    let tc = TestCluster::start("peer-cut-short").await;
+    let (a, b) = b_wrote_through_a(&tc).await;
+    let geo = tc.client.geometry().clone();
+    let (stripe, _) = geo.locate(5);
+    let parity = geo.member(stripe, geo.k);
+    tc.stop(parity).await;
+    let cut = tokio::time::timeout(Duration::from_millis(300), a.flush()).await;
+    assert!(
+        cut.is_err(),
+        "A's flush ended with a member of the stripe hung"
+    );
+    tc.local.cont(parity).unwrap();
+    assert_forwarded_lost(
+        b.flush().await,
+        "cut short",
+        "B's flush after A's write-back was cut short",
+    );
+    tc.client
+        .write(5, 0, &bytes(7, BS))
+        .await
+        .expect("the stripe is unlocked once the member resumed");
+    assert_eq!(read_ok(&tc.client, 5, "after the cut").await, bytes(7, BS));
+}
+
 /// B writes through A's cache; A drops the block without writing it back (as a
 /// failed write-back does): B's flush fails with that, and the change is not on the
 /// nodes.
