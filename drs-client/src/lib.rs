@@ -3,7 +3,7 @@
 //! - **Read** ([`read`]): ask the block's node; after a short hedge delay or an error,
 //!   ask the rest of the stripe and decode from the first k replies that reflect one
 //!   state of the stripe ([`select`]); cancel the rest (report 5.3.1, 5.6).
-//! - **Write** ([`write`]): lock (lock-and-read where old bytes are needed), compute
+//! - **Write** ([`mod@write`]): lock (lock-and-read where old bytes are needed), compute
 //!   the delta old XOR new, send it to the data node and every parity node in
 //!   parallel with update-and-unlock (5.3.1, 5.3.2, 5.6). A write is acknowledged once
 //!   every live member of the stripe holds it durably and at least `min_write` do.

@@ -15,7 +15,7 @@
 //! - a member *ahead* of every state k members agree on, through every retry, holds
 //!   updates no decode reproduces: every node of the stripe crashed while they were
 //!   in flight, losing the set of updates each node keeps to pass on. With repair,
-//!   the stripe is settled under its locks ([`Client::void_ahead`]): a data member
+//!   the stripe is settled under its locks (`Client::void_ahead`): a data member
 //!   ahead keeps its own bytes (rolled forward), and updates only parity members
 //!   held are *voided*, every member taking the newest versions.
 //!

@@ -4,7 +4,7 @@
 //! i tracks only version i; a parity block tracks all k. Bytes are a function of the
 //! versions (each update is applied whole, in version order, with the same delta
 //! everywhere), so k replies reflect one state of the stripe exactly when there is a
-//! version vector V such that each data reply i has version V[i] and each parity
+//! version vector V such that each data reply i has version V\[i\] and each parity
 //! reply has versions V. Decoding such replies yields each block as of V; decoding
 //! any other mix could produce bytes that never existed, which is what a degraded
 //! read must never return.
