@@ -156,13 +156,15 @@ impl Tickets {
 
     /// The holder answered for every ticket up to `upto`.
     fn forget_through(&mut self, upto: u64) {
+        let lo = self.first().unwrap_or(0);
         let rest = match upto.checked_add(1) {
             Some(next) => self.kept.split_off(&next),
             None => BTreeSet::new(),
         };
         self.kept = match (self.coarse, rest.last()) {
-            // A range: what is left of it starts after `upto`.
-            (true, Some(&hi)) => [upto + 1, hi].into_iter().collect(),
+            // A range: what is left of it starts after `upto`, and never before
+            // where it started.
+            (true, Some(&hi)) => [lo.max(upto + 1), hi].into_iter().collect(),
             _ => rest,
         };
     }
@@ -817,6 +819,9 @@ impl CacheInner {
             } else {
                 client.commit_stripe(&lock, deltas).await
             };
+            // Noted before anything else is awaited, so a flush dropped from here
+            // on leaves nothing unnoted (a writer not told asks, and is answered).
+            let notices = self.note_written_back(&lbas, res.is_ok());
             cut_short.lbas = None;
             if !self.group.is_empty() {
                 let ids: BTreeSet<ClientId> = group.iter().map(|(_, e)| e.lock.client).collect();
@@ -824,7 +829,6 @@ impl CacheInner {
                     self.drop_copies(id, &lbas).await;
                 }
             }
-            let notices = self.note_written_back(&lbas, res.is_ok());
             self.tell_writers(notices);
             if let Err(e) = res {
                 // The update may have reached some members and not others, and the
@@ -875,7 +879,12 @@ impl CacheInner {
             {
                 // Writes forwarded while it was asked stay to be asked about.
                 let mut f = slock(&self.forwarded);
-                if let Some(t) = f.get_mut(&(contact, lba)) {
+                // Only the tickets of the instance asked: another one's (the entry
+                // dropped and taken anew meanwhile) count from 1 again.
+                if let Some(t) = f
+                    .get_mut(&(contact, lba))
+                    .filter(|t| t.instance == instance)
+                {
                     t.forget_through(upto);
                     if t.is_empty() {
                         f.remove(&(contact, lba));
@@ -1219,6 +1228,10 @@ mod tests {
         t.written_back(10, 100);
         assert_eq!(kept(&t), [101, hi]);
         t.add(hi + 5);
+        assert_eq!(kept(&t), [101, hi + 5]);
+        // A late notice for tickets before the range does not widen it downward.
+        t.written_back(50, 60);
+        t.forget_through(60);
         assert_eq!(kept(&t), [101, hi + 5]);
         t.forget_through(hi + 5);
         assert!(t.is_empty());
