@@ -12,10 +12,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use drs_meta::fs::{Attr, DirEntry, Kind, SetAttr, Time};
 use fuser::{
-    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
-    KernelConfig, LockOwner, Notifier, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
-    ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLock, ReplyOpen, ReplyStatfs,
-    ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
+    INodeNo, InitFlags, IoctlFlags, KernelConfig, LockOwner, Notifier, OpenFlags, RenameFlags,
+    ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry,
+    ReplyIoctl, ReplyLock, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request,
+    TimeOrNow, WriteFlags,
 };
 
 use crate::caller;
@@ -125,6 +126,7 @@ fn fail(e: &OpError) -> Errno {
             | OpError::Interrupted
             | OpError::Stale
             | OpError::Unmounting
+            | OpError::NoData
     ) {
         tracing::warn!(error = %e, "operation failed");
     }
@@ -602,7 +604,7 @@ impl Filesystem for DrsFuse {
         let append = flags.0 & libc::O_APPEND != 0 && lock(&self.appending).contains(&fh.0);
         let notifier = self.notifier.clone();
         self.spawn("write", |ops| async move {
-            let written = match ops.check_handle(fh.0) {
+            let done = match ops.check_handle(fh.0) {
                 Ok(()) if append => match ops.append(ino.0, offset, &data).await {
                     // Put elsewhere than the kernel thought: the pages it holds of
                     // the file (other handles') and its size are not what it is.
@@ -615,10 +617,90 @@ impl Filesystem for DrsFuse {
                 Ok(()) => ops.write(ino.0, offset, &data).await,
                 Err(e) => Err(e),
             };
-            match written {
-                Ok(n) => reply.written(u32::try_from(n).unwrap_or(u32::MAX)),
+            written(reply, done)
+        });
+    }
+
+    /// No ioctl is a DRS file's (`lsattr`'s `FS_IOC_GETFLAGS`, say): ENOTTY, as a
+    /// file system without them answers, and nothing logged.
+    fn ioctl(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _flags: IoctlFlags,
+        _cmd: u32,
+        _in_data: &[u8],
+        _out_size: u32,
+        reply: ReplyIoctl,
+    ) {
+        reply.error(Errno::from_i32(libc::ENOTTY));
+    }
+
+    fn lseek(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: i64,
+        whence: i32,
+        reply: ReplyLseek,
+    ) {
+        // With the kernel's write-back cache, it may hold written pages (and a size)
+        // the mount has not seen, and it asks without sending them first: ENOSYS,
+        // and the kernel calls the whole file data from then on, which is never
+        // wrong.
+        if self.writeback_cache {
+            reply.error(Errno::ENOSYS);
+            return;
+        }
+        // The kernel does SEEK_SET, SEEK_CUR and SEEK_END itself.
+        let data = match whence {
+            libc::SEEK_DATA => true,
+            libc::SEEK_HOLE => false,
+            _ => {
+                reply.error(Errno::from_i32(libc::EINVAL));
+                return;
+            }
+        };
+        let Ok(offset) = u64::try_from(offset) else {
+            reply.error(Errno::from_i32(libc::ENXIO));
+            return;
+        };
+        self.spawn("lseek", |ops| async move {
+            match ops.seek(ino.0, offset, data).await {
+                Ok(at) => reply.offset(i64::try_from(at).unwrap_or(i64::MAX)),
                 Err(e) => reply.error(fail(&e)),
             }
+        });
+    }
+
+    fn copy_file_range(
+        &self,
+        _req: &Request,
+        ino_in: INodeNo,
+        fh_in: FileHandle,
+        offset_in: u64,
+        ino_out: INodeNo,
+        fh_out: FileHandle,
+        offset_out: u64,
+        len: u64,
+        flags: CopyFileRangeFlags,
+        reply: ReplyWrite,
+    ) {
+        if !flags.is_empty() {
+            reply.error(Errno::from_i32(libc::EINVAL));
+            return;
+        }
+        self.spawn("copy_file_range", |ops| async move {
+            let copied = match ops.check_handle(fh_in.0).and(ops.check_handle(fh_out.0)) {
+                Ok(()) => {
+                    ops.copy_range((ino_in.0, offset_in), (ino_out.0, offset_out), len)
+                        .await
+                }
+                Err(e) => Err(e),
+            };
+            written(reply, copied)
         });
     }
 
@@ -996,6 +1078,13 @@ fn xattr(reply: ReplyXattr, size: u32, r: Result<Vec<u8>, OpError>) {
         Ok(d) if size == 0 => reply.size(u32::try_from(d.len()).unwrap_or(u32::MAX)),
         Ok(d) if d.len() <= size as usize => reply.data(&d),
         Ok(_) => reply.error(Errno::from_i32(libc::ERANGE)),
+        Err(e) => reply.error(fail(&e)),
+    }
+}
+
+fn written(reply: ReplyWrite, r: Result<usize, OpError>) {
+    match r {
+        Ok(n) => reply.written(u32::try_from(n).unwrap_or(u32::MAX)),
         Err(e) => reply.error(fail(&e)),
     }
 }

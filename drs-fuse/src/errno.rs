@@ -33,6 +33,7 @@ pub fn errno(e: &OpError) -> i32 {
         OpError::Interrupted => libc::EINTR,
         OpError::Unmounting => libc::ENOTCONN,
         OpError::Stale => libc::ESTALE,
+        OpError::NoData => libc::ENXIO,
         OpError::Meta(_)
         | OpError::Data(_)
         | OpError::Timeout(_)
@@ -69,6 +70,7 @@ mod tests {
         assert_eq!(errno(&OpError::WriteBack("x".into())), libc::EIO);
         assert_eq!(errno(&OpError::LocksLost), libc::EIO);
         assert_eq!(errno(&OpError::Unmounting), libc::ENOTCONN);
+        assert_eq!(errno(&OpError::NoData), libc::ENXIO);
         assert_eq!(
             errno(&OpError::Fs(FsError::NotFound).on_inode()),
             libc::ESTALE

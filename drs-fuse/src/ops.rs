@@ -48,6 +48,11 @@ use drs_meta::fs::{
 /// Blocks a sequential writer takes ahead of its writes with one `Map` (16 MiB of
 /// 64 KiB blocks): one metadata round trip per this many blocks instead of per write.
 const AHEAD: u64 = 256;
+/// Block maps ([`MAP_MAX`] blocks each) one `SEEK_DATA` or `SEEK_HOLE` asks for at
+/// most: 4 GiB of a file in 64 KiB blocks.
+const SEEK_SCAN: u64 = 16;
+/// Bytes one `copy_file_range` request copies at most (held in memory meanwhile).
+const COPY_MAX: u64 = 4 << 20;
 /// Background atime updates a mount runs at once.
 const ATIME_IN_FLIGHT: usize = 64;
 /// The extended attribute holding a file's capabilities.
@@ -106,6 +111,9 @@ pub enum OpError {
     /// closed.
     #[error("the open file's locks were lost while the mount was cut off")]
     LocksLost,
+    /// `lseek` found no data at or after the offset (ENXIO).
+    #[error("no data at or after the offset")]
+    NoData,
     /// The mount is ending (SIGTERM or SIGINT with files still open): what they
     /// wrote is being committed, and their data is no longer read or written
     /// (ENOTCONN, as once the mount process is gone).
@@ -1735,6 +1743,76 @@ impl Ops {
         Ok(out)
     }
 
+    /// A file's size: as this mount knows it if the file is open here, else from
+    /// the metadata service.
+    async fn size_of(&self, ino: Ino) -> OpResult<u64> {
+        let known = lock(&self.open).get(&ino).map(|o| o.size);
+        match known {
+            Some(s) => Ok(s),
+            None => {
+                let r = self.query(FsQuery::GetAttr { ino }).await?;
+                expect_reply!(r, FsReply::Attr(a) => a.size)
+            }
+        }
+    }
+
+    /// `lseek` with `SEEK_DATA` (`data`) or `SEEK_HOLE`: the first offset at or after
+    /// `offset` in data (a block written) or in a hole (a block never written,
+    /// punched, or reserved and unwritten, as ext4 counts its unwritten extents);
+    /// the end of the file counts as a hole. [`OpError::NoData`] (ENXIO) at or past the end, and
+    /// for data past the last. At most [`SEEK_SCAN`] block maps are asked for; past
+    /// them the answer is the one that is never wrong: data where the scan stopped,
+    /// or the end of the file for a hole.
+    pub async fn seek(&self, ino: Ino, offset: u64, data: bool) -> OpResult<u64> {
+        self.bounded(async {
+            let _using = self.using(ino).await;
+            self.usable(ino)?;
+            let size = self.size_of(ino).await?;
+            if offset >= size {
+                return Err(OpError::NoData);
+            }
+            let bs = self.block_size;
+            let (mut at, last) = (offset / bs, (size - 1) / bs);
+            for _ in 0..SEEK_SCAN {
+                if at > last {
+                    break;
+                }
+                let n = (last - at + 1).min(MAP_MAX);
+                let maps = self.mappings(ino, at, n).await?;
+                let written = |b: &u64| maps.get(b).is_some_and(|(_, fresh)| !fresh);
+                if let Some(b) = (at..at + n).find(|b| written(b) == data) {
+                    return Ok((b * bs).max(offset));
+                }
+                at += n;
+            }
+            match (data, at > last) {
+                (true, true) => Err(OpError::NoData),
+                (true, false) => Ok(at * bs),
+                (false, _) => Ok(size),
+            }
+        })
+        .await
+    }
+
+    /// `copy_file_range`: copies up to `len` bytes, at most [`COPY_MAX`] a call (the
+    /// caller asks again for the rest), from `from` at `from_at` to `to` at `to_at`,
+    /// inside the mount: the bytes do not cross into the kernel and back. The bytes
+    /// copied; 0 at the source's end. (The kernel refuses overlapping ranges of one
+    /// file and an `O_APPEND` destination before it asks.)
+    pub async fn copy_range(
+        &self,
+        (from, from_at): (Ino, u64),
+        (to, to_at): (Ino, u64),
+        len: u64,
+    ) -> OpResult<usize> {
+        let want = usize::try_from(len.min(COPY_MAX)).unwrap_or(0);
+        let data = self.read(from, from_at, want).await?;
+        if data.is_empty() {
+            return Ok(0);
+        }
+        self.write(to, to_at, &data).await
+    }
+
     /// Reads up to `len` bytes at `offset` (short at the end of file). The first read
     /// after an open whose atime is due (relatime) updates it, in the background.
     pub async fn read(&self, ino: Ino, offset: u64, len: usize) -> OpResult<Vec<u8>> {
@@ -1747,14 +1825,7 @@ impl Ops {
         self.bounded(async {
             let _using = self.using(ino).await;
             self.usable(ino)?;
-            let known = lock(&self.open).get(&ino).map(|o| o.size);
-            let size = match known {
-                Some(s) => s,
-                None => {
-                    let r = self.query(FsQuery::GetAttr { ino }).await?;
-                    expect_reply!(r, FsReply::Attr(a) => a.size)?
-                }
-            };
+            let size = self.size_of(ino).await?;
             if offset >= size || len == 0 {
                 return Ok(Vec::new());
             }

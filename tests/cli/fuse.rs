@@ -571,6 +571,178 @@ fn fallocate_reserves_punches_and_zeroes() {
     assert!(got == want, "after the close: {}", diff(&got, &want));
 }
 
+/// `copy_file_range` (what `cp` and Rust's `io::copy` use between files) copies inside
+/// the mount: to an unaligned offset, across blocks, into the middle of a file, and
+/// 0 bytes at the source's end; the bytes verify through another mount. The mount
+/// answers it itself (the kernel would otherwise copy through read and write, and
+/// fuser log the request as not implemented).
+#[test]
+fn copy_file_range_copies_inside_the_mount() {
+    // Between two files, `io::copy` is `copy_file_range` (from the files' offsets).
+    fn copy(mut from: &File, from_at: u64, mut to: &File, to_at: u64, len: u64) -> u64 {
+        from.seek(SeekFrom::Start(from_at)).unwrap();
+        to.seek(SeekFrom::Start(to_at)).unwrap();
+        std::io::copy(&mut from.take(len), &mut to).unwrap()
+    }
+    let c = cluster(2048);
+    let metrics = format!("127.0.0.1:{}", crate::harness::free_port());
+    let m = Mount::new(&c, "mnt", &["--metrics", &metrics]);
+    let other = Mount::new(&c, "mnt2", &[]);
+    let src_bytes = random_bytes(31, 9 << 20 | 1000);
+    fs::write(m.p("src"), &src_bytes).unwrap();
+    let old = random_bytes(32, 1 << 20);
+    fs::write(m.p("dst"), &old).unwrap();
+
+    let src = File::open(m.p("src")).unwrap();
+    let dst = OpenOptions::new().write(true).open(m.p("dst")).unwrap();
+    // All of it, at an offset that is not a block's, in more than one request.
+    assert_eq!(
+        copy(&src, 0, &dst, 100, src_bytes.len() as u64),
+        src_bytes.len() as u64
+    );
+    let mut want = old[..100].to_vec();
+    want.extend_from_slice(&src_bytes);
+    // A range from the middle into the middle.
+    assert_eq!(copy(&src, 5000, &dst, 2_000_000, 70_000), 70_000);
+    want[2_000_000..2_070_000].copy_from_slice(&src_bytes[5000..75_000]);
+    // Past the source's end: nothing.
+    assert_eq!(copy(&src, src_bytes.len() as u64 + 10, &dst, 0, 4096), 0);
+    drop((src, dst));
+
+    let got = fs::read(m.p("dst")).unwrap();
+    assert!(
+        got == want,
+        "through the copying mount: {}",
+        diff(&got, &want)
+    );
+    let got = fs::read(other.p("dst")).unwrap();
+    assert!(got == want, "through another mount: {}", diff(&got, &want));
+    let body = crate::metrics::scrape(&metrics).1;
+    let served = crate::metrics::sample(&body, "drs_fs_op_seconds_count{op=\"copy_file_range\"}");
+    // 9 MiB + 1000 bytes take three requests of at most 4 MiB; the range one more.
+    assert!(
+        served.is_some_and(|n| n >= 4.0),
+        "the mount did not answer copy_file_range itself ({served:?}): {}",
+        m.stderr()
+    );
+}
+
+/// `lseek` with `SEEK_DATA` and `SEEK_HOLE` (what `cp` and `tar` use to keep a sparse
+/// file sparse) follows the file's blocks: written blocks are data, blocks never
+/// written or punched are holes, the end of the file is a hole, and past the last
+/// data is ENXIO; the same through another mount. (Without it the kernel calls the
+/// whole file data.)
+#[test]
+fn seek_data_and_hole_follow_the_blocks() {
+    use nix::errno::Errno;
+    use nix::fcntl::{fallocate, FallocateFlags as F};
+    use nix::unistd::{lseek, Whence};
+    let c = cluster(2048);
+    let m = Mount::new(&c, "mnt", &[]);
+    let other = Mount::new(&c, "mnt2", &[]);
+    let bs = 64 * 1024i64;
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(m.p("sparse"))
+        .unwrap();
+    // Block 0 and part of block 3 written; blocks 1, 2, 4 and 5 holes.
+    f.write_all_at(&random_bytes(41, bs as usize), 0).unwrap();
+    f.write_all_at(&random_bytes(42, 100), 3 * bs as u64 + 10)
+        .unwrap();
+    f.set_len(6 * bs as u64).unwrap();
+    let check = |f: &File, at: i64, want: &[(Whence, Result<i64, Errno>)], what: &str| {
+        for (whence, expected) in want {
+            assert_eq!(
+                lseek(f, at, *whence),
+                *expected,
+                "{what}: {whence:?} from {at}"
+            );
+        }
+    };
+    let layout = |f: &File, what: &str| {
+        check(
+            f,
+            0,
+            &[(Whence::SeekData, Ok(0)), (Whence::SeekHole, Ok(bs))],
+            what,
+        );
+        check(f, 10, &[(Whence::SeekData, Ok(10))], what);
+        check(
+            f,
+            bs,
+            &[(Whence::SeekData, Ok(3 * bs)), (Whence::SeekHole, Ok(bs))],
+            what,
+        );
+        check(f, bs + 5, &[(Whence::SeekData, Ok(3 * bs))], what);
+        check(f, 3 * bs + 7, &[(Whence::SeekHole, Ok(4 * bs))], what);
+        check(
+            f,
+            4 * bs,
+            &[
+                (Whence::SeekData, Err(Errno::ENXIO)),
+                (Whence::SeekHole, Ok(4 * bs)),
+            ],
+            what,
+        );
+        check(
+            f,
+            6 * bs,
+            &[
+                (Whence::SeekData, Err(Errno::ENXIO)),
+                (Whence::SeekHole, Err(Errno::ENXIO)),
+            ],
+            what,
+        );
+    };
+    layout(&f, "the writing mount");
+    f.sync_all().unwrap();
+    layout(&File::open(other.p("sparse")).unwrap(), "another mount");
+
+    // A punched block is a hole.
+    fallocate(&f, F::FALLOC_FL_PUNCH_HOLE | F::FALLOC_FL_KEEP_SIZE, 0, bs).unwrap();
+    check(
+        &f,
+        0,
+        &[(Whence::SeekData, Ok(3 * bs)), (Whence::SeekHole, Ok(0))],
+        "after the punch",
+    );
+
+    // An ioctl (lsattr's FS_IOC_GETFLAGS) is refused as on a file system without
+    // file flags (the mount answers ENOTTY, which kernels pass on as such or as
+    // EOPNOTSUPP), and the mount logs nothing as not implemented.
+    if let Ok(out) = Command::new("lsattr").arg(m.p("sparse")).output() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success()
+                && (err.contains("not supported") || err.contains("Inappropriate ioctl")),
+            "lsattr: {err}"
+        );
+    }
+    assert!(!m.stderr().contains("Not Implemented"), "{}", m.stderr());
+
+    // On a writeback_cache mount the kernel may hold pages the mount has not seen:
+    // the whole file is data there.
+    let wb = Mount::new(&c, "wb", &["-o", "writeback_cache"]);
+    let g = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(wb.p("sparse-wb"))
+        .unwrap();
+    g.write_all_at(b"data", 0).unwrap();
+    g.set_len(4 * bs as u64).unwrap();
+    check(
+        &g,
+        0,
+        &[(Whence::SeekData, Ok(0)), (Whence::SeekHole, Ok(4 * bs))],
+        "a writeback_cache mount",
+    );
+}
+
 /// A tool `tests/posix/install.sh` installs under the target directory, if there.
 fn installed_tool(name: &str) -> Option<PathBuf> {
     let target = Path::new(CLI).parent()?.parent()?;
@@ -2050,7 +2222,12 @@ fn byte_range_and_flock_locks_hold_across_mounts() {
     // A waiter on the same mount as the holder looks again as soon as the holder
     // closes (not at its next poll): printed, as timings on a busy machine vary.
     let ha = open_rw(&a.p("g"));
-    setlk(&ha, libc::F_WRLCK, 0, 0).unwrap();
+    // The check's own flock goes with its file's release, just after its process
+    // ended: the lock may still be held for a moment.
+    until(
+        || setlk(&ha, libc::F_WRLCK, 0, 0).is_ok(),
+        "the check's flock outlived its file",
+    );
     let mut same = Command::new("flock")
         .args([s(&a.p("g")), "true"])
         .spawn()
