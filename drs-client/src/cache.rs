@@ -195,7 +195,8 @@ struct CachedBlock {
 }
 
 /// A write-back cache over a [`Client`]. Cheap to clone; operations are serialized.
-/// Run its operations to completion (see the crate's notes on cancellation).
+/// An operation whose caller stops waiting still runs to its end (see the crate's
+/// notes on cancellation).
 #[derive(Clone)]
 pub struct WriteBackCache {
     inner: Arc<CacheInner>,
@@ -245,6 +246,9 @@ pub(crate) struct CacheInner {
     /// Blocks whose write-back failed, or that were discarded, while they held other
     /// clients' changes: the latest ticket lost, and when (see [`PEER_LOST_KEEP`]).
     peer_lost: std::sync::Mutex<BTreeMap<u64, (u64, Instant)>>,
+    /// Operations whose callers stopped waiting, still running: the next operation
+    /// waits for them.
+    given_up: Arc<crate::finish::GivenUp<()>>,
     /// Dropping it stops the peer endpoint.
     _stop: watch::Sender<()>,
 }
@@ -339,7 +343,20 @@ impl WriteBackCache {
     /// Writes `data` at `offset` of block `lba` into the cache (or, if another
     /// client's cache holds the block, into that cache).
     pub async fn write(&self, lba: u64, offset: usize, data: &[u8]) -> Result<(), ClientError> {
-        self.inner.write(lba, offset, data).await
+        let (inner, data) = (self.inner.clone(), data.to_vec());
+        self.to_end(async move { inner.write(lba, offset, &data).await })
+            .await
+    }
+
+    /// Runs a cache operation to its end even if the caller stops waiting (it may
+    /// hold locks, and blocks out of the cache, half-way), after the operations
+    /// given up on before it (`finish`).
+    async fn to_end<O: Send + 'static>(
+        &self,
+        op: impl std::future::Future<Output = O> + Send + 'static,
+    ) -> O {
+        let inner = &self.inner;
+        crate::finish::ordered(&inner.client, &inner.given_up, (), op, None).await
     }
 
     /// Writes `data` at `offset` of block `lba` and returns once the change reached
@@ -347,6 +364,17 @@ impl WriteBackCache {
     /// another client's cache is written through that cache, which writes it back
     /// before it answers (report 5.5); otherwise it is written directly.
     pub async fn write_durable(
+        &self,
+        lba: u64,
+        offset: usize,
+        data: &[u8],
+    ) -> Result<(), ClientError> {
+        let (this, data) = (self.clone(), data.to_vec());
+        self.to_end(async move { this.write_durable_now(lba, offset, &data).await })
+            .await
+    }
+
+    async fn write_durable_now(
         &self,
         lba: u64,
         offset: usize,
@@ -391,6 +419,8 @@ impl WriteBackCache {
 
     /// Reads from the cache, or from the volume when the block is not cached here.
     pub async fn read(&self, lba: u64, offset: usize, len: usize) -> Result<Bytes, ClientError> {
+        // After a write given up on: it lands first (nothing to finish here).
+        self.inner.given_up.wait(()).await;
         match self.cached(lba, offset, len).await? {
             Some(b) => Ok(b),
             None => self.inner.client.read(lba, offset, len).await,
@@ -416,6 +446,17 @@ impl WriteBackCache {
     /// Reads the newest bytes of a block: from this cache, or through the cache of
     /// the client that holds it (report 5.5), or from the volume.
     pub async fn read_latest(
+        &self,
+        lba: u64,
+        offset: usize,
+        len: usize,
+    ) -> Result<Bytes, ClientError> {
+        let this = self.clone();
+        self.to_end(async move { this.read_latest_now(lba, offset, len).await })
+            .await
+    }
+
+    async fn read_latest_now(
         &self,
         lba: u64,
         offset: usize,
@@ -454,6 +495,11 @@ impl WriteBackCache {
     /// Sends every dirty block's running total and releases every lock; asks the
     /// holders of blocks written through their caches to write them back.
     pub async fn flush(&self) -> Result<(), ClientError> {
+        let this = self.clone();
+        self.to_end(async move { this.flush_now().await }).await
+    }
+
+    async fn flush_now(&self) -> Result<(), ClientError> {
         let began = Instant::now();
         let mut entries = self.inner.entries.lock().await;
         let all: Vec<u64> = entries.keys().copied().collect();
@@ -475,6 +521,12 @@ impl WriteBackCache {
     /// failed (their changes may or may not have landed) and the forwarded blocks
     /// that may be lost.
     pub async fn flush_blocks(&self, lbas: &[u64]) -> Result<(), (ClientError, Vec<u64>)> {
+        let (this, lbas) = (self.clone(), lbas.to_vec());
+        self.to_end(async move { this.flush_blocks_now(&lbas).await })
+            .await
+    }
+
+    async fn flush_blocks_now(&self, lbas: &[u64]) -> Result<(), (ClientError, Vec<u64>)> {
         let began = Instant::now();
         let mut entries = self.inner.entries.lock().await;
         let mut failed = Vec::new();
@@ -504,6 +556,12 @@ impl WriteBackCache {
     /// are lost) and releases their locks: for blocks that are no longer the
     /// writer's to write.
     pub async fn discard_blocks(&self, lbas: &[u64]) {
+        let (this, lbas) = (self.clone(), lbas.to_vec());
+        self.to_end(async move { this.discard_blocks_now(&lbas).await })
+            .await
+    }
+
+    async fn discard_blocks_now(&self, lbas: &[u64]) {
         let mut entries = self.inner.entries.lock().await;
         for lba in lbas {
             if let Some(e) = entries.get_mut(lba) {
@@ -557,6 +615,7 @@ impl CacheInner {
             peer_writers: Default::default(),
             notices: Default::default(),
             peer_lost: Default::default(),
+            given_up: Arc::default(),
             _stop: stop,
         }
     }
@@ -580,6 +639,10 @@ impl CacheInner {
     }
 
     /// Locks block `lba` for the cache and reads it.
+    ///
+    /// Called with `entries` held, too: its lock waits for the cache owner's steps
+    /// given up on (`finish`), and none can be, since every cache operation runs to
+    /// its end. Never put one of the cache's own steps under a timeout.
     async fn acquire(&self, lba: u64, wait: bool) -> Result<CachedBlock, ClientError> {
         let c = &self.client;
         let (stripe, index) = c.geometry().locate(lba);
@@ -807,7 +870,8 @@ impl CacheInner {
                 })
                 .collect();
             // The blocks are out of the cache now: if this future is dropped before
-            // the write-back ends, the changes other clients wrote through them are
+            // the write-back ends (a panic unwinds; an operation given up on runs to
+            // its end instead), the changes other clients wrote through them are
             // counted as lost, not left to look written back.
             let mut cut_short = CutShort {
                 cache: self,
@@ -819,8 +883,6 @@ impl CacheInner {
             } else {
                 client.commit_stripe(&lock, deltas).await
             };
-            // Noted before anything else is awaited, so a flush dropped from here
-            // on leaves nothing unnoted (a writer not told asks, and is answered).
             let notices = self.note_written_back(&lbas, res.is_ok());
             cut_short.lbas = None;
             if !self.group.is_empty() {
@@ -1157,8 +1219,8 @@ impl CacheInner {
 }
 
 /// Blocks taken out of the cache for a write-back that has not ended; on drop (the
-/// flush was dropped half-way), the other clients' changes in them are counted as
-/// lost ([`CacheInner::note_written_back`]), so a writer that asks is told so.
+/// write-back was cut short), the other clients' changes in them are counted as lost
+/// ([`CacheInner::note_written_back`]), so a writer that asks is told so.
 struct CutShort<'a> {
     cache: &'a CacheInner,
     lbas: Option<&'a [u64]>,

@@ -23,12 +23,16 @@
 //!
 //! # Cancellation
 //! Reads may be dropped at any point (the nodes are told to abandon them). A write,
-//! a lock or a flush dropped half-way (a caller's timeout) may leave its locks held
-//! for as long as the [`Client`] lives, since its heartbeats keep the lease alive;
-//! its changes may or may not be on the nodes. Run them to completion, in a task of
-//! their own where a caller's timeout may end the wait (as `drs-fuse` does), or drop
-//! the client so its lease runs out. A [`WriteBackCache`] whose write-back was cut
-//! short reports the other clients' changes in those blocks as lost when they ask.
+//! a lock, an update-and-unlock, or an operation of a [`WriteBackCache`] that locks
+//! or writes, whose future is dropped half-way (a caller's timeout), is not left
+//! half-way: the rest of it runs to its end in a task of its own, and a lock nobody
+//! waits for any more is then released. Its changes may or may not be on the nodes.
+//! What must come after it waits for it: a lock of the same stripe and owner, a
+//! [`Client::write`] of the same stripe, the cache's next operation on blocks
+//! (PROTOCOL.md 9.7; a panic or the runtime shutting down cuts an operation short
+//! all the same). A
+//! [`write::LockedStripe`] the caller holds is a lock held until it is committed or
+//! unlocked, or the client is dropped and its lease runs out.
 //!
 //! # Layout
 //! [`conn`] owns connections; [`select`] is the pure choice of consistent replies;
@@ -41,6 +45,7 @@ pub mod error;
 #[cfg(test)]
 mod fakenode;
 pub mod fault;
+mod finish;
 mod lease;
 mod peer;
 pub mod read;
@@ -153,6 +158,8 @@ struct Inner {
     cfg: ClientConfig,
     stats: ClientStats,
     backlog: backlog::Backlog,
+    /// Locks, commits and writes whose callers stopped waiting, still running.
+    given_up: Arc<finish::GivenUp<finish::Key>>,
     leases: lease::Leases,
     /// The epoch of `map`, for waiters (see [`Client::call`]).
     epoch_seen: tokio::sync::watch::Sender<u64>,
@@ -202,6 +209,7 @@ impl Client {
                 cfg,
                 stats: ClientStats::default(),
                 backlog: backlog::Backlog::default(),
+                given_up: Arc::default(),
                 leases: lease::Leases::default(),
                 epoch_seen,
                 following: std::sync::atomic::AtomicBool::new(false),

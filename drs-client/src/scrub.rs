@@ -552,6 +552,12 @@ impl Client {
     /// one with the new agreeing on W), then to the rest. Versions never go back, so
     /// a later write takes each block past W as usual.
     async fn void_ahead(&self, stripe: StripeId) -> Vec<(Finding, Kind)> {
+        // Its locks are held from here to the end: run to it (`finish`).
+        let this = self.clone();
+        crate::finish::to_end(self, async move { this.void_ahead_now(stripe).await }).await
+    }
+
+    async fn void_ahead_now(&self, stripe: StripeId) -> Vec<(Finding, Kind)> {
         let k = self.inner.geo.k;
         let busy = || vec![(self.finding(stripe, None, Problem::Busy), Kind::Degraded)];
         let blocks: Vec<(u8, usize, usize)> = (0..k).map(|i| (i as u8, 0, 0)).collect();

@@ -52,6 +52,7 @@ const RELEASE_ASK_EVERY: Duration = Duration::from_millis(100);
 
 use crate::backlog::OnItsWay;
 use crate::error::{CallError, ClientError};
+use crate::finish::{keep_in, Finish, Key, Leftover};
 use crate::Client;
 
 /// One block's part of a stripe write: `data` goes at `offset` of data block `index`.
@@ -240,8 +241,21 @@ impl Client {
         results.into_iter().collect()
     }
 
-    /// Writes to several blocks of one stripe under one lock.
+    /// Writes to several blocks of one stripe under one lock. Dropped before it is
+    /// done, the write still runs to its end (committed, or its locks released) in a
+    /// task of its own, and the next write of the stripe waits for it (`finish`).
     pub async fn write_stripe(
+        &self,
+        stripe: StripeId,
+        writes: Vec<BlockWrite>,
+    ) -> Result<(), ClientError> {
+        let this = self.clone();
+        let work = async move { this.write_stripe_now(stripe, writes).await };
+        let key = Key::Writes(stripe);
+        crate::finish::ordered(self, &self.inner.given_up, key, work, None).await
+    }
+
+    async fn write_stripe_now(
         &self,
         stripe: StripeId,
         writes: Vec<BlockWrite>,
@@ -250,7 +264,7 @@ impl Client {
             .iter()
             .map(|w| (w.index as u8, w.offset, w.data.len()))
             .collect();
-        let locked = self.lock_stripe(stripe, &reads, rand::random()).await?;
+        let locked = self.lock_now(stripe, &reads, &LockOpts::default()).await?;
         let mut deltas = Vec::with_capacity(writes.len());
         for w in &writes {
             match self
@@ -270,7 +284,7 @@ impl Client {
             }
         }
         crate::fault::at(crate::fault::Step::AfterOldData);
-        self.commit_stripe(&locked, deltas).await?;
+        self.commit_now(&locked, deltas).await?;
         self.inner
             .stats
             .writes
@@ -298,8 +312,29 @@ impl Client {
         .await
     }
 
-    /// [`Client::lock_stripe`] with every option.
+    /// [`Client::lock_stripe`] with every option. Dropped before it is done, the
+    /// lock still runs to its end in a task of its own, which then releases what it
+    /// got; a later lock of the same stripe and owner waits for that (`finish`).
     pub async fn lock_stripe_with(
+        &self,
+        stripe: StripeId,
+        blocks: &[(u8, usize, usize)],
+        opts: &LockOpts,
+    ) -> Result<LockedStripe, ClientError> {
+        let key = Key::Owner(stripe, opts.owner);
+        let (this, blocks, opts) = (self.clone(), blocks.to_vec(), opts.clone());
+        let work = async move { this.lock_now(stripe, &blocks, &opts).await };
+        let unused: Leftover<Result<LockedStripe, ClientError>> = |client, locked| {
+            Box::pin(async move {
+                if let Ok(locked) = locked {
+                    client.unlock_stripe(&locked).await
+                }
+            })
+        };
+        crate::finish::ordered(self, &self.inner.given_up, key, work, Some(unused)).await
+    }
+
+    async fn lock_now(
         &self,
         stripe: StripeId,
         blocks: &[(u8, usize, usize)],
@@ -631,8 +666,28 @@ impl Client {
 
     /// Sends the deltas with update-and-unlock to every member that granted the lock
     /// and waits for the acknowledgements. `deltas` holds (data index, offset,
-    /// old XOR new).
+    /// old XOR new). Dropped before it is done, it still runs to its end in a task of
+    /// its own, and a later lock of the same stripe and owner waits for that
+    /// (`finish`).
     pub async fn commit_stripe(
+        &self,
+        locked: &LockedStripe,
+        deltas: Vec<(usize, usize, Bytes)>,
+    ) -> Result<(), ClientError> {
+        let (this, lock) = (self.clone(), locked.clone());
+        let work = async move { this.commit_now(&lock, deltas).await };
+        // Not after steps of this owner given up on: a lock of it may wait for a
+        // holder that waits for this commit.
+        let kept = keep_in(
+            &self.inner.given_up,
+            Key::Owner(locked.stripe, locked.owner),
+        );
+        Finish::new(self, Box::pin(work), None, Some(kept))
+            .run()
+            .await
+    }
+
+    async fn commit_now(
         &self,
         locked: &LockedStripe,
         deltas: Vec<(usize, usize, Bytes)>,
