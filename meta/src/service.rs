@@ -1021,7 +1021,7 @@ impl Inner {
 async fn serve(inner: Arc<Inner>, listener: TcpListener) {
     // A burst of refusals shorter than a second has no later line to count it.
     let reporter = inner.clone();
-    tokio::spawn(async move {
+    let reporting = tokio::spawn(async move {
         let stop = reporter.cancel.cancelled();
         reporter
             .refusals
@@ -1034,6 +1034,8 @@ async fn serve(inner: Arc<Inner>, listener: TcpListener) {
             })
             .await;
     });
+    // Shutdown waits for it with the others.
+    lock(&inner.tasks).push(reporting);
     loop {
         let accepted = tokio::select! {
             _ = inner.cancel.cancelled() => break,
