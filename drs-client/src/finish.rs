@@ -263,6 +263,16 @@ mod tests {
             .collect()
     }
 
+    /// Three fake nodes (2 enough for a write), a client, and the position of the
+    /// member of stripe 0 that answers nothing.
+    async fn with_a_silent_member() -> (Client, Vec<FakeNode>, usize) {
+        let (map, fakes) = fakenode::cluster_with(false, 2).await;
+        let c = client(map);
+        let silent = c.geometry().member(0, 2) as usize;
+        fakes[silent].silent.store(true, Ordering::Relaxed);
+        (c, fakes, silent)
+    }
+
     /// Polls `op` until `ready` (checked every 20 ms, for up to 5 s), then drops it,
     /// as a caller's timeout would.
     async fn give_up<F: std::future::Future>(op: F, ready: impl Fn() -> bool) {
@@ -286,6 +296,17 @@ mod tests {
             == n
     }
 
+    /// `owner` locks block 0 again at every member, still holds it past the given-up
+    /// step's timeout, its release and the backlog's rounds, and lets it go.
+    async fn locks_again(c: &Client, fakes: &[FakeNode], owner: u64) {
+        let locked = c.lock_stripe(0, &[(0, 0, 0)], owner).await.unwrap();
+        assert_eq!(locked.live(), 3);
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert_eq!(holders(fakes), vec![Some(owner); 3]);
+        c.unlock_stripe(&locked).await;
+        assert_eq!(until_free(fakes).await, vec![None; 3]);
+    }
+
     async fn until_free(fakes: &[FakeNode]) -> Vec<Option<u64>> {
         let until = Instant::now() + Duration::from_secs(5);
         while Instant::now() < until {
@@ -301,10 +322,7 @@ mod tests {
     async fn a_lock_dropped_half_way_is_released() {
         // Position 2 answers nothing: the lock waits for it, and the caller gives up
         // first, when positions 0 and 1 have granted.
-        let (map, fakes) = fakenode::cluster_with(false, 2).await;
-        let c = client(map);
-        let silent = c.geometry().member(0, 2) as usize;
-        fakes[silent].silent.store(true, Ordering::Relaxed);
+        let (c, fakes, _) = with_a_silent_member().await;
         let owner = 0x21;
         let lock_it = c.lock_stripe(0, &[(0, 0, 0)], owner);
         give_up(lock_it, || granted(&fakes, Some(owner), 2)).await;
@@ -317,21 +335,12 @@ mod tests {
     async fn the_same_owner_locks_again_after_giving_up_on_a_lock() {
         // The abandoned lock ends after the new one was asked for: its release must
         // not release the new lock.
-        let (map, fakes) = fakenode::cluster_with(false, 2).await;
-        let c = client(map);
-        let silent = c.geometry().member(0, 2) as usize;
-        fakes[silent].silent.store(true, Ordering::Relaxed);
+        let (c, fakes, silent) = with_a_silent_member().await;
         let owner = 0x22;
         let first = c.lock_stripe(0, &[(0, 0, 0)], owner);
         give_up(first, || granted(&fakes, Some(owner), 2)).await;
         fakes[silent].silent.store(false, Ordering::Relaxed);
-        let locked = c.lock_stripe(0, &[(0, 0, 0)], owner).await.unwrap();
-        assert_eq!(locked.live(), 3);
-        // Past the abandoned lock's timeout, its release and the backlog's rounds.
-        tokio::time::sleep(Duration::from_millis(1500)).await;
-        assert_eq!(holders(&fakes), vec![Some(owner); 3]);
-        c.unlock_stripe(&locked).await;
-        assert_eq!(until_free(&fakes).await, vec![None; 3]);
+        locks_again(&c, &fakes, owner).await;
     }
 
     #[tokio::test]
@@ -351,20 +360,12 @@ mod tests {
         // Positions 0 and 1 took the update and unlock; position 2 answers nothing.
         give_up(commit, || granted(&fakes, Some(owner), 1)).await;
         fakes[silent].silent.store(false, Ordering::Relaxed);
-        let again = c.lock_stripe(0, &[(0, 0, 0)], owner).await.unwrap();
-        assert_eq!(again.live(), 3);
-        tokio::time::sleep(Duration::from_millis(1500)).await;
-        assert_eq!(holders(&fakes), vec![Some(owner); 3]);
-        c.unlock_stripe(&again).await;
-        assert_eq!(until_free(&fakes).await, vec![None; 3]);
+        locks_again(&c, &fakes, owner).await;
     }
 
     #[tokio::test]
     async fn a_write_dropped_half_way_runs_to_its_end() {
-        let (map, fakes) = fakenode::cluster_with(false, 2).await;
-        let c = client(map);
-        let silent = c.geometry().member(0, 2) as usize;
-        fakes[silent].silent.store(true, Ordering::Relaxed);
+        let (c, fakes, _) = with_a_silent_member().await;
         let write = c.write_stripe(
             0,
             vec![BlockWrite {
@@ -397,10 +398,7 @@ mod tests {
         // The second write is to the other block of the stripe: no lock of the
         // first one holds it up. It still comes after the first, as after a write
         // whose answer was lost.
-        let (map, fakes) = fakenode::cluster_with(false, 2).await;
-        let c = client(map);
-        let silent = c.geometry().member(0, 2) as usize;
-        fakes[silent].silent.store(true, Ordering::Relaxed);
+        let (c, fakes, silent) = with_a_silent_member().await;
         let first = c.write_stripe(0, write_of(0, 7));
         give_up(first, || granted(&fakes, None, 2)).await;
         assert_eq!(c.inner.given_up.running(Key::Writes(0)), 1);
