@@ -1048,3 +1048,41 @@ async fn scrub_during_writes_reports_nothing() {
             .join(" | ")
     );
 }
+
+/// Goal: a write whose caller stops waiting (a timeout) does not leave its locks
+/// held while its client lives (PROTOCOL.md 9.7): it runs to its end in the
+/// background.
+///
+/// Method: a parity member of block 5's stripe is SIGSTOPped, so client A's write
+/// waits for its lock answer, and A's caller gives up after 200 ms. The member is
+/// continued; client B then writes block 5 (within its lock timeout), which reads
+/// back as B's write, and no lock is left anywhere while A lives on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_given_up_on_leaves_no_lock_behind() {
+    let tc = TestCluster::start("given-up").await;
+    let a = tc.new_client(client_config());
+    let b = tc.new_client(client_config());
+    let geo = tc.client.geometry().clone();
+    let (stripe, _) = geo.locate(5);
+    let parity = geo.member(stripe, geo.k);
+    tc.stop(parity).await;
+    let first = bytes(1, BS);
+    let write = a.write(5, 0, &first);
+    let given_up = tokio::time::timeout(Duration::from_millis(200), write).await;
+    assert!(given_up.is_err(), "A's write ended with a member stopped");
+    tc.local.cont(parity).unwrap();
+    b.write(5, 0, &bytes(2, BS))
+        .await
+        .expect("B's write after A's caller gave up on A's");
+    assert_eq!(read_ok(&b, 5, "after both writes").await, bytes(2, BS));
+    let until = Instant::now() + Duration::from_secs(5);
+    loop {
+        let held = tc.client.status().await.locks;
+        if held.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < until, "locks left behind: {held:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(a);
+}
