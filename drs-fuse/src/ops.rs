@@ -1256,6 +1256,10 @@ impl Ops {
             if o.dirty.is_none() {
                 o.size = a.size;
             }
+            // A new inode has no `security.capability` (only inherited ACLs): the
+            // kernel's ask before the first write is answered here, as after a
+            // getxattr found none since the open.
+            o.no_capability = true;
         });
         self.bounded(made).await
     }

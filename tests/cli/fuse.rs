@@ -1053,6 +1053,36 @@ fn permissions_ownership_and_times() {
     assert_eq!(st.blocks() * st.fragment_size(), 1024 * 64 * 1024);
 }
 
+/// Goal: the kernel's question before a write (does the file have a
+/// `security.capability` to remove?) costs no metadata query on a file this mount
+/// has just created: a new inode has none. On a file opened again it is asked once
+/// (close-to-open), so the check below can see it.
+#[test]
+fn a_new_files_first_write_asks_no_metadata_query() {
+    let c = cluster(1024);
+    let metrics = format!("127.0.0.1:{}", crate::harness::free_port());
+    let m = Mount::new(&c, "mnt", &["--metrics", &metrics]);
+    let queries = || {
+        let body = crate::metrics::scrape(&metrics).1;
+        crate::metrics::sample(&body, "drs_fs_metadata_queries_total")
+            .expect("the mount counts its metadata queries")
+    };
+    let mut f = File::create(m.p("new")).unwrap();
+    let before = queries();
+    f.write_all(b"first").unwrap();
+    assert_eq!(queries() - before, 0.0, "the first write of a new file");
+    drop(f);
+    let mut f = OpenOptions::new().write(true).open(m.p("new")).unwrap();
+    let before = queries();
+    f.write_all(b"again").unwrap();
+    assert!(
+        queries() - before >= 1.0,
+        "a write after an open asks for the capability"
+    );
+    drop(f);
+    assert_eq!(fs::read(m.p("new")).unwrap(), b"again");
+}
+
 /// Goal: a directory of 2000 files made by one mount (four threads at once) lists
 /// whole and in order in another, and `ls -l` there costs no lookup per name (the listing carries the
 /// attributes: `readdirplus`) and shows each file's size.
