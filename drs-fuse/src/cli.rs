@@ -51,10 +51,13 @@ impl MountArgs {
     }
 }
 
-/// Logs to stderr, filtered by `RUST_LOG` (default: info).
+/// Logs to stderr, filtered by `RUST_LOG` (default: info, but for fuser's session:
+/// once the kernel ended it, after an unmount from outside, it tries to unmount
+/// again and warns that it could not; [`crate::mount`] says so itself when the
+/// mount is in fact left behind).
 pub fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,fuser::session=error"));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -338,6 +338,7 @@ pub fn mount(cfg: &MountConfig) -> anyhow::Result<()> {
         None => tracing::warn!("the mount is not in /proc/self/mountinfo"),
     }
     let served_out = Arc::new(AtomicBool::new(false));
+    let our_dev = ours.as_ref().map(|o| o.dev.clone());
     rt.spawn(on_signal(
         session.unmount_callable(),
         ops.clone(),
@@ -348,6 +349,15 @@ pub fn mount(cfg: &MountConfig) -> anyhow::Result<()> {
     tracing::info!(mountpoint = %mountpoint.display(), "mounted");
     let served = session.run().context("serve the mount");
     served_out.store(true, Ordering::SeqCst);
+    // The session, gone with `run`, unmounts if it ended with the mount in place (an
+    // error); fuser's own warning when that fails is not logged
+    // (`cli::init_logging`), so it is said here.
+    if let Some(left) = drs_mount_at(&mountpoint).filter(|e| Some(&e.dev) == our_dev.as_ref()) {
+        tracing::warn!(
+            mountpoint = %left.path.display(),
+            "the mount is still in the mount table, with nothing serving it: `fusermount3 -u -z` it"
+        );
+    }
     let end = rt.block_on(ops.shut_down(SHUT_DOWN_MAX));
     report(&end);
     served?;

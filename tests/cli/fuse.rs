@@ -1833,6 +1833,12 @@ fn sigterm_unmounts_cleanly() {
         .expect("the mount process ends after fusermount3 -u");
     assert!(st.success(), "{st}: {}", m.stderr());
     assert!(!mounted(&m.path), "still mounted after fusermount3 -u");
+    // An unmount from outside is the normal end, not a warning.
+    let log = m.stderr();
+    assert!(
+        log.contains("unmounted") && !log.contains("WARN"),
+        "the mount's log after fusermount3 -u:\n{log}"
+    );
     let mut m = Mount::new(&c, "mnt", &[]);
     assert_eq!(fs::read(m.p("f")).unwrap(), b"x");
     signal_mount(&m, nix::sys::signal::Signal::SIGTERM);
