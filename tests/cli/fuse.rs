@@ -1053,6 +1053,13 @@ fn permissions_ownership_and_times() {
     assert_eq!(st.blocks() * st.fragment_size(), 1024 * 64 * 1024);
 }
 
+/// The metadata queries a mount serving metrics at `metrics` has made.
+fn metadata_queries(metrics: &str) -> f64 {
+    let body = crate::metrics::scrape(metrics).1;
+    crate::metrics::sample(&body, "drs_fs_metadata_queries_total")
+        .expect("the mount counts its metadata queries")
+}
+
 /// Goal: the kernel's question before a write (does the file have a
 /// `security.capability` to remove?) costs no metadata query on a file this mount
 /// has just created: a new inode has none. On a file opened again it is asked once
@@ -1062,11 +1069,7 @@ fn a_new_files_first_write_asks_no_metadata_query() {
     let c = cluster(1024);
     let metrics = format!("127.0.0.1:{}", crate::harness::free_port());
     let m = Mount::new(&c, "mnt", &["--metrics", &metrics]);
-    let queries = || {
-        let body = crate::metrics::scrape(&metrics).1;
-        crate::metrics::sample(&body, "drs_fs_metadata_queries_total")
-            .expect("the mount counts its metadata queries")
-    };
+    let queries = || metadata_queries(&metrics);
     let mut f = File::create(m.p("new")).unwrap();
     let before = queries();
     f.write_all(b"first").unwrap();
@@ -1129,11 +1132,7 @@ fn thousands_of_files_in_one_directory() {
     // per file; an entry whose attributes expired on a slow machine is looked up
     // again).
     xattr::set(&m.p("many/file-00007"), "user.tag", b"seven", 0).unwrap();
-    let lookups = || {
-        let body = crate::metrics::scrape(&metrics).1;
-        crate::metrics::sample(&body, "drs_fs_metadata_queries_total")
-            .expect("the mount counts its metadata queries")
-    };
+    let lookups = || metadata_queries(&metrics);
     thread::sleep(Duration::from_millis(1500));
     let before = lookups();
     assert!(before > 0.0, "the listing above made queries");
